@@ -1,0 +1,104 @@
+"""COVID-19 CT slices (ct/, lungs/, covid/ PNGs + cases.csv) -> nnU-Net raw dataset, one 3D case per patient.
+
+Labels: 0 background (outside the lungs), 1 lung (normal lung tissue), 2 lesion (infection, also where the
+infection mask lies outside the lung mask). Intensities stay the source's 8-bit grey values (not HU).
+"""
+import argparse
+import csv
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+from skimage import io
+from tqdm import tqdm
+
+from nnunet_synth.dataset.writing import write_dataset_json_atomic, write_volume
+from nnunet_synth.errors import NnsynthError, command_entry_point
+
+LABELS = {"background": 0, "lung": 1, "lesion": 2}
+
+
+def read_case_table(source_folder: Path) -> "OrderedDict[str, list]":
+    """Map each case id to its slice files, in file order, from cases.csv."""
+    table_file = source_folder / "cases.csv"
+    if not table_file.is_file():
+        raise NnsynthError(f"{table_file} is missing: the source folder must hold cases.csv, ct/, lungs/, covid/")
+    cases = OrderedDict()
+    with open(table_file, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"slice_file", "case_id"} <= set(reader.fieldnames):
+            raise NnsynthError(f"{table_file} needs the columns slice_file,case_id")
+        for row in reader:
+            cases.setdefault(row["case_id"], []).append(row["slice_file"])
+    for case_id in cases:
+        cases[case_id].sort()
+    return cases
+
+
+def read_slice(source_folder: Path, slice_file: str):
+    """Return (grey image uint8, label map uint8) of one slice."""
+    arrays = {}
+    for part in ("ct", "lungs", "covid"):
+        path = source_folder / part / slice_file
+        if not path.is_file():
+            raise NnsynthError(f"{path} is missing: every slice in cases.csv needs ct/, lungs/ and covid/ files")
+        arrays[part] = io.imread(path)
+        if arrays[part].ndim != 2:
+            raise NnsynthError(f"{path} is not a single-channel 2D image (shape {arrays[part].shape})")
+    label_map = np.zeros(arrays["ct"].shape, dtype=np.uint8)
+    label_map[arrays["lungs"] > 0] = LABELS["lung"]
+    label_map[arrays["covid"] > 0] = LABELS["lesion"]
+    return arrays["ct"].astype(np.uint8), label_map
+
+
+def convert_covid19_ct_slices(source_folder, output_root, dataset_id=501, dataset_name="Covid19Lung"):
+    """Write ``Dataset{id}_{name}`` under ``output_root``; return its folder. Safe to rerun."""
+    source_folder = Path(source_folder)
+    cases = read_case_table(source_folder)
+    dataset_folder = Path(output_root) / ("Dataset%03d_%s" % (dataset_id, dataset_name))
+    for case_id, slice_files in tqdm(cases.items(), desc="converting COVID-19 slices", unit="case"):
+        slices = [read_slice(source_folder, name) for name in slice_files]
+        image = np.stack([s[0] for s in slices])
+        label_map = np.stack([s[1] for s in slices])
+        write_volume(image, dataset_folder / "imagesTr" / f"{case_id}_0000.nii.gz")
+        write_volume(label_map, dataset_folder / "labelsTr" / f"{case_id}.nii.gz")
+    # dataset.json last: its presence marks a complete conversion.
+    write_dataset_json_atomic(
+        dataset_folder, channel_names={0: "CT"}, labels=LABELS, num_training_cases=len(cases),
+        file_ending=".nii.gz", dataset_name=dataset_folder.name,
+        description="COVID-19 CT slices (CLAHE 8-bit grey values, not HU), slices of a patient stacked in file "
+                    "order; spacing unknown, set to 1.0",
+        reference="Ma et al., Medical Physics 2021; resampled by dstaroff/COVID19-CT-Segmentation (MIT)",
+        license="CC BY 4.0 (source dataset)", converted_by="nnunet-synth convert_covid19_ct_slices")
+    return dataset_folder
+
+
+def add_output_arguments(parser, default_id, default_name):
+    parser.add_argument("-o", "--output-root", default=None,
+                        help="folder that receives the dataset (default: $nnUNet_raw)")
+    parser.add_argument("-d", "--dataset-id", type=int, default=default_id)
+    parser.add_argument("-n", "--dataset-name", default=default_name)
+
+
+def output_root_from_args(args) -> Path:
+    import os
+    root = args.output_root or os.environ.get("nnUNet_raw")
+    if not root:
+        raise NnsynthError("no output folder: pass --output-root or export nnUNet_raw=/path/to/nnUNet_raw")
+    return Path(root)
+
+
+@command_entry_point
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("source_folder", help="folder with cases.csv, ct/, lungs/, covid/")
+    add_output_arguments(parser, 501, "Covid19Lung")
+    args = parser.parse_args(argv)
+    folder = convert_covid19_ct_slices(args.source_folder, output_root_from_args(args), args.dataset_id,
+                                       args.dataset_name)
+    from nnunet_synth.dataset_tools.check_dataset import print_summary
+    print_summary(folder)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""An nnU-Net raw dataset (dataset.json, imagesTr, labelsTr), read through nnU-Net's own reader-writers.
+
+Every check here turns bad input into a one-line ``NnsynthError`` that names the file and the fix.
+"""
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+from nnunetv2.paths import nnUNet_raw
+from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+from nnunet_synth.errors import NnsynthError
+
+REQUIRED_KEYS = ("labels", "numTraining", "file_ending")
+
+
+def resolve_dataset_folder(dataset: str) -> Path:
+    """Find a raw dataset from a folder path, a full name (Dataset501_X), a short name (Dataset501) or an id."""
+    as_path = Path(dataset)
+    if as_path.is_dir():
+        return as_path.resolve()
+    match = re.fullmatch(r"(?:Dataset)?(\d{1,3})(?:_.*)?", str(dataset))
+    if match is None:
+        raise NnsynthError(f"'{dataset}' is neither a folder nor a dataset name: give a path, an id like 501 "
+                           f"or a name like Dataset501_Covid19Lung")
+    if not nnUNet_raw.is_set():
+        raise NnsynthError(f"cannot find dataset '{dataset}': the environment variable nnUNet_raw is not set; "
+                           f"export nnUNet_raw=/path/to/nnUNet_raw")
+    raw_root = Path(nnUNet_raw.get())
+    prefix = "Dataset%03d" % int(match.group(1))
+    exact = raw_root / str(dataset)
+    if str(dataset).startswith(prefix + "_") and exact.is_dir():
+        return exact.resolve()
+    candidates = sorted(p for p in raw_root.glob(prefix + "_*") if p.is_dir()) if raw_root.is_dir() else []
+    if len(candidates) == 0:
+        raise NnsynthError(f"unknown dataset '{dataset}': no folder {prefix}_* in nnUNet_raw={raw_root}; "
+                           f"convert or copy the dataset there first")
+    if len(candidates) > 1:
+        names = ", ".join(p.name for p in candidates)
+        raise NnsynthError(f"dataset id {prefix} is ambiguous in {raw_root} ({names}): give the full name")
+    return candidates[0].resolve()
+
+
+def _load_dataset_json(folder: Path) -> dict:
+    json_file = folder / "dataset.json"
+    if not json_file.is_file():
+        raise NnsynthError(f"{json_file} is missing: write it with "
+                           f"nnunetv2.dataset_conversion.generate_dataset_json.generate_dataset_json")
+    try:
+        with open(json_file) as handle:
+            dataset_json = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise NnsynthError(f"{json_file} is not valid JSON ({error.msg} at line {error.lineno}): "
+                           f"fix the file or regenerate it with generate_dataset_json") from None
+    if not isinstance(dataset_json, dict):
+        raise NnsynthError(f"{json_file} must hold a JSON object: regenerate it with generate_dataset_json")
+    missing = [key for key in REQUIRED_KEYS if key not in dataset_json]
+    if "channel_names" not in dataset_json and "modality" not in dataset_json:
+        missing.insert(0, "channel_names")
+    if missing:
+        raise NnsynthError(f"{json_file} lacks {', '.join(missing)}: regenerate it with generate_dataset_json")
+    return dataset_json
+
+
+def _parse_labels(labels: dict, json_file: Path) -> dict:
+    if not isinstance(labels, dict) or not labels:
+        raise NnsynthError(f"{json_file}: 'labels' must map names to integer values, e.g. "
+                           f"{{\"background\": 0, \"lesion\": 1}}")
+    parsed = {}
+    for name, value in labels.items():
+        if isinstance(value, (list, tuple)):
+            raise NnsynthError(f"{json_file}: label '{name}' is a region {value}; region-based datasets are not "
+                               f"supported, declare one integer per class")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise NnsynthError(f"{json_file}: label '{name}' has value {value!r}, expected an integer")
+        parsed[name] = value
+    values = sorted(parsed.values())
+    if values != list(range(len(values))):
+        raise NnsynthError(f"{json_file}: label values {values} must be consecutive integers starting at 0 "
+                           f"(0 = background)")
+    return parsed
+
+
+class RawDataset:
+    """A validated nnU-Net raw dataset: its dataset.json, its training cases and a reader for them."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder).resolve()
+        if not self.folder.is_dir():
+            raise NnsynthError(f"dataset folder {self.folder} does not exist: check the path or nnUNet_raw")
+        self.json_file = self.folder / "dataset.json"
+        self.dataset_json = _load_dataset_json(self.folder)
+        self.name = self.folder.name
+        self.file_ending = self.dataset_json["file_ending"]
+        self.channel_names = self.dataset_json.get("channel_names", self.dataset_json.get("modality"))
+        if len(self.channel_names) != 1:
+            raise NnsynthError(f"{self.json_file} declares {len(self.channel_names)} channels; nnunet-synth "
+                               f"generates single-channel images only: convert a dataset with one channel")
+        self.channel_name = str(next(iter(self.channel_names.values())))
+        self.labels = _parse_labels(self.dataset_json["labels"], self.json_file)
+        self.class_names = [name for name, _ in sorted(self.labels.items(), key=lambda item: item[1])]
+        self.num_classes = len(self.class_names)
+        self.cases = self._find_cases()
+        try:
+            self.reader_writer_class = determine_reader_writer_from_dataset_json(self.dataset_json, verbose=False)
+        except RuntimeError:
+            raise NnsynthError(f"{self.json_file}: nnU-Net has no reader for file ending '{self.file_ending}': "
+                               f"convert the images to .nii.gz or .png") from None
+
+    @classmethod
+    def from_name(cls, dataset: str) -> "RawDataset":
+        """Open a dataset by path, name or id (see ``resolve_dataset_folder``)."""
+        return cls(resolve_dataset_folder(dataset))
+
+    @property
+    def case_ids(self):
+        return sorted(self.cases)
+
+    def _find_cases(self) -> dict:
+        images_folder = self.folder / "imagesTr"
+        if "dataset" not in self.dataset_json and not images_folder.is_dir():
+            raise NnsynthError(f"{images_folder} does not exist: put the training images there as "
+                               f"CASE_0000{self.file_ending}")
+        cases = get_filenames_of_train_images_and_targets(str(self.folder), dict(self.dataset_json))
+        if not cases:
+            raise NnsynthError(f"{images_folder} holds no image ending in {self.file_ending}: check "
+                               f"'file_ending' in {self.json_file}")
+        for case_id, files in cases.items():
+            for image_file in files["images"]:
+                if not os.path.isfile(image_file):
+                    raise NnsynthError(f"image {image_file} of case {case_id} is missing: add it or remove the case")
+            if not os.path.isfile(files["label"]):
+                raise NnsynthError(f"label {files['label']} of case {case_id} is missing: add it to labelsTr")
+        if len(cases) != self.dataset_json["numTraining"]:
+            raise NnsynthError(f"{self.json_file} says numTraining={self.dataset_json['numTraining']} but "
+                               f"{len(cases)} cases were found: correct numTraining")
+        return cases
+
+    def reader_writer(self):
+        return self.reader_writer_class()
+
+    def read_case(self, case_id: str):
+        """Read one case; return (image (Z, Y, X) float32, label (Z, Y, X) int16, properties) after validation."""
+        files = self.cases[case_id]
+        reader = self.reader_writer()
+        image_file, label_file = files["images"][0], files["label"]
+        try:
+            image, properties = reader.read_images(files["images"])
+            label, _ = reader.read_seg(label_file)
+        except (RuntimeError, ValueError, OSError, AssertionError) as error:
+            raise NnsynthError(f"cannot read case {case_id} ({image_file}): {str(error).strip() or type(error).__name__}; "
+                               f"store images and labels as 2D or 3D single-channel {self.file_ending} files") from None
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise NnsynthError(f"{image_file} has shape {image.shape[1:]} with {image.shape[0]} channels; expected "
+                               f"one 2D or 3D channel: split or convert the file")
+        if label.shape != image.shape:
+            raise NnsynthError(f"{label_file} has shape {label.shape[1:]} but its image {image_file} has "
+                               f"{image.shape[1:]}: label and image must lie on the same grid")
+        if not np.all(np.isfinite(image)):
+            raise NnsynthError(f"{image_file} contains NaN or infinite values: replace them (e.g. with the "
+                               f"minimum intensity) before using the dataset")
+        label_values = np.unique(label)
+        if not np.all(label_values == np.round(label_values)):
+            raise NnsynthError(f"{label_file} holds non-integer label values: store labels as integers")
+        undeclared = sorted(set(label_values.astype(int).tolist()) - set(self.labels.values()))
+        if undeclared:
+            raise NnsynthError(f"{label_file} holds label values {undeclared} that {self.json_file} does not declare: "
+                               f"add them to 'labels' or remap them")
+        if label_values.max() == 0:
+            raise NnsynthError(f"{label_file} is empty (background only): remove case {case_id} from the dataset "
+                               f"or add its annotation")
+        return image[0], label[0].astype(np.int16), properties
+
+    def source_dtype(self, case_id: str) -> np.dtype:
+        """The pixel type the image file stores (nnU-Net's readers return float32; writers need the original)."""
+        image_file = self.cases[case_id]["images"][0]
+        if self.file_ending in (".png", ".bmp", ".tif", ".tiff"):
+            from skimage import io
+            return io.imread(image_file).dtype
+        header = sitk.ImageFileReader()
+        header.SetFileName(image_file)
+        header.ReadImageInformation()
+        return np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1] * header.GetDimension(),
+                                                                  header.GetPixelID())).dtype)
+
+    def summary(self) -> str:
+        return (f"{self.name}: {len(self.cases)} training cases, channel '{self.channel_name}', "
+                f"labels {self.labels}, file ending {self.file_ending}")

@@ -1,0 +1,59 @@
+"""Shared fixtures: the real data in ../shared/data, converted once per test session into a private
+nnUNet_raw / nnUNet_preprocessed / nnUNet_results tree."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+COVID_SOURCE = SHARED_DATA / "covid19_ct_slices"
+REAL_HU_SOURCE = SHARED_DATA / "real_hu_ct"
+
+
+def pytest_configure(config):
+    if not COVID_SOURCE.is_dir() or not REAL_HU_SOURCE.is_dir():
+        raise pytest.UsageError(f"the real test data is missing: expected {SHARED_DATA} beside the repository")
+    # single-process nnU-Net on the 2-core CI machine
+    os.environ.setdefault("nnUNet_n_proc_DA", "0")
+    os.environ.setdefault("nnUNet_def_n_proc", "1")
+    os.environ.setdefault("nnUNet_compile", "f")
+
+
+@pytest.fixture(scope="session")
+def nnunet_folders(tmp_path_factory):
+    """A private nnU-Net folder tree, exported through the environment for this session."""
+    root = tmp_path_factory.mktemp("nnunet")
+    folders = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    previous = {name: os.environ.get(name) for name in folders}
+    for name, folder in folders.items():
+        folder.mkdir()
+        os.environ[name] = str(folder)
+    yield folders
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def covid_dataset_folder(nnunet_folders):
+    """The full COVID-19 slice data converted to Dataset501_Covid19Lung (15 cases)."""
+    from nnunet_synth.dataset_tools.convert_covid19_ct_slices import convert_covid19_ct_slices
+    return convert_covid19_ct_slices(COVID_SOURCE, nnunet_folders["nnUNet_raw"])
+
+
+@pytest.fixture(scope="session")
+def real_hu_dataset_folder(nnunet_folders):
+    """The real Hounsfield-unit CT converted to Dataset502_RealHUCT (5 cases of 6 slices)."""
+    from nnunet_synth.dataset_tools.convert_real_hu_ct import convert_real_hu_ct
+    return convert_real_hu_ct(REAL_HU_SOURCE, nnunet_folders["nnUNet_raw"])
+
+
+@pytest.fixture(scope="session")
+def example_dataset_folder(nnunet_folders):
+    """The embedded example (5 patients, 37 slices) converted to Dataset990_Covid19Example."""
+    from nnunet_synth.dataset_tools.convert_covid19_ct_slices import convert_covid19_ct_slices
+    from nnunet_synth.example import example_source_folder
+    return convert_covid19_ct_slices(example_source_folder(), nnunet_folders["nnUNet_raw"], 990, "Covid19Example")
