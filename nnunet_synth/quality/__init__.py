@@ -1,0 +1,1 @@
+"""Stage 5: quality scores of synthetic pairs (model-free intensity gate, segmentation gate)."""
