@@ -26,6 +26,8 @@ def prepare_demo_environment(work_folder: Path) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-o", "--work-folder", default="nnsynth_demo", help="where the demo writes everything")
+    parser.add_argument("--stop-after", choices=["convert"], default=None,
+                        help="end the demo after this step")
     args = parser.parse_args(argv)
     work_folder = Path(args.work_folder).resolve()
     folders = prepare_demo_environment(work_folder)

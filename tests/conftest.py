@@ -1,6 +1,7 @@
 """Shared fixtures: the real data in ../shared/data, converted once per test session into a private
 nnUNet_raw / nnUNet_preprocessed / nnUNet_results tree."""
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ REAL_HU_SOURCE = SHARED_DATA / "real_hu_ct"
 def pytest_configure(config):
     if not COVID_SOURCE.is_dir() or not REAL_HU_SOURCE.is_dir():
         raise pytest.UsageError(f"the real test data is missing: expected {SHARED_DATA} beside the repository")
+    # console scripts (ours and nnU-Net's) live beside the interpreter that runs the tests
+    scripts_folder = os.path.dirname(sys.executable)
+    if scripts_folder not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = scripts_folder + os.pathsep + os.environ.get("PATH", "")
     # single-process nnU-Net on the 2-core CI machine
     os.environ.setdefault("nnUNet_n_proc_DA", "0")
     os.environ.setdefault("nnUNet_def_n_proc", "1")

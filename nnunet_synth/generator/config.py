@@ -1,0 +1,171 @@
+"""Generator presets, training settings and the JSON config stored beside every trained generator.
+
+The denoiser is a diffusers ``UNet2DModel``; its input is the noisy image (1 channel) concatenated with the label
+map as one-hot channels (one per class, 000 §2.1 as read in method.md §1), its output the predicted noise.
+"""
+import dataclasses
+from dataclasses import dataclass, field
+
+from diffusers import DDPMScheduler, UNet2DModel
+
+from nnunet_synth.errors import NnsynthError
+
+GENERATOR_CONFIG_NAME = "generator_config.json"
+ABLATION_MODES = ("cbmat", "mat", "none")
+NUM_TRAIN_TIMESTEPS = 1000
+
+# Architecture and training defaults per preset. ``default`` follows the reference configuration of Konz et al.
+# (segmentation-guided diffusion, itself the diffusers unconditional-training example): six levels
+# (128, 128, 256, 256, 512, 512), two ResNet layers per level, self-attention in the second-lowest level.
+# ``tiny`` (about 1.5 M parameters at 64x64) is for CPU tests and the demo.
+PRESETS = {
+    "tiny": {
+        "image_size": 64,
+        "block_out_channels": (32, 64, 64, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 8,
+        "batch_size": 8,
+        "learning_rate": 2e-4,
+        "max_steps": 2000,
+        "warmup_steps": 100,
+        "checkpoint_every": 500,
+        "preview_every": 500,
+    },
+    "default": {
+        "image_size": 256,
+        "block_out_channels": (128, 128, 256, 256, 512, 512),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D",
+                             "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 32,
+        "batch_size": 16,
+        "learning_rate": 1e-4,
+        "max_steps": 50_000,
+        "warmup_steps": 500,
+        "checkpoint_every": 5000,
+        "preview_every": 5000,
+    },
+}
+
+
+@dataclass
+class TrainingSettings:
+    """Everything a training run can be told; ``None`` means "take the preset's value"."""
+
+    preset: str = "tiny"
+    image_size: int = None
+    block_out_channels: tuple = None
+    layers_per_block: int = None
+    batch_size: int = None              # per process
+    learning_rate: float = None
+    max_steps: int = None
+    warmup_steps: int = None
+    checkpoint_every: int = None
+    preview_every: int = None
+    weight_decay: float = 1e-2          # torch AdamW default, as in Konz et al.
+    adam_betas: tuple = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    ema_max_decay: float = 0.9999       # with EMA warm-up (inv_gamma 1, power 3/4) as in diffusers' examples
+    ema_power: float = 0.75
+    offset_noise: float = 0.1           # 004 §2.4: noise + offset_noise * N(0,1) per sample and channel; 0 = off
+    ablation_mode: str = "cbmat"
+    delta_0: float = 0.5                # 000 gives no value for delta_0; 0.5 matches MAT's probability
+    protected_classes: list = None      # label names never ablated; None = most frequent non-background class
+    region_classes: list = None         # label names forming the region of 000 §3.2; None = no region masking
+    window: tuple = None                # intensity window override (lower, upper) in dataset units
+    mixed_precision: str = "auto"       # auto (bf16 on GPUs that have it, else fp16; none on CPU), no, fp16, bf16
+    channels_last: bool = True          # only applied on CUDA
+    compile: bool = False
+    seed: int = 0
+    keep_checkpoints: int = 2
+    preview_inference_steps: int = 50
+    preview_count: int = 4
+
+    def resolved(self) -> "TrainingSettings":
+        """A copy with every ``None`` preset field filled from the preset, after validation."""
+        if self.preset not in PRESETS:
+            raise NnsynthError(f"unknown preset '{self.preset}': choose one of {', '.join(PRESETS)}")
+        if self.ablation_mode not in ABLATION_MODES:
+            raise NnsynthError(f"unknown ablation mode '{self.ablation_mode}': choose one of {', '.join(ABLATION_MODES)}")
+        values = dataclasses.asdict(self)
+        for key, preset_value in PRESETS[self.preset].items():
+            if key in values and values[key] is None:
+                values[key] = preset_value
+        settings = TrainingSettings(**values)
+        settings.block_out_channels = tuple(settings.block_out_channels)
+        settings.adam_betas = tuple(settings.adam_betas)
+        if settings.image_size % 2 ** (len(settings.block_out_channels) - 1):
+            raise NnsynthError(f"image size {settings.image_size} must be divisible by "
+                               f"{2 ** (len(settings.block_out_channels) - 1)} for {len(settings.block_out_channels)} "
+                               f"UNet levels")
+        if len(settings.block_out_channels) != len(PRESETS[self.preset]["block_out_channels"]):
+            raise NnsynthError(f"preset '{self.preset}' has {len(PRESETS[self.preset]['block_out_channels'])} levels; "
+                               f"--block-out-channels must give as many")
+        for name in ("batch_size", "max_steps", "checkpoint_every", "preview_every"):
+            if getattr(settings, name) < 1:
+                raise NnsynthError(f"{name} must be at least 1, got {getattr(settings, name)}")
+        if not 0.0 <= settings.delta_0 <= 1.0:
+            raise NnsynthError(f"delta_0 must lie in [0, 1], got {settings.delta_0}")
+        return settings
+
+
+def build_unet(settings: TrainingSettings, num_classes: int) -> UNet2DModel:
+    """The denoiser for ``num_classes`` one-hot condition channels (settings must be resolved)."""
+    preset = PRESETS[settings.preset]
+    return UNet2DModel(
+        sample_size=settings.image_size,
+        in_channels=1 + num_classes,
+        out_channels=1,
+        layers_per_block=settings.layers_per_block,
+        block_out_channels=tuple(settings.block_out_channels),
+        down_block_types=preset["down_block_types"],
+        up_block_types=preset["up_block_types"],
+        norm_num_groups=preset["norm_num_groups"],
+    )
+
+
+def build_noise_scheduler() -> DDPMScheduler:
+    """DDPM, epsilon prediction, 1000 steps, linear betas (000 §2.1)."""
+    return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear", prediction_type="epsilon")
+
+
+@dataclass
+class GeneratorConfig:
+    """What is needed to use a trained generator; saved as ``generator_config.json`` beside its weights."""
+
+    dataset_name: str
+    labels: dict                        # label name -> value (value = one-hot channel index)
+    window: dict                        # IntensityWindow.to_dict()
+    image_size: int
+    preset: str
+    fold: str
+    training_cases: list
+    class_frequencies: dict             # label name -> pixel share over the training label maps
+    ablation: dict                      # mode, delta_0, protected classes, initial probabilities, annealing
+    region_classes: list                # label names of the region kept by 000 §3.2 masking, or None
+    unet_config: dict
+    scheduler_config: dict
+    training: dict                      # the resolved TrainingSettings
+    trained_steps: int = 0
+    num_parameters: int = 0
+    format_version: int = 1
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def class_names(self):
+        return [name for name, _ in sorted(self.labels.items(), key=lambda item: item[1])]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GeneratorConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})

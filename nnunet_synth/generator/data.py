@@ -1,0 +1,70 @@
+"""From dataset slices to model tensors (and the fold's training cases): the glue training and generation share."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+from nnunet_synth.dataset import IntensityWindow, RawDataset, fit_slice, iter_slices
+from nnunet_synth.errors import NnsynthError
+
+MODEL_MINIMUM = -1.0  # the window's minimum in model space
+
+
+def fold_training_cases(dataset: RawDataset, fold) -> list:
+    """The training cases of nnU-Net's fold ``fold`` (int or "all"): from
+    ``$nnUNet_preprocessed/<dataset>/splits_final.json`` if it exists, else the split nnU-Net would make."""
+    if str(fold) == "all":
+        return dataset.case_ids
+    try:
+        fold = int(fold)
+    except ValueError:
+        raise NnsynthError(f"fold must be an integer or 'all', got '{fold}'") from None
+    preprocessed = os.environ.get("nnUNet_preprocessed")
+    splits_file = Path(preprocessed) / dataset.name / "splits_final.json" if preprocessed else None
+    if splits_file is not None and splits_file.is_file():
+        with open(splits_file) as handle:
+            splits = json.load(handle)
+        source = str(splits_file)
+    else:
+        splits = generate_crossval_split(dataset.case_ids, seed=12345, n_splits=5)
+        source = "nnU-Net's default 5-fold split"
+    if not 0 <= fold < len(splits):
+        raise NnsynthError(f"fold {fold} does not exist in {source} ({len(splits)} folds): use 0-{len(splits) - 1} or 'all'")
+    cases = sorted(str(case) for case in splits[fold]["train"])
+    unknown = sorted(set(cases) - set(dataset.case_ids))
+    if unknown:
+        raise NnsynthError(f"{source} names cases {unknown[:5]} that {dataset.name} does not have: "
+                           f"delete the stale splits file or rerun nnU-Net's planning")
+    return cases
+
+
+def mask_outside_region(images: np.ndarray, label_maps: np.ndarray, region_values) -> np.ndarray:
+    """000 §3.2: pixels whose label is not in ``region_values`` are set to the window minimum (-1)."""
+    inside = np.isin(label_maps, list(region_values))
+    return np.where(inside, images, np.float32(MODEL_MINIMUM)).astype(np.float32)
+
+
+def load_model_slices(dataset: RawDataset, case_ids, window: IntensityWindow, image_size: int,
+                      region_values=None, progress=False):
+    """Every slice of ``case_ids`` in model space: ``window.to_model`` then ``fit_slice(.., image_size, -1)``.
+
+    Returns images (N, S, S) float32 in [-1, 1], label maps (N, S, S) int64 and a list of
+    (case_id, slice_index, SliceFit) to put generated slices back (``restore_slice``). With ``region_values``
+    the pixels outside those classes are set to -1 (000 §3.2; off unless the user names the region).
+    """
+    images, label_maps, provenance = [], [], []
+    for labelled in iter_slices(dataset, case_ids, progress=progress):
+        image, label_map, fit = fit_slice(window.to_model(labelled.image), labelled.label_map, image_size,
+                                          image_pad_value=MODEL_MINIMUM)
+        images.append(image)
+        label_maps.append(label_map)
+        provenance.append((labelled.case_id, labelled.slice_index, fit))
+    if not images:
+        raise NnsynthError(f"{dataset.name}: the cases {list(case_ids)[:5]} hold no slices")
+    images = np.stack(images).astype(np.float32)
+    label_maps = np.stack(label_maps).astype(np.int64)
+    if region_values is not None:
+        images = mask_outside_region(images, label_maps, region_values)
+    return images, label_maps, provenance
