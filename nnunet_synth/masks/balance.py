@@ -23,6 +23,11 @@ The loop, with a seeded ``numpy.random.Generator`` (same inputs and seed -> iden
    placement are then drawn, up to ``max_attempts_per_map`` rejections per map.
 4. A map with at least one paste is kept; one without is discarded (at most ``max_discarded_maps`` in a row,
    then the loop stops and reports ``no_placement``).
+
+Provenance replays: crop the donor's component (``bbox``, ``component_index`` of ``scipy.ndimage.label`` of the
+donor map == class), apply the operations in order with ``rotate_region`` / ``shift_region`` / ``dilate_region``
+(the shift offset applies to the region as it is after rotation), then ``paste_region`` onto the target map as
+modified by the pastes before it.
 """
 from dataclasses import asdict, dataclass, field
 
@@ -257,8 +262,10 @@ def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classe
     """
     config = config or MaskGenerationConfig()
     config.validate()
+    if len(label_maps) == 0:
+        raise NnsynthError("mask generation: no real label maps given")
     if num_classes is None:
-        num_classes = int(max(int(np.max(m)) for m in label_maps)) + 1 if len(label_maps) else 1
+        num_classes = int(max(int(np.max(m)) for m in label_maps)) + 1
     real_counts = pixel_counts(label_maps, num_classes)
     if host_classes is None or pathology_classes is None:
         default_host, default_pathology = default_class_roles(real_counts)
@@ -275,6 +282,7 @@ def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classe
                            f"{host_classes} to paste onto")
 
     rng = np.random.default_rng(seed)
+    seed = int(seed) if isinstance(seed, (int, np.integer)) else None   # recorded only when it replays the run
     counts, new_maps = real_counts.copy(), []
     rejected = discarded = discarded_in_row = 0
     stopped_because = "target_reached"

@@ -24,6 +24,7 @@ from nnunet_synth.errors import NnsynthError
 SYNTH_IMAGES_FOLDER = "imagesSynth"
 SYNTH_LABELS_FOLDER = "labelsSynth"
 MANIFEST_NAME = "synthetic.json"
+PREVIEW_NAME = "synthetic_preview.png"
 FORMAT_VERSION = 1
 
 

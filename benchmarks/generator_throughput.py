@@ -1,0 +1,211 @@
+"""Generator throughput: training images/s, sampling slices/s (DDIM), peak memory and model FLOPs utilisation.
+
+Compares our training step (autocast in --precision, channels_last, fused AdamW on CUDA, optional torch.compile,
+the same code as nnunet_synth.generator.training) with a plain fp32 diffusers-style loop over the same UNet in the
+same run (no autocast, no channels_last, default AdamW, no compile). Inputs are random tensors of the right shapes:
+throughput does not depend on image content.
+
+    python benchmarks/generator_throughput.py --preset tiny --device cpu --steps 10
+    python benchmarks/generator_throughput.py --preset default --precision bf16 --peak-tflops 989   # H100 SXM
+"""
+import argparse
+import contextlib
+import resource
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
+from torch.utils.flop_counter import FlopCounterMode
+
+from nnunet_synth.generator.ablation import make_ablation_schedule, one_hot_condition
+from nnunet_synth.generator.config import GeneratorConfig, TrainingSettings, build_noise_scheduler, build_unet
+from nnunet_synth.generator.training import denoising_loss, draw_step_randomness
+from nnunet_synth.sampling import sample_images
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+ASSUMED_PEAK_TFLOPS = {"cuda": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},   # H100 SXM dense
+                       "cpu": {"fp32": 0.1, "bf16": 0.1, "fp16": 0.1}}          # a guess for 2 laptop-class cores
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: peak resident set size of the whole process so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def random_batch(batch_size, size, num_classes, device):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand((batch_size, 1, size, size), generator=generator) * 2 - 1
+    label_maps = torch.randint(0, num_classes, (batch_size, size, size), generator=generator)
+    return images.to(device), label_maps.to(device)
+
+
+def time_steps(step_function, steps, warmup, device) -> float:
+    """Seconds per call of ``step_function`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step_function()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step_function()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def plain_training_step_factory(settings, num_classes, device):
+    """A plain fp32 diffusers-example loop over the same UNet."""
+    torch.manual_seed(0)
+    unet = build_unet(settings, num_classes).to(device).train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.learning_rate)
+    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, power=0.75)
+    ema.to(device)
+    noise_scheduler = build_noise_scheduler()
+    images, label_maps = random_batch(settings.batch_size, settings.image_size, num_classes, device)
+    condition = one_hot_condition(label_maps, num_classes)
+
+    def step():
+        noise = torch.randn_like(images)
+        timesteps = torch.randint(0, 1000, (len(images),), device=device)
+        noisy = noise_scheduler.add_noise(images, noise, timesteps)
+        prediction = unet(torch.cat([noisy, condition], 1), timesteps).sample
+        loss = F.mse_loss(prediction, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), settings.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+
+    return unet, step
+
+
+def our_training_step_factory(settings, num_classes, device, precision, use_compile):
+    """Our training step: the functions of nnunet_synth.generator.training plus the GPU speed settings."""
+    torch.manual_seed(0)
+    on_cuda = device.type == "cuda"
+    memory_format = torch.channels_last if on_cuda else torch.contiguous_format
+    unet = build_unet(settings, num_classes).to(device, memory_format=memory_format).train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.learning_rate, fused=on_cuda)
+    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, power=0.75, foreach=on_cuda)
+    ema.to(device)
+    model = torch.compile(unet) if use_compile else unet
+    noise_scheduler = build_noise_scheduler()
+    schedule = make_ablation_schedule("cbmat", [0.8, 0.15, 0.05][:num_classes], [1], 0.5, 1000)
+    images, label_maps = random_batch(settings.batch_size, settings.image_size, num_classes, device)
+    dtype = PRECISIONS[precision]
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+    counter = {"step": 0}
+
+    def step():
+        generator = torch.Generator().manual_seed(counter["step"])
+        noise, timesteps, ablated = draw_step_randomness(len(images), settings.image_size, counter["step"], schedule,
+                                                         0.1, generator)
+        with autocast:
+            loss = denoising_loss(model, noise_scheduler, images, label_maps, noise.to(device), timesteps.to(device),
+                                  ablated, num_classes, memory_format)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), settings.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+        counter["step"] += 1
+
+    return unet, step
+
+
+def training_flops(settings, num_classes, device) -> int:
+    """FLOPs of one forward + backward of the UNet at the training batch size (counted, not estimated)."""
+    unet = build_unet(settings, num_classes).to(device)
+    images, label_maps = random_batch(settings.batch_size, settings.image_size, num_classes, device)
+    model_input = torch.cat([images, one_hot_condition(label_maps, num_classes)], 1)
+    timesteps = torch.randint(0, 1000, (len(images),), device=device)
+    with FlopCounterMode(display=False) as counter:
+        unet(model_input, timesteps).sample.square().mean().backward()
+    return counter.get_total_flops()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--num-classes", type=int, default=3)
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
+                        help="autocast precision of our step (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per loop")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--sample-count", type=int, help="slices to sample (default: the batch size)")
+    parser.add_argument("--inference-steps", type=int, default=50)
+    parser.add_argument("--threads", type=int, help="CPU intra-op threads (torch.set_num_threads)")
+    parser.add_argument("--peak-tflops", type=float, help="peak of the device for MFU (default: an assumed value)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    settings = TrainingSettings(preset=args.preset, image_size=args.image_size, batch_size=args.batch_size).resolved()
+    peak_tflops = args.peak_tflops or ASSUMED_PEAK_TFLOPS[device.type][precision]
+    peak_source = "given" if args.peak_tflops else "assumed"
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"preset {settings.preset}, {settings.image_size}x{settings.image_size}, batch {settings.batch_size}, "
+          f"precision {precision}, compile {args.compile}")
+
+    flops_per_step = training_flops(settings, args.num_classes, device)
+    results = {}
+    for name, factory in (("plain fp32", lambda: plain_training_step_factory(settings, args.num_classes, device)),
+                          ("ours", lambda: our_training_step_factory(settings, args.num_classes, device, precision,
+                                                                     args.compile))):
+        reset_peak_memory(device)
+        unet, step = factory()
+        seconds = time_steps(step, args.steps, args.warmup, device)
+        results[name] = {"images_per_s": settings.batch_size / seconds, "seconds_per_step": seconds,
+                         "mfu": flops_per_step / seconds / (peak_tflops * 1e12), "peak_gib": peak_memory_gib(device)}
+        num_parameters = sum(p.numel() for p in unet.parameters())
+        del unet, step
+    print(f"UNet {num_parameters / 1e6:.2f} M parameters; {flops_per_step / 1e9:.2f} GFLOP per training step "
+          f"(forward + backward, FlopCounterMode); peak {peak_tflops:g} TFLOP/s ({peak_source})")
+    for name, result in results.items():
+        print(f"training {name:>10}: {result['images_per_s']:8.2f} images/s  ({1000 * result['seconds_per_step']:.1f} "
+              f"ms/step)  MFU {100 * result['mfu']:.2f} %  peak memory {result['peak_gib']:.2f} GiB")
+    print(f"speed-up ours / plain fp32: {results['ours']['images_per_s'] / results['plain fp32']['images_per_s']:.2f}x")
+
+    # sampling with our sample_images (DDIM, autocast on CUDA)
+    unet = build_unet(settings, args.num_classes).to(device)
+    config = GeneratorConfig(dataset_name="benchmark", labels={f"class{c}": c for c in range(args.num_classes)},
+                             window={}, image_size=settings.image_size, preset=settings.preset, fold="all",
+                             training_cases=[], class_frequencies={}, ablation={}, region_classes=None,
+                             unet_config=dict(unet.config), scheduler_config=dict(build_noise_scheduler().config),
+                             training={})
+    count = args.sample_count or settings.batch_size
+    label_maps = torch.randint(0, args.num_classes, (count, settings.image_size, settings.image_size)).numpy()
+    sample_images(unet, config, label_maps[:1], [0], num_inference_steps=2, device=device, progress=False)  # warm-up
+    reset_peak_memory(device)
+    synchronize(device)
+    start = time.perf_counter()
+    sample_images(unet, config, label_maps, list(range(count)), num_inference_steps=args.inference_steps,
+                  batch_size=settings.batch_size, device=device, progress=False)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    print(f"sampling: {count / seconds:.2f} slices/s ({args.inference_steps} DDIM steps, batch {settings.batch_size}), "
+          f"peak memory {peak_memory_gib(device):.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Write class-balanced synthetic cases into an nnU-Net raw dataset (imagesSynth/, labelsSynth/, synthetic.json).
+
+Trains the generator on the fold's real training cases first if there is none (or takes --generator), makes
+new label maps that over-represent the rarest pathology class, samples images with DDIM, scores them with the
+model-free quality gate, writes them atomically and saves a preview grid. Rerunning resumes.
+"""
+import argparse
+
+import torch
+
+from nnunet_synth.dataset import RawDataset
+from nnunet_synth.errors import NnsynthError, command_entry_point
+from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases
+from nnunet_synth.generator.checkpoints import FINAL_FOLDER, generator_run_folder
+from nnunet_synth.generator.config import PRESETS, TrainingSettings
+from nnunet_synth.generator.training import train_generator
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("dataset", help="dataset folder, name (Dataset501_Covid19Lung), short name or id")
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("-n", "--num-cases", type=int, help="number of synthetic cases (slices)")
+    amount.add_argument("-r", "--ratio", type=float, default=0.5,
+                        help="synthetic cases per real training slice (default 0.5)")
+    parser.add_argument("-f", "--fold", default="0", help="nnU-Net fold whose training cases the generator sees")
+    parser.add_argument("--generator", help="a trained generator folder (default: train or reuse "
+                        "$nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--train-steps", type=int, help="optimiser steps when the generator must be trained "
+                        "(default: the preset's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--inference-steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="slices sampled at once")
+    parser.add_argument("--target-share", type=float, help="stop once every pathology class has this pixel share "
+                        "over real + new maps (default: make all requested cases)")
+    parser.add_argument("--noise-seeding", type=float, metavar="STRENGTH", help="start sampling from the target's "
+                        "real slice noised to this strength (0-1], 004 §2.5; default: pure noise")
+    parser.add_argument("--overwrite", action="store_true", help="replace the existing synthetic cases (only those)")
+    parser.add_argument("--export-standalone", type=int, metavar="DATASET_ID", help="also write real + synthetic "
+                        "as a standalone dataset with this id and a splits_final.json without synthetic validation")
+    return parser
+
+
+def count_training_slices(dataset: RawDataset, case_ids) -> int:
+    return sum(dataset.read_case(case_id)[0].shape[0] for case_id in case_ids)
+
+
+@command_entry_point
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    dataset = RawDataset.from_name(args.dataset)
+    generator_folder = args.generator
+    if generator_folder is None:
+        run_folder = generator_run_folder(dataset.name, args.preset, args.fold)
+        if not (run_folder / FINAL_FOLDER).is_dir():
+            print(f"no trained generator in {run_folder}: training one (preset {args.preset}, fold {args.fold})")
+            settings = TrainingSettings(preset=args.preset, max_steps=args.train_steps, seed=args.seed)
+            train_generator(dataset, run_folder, settings, fold=args.fold)
+        generator_folder = run_folder / FINAL_FOLDER
+    if args.num_cases is not None:
+        num_cases = args.num_cases
+    else:
+        from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
+        training_cases = read_generator_config(resolve_generator_folder(generator_folder)).training_cases
+        num_cases = max(1, round(args.ratio * count_training_slices(dataset, training_cases)))
+    if num_cases < 1:
+        raise NnsynthError(f"--num-cases must be at least 1, got {num_cases}")
+    settings = GenerationSettings(num_cases=num_cases, seed=args.seed, num_inference_steps=args.inference_steps,
+                                  target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
+                                  batch_size=args.batch_size)
+    summary = generate_synthetic_cases(dataset, generator_folder, settings, device=args.device,
+                                       overwrite=args.overwrite)
+    report = summary["label_map_report"]
+    shares = ", ".join(f"class {c['class']} {100 * c['share_before']:.2f} % -> {100 * c['share_after']:.2f} %"
+                       for c in report["classes"])
+    print(f"{summary['total']} synthetic cases in {dataset.folder} ({summary['written']} written now, "
+          f"{summary['skipped']} already there); pixel share over real + new maps: {shares}; "
+          f"model-free quality gate passed by {summary['model_free_passed']}")
+    print(f"manifest: {summary['store']}")
+    print(f"preview grid: {summary['preview']}")
+    if args.export_standalone is not None:
+        import os
+        from nnunet_synth.writer.standalone_export import export_standalone
+        folder = export_standalone(dataset, dataset.folder.parent, os.environ.get("nnUNet_preprocessed"),
+                                   args.export_standalone)
+        print(f"standalone dataset: {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The generate step: label maps -> images -> quality -> synthetic pairs, for one dataset and one generator.
+
+Reruns resume: the label maps are seeded, so case ``synth_<i>`` is always made from the same new map and
+seed; cases already complete in the store are skipped. Settings that differ from those of the cases already
+written are refused (use ``overwrite`` or ``nnsynth_clean``) so that one store never mixes two recipes.
+"""
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nnunet_synth.dataset import IntensityWindow, RawDataset, fit_slice, restore_slice
+from nnunet_synth.errors import NnsynthError
+from nnunet_synth.generator.checkpoints import load_generator, resolve_generator_folder
+from nnunet_synth.masks import default_class_roles, generate_label_maps, pixel_counts
+from nnunet_synth.quality.model_free import model_free_score, real_class_intensity_ranges
+from nnunet_synth.quality.preview import save_preview_grid
+from nnunet_synth.sampling import sample_images
+from nnunet_synth.writer.synthetic_store import PREVIEW_NAME, SyntheticStore, synthetic_case_id
+
+MODEL_MINIMUM = -1.0
+PREVIEW_ROWS = 6
+
+
+@dataclass
+class GenerationSettings:
+    """What decides the synthetic cases; recorded in the manifest."""
+
+    num_cases: int
+    seed: int = 0
+    num_inference_steps: int = 50
+    target_share: float = None          # stop early once every pathology class has this pixel share
+    noise_seeding_strength: float = None  # 004 §2.5: start from the target's real slice noised to this strength
+    batch_size: int = 16
+
+    def recipe(self, generator_folder) -> dict:
+        """The fields that must agree between runs writing into one store (batch size does not matter)."""
+        recipe = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "num_cases")}
+        recipe["generator"] = str(Path(generator_folder).resolve())
+        return recipe
+
+
+@dataclass
+class RealTrainingSlices:
+    """The generator's real training slices at their original size, with what writing back needs."""
+
+    images: list            # 2D arrays, dataset units
+    label_maps: list        # 2D int arrays
+    map_ids: list           # (case_id, slice_index)
+    properties: dict        # case_id -> nnU-Net reader properties (geometry)
+
+
+def read_training_slices(dataset: RawDataset, case_ids) -> RealTrainingSlices:
+    images, label_maps, map_ids, properties = [], [], [], {}
+    for case_id in tqdm(case_ids, desc="reading real training cases", unit="case"):
+        image, label_map, case_properties = dataset.read_case(case_id)
+        properties[case_id] = case_properties
+        for slice_index in range(image.shape[0]):
+            images.append(image[slice_index])
+            label_maps.append(label_map[slice_index])
+            map_ids.append((case_id, slice_index))
+    return RealTrainingSlices(images, label_maps, map_ids, properties)
+
+
+def class_roles(dataset: RawDataset, generator_config, label_maps):
+    """Host classes (the generator's protected classes, else the most frequent non-background class) and
+    pathology classes (every other non-background class)."""
+    protected_names = generator_config.ablation.get("protected_classes") or []
+    counts = pixel_counts(label_maps, dataset.num_classes)
+    default_host, _ = default_class_roles(counts)
+    host = [dataset.labels[name] for name in protected_names] or list(default_host)
+    pathology = [value for value in range(1, dataset.num_classes) if value not in host]
+    if not pathology:
+        raise NnsynthError(f"{dataset.json_file}: every foreground class is a host class, so there is no pathology "
+                           f"to balance: train the generator with fewer protected classes")
+    return host, pathology
+
+
+def _check_recipe(store: SyntheticStore, recipe: dict):
+    previous = store.manifest.get("settings")
+    if store.cases and previous is not None and previous != recipe:
+        changed = sorted(k for k in set(previous) | set(recipe) if previous.get(k) != recipe.get(k))
+        raise NnsynthError(f"{store.manifest_file} holds cases made with other settings ({', '.join(changed)}): "
+                           f"rerun with --overwrite or remove them with nnsynth_clean {store.dataset.name}")
+
+
+def generate_synthetic_cases(dataset: RawDataset, generator_folder, settings: GenerationSettings, device="cpu",
+                             overwrite=False) -> dict:
+    """Make and write ``settings.num_cases`` synthetic pairs (fewer if the target share is met first).
+
+    Returns a summary: counts written/skipped, the label-map report, quality pass rate and the preview path.
+    """
+    generator_folder = resolve_generator_folder(generator_folder)
+    unet, config = load_generator(generator_folder, dataset, device)
+    window = IntensityWindow.from_dict(config.window)
+    store = SyntheticStore(dataset)
+    if overwrite:
+        store.remove_all()
+    recipe = settings.recipe(generator_folder)
+    _check_recipe(store, recipe)
+    store.prepare()
+    store.manifest["settings"] = recipe
+
+    real = read_training_slices(dataset, config.training_cases)
+    host, pathology = class_roles(dataset, config, real.label_maps)
+    new_maps, mask_report = generate_label_maps(
+        real.label_maps, real.map_ids, host_classes=host, pathology_classes=pathology,
+        # without a share target the budget decides: 0.99 is never reached (a pathology class only grows over host pixels)
+        target_share=0.99 if settings.target_share is None else settings.target_share,
+        max_new_maps=settings.num_cases, seed=settings.seed, num_classes=dataset.num_classes)
+    real_ranges = real_class_intensity_ranges(zip(real.images, real.label_maps))
+    store.manifest["label_map_report"] = mask_report
+    store.manifest["real_class_intensity_ranges"] = real_ranges.to_dict()
+    store.save_manifest()
+
+    slice_position = {map_id: index for index, map_id in enumerate(real.map_ids)}
+    image_dtypes = {case_id: dataset.source_dtype(case_id) for case_id in config.training_cases}
+    todo = [i for i in range(len(new_maps)) if not store.is_complete(synthetic_case_id(i))]
+    progress = tqdm(total=len(todo), desc="sampling synthetic cases", unit="case")
+    for batch_start in range(0, len(todo), settings.batch_size):
+        batch = todo[batch_start:batch_start + settings.batch_size]
+        model_label_maps, references, fits = [], [], []
+        for index in batch:
+            target = new_maps[index].provenance["target"]
+            real_position = slice_position[(target["case_id"], target["slice_index"])]
+            reference, model_map, fit = fit_slice(window.to_model(real.images[real_position]),
+                                                  new_maps[index].label_map, config.image_size, MODEL_MINIMUM)
+            model_label_maps.append(model_map)
+            references.append(reference)
+            fits.append((fit, target["case_id"]))
+        seeds = [settings.seed * 1_000_003 + index for index in batch]
+        generated = sample_images(unet, config, np.stack(model_label_maps), seeds,
+                                  num_inference_steps=settings.num_inference_steps, batch_size=len(batch),
+                                  device=device, progress=False,
+                                  reference_images=None if settings.noise_seeding_strength is None else np.stack(references),
+                                  strength=settings.noise_seeding_strength)
+        for index, generated_image, (fit, target_case) in zip(batch, generated, fits):
+            label_map = new_maps[index].label_map
+            restored, _ = restore_slice(generated_image, None, fit)
+            image = window.from_model(restored, image_dtypes[target_case])
+            entry = {
+                "source": new_maps[index].provenance,
+                "seed": seeds[batch.index(index)],
+                "generator": {"folder": str(generator_folder), "preset": config.preset,
+                              "trained_steps": config.trained_steps, "ablation_mode": config.ablation.get("mode")},
+                "sampler": {"scheduler": "DDIM", "num_inference_steps": settings.num_inference_steps,
+                            "noise_seeding_strength": settings.noise_seeding_strength},
+                "quality": {"model_free": model_free_score(image.astype(np.float32), label_map, real_ranges)},
+            }
+            store.write_case(synthetic_case_id(index), image, label_map, real.properties[target_case],
+                             image_dtypes[target_case], entry)
+            progress.update(1)
+    progress.close()
+
+    preview_path = write_generation_preview(dataset, store, real, window)
+    passed = [c for c in store.cases.values() if c.get("quality", {}).get("model_free", {}).get("passed")]
+    return {"written": len(todo), "skipped": len(new_maps) - len(todo), "total": len(store.complete_case_ids()),
+            "label_map_report": mask_report, "model_free_passed": len(passed), "preview": str(preview_path),
+            "store": str(store.manifest_file)}
+
+
+def write_generation_preview(dataset: RawDataset, store: SyntheticStore, real: RealTrainingSlices,
+                             window: IntensityWindow, num_rows=PREVIEW_ROWS):
+    """Grid: target real slice with its label | new label map | synthetic image | synthetic with overlay."""
+    reader = dataset.reader_writer()
+    slice_position = {map_id: index for index, map_id in enumerate(real.map_ids)}
+    rows = []
+    for case_id in store.complete_case_ids()[:num_rows]:
+        target = store.cases[case_id]["source"]["target"]
+        real_index = slice_position[(target["case_id"], target["slice_index"])]
+        synthetic_image = reader.read_images([str(store.image_file(case_id))])[0][0, 0]
+        synthetic_label = reader.read_seg(str(store.label_file(case_id)))[0][0, 0].astype(int)
+        rows.append([(real.images[real_index], real.label_maps[real_index]), (None, synthetic_label),
+                     (synthetic_image, None), (synthetic_image, synthetic_label)])
+    path = dataset.folder / PREVIEW_NAME
+    if rows:
+        save_preview_grid(rows, ["real target + labels", "new label map", "synthetic", "synthetic + labels"],
+                          path, dataset.num_classes, window=(window.lower, window.upper))
+    return path

@@ -1,0 +1,74 @@
+"""Export real + synthetic cases as one standalone nnU-Net raw dataset, for users of stock nnU-Net.
+
+The new dataset's imagesTr/labelsTr hold copies of the real cases and the synthetic pairs; its
+``splits_final.json`` (in the preprocessed folder, where nnU-Net reads it, and a copy in the raw folder) is the
+real dataset's 5-fold split with every synthetic case added to the training side of every fold, so no
+synthetic case is ever validated on. Note that the fingerprint and plans of such a dataset include synthetic
+cases; the SynthMix trainer avoids that and is the recommended route.
+"""
+import json
+import shutil
+from pathlib import Path
+
+from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+from nnunet_synth.atomic import atomic_path, write_json_atomic
+from nnunet_synth.dataset.raw_dataset import RawDataset
+from nnunet_synth.dataset.writing import write_dataset_json_atomic
+from nnunet_synth.errors import NnsynthError
+from nnunet_synth.writer.synthetic_store import SyntheticStore
+
+NNUNET_SPLIT_SEED = 12345
+
+
+def real_crossval_split(dataset: RawDataset, preprocessed_root=None):
+    """The real dataset's split: its splits_final.json if nnU-Net made one, else nnU-Net's seeded 5-fold split."""
+    if preprocessed_root is not None:
+        existing = Path(preprocessed_root) / dataset.name / "splits_final.json"
+        if existing.is_file():
+            with open(existing) as handle:
+                return json.load(handle)
+    if len(dataset.case_ids) < 5:
+        raise NnsynthError(f"{dataset.folder} has {len(dataset.case_ids)} cases; a 5-fold split needs at least 5")
+    return generate_crossval_split(dataset.case_ids, seed=NNUNET_SPLIT_SEED, n_splits=5)
+
+
+def _copy_atomic(source, destination):
+    with atomic_path(destination) as temp_name:
+        shutil.copyfile(source, temp_name)
+
+
+def export_standalone(dataset: RawDataset, output_root, preprocessed_root, dataset_id: int, dataset_name=None):
+    """Write ``Dataset{id}_{name}`` under ``output_root`` and its split under ``preprocessed_root``."""
+    if preprocessed_root is None:
+        raise NnsynthError("exporting a standalone dataset writes its splits_final.json into nnUNet_preprocessed: "
+                           "export nnUNet_preprocessed=/path/to/nnUNet_preprocessed")
+    store = SyntheticStore(dataset)
+    synthetic_ids = store.complete_case_ids()
+    if not synthetic_ids:
+        raise NnsynthError(f"{dataset.folder} has no synthetic cases to export: run nnsynth_generate {dataset.name}")
+    dataset_name = dataset_name or (dataset.name.split("_", 1)[1] + "Synth")
+    export_folder = Path(output_root) / ("Dataset%03d_%s" % (dataset_id, dataset_name))
+    if export_folder.resolve() == dataset.folder:
+        raise NnsynthError(f"the export target {export_folder} is the source dataset: choose another dataset id")
+    ending = dataset.file_ending
+    for case_id in dataset.case_ids:
+        _copy_atomic(dataset.cases[case_id]["images"][0], export_folder / "imagesTr" / f"{case_id}_0000{ending}")
+        _copy_atomic(dataset.cases[case_id]["label"], export_folder / "labelsTr" / f"{case_id}{ending}")
+    for case_id in synthetic_ids:
+        _copy_atomic(store.image_file(case_id), export_folder / "imagesTr" / f"{case_id}_0000{ending}")
+        _copy_atomic(store.label_file(case_id), export_folder / "labelsTr" / f"{case_id}{ending}")
+
+    splits = [{"train": sorted(fold["train"]) + synthetic_ids, "val": sorted(fold["val"])}
+              for fold in real_crossval_split(dataset, preprocessed_root)]
+    write_json_atomic(splits, Path(preprocessed_root) / export_folder.name / "splits_final.json")
+    write_json_atomic(splits, export_folder / "splits_final.json")
+    source_json = dataset.dataset_json
+    write_dataset_json_atomic(
+        export_folder, channel_names=dataset.channel_names, labels=dataset.labels,
+        num_training_cases=len(dataset.case_ids) + len(synthetic_ids), file_ending=ending,
+        dataset_name=export_folder.name, license=source_json.get("license", "see the source dataset"),
+        description=f"{dataset.name} ({len(dataset.case_ids)} real cases) + {len(synthetic_ids)} synthetic cases "
+                    f"from nnunet-synth; splits_final.json keeps synthetic cases out of every validation fold",
+        converted_by="nnunet-synth export_standalone")
+    return export_folder

@@ -1,0 +1,225 @@
+"""Mixing synthetic cases into nnU-Net training batches: settings, quality filter, dataset and data loader.
+
+The pieces, in the order the trainer uses them:
+
+- ``resolve_settings``: the effective ratio / quality threshold / quality key of a trainer, from the trainer
+  class (named variants) and the environment (``nnsynth_ratio``, ``nnsynth_min_quality``,
+  ``nnsynth_quality_key``). A variant that fixes a value refuses a different value from the environment.
+- ``select_synthetic_cases``: which synthetic cases of the manifest pass the quality threshold.
+- ``SynthMixDataset``: one dataset object that serves real keys from the real preprocessed folder and
+  synthetic keys from the synthetic pool.
+- ``SynthMixDataLoader``: an ``nnUNetDataLoader`` whose batches hold ``n_synth`` synthetic and
+  ``B - n_synth`` real keys, ``n_synth = floor(r*B) + Bernoulli(frac(r*B))``, shuffled within the batch
+  (nnU-Net forces foreground by position in the batch).
+"""
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset
+
+from nnunet_synth.errors import NnsynthError
+
+ENV_RATIO = "nnsynth_ratio"
+ENV_MIN_QUALITY = "nnsynth_min_quality"
+ENV_QUALITY_KEY = "nnsynth_quality_key"
+
+# quality key -> (group in the manifest entry's "quality" dict, field holding the score)
+QUALITY_SCORES = {"model_free": ("model_free", "score"), "segmentation": ("segmentation", "mean_dice")}
+
+DEFAULT_RATIO = 0.5
+DEFAULT_MIN_QUALITY = None          # no quality filter
+DEFAULT_QUALITY_KEY = "model_free"
+
+NO_THRESHOLD_WORDS = ("", "none", "off")
+
+
+@dataclass(frozen=True)
+class SynthMixSettings:
+    """The effective mixing settings of one training run and where each value came from."""
+    ratio: float
+    min_quality: Optional[float]
+    quality_key: str
+    sources: Dict[str, str] = field(default_factory=dict)   # setting -> "trainer" | "environment" | "default"
+
+    def comparable(self) -> dict:
+        return {"ratio": self.ratio, "min_quality": self.min_quality, "quality_key": self.quality_key}
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _parse_ratio(text: str) -> float:
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise NnsynthError(f"{ENV_RATIO}='{text}' is not a number: give the synthetic fraction of each batch, "
+                           f"e.g. {ENV_RATIO}=0.25") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise NnsynthError(f"{ENV_RATIO}={text} is outside [0, 1]: give the synthetic fraction of each batch")
+    return ratio
+
+
+def _parse_min_quality(text: str) -> Optional[float]:
+    if text.strip().lower() in NO_THRESHOLD_WORDS:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise NnsynthError(f"{ENV_MIN_QUALITY}='{text}' is not a number: give the lowest quality score a "
+                           f"synthetic case needs, or 'none' for no filter") from None
+
+
+def _parse_quality_key(text: str) -> str:
+    if text not in QUALITY_SCORES:
+        raise NnsynthError(f"{ENV_QUALITY_KEY}='{text}' is unknown: use one of {', '.join(QUALITY_SCORES)}")
+    return text
+
+
+_SETTINGS = (  # (name, environment variable, parser, default)
+    ("ratio", ENV_RATIO, _parse_ratio, DEFAULT_RATIO),
+    ("min_quality", ENV_MIN_QUALITY, _parse_min_quality, DEFAULT_MIN_QUALITY),
+    ("quality_key", ENV_QUALITY_KEY, _parse_quality_key, DEFAULT_QUALITY_KEY),
+)
+
+FROM_ENVIRONMENT = None   # a trainer attribute with this value reads the environment (or the default)
+
+
+def resolve_settings(trainer_name: str, trainer_values: dict, environ=None) -> SynthMixSettings:
+    """Merge a trainer's fixed values (``{"ratio": 0.25}``; None = not fixed) with the environment.
+
+    A value fixed by the trainer class wins; the environment may repeat it but not contradict it (the
+    results folder is named after the class, so a silent override would mix settings in one folder).
+    """
+    environ = os.environ if environ is None else environ
+    values, sources = {}, {}
+    for name, variable, parse, default in _SETTINGS:
+        fixed = trainer_values.get(name, FROM_ENVIRONMENT)
+        from_env = parse(environ[variable]) if variable in environ else None
+        if fixed is not FROM_ENVIRONMENT:
+            if variable in environ and from_env != fixed:
+                raise NnsynthError(f"trainer {trainer_name} fixes {name}={fixed} but the environment sets "
+                                   f"{variable}={environ[variable]}: unset {variable}, or train "
+                                   f"nnUNetTrainerSynthMix, which reads it")
+            values[name], sources[name] = fixed, "trainer"
+        elif variable in environ:
+            values[name], sources[name] = from_env, "environment"
+        else:
+            values[name], sources[name] = default, "default"
+    return SynthMixSettings(sources=sources, **values)
+
+
+def quality_score(entry: dict, quality_key: str) -> Optional[float]:
+    """The score of a manifest entry under ``quality_key``; None when the case was not scored that way."""
+    group, score_field = QUALITY_SCORES[quality_key]
+    score = ((entry.get("quality") or {}).get(group) or {}).get(score_field)
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or math.isnan(score):
+        return None
+    return float(score)
+
+
+@dataclass
+class SyntheticSelection:
+    used: List[str]
+    below_threshold: List[str]
+    unscored: List[str]
+
+    def counts(self) -> dict:
+        return {"available": len(self.used) + len(self.below_threshold) + len(self.unscored),
+                "used": len(self.used), "below_threshold": len(self.below_threshold), "unscored": len(self.unscored)}
+
+
+def select_synthetic_cases(entries: Dict[str, dict], case_ids, min_quality: Optional[float],
+                           quality_key: str) -> SyntheticSelection:
+    """Split ``case_ids`` into used cases and cases left out by the quality threshold.
+
+    Without a threshold every case is used. With one, a case is used when its score is >= ``min_quality``;
+    a case without that score is left out (counted as unscored).
+    """
+    used, below, unscored = [], [], []
+    for case_id in sorted(case_ids):
+        if min_quality is None:
+            used.append(case_id)
+            continue
+        score = quality_score(entries[case_id], quality_key)
+        if score is None:
+            unscored.append(case_id)
+        elif score < min_quality:
+            below.append(case_id)
+        else:
+            used.append(case_id)
+    return SyntheticSelection(used, below, unscored)
+
+
+class SynthMixDataset(nnUNetBaseDataset):
+    """Real keys from the real preprocessed folder, synthetic keys from the pool, behind one interface."""
+
+    def __init__(self, real_dataset: nnUNetBaseDataset, synthetic_dataset: Optional[nnUNetBaseDataset]):
+        # nnUNetBaseDataset.__init__ lists a folder; both parts are already built, so set the fields directly
+        self.real_dataset = real_dataset
+        self.synthetic_dataset = synthetic_dataset
+        self.real_identifiers = list(real_dataset.identifiers)
+        self.synthetic_identifiers = list(synthetic_dataset.identifiers) if synthetic_dataset is not None else []
+        clash = set(self.real_identifiers) & set(self.synthetic_identifiers)
+        if clash:
+            raise NnsynthError(f"synthetic case ids {sorted(clash)[:3]} equal real case ids: rename the real cases "
+                               f"or regenerate the synthetic ones")
+        self._synthetic_set = frozenset(self.synthetic_identifiers)
+        self.source_folder = real_dataset.source_folder
+        self.folder_with_segs_from_previous_stage = real_dataset.folder_with_segs_from_previous_stage
+        self.identifiers = self.real_identifiers + self.synthetic_identifiers
+
+    def is_synthetic(self, identifier: str) -> bool:
+        return identifier in self._synthetic_set
+
+    def load_case(self, identifier):
+        if identifier in self._synthetic_set:
+            return self.synthetic_dataset.load_case(identifier)
+        return self.real_dataset.load_case(identifier)
+
+    @staticmethod
+    def save_case(data, seg, properties, output_filename_truncated):
+        raise NotImplementedError("SynthMixDataset is read-only: cases are written by nnU-Net's preprocessing "
+                                  "and nnsynth_preprocess_synthetic")
+
+    @staticmethod
+    def get_identifiers(folder: str) -> List[str]:
+        raise NotImplementedError("SynthMixDataset spans two folders; use .identifiers")
+
+
+def synthetic_count(ratio: float, batch_size: int, uniform_draw: float) -> int:
+    """``floor(r*B)`` plus one when ``uniform_draw`` falls below the fractional part (stochastic rounding)."""
+    expected = round(ratio * batch_size, 9)      # 0.3 * 10 is 3.0000000000000004 in floating point
+    count = math.floor(expected)
+    if uniform_draw < expected - count:
+        count += 1
+    return count
+
+
+class SynthMixDataLoader(nnUNetDataLoader):
+    """nnU-Net's training data loader, drawing a fixed expected fraction of each batch from synthetic keys."""
+
+    def __init__(self, data: SynthMixDataset, batch_size: int, patch_size, final_patch_size, label_manager,
+                 synthetic_ratio: float, **kwargs):
+        super().__init__(data, batch_size, patch_size, final_patch_size, label_manager, **kwargs)
+        if kwargs.get("sampling_probabilities") is not None:
+            raise ValueError("SynthMixDataLoader draws by ratio; sampling_probabilities are not supported")
+        self.real_keys = list(data.real_identifiers)
+        self.synthetic_keys = list(data.synthetic_identifiers)
+        if not 0.0 <= synthetic_ratio <= 1.0:
+            raise ValueError(f"synthetic_ratio must lie in [0, 1], got {synthetic_ratio}")
+        if synthetic_ratio > 0 and not self.synthetic_keys:
+            raise ValueError("synthetic_ratio > 0 needs at least one synthetic key")
+        if synthetic_ratio < 1 and not self.real_keys:
+            raise ValueError("synthetic_ratio < 1 needs at least one real key")
+        self.synthetic_ratio = synthetic_ratio
+
+    def get_indices(self):
+        n_synthetic = synthetic_count(self.synthetic_ratio, self.batch_size, np.random.uniform())
+        n_real = self.batch_size - n_synthetic
+        keys = [self.synthetic_keys[i] for i in np.random.randint(len(self.synthetic_keys) or 1, size=n_synthetic)]
+        keys += [self.real_keys[i] for i in np.random.randint(len(self.real_keys) or 1, size=n_real)]
+        return [keys[i] for i in np.random.permutation(len(keys))]
