@@ -1,43 +1,10 @@
-"""From dataset slices to model tensors (and the fold's training cases): the glue training and generation share."""
-import json
-import os
-from pathlib import Path
-
+"""From dataset slices to model tensors: the glue training and generation share."""
 import numpy as np
-from nnunetv2.utilities.crossval_split import generate_crossval_split
 
 from nnunet_synth.dataset import IntensityWindow, RawDataset, fit_slice, iter_slices
 from nnunet_synth.errors import NnsynthError
 
 MODEL_MINIMUM = -1.0  # the window's minimum in model space
-
-
-def fold_training_cases(dataset: RawDataset, fold) -> list:
-    """The training cases of nnU-Net's fold ``fold`` (int or "all"): from
-    ``$nnUNet_preprocessed/<dataset>/splits_final.json`` if it exists, else the split nnU-Net would make."""
-    if str(fold) == "all":
-        return dataset.case_ids
-    try:
-        fold = int(fold)
-    except ValueError:
-        raise NnsynthError(f"fold must be an integer or 'all', got '{fold}'") from None
-    preprocessed = os.environ.get("nnUNet_preprocessed")
-    splits_file = Path(preprocessed) / dataset.name / "splits_final.json" if preprocessed else None
-    if splits_file is not None and splits_file.is_file():
-        with open(splits_file) as handle:
-            splits = json.load(handle)
-        source = str(splits_file)
-    else:
-        splits = generate_crossval_split(dataset.case_ids, seed=12345, n_splits=5)
-        source = "nnU-Net's default 5-fold split"
-    if not 0 <= fold < len(splits):
-        raise NnsynthError(f"fold {fold} does not exist in {source} ({len(splits)} folds): use 0-{len(splits) - 1} or 'all'")
-    cases = sorted(str(case) for case in splits[fold]["train"])
-    unknown = sorted(set(cases) - set(dataset.case_ids))
-    if unknown:
-        raise NnsynthError(f"{source} names cases {unknown[:5]} that {dataset.name} does not have: "
-                           f"delete the stale splits file or rerun nnU-Net's planning")
-    return cases
 
 
 def mask_outside_region(images: np.ndarray, label_maps: np.ndarray, region_values) -> np.ndarray:

@@ -28,7 +28,8 @@ from nnunet_synth.generator.ablation import (AblationSchedule, ablate_label_maps
 from nnunet_synth.generator.checkpoints import (FINAL_FOLDER, checkpoint_step, fresh_temp_folder, list_checkpoints,
                                                 read_generator_config, replace_folder, write_generator_config)
 from nnunet_synth.generator.config import (GeneratorConfig, TrainingSettings, build_noise_scheduler, build_unet)
-from nnunet_synth.generator.data import fold_training_cases, load_model_slices
+from nnunet_synth.dataset.splits import fold_training_cases
+from nnunet_synth.generator.data import load_model_slices
 from nnunet_synth.generator.preview import write_preview_grid
 
 # keys of generator_config.json that must agree before a run folder is resumed

@@ -6,31 +6,15 @@ real dataset's 5-fold split with every synthetic case added to the training side
 synthetic case is ever validated on. Note that the fingerprint and plans of such a dataset include synthetic
 cases; the SynthMix trainer avoids that and is the recommended route.
 """
-import json
 import shutil
 from pathlib import Path
 
-from nnunetv2.utilities.crossval_split import generate_crossval_split
-
 from nnunet_synth.atomic import atomic_path, write_json_atomic
 from nnunet_synth.dataset.raw_dataset import RawDataset
+from nnunet_synth.dataset.splits import real_crossval_split
 from nnunet_synth.dataset.writing import write_dataset_json_atomic
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.writer.synthetic_store import SyntheticStore
-
-NNUNET_SPLIT_SEED = 12345
-
-
-def real_crossval_split(dataset: RawDataset, preprocessed_root=None):
-    """The real dataset's split: its splits_final.json if nnU-Net made one, else nnU-Net's seeded 5-fold split."""
-    if preprocessed_root is not None:
-        existing = Path(preprocessed_root) / dataset.name / "splits_final.json"
-        if existing.is_file():
-            with open(existing) as handle:
-                return json.load(handle)
-    if len(dataset.case_ids) < 5:
-        raise NnsynthError(f"{dataset.folder} has {len(dataset.case_ids)} cases; a 5-fold split needs at least 5")
-    return generate_crossval_split(dataset.case_ids, seed=NNUNET_SPLIT_SEED, n_splits=5)
 
 
 def _copy_atomic(source, destination):
@@ -60,7 +44,7 @@ def export_standalone(dataset: RawDataset, output_root, preprocessed_root, datas
         _copy_atomic(store.label_file(case_id), export_folder / "labelsTr" / f"{case_id}{ending}")
 
     splits = [{"train": sorted(fold["train"]) + synthetic_ids, "val": sorted(fold["val"])}
-              for fold in real_crossval_split(dataset, preprocessed_root)]
+              for fold in real_crossval_split(dataset, preprocessed_root)[0]]
     write_json_atomic(splits, Path(preprocessed_root) / export_folder.name / "splits_final.json")
     write_json_atomic(splits, export_folder / "splits_final.json")
     source_json = dataset.dataset_json

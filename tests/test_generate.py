@@ -1,0 +1,211 @@
+"""nnsynth_generate on the embedded example with a tiny generator trained here (CPU): real files untouched,
+kill + rerun resumes without duplicates or partial files, one seed gives identical files, the exported
+standalone dataset passes nnU-Net's integrity check, overwrite/clean touch synthetic cases only."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+from nnunet_synth.atomic import TEMP_PREFIX
+from nnunet_synth.dataset import RawDataset
+from nnunet_synth.dataset.splits import fold_training_cases
+from nnunet_synth.generator import TrainingSettings
+from nnunet_synth.generator.checkpoints import FINAL_FOLDER
+from nnunet_synth.generator.training import train_generator
+from nnunet_synth.quality.model_free import model_free_score, real_class_intensity_ranges
+from nnunet_synth.writer.synthetic_store import MANIFEST_NAME, PREVIEW_NAME, SyntheticStore
+
+BIN = Path(sys.executable).parent
+NUM_CASES = 12
+
+
+def one_thread_environment():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def convert_example(nnunet_folders, dataset_id, name):
+    from nnunet_synth.dataset_tools.convert_covid19_ct_slices import convert_covid19_ct_slices
+    from nnunet_synth.example import example_source_folder
+    return convert_covid19_ct_slices(example_source_folder(), nnunet_folders["nnUNet_raw"], dataset_id, name)
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(nnunet_folders, tmp_path_factory):
+    """A tiny-preset generator (32x32) trained for a few steps on fold 0 of the example; returns its final/."""
+    dataset = RawDataset(convert_example(nnunet_folders, 983, "GenerateExample"))
+    settings = TrainingSettings(preset="tiny", image_size=32, batch_size=4, max_steps=4, warmup_steps=1,
+                                checkpoint_every=100, preview_every=100, preview_inference_steps=2)
+    run_folder = tmp_path_factory.mktemp("generator") / "run"
+    train_generator(dataset, run_folder, settings, fold=0, progress=False)
+    return run_folder / FINAL_FOLDER
+
+
+def generate_command(dataset_id, generator, *extra):
+    return [str(BIN / "nnsynth_generate"), str(dataset_id), "--generator", str(generator), "-n", str(NUM_CASES),
+            "--inference-steps", "8", "--batch-size", "1", "--seed", "7", "--device", "cpu", *extra]
+
+
+def checksums(folder: Path) -> dict:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def synthetic_files(dataset_folder: Path) -> dict:
+    return {name: digest for name, digest in checksums(dataset_folder).items()
+            if name.startswith(("imagesSynth", "labelsSynth"))}
+
+
+def real_files(dataset_folder: Path) -> dict:
+    return {name: digest for name, digest in checksums(dataset_folder).items()
+            if name.startswith(("imagesTr", "labelsTr")) or name == "dataset.json"}
+
+
+@pytest.fixture(scope="module")
+def generated(nnunet_folders, tiny_generator):
+    """Dataset983 after one uninterrupted run; returns (folder, real checksums before the run, completed process)."""
+    folder = Path(os.environ["nnUNet_raw"]) / "Dataset983_GenerateExample"
+    real_before = real_files(folder)
+    result = subprocess.run(generate_command(983, tiny_generator), capture_output=True, text=True,
+                            env=one_thread_environment(), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder, real_before, result
+
+
+def test_generate_writes_the_cases_and_leaves_real_files_byte_identical(generated):
+    folder, real_before, result = generated
+    assert real_files(folder) == real_before
+    dataset = RawDataset(folder)
+    store = SyntheticStore(dataset)
+    assert store.complete_case_ids() == ["synth_%05d" % i for i in range(NUM_CASES)]
+    assert len(list((folder / "imagesSynth").iterdir())) == NUM_CASES
+    assert len(list((folder / "labelsSynth").iterdir())) == NUM_CASES
+    assert (folder / PREVIEW_NAME).stat().st_size > 0 and str(folder / PREVIEW_NAME) in result.stdout
+    assert len(dataset.case_ids) == 5   # imagesTr/labelsTr (what stock nnU-Net reads) hold the real cases only
+    training_cases = set(fold_training_cases(dataset, 0))
+    reader = dataset.reader_writer()
+    for case_id, entry in store.cases.items():
+        assert entry["source"]["target"]["case_id"] in training_cases   # validation cases stay unseen
+        assert {"seed", "generator", "sampler", "quality"} <= set(entry)
+        assert entry["sampler"]["num_inference_steps"] == 8
+        assert set(entry["quality"]["model_free"]) >= {"score", "passed"}
+        image, image_properties = reader.read_images([str(store.image_file(case_id))])
+        label, _ = reader.read_seg(str(store.label_file(case_id)))
+        # label = the conditioning map, in the dataset's geometry; image in the dataset's pixel type
+        assert image.shape == label.shape and image.shape[1] == 1
+        assert set(np.unique(label)) <= {0, 1, 2}
+        real_case = dataset.cases[entry["source"]["target"]["case_id"]]
+        _, real_properties = reader.read_images(real_case["images"])
+        assert list(image_properties["spacing"]) == list(real_properties["spacing"])
+
+
+def test_a_run_killed_half_way_and_rerun_ends_full_without_duplicates_and_matches_one_seed(
+        nnunet_folders, tiny_generator, generated):
+    folder = convert_example(nnunet_folders, 984, "GenerateResume")
+    manifest = folder / MANIFEST_NAME
+    process = subprocess.Popen(generate_command(984, tiny_generator), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=one_thread_environment())
+    written_at_kill = 0
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        if manifest.is_file():
+            try:
+                written_at_kill = len(json.loads(manifest.read_text())["cases"])
+            except (json.JSONDecodeError, KeyError):     # never happens with atomic writes; tolerate to be safe
+                written_at_kill = -1
+            if written_at_kill >= 3:
+                break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 3 <= written_at_kill < NUM_CASES, f"the run was not interrupted half-way ({written_at_kill} cases)"
+
+    rerun = subprocess.run(generate_command(984, tiny_generator), capture_output=True, text=True,
+                           env=one_thread_environment(), timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "already there" in rerun.stdout
+    stray = [p for p in folder.rglob("*") if p.name.startswith(TEMP_PREFIX)]
+    assert not stray
+    resumed = synthetic_files(folder)
+    assert len(resumed) == 2 * NUM_CASES
+    # same seed, same generator -> the same files as the uninterrupted run on Dataset983
+    assert resumed == synthetic_files(generated[0])
+
+
+def test_a_rerun_with_the_same_settings_writes_nothing_and_other_settings_are_refused(tiny_generator, generated):
+    folder = generated[0]
+    before = synthetic_files(folder)
+    again = subprocess.run(generate_command(983, tiny_generator), capture_output=True, text=True,
+                           env=one_thread_environment(), timeout=900)
+    assert again.returncode == 0 and f"0 written now, {NUM_CASES} already there" in again.stdout
+    assert synthetic_files(folder) == before
+    other_seed = generate_command(983, tiny_generator)
+    other_seed[other_seed.index("--seed") + 1] = "8"
+    refused = subprocess.run(other_seed, capture_output=True, text=True, env=one_thread_environment(), timeout=900)
+    assert refused.returncode != 0
+    message = refused.stderr.strip().splitlines()
+    assert len(message) == 1 and "seed" in message[0] and "--overwrite" in message[0] and "Traceback" not in refused.stderr
+    assert synthetic_files(folder) == before
+
+
+def test_the_standalone_export_passes_nnunets_integrity_check_and_keeps_synthetic_out_of_validation(generated):
+    folder = generated[0]
+    from nnunet_synth.writer.standalone_export import export_standalone
+    export = export_standalone(RawDataset(folder), Path(os.environ["nnUNet_raw"]),
+                               os.environ["nnUNet_preprocessed"], 985)
+    verify_dataset_integrity(str(export), num_processes=1)
+    dataset_json = json.loads((export / "dataset.json").read_text())
+    assert dataset_json["numTraining"] == 5 + NUM_CASES
+    splits = json.loads((Path(os.environ["nnUNet_preprocessed"]) / export.name / "splits_final.json").read_text())
+    assert len(splits) == 5
+    synthetic = {"synth_%05d" % i for i in range(NUM_CASES)}
+    for fold in splits:
+        assert not synthetic & set(fold["val"])
+        assert synthetic <= set(fold["train"])
+    assert sorted(c for fold in splits for c in fold["val"]) == sorted(RawDataset(folder).case_ids)
+
+
+def test_overwrite_and_clean_touch_synthetic_cases_only(nnunet_folders, tiny_generator):
+    folder = convert_example(nnunet_folders, 986, "GenerateClean")
+    real_before = real_files(folder)
+    first = subprocess.run(generate_command(986, tiny_generator, "-n", "2"), capture_output=True, text=True,
+                           env=one_thread_environment(), timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    replaced = subprocess.run(generate_command(986, tiny_generator, "-n", "3", "--seed", "9", "--overwrite"),
+                              capture_output=True, text=True, env=one_thread_environment(), timeout=900)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    store = SyntheticStore(RawDataset(folder))
+    assert store.complete_case_ids() == ["synth_00000", "synth_00001", "synth_00002"]
+    assert all(entry["seed"] // 1_000_003 == 9 for entry in store.cases.values())
+    cleaned = subprocess.run([str(BIN / "nnsynth_clean"), "986"], capture_output=True, text=True)
+    assert cleaned.returncode == 0 and "removed 3 synthetic cases" in cleaned.stdout
+    assert not (folder / "imagesSynth").exists() and not (folder / "labelsSynth").exists()
+    assert not (folder / MANIFEST_NAME).exists() and not (folder / PREVIEW_NAME).exists()
+    assert real_files(folder) == real_before
+
+
+def test_model_free_score_accepts_real_slices_and_rejects_a_flat_image(example_dataset_folder):
+    dataset = RawDataset(example_dataset_folder)
+    pairs = []
+    for case_id in dataset.case_ids:
+        image, label_map, _ = dataset.read_case(case_id)
+        pairs += list(zip(image.astype(np.float32), label_map))
+    ranges = real_class_intensity_ranges(pairs)
+    scores = [model_free_score(image, label_map, ranges) for image, label_map in pairs]
+    # the ranges are the 0.5-99.5 percentiles of the real per-slice medians: per class, only the slices with the
+    # extreme median (lowest, highest) can fall outside
+    failing = [s for s in scores if not s["passed"]]
+    assert len(failing) <= 2 * dataset.num_classes and len(scores) - len(failing) >= 0.8 * len(scores)
+    image, label_map = pairs[len(pairs) // 2]
+    lung_values = image[label_map == 1]
+    flat = np.full_like(image, lung_values.max() + 10 * (image.max() - image.min() + 1))
+    flat_score = model_free_score(flat, label_map, ranges)
+    assert not flat_score["passed"] and flat_score["score"] == 0.0
+    assert set(flat_score["classes_outside"]) == {int(v) for v in np.unique(label_map)}
