@@ -8,7 +8,7 @@ data loading + augmentation + forward/backward. The two trainers run in alternat
 SynthMix, stock, ...) after warm-up iterations, so drift of the machine hits both alike. Target: SynthMix within 5 %.
 
 Without --dataset the script builds a private workspace: the embedded example converted to an nnU-Net
-dataset, stand-in synthetic cases (tests/synthetic_fixtures.py: write_synthetic_cases), stock
+dataset, synthetic cases from a tiny generator (tests/synthetic_fixtures.py: write_synthetic_cases), stock
 nnUNetv2_plan_and_preprocess for 2d, and small CPU plans (nnunet_synth.trainers.cpu_plans) that keep the
 preprocessed data. Data augmentation runs in this process (nnUNet_n_proc_DA=0) unless you set it.
 """
@@ -27,7 +27,7 @@ EXAMPLE_ID, EXAMPLE_NAME = 982, "SynthMixBenchmark"
 
 
 def build_example_workspace(workdir: Path) -> str:
-    """nnU-Net folders under ``workdir`` with the example dataset, synthetic stand-ins, plans and CPU plans."""
+    """nnU-Net folders under ``workdir`` with the example dataset, synthetic cases, plans and CPU plans."""
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (workdir / name).mkdir(parents=True, exist_ok=True)
         os.environ[name] = str(workdir / name)
@@ -37,7 +37,7 @@ def build_example_workspace(workdir: Path) -> str:
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     from synthetic_fixtures import write_synthetic_cases
     folder = convert_covid19_ct_slices(example_source_folder(), workdir / "nnUNet_raw", EXAMPLE_ID, EXAMPLE_NAME)
-    write_synthetic_cases(folder)
+    write_synthetic_cases(folder, workdir / "generator")
     env = {key: value for key, value in os.environ.items() if key != "nnUNet_n_proc_DA"}  # 2.8.1 planner needs it >0
     subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", str(EXAMPLE_ID),
                     "-c", "2d", "-np", "1"], env=env, check=True, capture_output=True)

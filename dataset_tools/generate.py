@@ -10,7 +10,7 @@ import torch
 
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
-from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases
+from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases, num_cases_for_ratio
 from nnunet_synth.generator.checkpoints import FINAL_FOLDER, generator_run_folder
 from nnunet_synth.generator.config import PRESETS, TrainingSettings
 from nnunet_synth.generator.training import train_generator
@@ -43,10 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def count_training_slices(dataset: RawDataset, case_ids) -> int:
-    return sum(dataset.read_case(case_id)[0].shape[0] for case_id in case_ids)
-
-
 @command_entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -62,9 +58,7 @@ def main(argv=None):
     if args.num_cases is not None:
         num_cases = args.num_cases
     else:
-        from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
-        training_cases = read_generator_config(resolve_generator_folder(generator_folder)).training_cases
-        num_cases = max(1, round(args.ratio * count_training_slices(dataset, training_cases)))
+        num_cases = num_cases_for_ratio(dataset, generator_folder, args.ratio)
     if num_cases < 1:
         raise NnsynthError(f"--num-cases must be at least 1, got {num_cases}")
     settings = GenerationSettings(num_cases=num_cases, seed=args.seed, num_inference_steps=args.inference_steps,

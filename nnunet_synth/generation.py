@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from nnunet_synth.dataset import IntensityWindow, RawDataset, fit_slice, restore_slice
 from nnunet_synth.errors import NnsynthError
-from nnunet_synth.generator.checkpoints import load_generator, resolve_generator_folder
+from nnunet_synth.generator.checkpoints import load_generator, read_generator_config, resolve_generator_folder
 from nnunet_synth.masks import default_class_roles, generate_label_maps, pixel_counts
 from nnunet_synth.quality.model_free import model_free_score, real_class_intensity_ranges
 from nnunet_synth.quality.preview import save_preview_grid
@@ -61,6 +61,13 @@ def read_training_slices(dataset: RawDataset, case_ids) -> RealTrainingSlices:
             label_maps.append(label_map[slice_index])
             map_ids.append((case_id, slice_index))
     return RealTrainingSlices(images, label_maps, map_ids, properties)
+
+
+def num_cases_for_ratio(dataset: RawDataset, generator_folder, ratio: float) -> int:
+    """``ratio`` synthetic cases per real slice of the generator's training cases (at least 1)."""
+    config = read_generator_config(resolve_generator_folder(generator_folder))
+    real_slices = sum(dataset.read_case(case_id)[0].shape[0] for case_id in config.training_cases)
+    return max(1, round(ratio * real_slices))
 
 
 def class_roles(dataset: RawDataset, generator_config, label_maps):

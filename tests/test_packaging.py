@@ -1,8 +1,12 @@
 """The installed package claims only the `nnunet_synth` name and ships the embedded example."""
 import importlib.metadata
 import importlib.util
+import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from nnunet_synth.example import example_source_folder
 
@@ -40,3 +44,23 @@ def test_demo_converts_the_embedded_example(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Dataset990_Covid19Example" in result.stdout and "5 cases, 37 slices" in result.stdout
+
+
+def test_demo_runs_the_whole_loop_with_stock_nnunet_commands(tmp_path):
+    """The README's main job with a shorter generator run; called by path, with PATH not naming the venv."""
+    demo = Path(sys.executable).parent / "nnsynth_demo"
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"], "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(demo), "-o", str(tmp_path), "--generator-steps", "20", "--inference-steps", "5"],
+                            capture_output=True, text=True, timeout=1500, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    raw = tmp_path / "nnUNet_raw" / "Dataset990_Covid19Example"
+    manifest = json.loads((raw / "synthetic.json").read_text())
+    assert len(manifest["cases"]) == 16                      # half of fold 0's 31 real training slices
+    assert (raw / "synthetic_preview.png").is_file() and str(raw / "synthetic_preview.png") in result.stdout
+    fold = tmp_path / "nnUNet_results" / raw.name / "nnUNetTrainerSynthMix_demo__nnUNetPlans_cpu__2d" / "fold_0"
+    synthmix = json.loads((fold / "synthmix.json").read_text())
+    assert synthmix["settings"]["ratio"] == 0.5 and synthmix["synthetic_cases"]["used"] == 16
+    predictions = sorted((tmp_path / "predictions").glob("*.nii.gz"))
+    assert len(predictions) == 1                            # fold 0 validates one of the five patients
+    dice = re.search(r"Dice per class: (\{.*\})", result.stdout)
+    assert dice and "lung" in dice.group(1)

@@ -231,3 +231,14 @@ class nnUNetTrainerSynthMix_debug(nnUNetTrainerSynthMix):
         self.num_epochs = 4
         self.num_iterations_per_epoch = 25
         self.num_val_iterations_per_epoch = 2
+
+
+class nnUNetTrainerSynthMix_demo(nnUNetTrainerSynthMix):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        """20 epochs of 25 training and 2 validation iterations (a few minutes on 2 CPU cores with small
+        plans): what nnsynth_demo trains; settings from the environment"""
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 20
+        self.num_iterations_per_epoch = 25
+        self.num_val_iterations_per_epoch = 2

@@ -15,11 +15,11 @@ def label_overlay_colours(num_classes: int) -> np.ndarray:
     return colours
 
 
-def save_preview_grid(rows, column_titles, path, num_classes, window=None):
+def save_preview_grid(rows, column_titles, path, num_classes, window=None, title=None):
     """Save a grid PNG. ``rows`` is a list of rows; each cell is ``(image or None, label_map or None)``.
 
     An image with a label map is drawn with the overlay; a label map alone is drawn in colour; ``window``
-    (lower, upper) fixes the grey scale for images in dataset units.
+    (lower, upper) fixes the grey scale for images in dataset units; ``title`` goes above the grid.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -43,6 +43,8 @@ def save_preview_grid(rows, column_titles, path, num_classes, window=None):
                 axis.imshow(rgba, interpolation="nearest")
             if row_index == 0:
                 axis.set_title(column_titles[column_index], fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=8)
     figure.tight_layout()
     with atomic_path(path, suffix=".png") as temp_name:
         figure.savefig(temp_name, dpi=80)
