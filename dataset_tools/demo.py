@@ -13,9 +13,6 @@ what synthetic data does for a real model (that needs the GPU budgets of the REA
 """
 import argparse
 import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,15 +20,14 @@ from nnunet_synth.dataset import RawDataset
 from nnunet_synth.dataset.splits import real_crossval_split
 from nnunet_synth.dataset_tools.check_dataset import print_summary
 from nnunet_synth.dataset_tools.convert_covid19_ct_slices import convert_covid19_ct_slices
-from nnunet_synth.dataset_tools.trainer_dir import ext_trainer_value
 from nnunet_synth.errors import NnsynthError, command_entry_point
+from nnunet_synth.evaluation.nnunet_runs import CPU_PLANS, plan_and_preprocess, predict_and_score, train
 from nnunet_synth.example import example_source_folder
 
 DEMO_DATASET_ID = 990
 DEMO_DATASET_NAME = "Covid19Example"
 DEMO_FOLD = 0
 DEMO_TRAINER = "nnUNetTrainerSynthMix_demo"
-CPU_PLANS = "nnUNetPlans_cpu"
 STEPS = ("convert", "generate", "preprocess", "train", "predict")
 
 
@@ -42,22 +38,6 @@ def prepare_demo_environment(work_folder: Path) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
         os.environ[name] = str(folder)
     return folders
-
-
-def run_stock_command(args, unset=(), **environment):
-    """Run an nnU-Net command as a user would; on failure, show its output's tail and stop with one line."""
-    env = {**os.environ, "nnUNet_extTrainer": ext_trainer_value(os.environ.get("nnUNet_extTrainer")),
-           "nnUNet_compile": "f", **environment}
-    for name in unset:
-        env.pop(name, None)
-    # the nnU-Net commands were installed beside this interpreter, which need not be on PATH (.venv/bin/nnsynth_demo)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    print(f"$ {' '.join(args)}", flush=True)
-    result = subprocess.run(args, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        print((result.stdout + result.stderr)[-4000:])
-        raise NnsynthError(f"'{' '.join(args)}' failed with exit status {result.returncode} (its output is above)")
-    return result
 
 
 def generate_step(dataset: RawDataset, generator_steps: int, ratio: float, inference_steps: int, device: str):
@@ -82,40 +62,15 @@ def generate_step(dataset: RawDataset, generator_steps: int, ratio: float, infer
     return summary
 
 
-def preprocess_step(dataset: RawDataset, preprocessed_root: Path):
-    from nnunet_synth.trainers.cpu_plans import write_cpu_plans
-    # nnUNet_n_proc_DA=0 makes nnU-Net 2.8's planner call torch.set_num_threads(0): leave it out here
-    run_stock_command(["nnUNetv2_plan_and_preprocess", "-d", str(DEMO_DATASET_ID), "-c", "2d", "-np", "1",
-                       "--verify_dataset_integrity"], unset=["nnUNet_n_proc_DA"])
-    return write_cpu_plans(preprocessed_root / dataset.name, "2d", "nnUNetPlans", CPU_PLANS)
-
-
-def train_step(device: str):
-    run_stock_command(["nnUNetv2_train", str(DEMO_DATASET_ID), "2d", str(DEMO_FOLD), "-tr", DEMO_TRAINER,
-                       "-p", CPU_PLANS, "-device", device], nnUNet_n_proc_DA="0")
-
-
 def predict_step(dataset: RawDataset, work_folder: Path, results_root: Path, device: str) -> dict:
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     validation_cases = sorted(real_crossval_split(dataset)[0][DEMO_FOLD]["val"])
-    input_folder, output_folder = work_folder / "predict_input", work_folder / "predictions"
-    shutil.rmtree(input_folder, ignore_errors=True)
-    input_folder.mkdir()
-    for case_id in validation_cases:
-        for image_file in dataset.cases[case_id]["images"]:
-            shutil.copy(image_file, input_folder)
-    run_stock_command(["nnUNetv2_predict", "-i", str(input_folder), "-o", str(output_folder), "-d",
-                       str(DEMO_DATASET_ID), "-c", "2d", "-p", CPU_PLANS, "-tr", DEMO_TRAINER, "-f", str(DEMO_FOLD),
-                       "-device", device, "-npp", "1", "-nps", "1"])
-    labels = [value for value in dataset.labels.values() if value != 0]
-    metrics = compute_metrics_on_folder(str(dataset.folder / "labelsTr"), str(output_folder),
-                                        str(output_folder / "summary.json"), dataset.reader_writer(),
-                                        dataset.file_ending, labels, num_processes=1, chill=True)
-    names = {value: name for name, value in dataset.labels.items()}
-    dice = {names[int(value)]: round(float(scores["Dice"]), 3) for value, scores in metrics["mean"].items()}
+    image_files = [image for case_id in validation_cases for image in dataset.cases[case_id]["images"]]
+    dice = predict_and_score(dataset, image_files, dataset.folder / "labelsTr", work_folder / "predictions",
+                             DEMO_TRAINER, CPU_PLANS, DEMO_FOLD, device)
     model_folder = results_root / dataset.name / f"{DEMO_TRAINER}__{CPU_PLANS}__2d"
     print(f"model: {model_folder} (SynthMix settings and counts: {model_folder / f'fold_{DEMO_FOLD}' / 'synthmix.json'})")
-    print(f"predictions of validation cases {validation_cases}: {output_folder}; Dice per class: {dice}")
+    print(f"predictions of validation cases {validation_cases}: {work_folder / 'predictions'}; "
+          f"Dice per class: { {name: round(value, 3) for name, value in dice.items()} }")
     return dice
 
 
@@ -151,10 +106,10 @@ def main(argv=None):
     generate_step(dataset, args.generator_steps, args.ratio, args.inference_steps, args.device)
     if step_done("generate"):
         return
-    preprocess_step(dataset, folders["nnUNet_preprocessed"])
+    plan_and_preprocess(dataset, folders["nnUNet_preprocessed"], cpu_plans=True)
     if step_done("preprocess"):
         return
-    train_step(args.device)
+    train(dataset, DEMO_TRAINER, CPU_PLANS, DEMO_FOLD, args.device, nnUNet_n_proc_DA="0")
     if step_done("train"):
         return
     predict_step(dataset, work_folder, folders["nnUNet_results"], args.device)

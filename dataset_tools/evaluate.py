@@ -1,0 +1,138 @@
+"""Evaluate generators and synthetic data; results go to $nnUNet_results/<Dataset>/nnsynth_evaluation/.
+
+  nnsynth_evaluate fidelity D --generator cbmat=RUN_FOLDER --generator mat=RUN_FOLDER [--feature-model MODEL]
+  nnsynth_evaluate downstream D --generator mat=RUN_FOLDER --generator cbmat=RUN_FOLDER [--amounts 0.5 1 2 3]
+  nnsynth_evaluate report D
+"""
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from nnunet_synth.dataset import RawDataset
+from nnunet_synth.errors import NnsynthError, command_entry_point
+from nnunet_synth.evaluation.report import (DOWNSTREAM_CSV, FIDELITY_JSON, FIDELITY_PREVIEW, record_command,
+                                            write_report)
+
+EVALUATION_FOLDER = "nnsynth_evaluation"
+
+
+def named_generator(value: str):
+    name, separator, folder = value.partition("=")
+    if not separator or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=FOLDER (e.g. cbmat=/path/to/run), got '{value}'")
+    return name, folder
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("fidelity", "downstream", "report"):
+        sub = commands.add_parser(name)
+        sub.add_argument("dataset", help="dataset folder, name or id")
+        sub.add_argument("-o", "--output", help=f"evaluation folder (default $nnUNet_results/<D>/{EVALUATION_FOLDER})")
+        if name == "report":
+            continue
+        sub.add_argument("--generator", type=named_generator, action="append", required=True,
+                         metavar="NAME=FOLDER", help="a trained generator (run folder or final/); repeat to compare")
+        sub.add_argument("--inference-steps", type=int, default=50, help="DDIM steps")
+        sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    fidelity = commands.choices["fidelity"]
+    fidelity.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    fidelity.add_argument("--max-slices", type=int, help="at most this many held-out slices (evenly spread)")
+    fidelity.add_argument("--feature-model", help="a 2d nnU-Net model folder trained on the real data: adds a "
+                          "Frechet distance on its encoder features")
+    fidelity.add_argument("--feature-fold", type=int, default=0)
+    downstream = commands.choices["downstream"]
+    downstream.add_argument("--amounts", type=float, nargs="+", default=[1.0],
+                            help="synthetic slices per real training slice (one arm per generator and amount)")
+    downstream.add_argument("--budget", choices=("debug", "demo", "full"), default="demo",
+                            help="SynthMix trainer: debug 100 iterations, demo 500, full nnU-Net's 1000 epochs")
+    downstream.add_argument("--plans", choices=("cpu", "default"), default="cpu",
+                            help="cpu = small network for CPU runs; default = nnU-Net's own plans")
+    downstream.add_argument("--fold", type=int, default=0)
+    downstream.add_argument("--seed", type=int, default=0)
+    downstream.add_argument("--first-id", type=int, default=700, help="dataset ids of the arms' copies start here")
+    downstream.add_argument("--test-images", help="evaluate on this folder (e.g. imagesTs) instead of the fold's "
+                            "validation cases")
+    downstream.add_argument("--test-labels", help="labels of --test-images (e.g. labelsTs)")
+    return parser
+
+
+def evaluation_folder(dataset: RawDataset, output) -> Path:
+    if output:
+        folder = Path(output)
+    else:
+        results = os.environ.get("nnUNet_results")
+        if not results:
+            raise NnsynthError("nnUNet_results is not set: export nnUNet_results=/path or pass --output")
+        folder = Path(results) / dataset.name / EVALUATION_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def run_fidelity(args, dataset: RawDataset, folder: Path):
+    from nnunet_synth.atomic import write_json_atomic
+    from nnunet_synth.evaluation.fidelity import FidelitySettings, evaluate_generator_fidelity
+    from nnunet_synth.quality.preview import save_preview_grid
+    features = None
+    if args.feature_model:
+        from nnunet_synth.evaluation.features import FeatureDistance
+        features = FeatureDistance(args.feature_model, args.feature_fold, device=args.device)
+    settings = FidelitySettings(seeds=tuple(args.seeds), num_inference_steps=args.inference_steps,
+                                max_slices=args.max_slices)
+    results, evaluated = {}, {}
+    for name, generator in args.generator:
+        evaluated[name] = evaluate_generator_fidelity(dataset, generator, settings, args.device, features)
+        results[name] = evaluated[name]["summary"]
+        summary = results[name]
+        print(f"{name}: PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.3f} (region: "
+              f"{summary['psnr_region']:.2f} dB, {summary['ssim_region']:.3f}) over {summary['slices']} slices x "
+              f"{len(summary['seeds'])} seeds")
+    class_names = [name for name, _ in sorted(dataset.labels.items(), key=lambda item: item[1])]
+    write_json_atomic({"dataset": dataset.name, "class_names": class_names,
+                       "num_inference_steps": args.inference_steps, "generators": results}, folder / FIDELITY_JSON)
+    first = next(iter(evaluated.values()))
+    rows = [[(first["real"][i], first["label_maps"][i])] + [(evaluated[name]["synthetic"][i], None)
+                                                            for name in evaluated]
+            for i in range(min(6, len(first["real"])))]
+    save_preview_grid(rows, ["real (held out) + labels"] + [f"{name} (seed {args.seeds[0]})" for name in evaluated],
+                      folder / FIDELITY_PREVIEW, dataset.num_classes, window=(-1.0, 1.0))
+    print(f"fidelity: {folder / FIDELITY_JSON}, preview {folder / FIDELITY_PREVIEW}")
+
+
+def run_downstream_command(args, dataset: RawDataset, folder: Path):
+    from nnunet_synth.evaluation.downstream import DownstreamSettings, run_downstream
+    settings = DownstreamSettings(generators=dict(args.generator), amounts=args.amounts, budget=args.budget,
+                                  cpu_plans=args.plans == "cpu", fold=args.fold, seed=args.seed,
+                                  inference_steps=args.inference_steps, first_dataset_id=args.first_id,
+                                  device=args.device)
+    rows = run_downstream(dataset, settings, dataset.folder.parent, os.environ.get("nnUNet_preprocessed"), folder,
+                          args.test_images, args.test_labels)
+    dice_columns = [key for key in rows[0] if key.startswith("dice_")]
+    print("\n" + "arm".ljust(16) + "amount".rjust(8) + "".join(c.replace("dice_", "").rjust(12) for c in dice_columns))
+    for row in rows:
+        print(str(row["arm"]).ljust(16) + f"{row['amount']:8g}" + "".join(f"{row[c]:12.3f}" for c in dice_columns))
+    print(f"downstream: {folder / DOWNSTREAM_CSV}, plot {folder / 'downstream.png'}")
+
+
+@command_entry_point
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    dataset = RawDataset.from_name(args.dataset)
+    folder = evaluation_folder(dataset, args.output)
+    if args.command == "fidelity":
+        run_fidelity(args, dataset, folder)
+    elif args.command == "downstream":
+        if not os.environ.get("nnUNet_preprocessed"):
+            raise NnsynthError("nnUNet_preprocessed is not set: export nnUNet_preprocessed=/path")
+        run_downstream_command(args, dataset, folder)
+    if args.command != "report":
+        record_command(folder, args.command)
+    report = write_report(folder, dataset.folder)
+    print(f"report: {report}")
+
+
+if __name__ == "__main__":
+    main()

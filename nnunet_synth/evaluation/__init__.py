@@ -1,0 +1,1 @@
+"""Evaluation: fidelity of generated slices, downstream nnU-Net arms, and the report."""

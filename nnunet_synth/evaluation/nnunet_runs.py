@@ -1,0 +1,70 @@
+"""The stock nnU-Net commands as a user runs them (subprocesses), for the demo and the downstream evaluation."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from nnunet_synth.dataset import RawDataset
+from nnunet_synth.dataset_tools.trainer_dir import ext_trainer_value
+from nnunet_synth.errors import NnsynthError
+
+CPU_PLANS = "nnUNetPlans_cpu"
+
+
+def run_stock_command(args, unset=(), **environment):
+    """Run an nnU-Net command with our trainers visible; on failure, show its output's tail and stop with one line."""
+    env = {**os.environ, "nnUNet_extTrainer": ext_trainer_value(os.environ.get("nnUNet_extTrainer")),
+           "nnUNet_compile": os.environ.get("nnUNet_compile", "f"), **environment}
+    for name in unset:
+        env.pop(name, None)
+    # the nnU-Net commands were installed beside this interpreter, which need not be on PATH (.venv/bin/nnsynth_demo)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    print(f"$ {' '.join(args)}", flush=True)
+    result = subprocess.run(args, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        print((result.stdout + result.stderr)[-4000:])
+        raise NnsynthError(f"'{' '.join(args)}' failed with exit status {result.returncode} (its output is above)")
+    return result
+
+
+def plan_and_preprocess(dataset: RawDataset, preprocessed_root, cpu_plans: bool) -> str:
+    """Stock 2d planning and preprocessing; with ``cpu_plans`` also the small CPU plans. Returns the plans name."""
+    from nnunet_synth.trainers.cpu_plans import write_cpu_plans
+    # nnUNet_n_proc_DA=0 makes nnU-Net 2.8's planner call torch.set_num_threads(0): leave it out here
+    dataset_id = dataset.name.split("_")[0][len("Dataset"):]        # this command takes ids only
+    run_stock_command(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "2d", "-np", "1",
+                       "--verify_dataset_integrity"], unset=["nnUNet_n_proc_DA"])
+    if not cpu_plans:
+        return "nnUNetPlans"
+    write_cpu_plans(Path(preprocessed_root) / dataset.name, "2d", "nnUNetPlans", CPU_PLANS)
+    return CPU_PLANS
+
+
+def train(dataset: RawDataset, trainer: str, plans: str, fold, device: str, **environment):
+    run_stock_command(["nnUNetv2_train", dataset.name, "2d", str(fold), "-tr", trainer, "-p", plans,
+                       "-device", device], **environment)
+
+
+def predict_and_score(dataset: RawDataset, image_files, label_folder, output_folder, trainer: str, plans: str,
+                      fold, device: str) -> dict:
+    """Stock nnUNetv2_predict on ``image_files``, then nnU-Net's own evaluation against ``label_folder``.
+
+    Returns ``{label name: mean Dice}`` over the predicted cases.
+    """
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    output_folder = Path(output_folder)
+    input_folder = output_folder.parent / (output_folder.name + "_input")
+    shutil.rmtree(input_folder, ignore_errors=True)
+    input_folder.mkdir(parents=True)
+    for image_file in image_files:
+        shutil.copy(image_file, input_folder)
+    run_stock_command(["nnUNetv2_predict", "-i", str(input_folder), "-o", str(output_folder), "-d", dataset.name,
+                       "-c", "2d", "-p", plans, "-tr", trainer, "-f", str(fold), "-device", device,
+                       "-npp", "1", "-nps", "1"])
+    labels = [value for value in dataset.labels.values() if value != 0]
+    metrics = compute_metrics_on_folder(str(label_folder), str(output_folder), str(output_folder / "summary.json"),
+                                        dataset.reader_writer(), dataset.file_ending, labels, num_processes=1,
+                                        chill=True)
+    names = {value: name for name, value in dataset.labels.items()}
+    return {names[int(value)]: float(scores["Dice"]) for value, scores in metrics["mean"].items()}

@@ -1,0 +1,91 @@
+"""Evaluation outputs (one folder per dataset) and the markdown report that puts them together."""
+import csv
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from nnunet_synth.atomic import atomic_path, write_json_atomic
+from nnunet_synth.writer.synthetic_store import PREVIEW_NAME
+
+FIDELITY_JSON = "fidelity.json"
+FIDELITY_PREVIEW = "fidelity_preview.png"
+DOWNSTREAM_CSV = "downstream.csv"
+DOWNSTREAM_PNG = "downstream.png"
+COMMANDS_JSON = "commands.json"
+REPORT_NAME = "report.md"
+
+
+def record_command(output_folder: Path, step: str):
+    """Remember the exact command line that made ``step``'s outputs (the report quotes it)."""
+    path = Path(output_folder) / COMMANDS_JSON
+    commands = json.loads(path.read_text()) if path.is_file() else {}
+    commands[step] = " ".join(shlex.quote(part) for part in [Path(sys.argv[0]).name] + sys.argv[1:])
+    write_json_atomic(commands, path)
+
+
+def _markdown_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fidelity_section(folder: Path) -> str:
+    results = json.loads((folder / FIDELITY_JSON).read_text())
+    names = list(results["generators"])
+    first = results["generators"][names[0]]
+    class_values = sorted(first["class_intensity_w1"], key=int)
+    header = ["generator", "ablation", "steps", "slices x seeds", "PSNR", "SSIM", "PSNR region", "SSIM region"]
+    header += [f"W1 {results['class_names'][int(v)]}" for v in class_values]
+    if "feature_distance" in first:
+        header.append("feature distance")
+    rows = []
+    for name in names:
+        s = results["generators"][name]
+        row = [name, s["ablation_mode"], s["trained_steps"], f"{s['slices']} x {len(s['seeds'])}",
+               f"{s['psnr']:.2f}", f"{s['ssim']:.3f}", f"{s['psnr_region']:.2f}", f"{s['ssim_region']:.3f}"]
+        row += [f"{s['class_intensity_w1'][v]:.1f}" for v in class_values]
+        if "feature_distance" in s:
+            row.append(f"{s['feature_distance']:.3f}")
+        rows.append(row)
+    text = ["## Fidelity", "", f"Held-out slices of {results['dataset']} generated from their own label maps "
+            f"({results['num_inference_steps']} DDIM steps); PSNR/SSIM in model space [-1, 1]; W1 = 1-Wasserstein "
+            f"distance of the class's intensities, dataset units.", "", _markdown_table(header, rows)]
+    if (folder / FIDELITY_PREVIEW).is_file():
+        text += ["", f"![fidelity preview]({FIDELITY_PREVIEW})"]
+    return "\n".join(text)
+
+
+def downstream_section(folder: Path) -> str:
+    with open(folder / DOWNSTREAM_CSV) as handle:
+        rows = list(csv.DictReader(handle))
+    dice_columns = [key for key in rows[0] if key.startswith("dice_")]
+    header = ["arm", "synthetic per real slice", "batch ratio"] + [c.replace("dice_", "Dice ") for c in dice_columns]
+    table = [[row["arm"], row["amount"], row["ratio"]] + [row[c] for c in dice_columns] for row in rows]
+    return "\n".join(["## Downstream", "", f"nnU-Net 2d, same plans and folds for every arm; evaluated on "
+                      f"{rows[0]['evaluated_on']}.", "", _markdown_table(header, table), "",
+                      f"![downstream]({DOWNSTREAM_PNG})"])
+
+
+def write_report(folder: Path, raw_dataset_folder: Path = None) -> Path:
+    """Assemble ``report.md`` from what the evaluation folder holds."""
+    folder = Path(folder)
+    sections = [f"# nnunet-synth evaluation: {folder.parent.name}"]
+    commands = json.loads((folder / COMMANDS_JSON).read_text()) if (folder / COMMANDS_JSON).is_file() else {}
+    if raw_dataset_folder is not None and (Path(raw_dataset_folder) / PREVIEW_NAME).is_file():
+        with atomic_path(folder / PREVIEW_NAME) as temp_name:
+            Path(temp_name).write_bytes((Path(raw_dataset_folder) / PREVIEW_NAME).read_bytes())
+        sections += ["## Synthetic cases", "", "Real target slice with labels | new label map | synthetic | "
+                     "synthetic with labels.", "", f"![synthetic preview]({PREVIEW_NAME})"]
+    if (folder / FIDELITY_JSON).is_file():
+        sections.append(fidelity_section(folder))
+    if (folder / DOWNSTREAM_CSV).is_file():
+        sections.append(downstream_section(folder))
+    if commands:
+        sections += ["## Commands", "", "```", *commands.values(), "```"]
+    if len(sections) == 1:
+        sections.append("No evaluation results yet: run nnsynth_evaluate fidelity / downstream first.")
+    path = folder / REPORT_NAME
+    with atomic_path(path, suffix=".md") as temp_name:
+        Path(temp_name).write_text("\n\n".join(sections) + "\n")
+    return path
