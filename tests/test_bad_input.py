@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 def run_check(target, nnunet_raw):
     environment = dict(os.environ, nnUNet_raw=str(nnunet_raw))
-    return subprocess.run(["nnsynth_check_dataset", str(target)], capture_output=True, text=True, timeout=300,
+    return subprocess.run(["nnsynth_check_dataset", str(target)], capture_output=True, text=True, timeout=900,
                           env=environment)
 
 

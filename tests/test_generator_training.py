@@ -129,7 +129,7 @@ def test_train_command_writes_final_generator_and_preview(example, nnunet_folder
     result = subprocess.run([TRAIN_COMMAND, example.name, "--fold", "0", "--preset", "tiny", "--image-size", str(SIZE),
                              "--steps", "3", "--batch-size", "2", "--preview-every", "2",
                              "--preview-inference-steps", "2", "--no-progress"],
-                            capture_output=True, text=True, timeout=300, env=one_thread_environment())
+                            capture_output=True, text=True, timeout=900, env=one_thread_environment())
     assert result.returncode == 0, result.stderr[-3000:]
     run_folder = Path(os.environ["nnUNet_results"]) / example.name / "nnsynth_generator_tiny_fold0"
     config = json.loads((run_folder / "final" / "generator_config.json").read_text())
@@ -142,7 +142,7 @@ def test_train_command_writes_final_generator_and_preview(example, nnunet_folder
 
 def test_train_command_with_a_bad_dataset_name_exits_with_one_line(nnunet_folders):
     result = subprocess.run([TRAIN_COMMAND, "Dataset777_DoesNotExist", "--preset", "tiny"],
-                            capture_output=True, text=True, timeout=120, env=one_thread_environment())
+                            capture_output=True, text=True, timeout=600, env=one_thread_environment())
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("nnsynth: error: unknown dataset")

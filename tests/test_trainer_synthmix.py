@@ -37,7 +37,7 @@ def clean_environment(nnunet_folders, **extra) -> dict:
     return env
 
 
-def run_command(args, env, timeout=300):
+def run_command(args, env, timeout=1200):   # a safety net: about 2 minutes on an idle 2-core machine
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
@@ -346,7 +346,7 @@ def test_stock_commands_train_validate_continue_and_predict(planned_dataset, syn
     run_command(train + ["--val"], env)
     run_command(train + ["--c"], env)                        # same settings: continues (already final)
     changed = dict(env, nnsynth_min_quality="0.9")
-    refused = subprocess.run(train + ["--c"], env=changed, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(train + ["--c"], env=changed, capture_output=True, text=True, timeout=1200)
     assert refused.returncode != 0 and "restore the environment" in refused.stderr
 
     # stock prediction with the trainer name, Dice computed here against labelsTr
