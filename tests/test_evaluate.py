@@ -123,7 +123,9 @@ def test_downstream_arms_run_stock_nnunet_and_their_dice_is_recomputed(evaluatio
     assert [(row["arm"], float(row["ratio"])) for row in rows] == [("real_only", 0.0), ("mat", 0.5), ("cbmat", 0.5)]
     assert (output / "downstream.png").stat().st_size > 0
     report = (output / "report.md").read_text()
-    assert "## Downstream" in report and "nnsynth_evaluate downstream" in report
+    assert "## Downstream" in report and "```\nnnsynth_evaluate downstream" in report
+    for arm in ("mat", "cbmat"):   # each synthetic arm's preview grid is in the report
+        assert f"![synthetic_preview_{arm}_x1.png]" in report and (output / f"synthetic_preview_{arm}_x1.png").is_file()
     # the user's dataset is untouched; the arms are copies with their own synthetic stores
     assert {p.name: p.read_bytes() for p in sorted((evaluation_dataset.folder / "labelsTr").iterdir())} == real_before
     assert not (evaluation_dataset.folder / "imagesSynth").exists()

@@ -56,15 +56,28 @@ def fidelity_section(folder: Path) -> str:
     return "\n".join(text)
 
 
-def downstream_section(folder: Path) -> str:
+def _copy_into(source: Path, target: Path):
+    with atomic_path(target) as temp_name:
+        Path(temp_name).write_bytes(source.read_bytes())
+
+
+def downstream_section(folder: Path, raw_root: Path = None) -> str:
     with open(folder / DOWNSTREAM_CSV) as handle:
         rows = list(csv.DictReader(handle))
     dice_columns = [key for key in rows[0] if key.startswith("dice_")]
     header = ["arm", "synthetic per real slice", "batch ratio"] + [c.replace("dice_", "Dice ") for c in dice_columns]
     table = [[row["arm"], row["amount"], row["ratio"]] + [row[c] for c in dice_columns] for row in rows]
-    return "\n".join(["## Downstream", "", f"nnU-Net 2d, same plans and folds for every arm; evaluated on "
-                      f"{rows[0]['evaluated_on']}.", "", _markdown_table(header, table), "",
-                      f"![downstream]({DOWNSTREAM_PNG})"])
+    text = ["## Downstream", "", f"nnU-Net 2d, same plans and folds for every arm; evaluated on "
+            f"{rows[0]['evaluated_on']}.", "", _markdown_table(header, table), "", f"![downstream]({DOWNSTREAM_PNG})"]
+    # each synthetic arm's own preview grid (it lives in the arm's copy of the raw dataset)
+    for row in rows:
+        arm_preview = Path(raw_root) / row["dataset"] / PREVIEW_NAME if raw_root is not None else None
+        if arm_preview is not None and arm_preview.is_file():
+            name = f"synthetic_preview_{row['arm']}_x{float(row['amount']):g}.png"
+            _copy_into(arm_preview, folder / name)
+            text += ["", f"Synthetic cases of arm {row['arm']} x{float(row['amount']):g} (real target slice with "
+                     f"labels | new label map | synthetic | synthetic with labels):", "", f"![{name}]({name})"]
+    return "\n".join(text)
 
 
 def write_report(folder: Path, raw_dataset_folder: Path = None) -> Path:
@@ -73,16 +86,16 @@ def write_report(folder: Path, raw_dataset_folder: Path = None) -> Path:
     sections = [f"# nnunet-synth evaluation: {folder.parent.name}"]
     commands = json.loads((folder / COMMANDS_JSON).read_text()) if (folder / COMMANDS_JSON).is_file() else {}
     if raw_dataset_folder is not None and (Path(raw_dataset_folder) / PREVIEW_NAME).is_file():
-        with atomic_path(folder / PREVIEW_NAME) as temp_name:
-            Path(temp_name).write_bytes((Path(raw_dataset_folder) / PREVIEW_NAME).read_bytes())
+        _copy_into(Path(raw_dataset_folder) / PREVIEW_NAME, folder / PREVIEW_NAME)
         sections += ["## Synthetic cases", "", "Real target slice with labels | new label map | synthetic | "
                      "synthetic with labels.", "", f"![synthetic preview]({PREVIEW_NAME})"]
     if (folder / FIDELITY_JSON).is_file():
         sections.append(fidelity_section(folder))
     if (folder / DOWNSTREAM_CSV).is_file():
-        sections.append(downstream_section(folder))
+        raw_root = Path(raw_dataset_folder).parent if raw_dataset_folder is not None else None
+        sections.append(downstream_section(folder, raw_root))
     if commands:
-        sections += ["## Commands", "", "```", *commands.values(), "```"]
+        sections += ["## Commands", "\n".join(["```", *commands.values(), "```"])]
     if len(sections) == 1:
         sections.append("No evaluation results yet: run nnsynth_evaluate fidelity / downstream first.")
     path = folder / REPORT_NAME
