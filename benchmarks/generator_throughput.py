@@ -2,8 +2,9 @@
 
 Compares our training step (autocast in --precision, channels_last, fused AdamW on CUDA, optional torch.compile,
 the same code as nnunet_synth.generator.training) with a plain fp32 diffusers-style loop over the same UNet in the
-same run (no autocast, no channels_last, default AdamW, no compile). Inputs are random tensors of the right shapes:
-throughput does not depend on image content.
+same run (no autocast, no channels_last, default AdamW, no compile). Inputs are real slices and label maps: the
+embedded example (5 patients of the COVID-19 CT slices) converted into a temporary nnU-Net dataset and fitted to
+the model size, repeated when the batch is larger than the 37 slices.
 
     python benchmarks/generator_throughput.py --preset tiny --device cpu --steps 10
     python benchmarks/generator_throughput.py --preset default --precision bf16 --peak-tflops 989   # H100 SXM
@@ -11,7 +12,10 @@ throughput does not depend on image content.
 import argparse
 import contextlib
 import resource
+import tempfile
 import time
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +23,12 @@ from diffusers.training_utils import EMAModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from nnunet_synth.generator.ablation import make_ablation_schedule, one_hot_condition
+from nnunet_synth.dataset import RawDataset
+from nnunet_synth.dataset.slices import dataset_intensity_window
+from nnunet_synth.dataset_tools.convert_covid19_ct_slices import convert_covid19_ct_slices
+from nnunet_synth.example import example_source_folder
 from nnunet_synth.generator.config import GeneratorConfig, TrainingSettings, build_noise_scheduler, build_unet
+from nnunet_synth.generator.data import load_model_slices
 from nnunet_synth.generator.training import denoising_loss, draw_step_randomness
 from nnunet_synth.sampling import sample_images
 
@@ -45,11 +54,20 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def random_batch(batch_size, size, num_classes, device):
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand((batch_size, 1, size, size), generator=generator) * 2 - 1
-    label_maps = torch.randint(0, num_classes, (batch_size, size, size), generator=generator)
-    return images.to(device), label_maps.to(device)
+def load_example_slices(image_size):
+    """All slices of the embedded example in model space: images (N, 1, S, S) in [-1, 1], label maps (N, S, S)."""
+    with tempfile.TemporaryDirectory() as workdir:
+        dataset = RawDataset(convert_covid19_ct_slices(example_source_folder(), workdir, 983, "ThroughputBenchmark"))
+        images, label_maps, _ = load_model_slices(dataset, dataset.case_ids, dataset_intensity_window(dataset),
+                                                  image_size)
+    return torch.from_numpy(images[:, None]), torch.from_numpy(label_maps), dataset.num_classes
+
+
+def real_batch(slices, batch_size, device):
+    """The first ``batch_size`` example slices (cycled) on ``device``."""
+    images, label_maps, _ = slices
+    chosen = np.arange(batch_size) % len(images)
+    return images[chosen].to(device), label_maps[chosen].to(device)
 
 
 def time_steps(step_function, steps, warmup, device) -> float:
@@ -64,15 +82,16 @@ def time_steps(step_function, steps, warmup, device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def plain_training_step_factory(settings, num_classes, device):
+def plain_training_step_factory(settings, slices, device):
     """A plain fp32 diffusers-example loop over the same UNet."""
+    num_classes = slices[2]
     torch.manual_seed(0)
     unet = build_unet(settings, num_classes).to(device).train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.learning_rate)
     ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, power=0.75)
     ema.to(device)
     noise_scheduler = build_noise_scheduler()
-    images, label_maps = random_batch(settings.batch_size, settings.image_size, num_classes, device)
+    images, label_maps = real_batch(slices, settings.batch_size, device)
     condition = one_hot_condition(label_maps, num_classes)
 
     def step():
@@ -90,8 +109,9 @@ def plain_training_step_factory(settings, num_classes, device):
     return unet, step
 
 
-def our_training_step_factory(settings, num_classes, device, precision, use_compile):
+def our_training_step_factory(settings, slices, device, precision, use_compile):
     """Our training step: the functions of nnunet_synth.generator.training plus the GPU speed settings."""
+    num_classes = slices[2]
     torch.manual_seed(0)
     on_cuda = device.type == "cuda"
     memory_format = torch.channels_last if on_cuda else torch.contiguous_format
@@ -101,8 +121,8 @@ def our_training_step_factory(settings, num_classes, device, precision, use_comp
     ema.to(device)
     model = torch.compile(unet) if use_compile else unet
     noise_scheduler = build_noise_scheduler()
-    schedule = make_ablation_schedule("cbmat", [0.8, 0.15, 0.05][:num_classes], [1], 0.5, 1000)
-    images, label_maps = random_batch(settings.batch_size, settings.image_size, num_classes, device)
+    schedule = make_ablation_schedule("cbmat", [0.845, 0.137, 0.018], [1], 0.5, 1000)   # COVID class shares
+    images, label_maps = real_batch(slices, settings.batch_size, device)
     dtype = PRECISIONS[precision]
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext())
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
@@ -127,10 +147,11 @@ def our_training_step_factory(settings, num_classes, device, precision, use_comp
     return unet, step
 
 
-def training_flops(settings, num_classes, device) -> int:
+def training_flops(settings, slices, device) -> int:
     """FLOPs of one forward + backward of the UNet at the training batch size (counted, not estimated)."""
+    num_classes = slices[2]
     unet = build_unet(settings, num_classes).to(device)
-    images, label_maps = random_batch(settings.batch_size, settings.image_size, num_classes, device)
+    images, label_maps = real_batch(slices, settings.batch_size, device)
     model_input = torch.cat([images, one_hot_condition(label_maps, num_classes)], 1)
     timesteps = torch.randint(0, 1000, (len(images),), device=device)
     with FlopCounterMode(display=False) as counter:
@@ -143,7 +164,6 @@ def main(argv=None):
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--num-classes", type=int, default=3)
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
                         help="autocast precision of our step (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--compile", action="store_true")
@@ -167,10 +187,12 @@ def main(argv=None):
           f"preset {settings.preset}, {settings.image_size}x{settings.image_size}, batch {settings.batch_size}, "
           f"precision {precision}, compile {args.compile}")
 
-    flops_per_step = training_flops(settings, args.num_classes, device)
+    slices = load_example_slices(settings.image_size)
+    num_classes = slices[2]
+    flops_per_step = training_flops(settings, slices, device)
     results = {}
-    for name, factory in (("plain fp32", lambda: plain_training_step_factory(settings, args.num_classes, device)),
-                          ("ours", lambda: our_training_step_factory(settings, args.num_classes, device, precision,
+    for name, factory in (("plain fp32", lambda: plain_training_step_factory(settings, slices, device)),
+                          ("ours", lambda: our_training_step_factory(settings, slices, device, precision,
                                                                      args.compile))):
         reset_peak_memory(device)
         unet, step = factory()
@@ -187,14 +209,14 @@ def main(argv=None):
     print(f"speed-up ours / plain fp32: {results['ours']['images_per_s'] / results['plain fp32']['images_per_s']:.2f}x")
 
     # sampling with our sample_images (DDIM, autocast on CUDA)
-    unet = build_unet(settings, args.num_classes).to(device)
-    config = GeneratorConfig(dataset_name="benchmark", labels={f"class{c}": c for c in range(args.num_classes)},
+    unet = build_unet(settings, num_classes).to(device)
+    config = GeneratorConfig(dataset_name="benchmark", labels={f"class{c}": c for c in range(num_classes)},
                              window={}, image_size=settings.image_size, preset=settings.preset, fold="all",
                              training_cases=[], class_frequencies={}, ablation={}, region_classes=None,
                              unet_config=dict(unet.config), scheduler_config=dict(build_noise_scheduler().config),
                              training={})
     count = args.sample_count or settings.batch_size
-    label_maps = torch.randint(0, args.num_classes, (count, settings.image_size, settings.image_size)).numpy()
+    label_maps = real_batch(slices, count, torch.device("cpu"))[1].numpy()
     sample_images(unet, config, label_maps[:1], [0], num_inference_steps=2, device=device, progress=False)  # warm-up
     reset_peak_memory(device)
     synchronize(device)
