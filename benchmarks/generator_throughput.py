@@ -33,8 +33,19 @@ from nnunet_synth.generator.training import denoising_loss, draw_step_randomness
 from nnunet_synth.sampling import sample_images
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-ASSUMED_PEAK_TFLOPS = {"cuda": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},   # H100 SXM dense
-                       "cpu": {"fp32": 0.1, "bf16": 0.1, "fp16": 0.1}}          # a guess for 2 laptop-class cores
+ASSUMED_CUDA_PEAK_TFLOPS = {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0}   # H100 SXM dense (datasheet)
+
+
+def measured_cpu_peak_tflops(size=2048, repeats=5) -> float:
+    """A CPU has no datasheet peak we can rely on: use the best fp32 matmul rate of this process's threads."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e12
 
 
 def synchronize(device):
@@ -173,7 +184,8 @@ def main(argv=None):
     parser.add_argument("--sample-count", type=int, help="slices to sample (default: the batch size)")
     parser.add_argument("--inference-steps", type=int, default=50)
     parser.add_argument("--threads", type=int, help="CPU intra-op threads (torch.set_num_threads)")
-    parser.add_argument("--peak-tflops", type=float, help="peak of the device for MFU (default: an assumed value)")
+    parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of the device for MFU (default: the H100 "
+                        "datasheet on CUDA, a measured matmul rate on CPU)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -181,8 +193,12 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     settings = TrainingSettings(preset=args.preset, image_size=args.image_size, batch_size=args.batch_size).resolved()
-    peak_tflops = args.peak_tflops or ASSUMED_PEAK_TFLOPS[device.type][precision]
-    peak_source = "given" if args.peak_tflops else "assumed"
+    if args.peak_tflops:
+        peak_tflops, peak_source = args.peak_tflops, "given"
+    elif device.type == "cuda":
+        peak_tflops, peak_source = ASSUMED_CUDA_PEAK_TFLOPS[precision], "assumed: H100 SXM datasheet"
+    else:
+        peak_tflops, peak_source = measured_cpu_peak_tflops(), "measured: best fp32 2048x2048 matmul"
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"preset {settings.preset}, {settings.image_size}x{settings.image_size}, batch {settings.batch_size}, "
           f"precision {precision}, compile {args.compile}")
@@ -202,7 +218,7 @@ def main(argv=None):
         num_parameters = sum(p.numel() for p in unet.parameters())
         del unet, step
     print(f"UNet {num_parameters / 1e6:.2f} M parameters; {flops_per_step / 1e9:.2f} GFLOP per training step "
-          f"(forward + backward, FlopCounterMode); peak {peak_tflops:g} TFLOP/s ({peak_source})")
+          f"(forward + backward, FlopCounterMode); peak {peak_tflops:.3g} TFLOP/s ({peak_source})")
     for name, result in results.items():
         print(f"training {name:>10}: {result['images_per_s']:8.2f} images/s  ({1000 * result['seconds_per_step']:.1f} "
               f"ms/step)  MFU {100 * result['mfu']:.2f} %  peak memory {result['peak_gib']:.2f} GiB")
