@@ -14,6 +14,7 @@ import contextlib
 import resource
 import tempfile
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nnunet_synth.generator.ablation import make_ablation_schedule, one_hot_condition
 from nnunet_synth.dataset import RawDataset
-from nnunet_synth.dataset.slices import dataset_intensity_window
+from nnunet_synth.dataset.slices import class_pixel_frequencies, dataset_intensity_window
 from nnunet_synth.dataset_tools.convert_covid19_ct_slices import convert_covid19_ct_slices
 from nnunet_synth.example import example_source_folder
 from nnunet_synth.generator.config import GeneratorConfig, TrainingSettings, build_noise_scheduler, build_unet
@@ -65,20 +66,28 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def load_example_slices(image_size):
-    """All slices of the embedded example in model space: images (N, 1, S, S) in [-1, 1], label maps (N, S, S)."""
+class ExampleSlices(NamedTuple):
+    images: torch.Tensor            # (N, 1, S, S) in [-1, 1]
+    label_maps: torch.Tensor        # (N, S, S)
+    num_classes: int
+    class_frequencies: list         # pixel share per class, for the CBMAT schedule
+
+
+def load_example_slices(image_size) -> ExampleSlices:
+    """All slices of the embedded example in model space."""
     with tempfile.TemporaryDirectory() as workdir:
         dataset = RawDataset(convert_covid19_ct_slices(example_source_folder(), workdir, 983, "ThroughputBenchmark"))
         images, label_maps, _ = load_model_slices(dataset, dataset.case_ids, dataset_intensity_window(dataset),
                                                   image_size)
-    return torch.from_numpy(images[:, None]), torch.from_numpy(label_maps), dataset.num_classes
+        frequencies = class_pixel_frequencies(dataset).tolist()
+    return ExampleSlices(torch.from_numpy(images[:, None]), torch.from_numpy(label_maps), dataset.num_classes,
+                         frequencies)
 
 
-def real_batch(slices, batch_size, device):
+def real_batch(slices: ExampleSlices, batch_size, device):
     """The first ``batch_size`` example slices (cycled) on ``device``."""
-    images, label_maps, _ = slices
-    chosen = np.arange(batch_size) % len(images)
-    return images[chosen].to(device), label_maps[chosen].to(device)
+    chosen = np.arange(batch_size) % len(slices.images)
+    return slices.images[chosen].to(device), slices.label_maps[chosen].to(device)
 
 
 def time_steps(step_function, steps, warmup, device) -> float:
@@ -95,7 +104,7 @@ def time_steps(step_function, steps, warmup, device) -> float:
 
 def plain_training_step_factory(settings, slices, device):
     """A plain fp32 diffusers-example loop over the same UNet."""
-    num_classes = slices[2]
+    num_classes = slices.num_classes
     torch.manual_seed(0)
     unet = build_unet(settings, num_classes).to(device).train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.learning_rate)
@@ -122,7 +131,7 @@ def plain_training_step_factory(settings, slices, device):
 
 def our_training_step_factory(settings, slices, device, precision, use_compile):
     """Our training step: the functions of nnunet_synth.generator.training plus the GPU speed settings."""
-    num_classes = slices[2]
+    num_classes = slices.num_classes
     torch.manual_seed(0)
     on_cuda = device.type == "cuda"
     memory_format = torch.channels_last if on_cuda else torch.contiguous_format
@@ -132,7 +141,7 @@ def our_training_step_factory(settings, slices, device, precision, use_compile):
     ema.to(device)
     model = torch.compile(unet) if use_compile else unet
     noise_scheduler = build_noise_scheduler()
-    schedule = make_ablation_schedule("cbmat", [0.845, 0.137, 0.018], [1], 0.5, 1000)   # COVID class shares
+    schedule = make_ablation_schedule("cbmat", slices.class_frequencies, [1], 0.5, 1000)
     images, label_maps = real_batch(slices, settings.batch_size, device)
     dtype = PRECISIONS[precision]
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext())
@@ -160,7 +169,7 @@ def our_training_step_factory(settings, slices, device, precision, use_compile):
 
 def training_flops(settings, slices, device) -> int:
     """FLOPs of one forward + backward of the UNet at the training batch size (counted, not estimated)."""
-    num_classes = slices[2]
+    num_classes = slices.num_classes
     unet = build_unet(settings, num_classes).to(device)
     images, label_maps = real_batch(slices, settings.batch_size, device)
     model_input = torch.cat([images, one_hot_condition(label_maps, num_classes)], 1)
@@ -204,7 +213,7 @@ def main(argv=None):
           f"precision {precision}, compile {args.compile}")
 
     slices = load_example_slices(settings.image_size)
-    num_classes = slices[2]
+    num_classes = slices.num_classes
     flops_per_step = training_flops(settings, slices, device)
     results = {}
     for name, factory in (("plain fp32", lambda: plain_training_step_factory(settings, slices, device)),

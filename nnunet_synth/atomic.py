@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,6 +29,12 @@ def atomic_path(final_path, suffix=None):
     finally:
         if os.path.exists(temp_name):
             os.remove(temp_name)
+
+
+def copy_file_atomic(source, final_path):
+    """Copy ``source`` to ``final_path`` atomically."""
+    with atomic_path(final_path) as temp_name:
+        shutil.copyfile(source, temp_name)
 
 
 def write_json_atomic(data, final_path):

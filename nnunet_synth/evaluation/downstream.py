@@ -9,11 +9,10 @@ synthetic slices a pooled training set with ``amount`` synthetic slices per real
 real-only arm uses ratio 0 (the same code path, the pool is not read).
 """
 import csv
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nnunet_synth.atomic import atomic_path
+from nnunet_synth.atomic import atomic_path, copy_file_atomic
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.dataset.splits import real_crossval_split
 from nnunet_synth.errors import NnsynthError
@@ -75,10 +74,8 @@ def copy_real_dataset(dataset: RawDataset, raw_root: Path, dataset_id: int, arm:
         for source in sorted((dataset.folder / sub).iterdir()):
             destination = target / sub / source.name
             if not destination.is_file() or destination.stat().st_size != source.stat().st_size:
-                with atomic_path(destination) as temp_name:
-                    shutil.copyfile(source, temp_name)
-    with atomic_path(target / "dataset.json") as temp_name:
-        shutil.copyfile(dataset.json_file, temp_name)
+                copy_file_atomic(source, destination)
+    copy_file_atomic(dataset.json_file, target / "dataset.json")
     return RawDataset(target)
 
 

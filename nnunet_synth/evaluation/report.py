@@ -5,7 +5,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from nnunet_synth.atomic import atomic_path, write_json_atomic
+from nnunet_synth.atomic import atomic_path, copy_file_atomic, write_json_atomic
 from nnunet_synth.writer.synthetic_store import PREVIEW_NAME
 
 FIDELITY_JSON = "fidelity.json"
@@ -56,11 +56,6 @@ def fidelity_section(folder: Path) -> str:
     return "\n".join(text)
 
 
-def _copy_into(source: Path, target: Path):
-    with atomic_path(target) as temp_name:
-        Path(temp_name).write_bytes(source.read_bytes())
-
-
 def downstream_section(folder: Path, raw_root: Path = None) -> str:
     with open(folder / DOWNSTREAM_CSV) as handle:
         rows = list(csv.DictReader(handle))
@@ -74,7 +69,7 @@ def downstream_section(folder: Path, raw_root: Path = None) -> str:
         arm_preview = Path(raw_root) / row["dataset"] / PREVIEW_NAME if raw_root is not None else None
         if arm_preview is not None and arm_preview.is_file():
             name = f"synthetic_preview_{row['arm']}_x{float(row['amount']):g}.png"
-            _copy_into(arm_preview, folder / name)
+            copy_file_atomic(arm_preview, folder / name)
             text += ["", f"Synthetic cases of arm {row['arm']} x{float(row['amount']):g} (real target slice with "
                      f"labels | new label map | synthetic | synthetic with labels):", "", f"![{name}]({name})"]
     return "\n".join(text)
@@ -86,7 +81,7 @@ def write_report(folder: Path, raw_dataset_folder: Path = None) -> Path:
     sections = [f"# nnunet-synth evaluation: {folder.parent.name}"]
     commands = json.loads((folder / COMMANDS_JSON).read_text()) if (folder / COMMANDS_JSON).is_file() else {}
     if raw_dataset_folder is not None and (Path(raw_dataset_folder) / PREVIEW_NAME).is_file():
-        _copy_into(Path(raw_dataset_folder) / PREVIEW_NAME, folder / PREVIEW_NAME)
+        copy_file_atomic(Path(raw_dataset_folder) / PREVIEW_NAME, folder / PREVIEW_NAME)
         sections += ["## Synthetic cases", "", "Real target slice with labels | new label map | synthetic | "
                      "synthetic with labels.", "", f"![synthetic preview]({PREVIEW_NAME})"]
     if (folder / FIDELITY_JSON).is_file():

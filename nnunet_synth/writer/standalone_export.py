@@ -6,20 +6,14 @@ real dataset's 5-fold split with every synthetic case added to the training side
 synthetic case is ever validated on. Note that the fingerprint and plans of such a dataset include synthetic
 cases; the SynthMix trainer avoids that and is the recommended route.
 """
-import shutil
 from pathlib import Path
 
-from nnunet_synth.atomic import atomic_path, write_json_atomic
+from nnunet_synth.atomic import copy_file_atomic, write_json_atomic
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.dataset.splits import real_crossval_split
 from nnunet_synth.dataset.writing import write_dataset_json_atomic
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.writer.synthetic_store import SyntheticStore
-
-
-def _copy_atomic(source, destination):
-    with atomic_path(destination) as temp_name:
-        shutil.copyfile(source, temp_name)
 
 
 def export_standalone(dataset: RawDataset, output_root, preprocessed_root, dataset_id: int, dataset_name=None):
@@ -37,11 +31,11 @@ def export_standalone(dataset: RawDataset, output_root, preprocessed_root, datas
         raise NnsynthError(f"the export target {export_folder} is the source dataset: choose another dataset id")
     ending = dataset.file_ending
     for case_id in dataset.case_ids:
-        _copy_atomic(dataset.cases[case_id]["images"][0], export_folder / "imagesTr" / f"{case_id}_0000{ending}")
-        _copy_atomic(dataset.cases[case_id]["label"], export_folder / "labelsTr" / f"{case_id}{ending}")
+        copy_file_atomic(dataset.cases[case_id]["images"][0], export_folder / "imagesTr" / f"{case_id}_0000{ending}")
+        copy_file_atomic(dataset.cases[case_id]["label"], export_folder / "labelsTr" / f"{case_id}{ending}")
     for case_id in synthetic_ids:
-        _copy_atomic(store.image_file(case_id), export_folder / "imagesTr" / f"{case_id}_0000{ending}")
-        _copy_atomic(store.label_file(case_id), export_folder / "labelsTr" / f"{case_id}{ending}")
+        copy_file_atomic(store.image_file(case_id), export_folder / "imagesTr" / f"{case_id}_0000{ending}")
+        copy_file_atomic(store.label_file(case_id), export_folder / "labelsTr" / f"{case_id}{ending}")
 
     splits = [{"train": sorted(fold["train"]) + synthetic_ids, "val": sorted(fold["val"])}
               for fold in real_crossval_split(dataset, preprocessed_root)[0]]
