@@ -1,22 +1,24 @@
-"""Remove the synthetic cases of a dataset (imagesSynth/, labelsSynth/, synthetic.json and the preview).
-Real files are never touched."""
+"""Remove the synthetic cases of a dataset (imagesSynth/, labelsSynth/, synthetic.json and the previews), or
+only those made for one fold (--fold). Real files are never touched."""
 import argparse
 
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import command_entry_point
 from nnunet_synth.writer import SyntheticStore
-from nnunet_synth.writer.synthetic_store import PREVIEW_NAME
 
 
 @command_entry_point
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dataset", help="dataset folder, name or id")
+    parser.add_argument("-f", "--fold", help="remove only the cases made for this fold (0-4 or all)")
     args = parser.parse_args(argv)
     dataset = RawDataset.from_name(args.dataset)
-    removed = SyntheticStore(dataset).remove_all()
-    (dataset.folder / PREVIEW_NAME).unlink(missing_ok=True)
-    print(f"removed {removed} synthetic cases from {dataset.folder}")
+    store = SyntheticStore(dataset)
+    with store.exclusive_writer():
+        removed = store.remove_all() if args.fold is None else store.remove_fold(args.fold)
+    which = "" if args.fold is None else f" of fold {args.fold}"
+    print(f"removed {removed} synthetic cases{which} from {dataset.folder}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Write class-balanced synthetic cases into an nnU-Net raw dataset (imagesSynth/, labelsSynth/, synthetic.json).
 
-Trains the generator on the fold's real training cases first if there is none (or takes --generator), makes
-new label maps that over-represent the rarest pathology class, samples images with DDIM, scores them with the
-model-free quality gate, writes them atomically and saves a preview grid. Rerunning resumes.
+For each requested nnU-Net fold (default 0; ``--folds 0 1 2 3 4`` for five-fold cross-validation, ``--fold all``
+for a final model trained on every case): trains the generator on that fold's real training cases first if
+there is none (or takes --generator), makes new label maps from those cases that over-represent the rarest
+pathology class, samples images with DDIM, scores them with the model-free quality gate, writes them atomically
+and saves a preview grid. No case made for fold k depends on a validation case of fold k. Rerunning resumes.
 """
 import argparse
 
@@ -23,7 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     amount.add_argument("-n", "--num-cases", type=int, help="number of synthetic cases (slices)")
     amount.add_argument("-r", "--ratio", type=float, default=0.5,
                         help="synthetic cases per real training slice (default 0.5)")
-    parser.add_argument("-f", "--fold", default="0", help="nnU-Net fold whose training cases the generator sees")
+    folds = parser.add_mutually_exclusive_group()
+    folds.add_argument("-f", "--fold", help="nnU-Net fold (0-4 or all) to make cases for: the generator and the label "
+                       "maps see only its training cases (default 0, or the fold of --generator)")
+    folds.add_argument("--folds", nargs="+", help="several folds, one after the other (e.g. --folds 0 1 2 3 4)")
     parser.add_argument("--generator", help="a trained generator folder (default: train or reuse "
                         "$nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
@@ -43,18 +48,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def generator_for_fold(dataset: RawDataset, args, fold):
+    """``--generator``, or the fold's generator run folder, trained now if it has no final model."""
+    if args.generator is not None:
+        return args.generator
+    run_folder = generator_run_folder(dataset.name, args.preset, fold)
+    if not (run_folder / FINAL_FOLDER).is_dir():
+        print(f"no trained generator in {run_folder}: training one (preset {args.preset}, fold {fold})")
+        settings = TrainingSettings(preset=args.preset, max_steps=args.train_steps, seed=args.seed)
+        train_generator(dataset, run_folder, settings, fold=fold)
+    return run_folder / FINAL_FOLDER
+
+
 @command_entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
     dataset = RawDataset.from_name(args.dataset)
-    generator_folder = args.generator
-    if generator_folder is None:
-        run_folder = generator_run_folder(dataset.name, args.preset, args.fold)
-        if not (run_folder / FINAL_FOLDER).is_dir():
-            print(f"no trained generator in {run_folder}: training one (preset {args.preset}, fold {args.fold})")
-            settings = TrainingSettings(preset=args.preset, max_steps=args.train_steps, seed=args.seed)
-            train_generator(dataset, run_folder, settings, fold=args.fold)
-        generator_folder = run_folder / FINAL_FOLDER
+    # without --fold: the generator's own fold with --generator, else fold 0
+    folds = args.folds or [args.fold if args.fold is not None or args.generator is not None else "0"]
+    if args.generator is not None and len(folds) > 1:
+        raise NnsynthError(f"--generator serves one fold (a generator sees one fold's training cases), got folds "
+                           f"{' '.join(folds)}: leave out --generator to train one per fold")
+    for fold in folds:
+        generate_for_fold(dataset, args, fold)
+    if args.export_standalone is not None:
+        import os
+        from nnunet_synth.writer.standalone_export import export_standalone
+        folder = export_standalone(dataset, dataset.folder.parent, os.environ.get("nnUNet_preprocessed"),
+                                   args.export_standalone)
+        print(f"standalone dataset: {folder}")
+
+
+def generate_for_fold(dataset: RawDataset, args, fold):
+    generator_folder = generator_for_fold(dataset, args, fold)
     if args.num_cases is not None:
         num_cases = args.num_cases
     else:
@@ -64,22 +90,20 @@ def main(argv=None):
     settings = GenerationSettings(num_cases=num_cases, seed=args.seed, num_inference_steps=args.inference_steps,
                                   target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
                                   batch_size=args.batch_size)
-    summary = generate_synthetic_cases(dataset, generator_folder, settings, device=args.device,
+    summary = generate_synthetic_cases(dataset, generator_folder, settings, fold=fold, device=args.device,
                                        overwrite=args.overwrite)
     report = summary["label_map_report"]
     shares = ", ".join(f"class {c['class']} {100 * c['share_before']:.2f} % -> {100 * c['share_after']:.2f} %"
                        for c in report["classes"])
-    print(f"{summary['total']} synthetic cases in {dataset.folder} ({summary['written']} written now, "
+    fold = summary["fold"]
+    print(f"fold {fold}: {summary['total']} synthetic cases in {dataset.folder} ({summary['written']} written now, "
           f"{summary['skipped']} already there); pixel share over real + new maps: {shares}; "
           f"model-free quality gate passed by {summary['model_free_passed']}")
     print(f"manifest: {summary['store']}")
     print(f"preview grid: {summary['preview']}")
-    if args.export_standalone is not None:
-        import os
-        from nnunet_synth.writer.standalone_export import export_standalone
-        folder = export_standalone(dataset, dataset.folder.parent, os.environ.get("nnUNet_preprocessed"),
-                                   args.export_standalone)
-        print(f"standalone dataset: {folder}")
+    if str(fold) != "all":
+        print(f"these cases may be used by nnU-Net fold {fold} only; for another fold k run nnsynth_generate "
+              f"{dataset.name} --fold k")
 
 
 if __name__ == "__main__":

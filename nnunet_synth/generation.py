@@ -1,8 +1,14 @@
-"""The generate step: label maps -> images -> quality -> synthetic pairs, for one dataset and one generator.
+"""The generate step: label maps -> images -> quality -> synthetic pairs, for one dataset, one nnU-Net fold and
+one generator.
 
-Reruns resume: the label maps are seeded, so case ``synth_<i>`` is always made from the same new map and
-seed; cases already complete in the store are skipped. Settings that differ from those of the cases already
-written are refused (use ``overwrite`` or ``nnsynth_clean``) so that one store never mixes two recipes.
+Cross-validation: the cases made for fold ``k`` come from a generator trained on fold k's training cases only,
+and their label maps from those cases only, so none of them depends on a validation case of fold k (checked
+before anything is written; the dependencies are recorded, see ``provenance.py``). Several folds' cases live side
+by side in one store.
+
+Reruns resume: the label maps are seeded, so case ``synth_f<k>_<i>`` is always made from the same new map and
+seed; cases already complete in the store are skipped. Settings that differ from those of the fold's cases
+already written are refused (use ``overwrite`` or ``nnsynth_clean``) so that one fold never mixes two recipes.
 """
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,13 +17,15 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_synth.dataset import IntensityWindow, RawDataset, fit_slice, restore_slice
+from nnunet_synth.dataset.splits import fold_validation_cases
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator.checkpoints import load_generator, read_generator_config, resolve_generator_folder
 from nnunet_synth.masks import default_class_roles, generate_label_maps, pixel_counts
+from nnunet_synth.provenance import GENERATOR_TRAINING_CASES, SOURCE_CASES, label_map_source_cases
 from nnunet_synth.quality.model_free import model_free_score, real_class_intensity_ranges
 from nnunet_synth.quality.preview import save_preview_grid
 from nnunet_synth.sampling import sample_images
-from nnunet_synth.writer.synthetic_store import PREVIEW_NAME, SyntheticStore, synthetic_case_id
+from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
 
 MODEL_MINIMUM = -1.0
 PREVIEW_ROWS = 6
@@ -84,30 +92,58 @@ def class_roles(dataset: RawDataset, generator_config, label_maps):
     return host, pathology
 
 
-def _check_recipe(store: SyntheticStore, recipe: dict):
-    previous = store.manifest.get("settings")
-    if store.cases and previous is not None and previous != recipe:
+def _check_recipe(store: SyntheticStore, fold, recipe: dict):
+    previous = store.fold_record(fold).get("settings")
+    if store.complete_case_ids(fold) and previous is not None and previous != recipe:
         changed = sorted(k for k in set(previous) | set(recipe) if previous.get(k) != recipe.get(k))
-        raise NnsynthError(f"{store.manifest_file} holds cases made with other settings ({', '.join(changed)}): "
-                           f"rerun with --overwrite or remove them with nnsynth_clean {store.dataset.name}")
+        raise NnsynthError(f"{store.manifest_file} holds cases of fold {fold} made with other settings "
+                           f"({', '.join(changed)}): rerun with --overwrite or remove them with nnsynth_clean "
+                           f"{store.dataset.name} --fold {fold}")
 
 
-def generate_synthetic_cases(dataset: RawDataset, generator_folder, settings: GenerationSettings, device="cpu",
-                             overwrite=False) -> dict:
-    """Make and write ``settings.num_cases`` synthetic pairs (fewer if the target share is met first).
+def check_generator_for_fold(dataset: RawDataset, generator_config, generator_folder, fold):
+    """Refuse a generator that saw a validation case of ``fold`` (or a case the dataset does not have)."""
+    unknown = sorted(set(generator_config.training_cases) - set(dataset.case_ids))
+    if unknown:
+        raise NnsynthError(f"{generator_folder} was trained on cases {unknown[:3]} that {dataset.name} does not have: "
+                           f"use a generator trained on this dataset")
+    seen = sorted(set(generator_config.training_cases) & set(fold_validation_cases(dataset, fold)))
+    if seen:
+        raise NnsynthError(f"{generator_folder} was trained on fold {fold}'s validation case(s) "
+                           f"{', '.join(seen[:3])}{' ...' if len(seen) > 3 else ''} (it is a fold "
+                           f"{generator_config.fold} generator), so its images would leak them into fold {fold}'s "
+                           f"training: run nnsynth_generate {dataset.name} --fold {fold} without --generator, which "
+                           f"trains a generator on fold {fold}'s training cases")
+
+
+def generate_synthetic_cases(dataset: RawDataset, generator_folder, settings: GenerationSettings, fold=None,
+                             device="cpu", overwrite=False) -> dict:
+    """Make and write ``settings.num_cases`` synthetic pairs for nnU-Net fold ``fold`` (fewer if the target share
+    is met first). ``fold`` defaults to the generator's own fold; a generator that saw one of the fold's
+    validation cases is refused.
 
     Returns a summary: counts written/skipped, the label-map report, quality pass rate and the preview path.
     """
     generator_folder = resolve_generator_folder(generator_folder)
     unet, config = load_generator(generator_folder, dataset, device)
-    window = IntensityWindow.from_dict(config.window)
+    fold = str(config.fold if fold is None else fold)
+    check_generator_for_fold(dataset, config, generator_folder, fold)
     store = SyntheticStore(dataset)
+    with store.exclusive_writer():
+        return _generate_into_store(dataset, store, unet, config, generator_folder, settings, fold, device, overwrite)
+
+
+def _generate_into_store(dataset, store, unet, config, generator_folder, settings, fold, device, overwrite) -> dict:
+    window = IntensityWindow.from_dict(config.window)
     if overwrite:
-        store.remove_all()
+        store.remove_fold(fold)
     recipe = settings.recipe(generator_folder)
-    _check_recipe(store, recipe)
+    _check_recipe(store, fold, recipe)
     store.prepare()
-    store.manifest["settings"] = recipe
+    fold_record = store.fold_record(fold)
+    fold_record["settings"] = recipe
+    # targets and donors of the new maps come from these cases only (provenance.py)
+    fold_record[GENERATOR_TRAINING_CASES] = sorted(config.training_cases)
 
     real = read_training_slices(dataset, config.training_cases)
     host, pathology = class_roles(dataset, config, real.label_maps)
@@ -117,13 +153,13 @@ def generate_synthetic_cases(dataset: RawDataset, generator_folder, settings: Ge
         target_share=0.99 if settings.target_share is None else settings.target_share,
         max_new_maps=settings.num_cases, seed=settings.seed, num_classes=dataset.num_classes)
     real_ranges = real_class_intensity_ranges(zip(real.images, real.label_maps))
-    store.manifest["label_map_report"] = mask_report
-    store.manifest["real_class_intensity_ranges"] = real_ranges.to_dict()
+    fold_record["label_map_report"] = mask_report
+    fold_record["real_class_intensity_ranges"] = real_ranges.to_dict()
     store.save_manifest()
 
     slice_position = {map_id: index for index, map_id in enumerate(real.map_ids)}
     image_dtypes = {case_id: dataset.source_dtype(case_id) for case_id in config.training_cases}
-    todo = [i for i in range(len(new_maps)) if not store.is_complete(synthetic_case_id(i))]
+    todo = [i for i in range(len(new_maps)) if not store.is_complete(synthetic_case_id(i, fold))]
     progress = tqdm(total=len(todo), desc="sampling synthetic cases", unit="case")
     for batch_start in range(0, len(todo), settings.batch_size):
         batch = todo[batch_start:batch_start + settings.batch_size]
@@ -147,6 +183,8 @@ def generate_synthetic_cases(dataset: RawDataset, generator_folder, settings: Ge
             restored, _ = restore_slice(generated_image, None, fit)
             image = window.from_model(restored, image_dtypes[target_case])
             entry = {
+                "fold": fold,
+                SOURCE_CASES: label_map_source_cases(new_maps[index].provenance),
                 "source": new_maps[index].provenance,
                 "seed": seeds[batch.index(index)],
                 "generator": {"folder": str(generator_folder), "preset": config.preset,
@@ -155,32 +193,33 @@ def generate_synthetic_cases(dataset: RawDataset, generator_folder, settings: Ge
                             "noise_seeding_strength": settings.noise_seeding_strength},
                 "quality": {"model_free": model_free_score(image.astype(np.float32), label_map, real_ranges)},
             }
-            store.write_case(synthetic_case_id(index), image, label_map, real.properties[target_case],
+            store.write_case(synthetic_case_id(index, fold), image, label_map, real.properties[target_case],
                              image_dtypes[target_case], entry)
             progress.update(1)
     progress.close()
 
-    preview_path = write_generation_preview(dataset, store, real, window)
-    passed = [c for c in store.cases.values() if c.get("quality", {}).get("model_free", {}).get("passed")]
-    return {"written": len(todo), "skipped": len(new_maps) - len(todo), "total": len(store.complete_case_ids()),
+    preview_path = write_generation_preview(dataset, store, fold, real, window)
+    fold_cases = store.complete_case_ids(fold)
+    passed = [c for c in fold_cases if store.cases[c].get("quality", {}).get("model_free", {}).get("passed")]
+    return {"fold": fold, "written": len(todo), "skipped": len(new_maps) - len(todo), "total": len(fold_cases),
             "label_map_report": mask_report, "model_free_passed": len(passed), "preview": str(preview_path),
             "store": str(store.manifest_file)}
 
 
-def write_generation_preview(dataset: RawDataset, store: SyntheticStore, real: RealTrainingSlices,
+def write_generation_preview(dataset: RawDataset, store: SyntheticStore, fold, real: RealTrainingSlices,
                              window: IntensityWindow, num_rows=PREVIEW_ROWS):
     """Grid: target real slice with its label | new label map | synthetic image | synthetic with overlay."""
     reader = dataset.reader_writer()
     slice_position = {map_id: index for index, map_id in enumerate(real.map_ids)}
     rows = []
-    for case_id in store.complete_case_ids()[:num_rows]:
+    for case_id in store.complete_case_ids(fold)[:num_rows]:
         target = store.cases[case_id]["source"]["target"]
         real_index = slice_position[(target["case_id"], target["slice_index"])]
         synthetic_image = reader.read_images([str(store.image_file(case_id))])[0][0, 0]
         synthetic_label = reader.read_seg(str(store.label_file(case_id)))[0][0, 0].astype(int)
         rows.append([(real.images[real_index], real.label_maps[real_index]), (None, synthetic_label),
                      (synthetic_image, None), (synthetic_image, synthetic_label)])
-    path = dataset.folder / PREVIEW_NAME
+    path = store.preview_file(fold)
     if rows:
         save_preview_grid(rows, ["real target + labels", "new label map", "synthetic", "synthetic + labels"],
                           path, dataset.num_classes, window=(window.lower, window.upper))

@@ -39,11 +39,11 @@ def write_synthetic_cases(dataset_folder, generator_run_folder) -> SyntheticStor
                              GenerationSettings(num_cases=NUM_SCORED_CASES + 1, num_inference_steps=4))
     store = SyntheticStore(dataset)
     for index in range(NUM_SCORED_CASES + 1):
-        entry = store.cases[synthetic_case_id(index)]
+        entry = store.cases[synthetic_case_id(index, 0)]
         if index < NUM_SCORED_CASES:
             score = stand_in_score(index)
             entry["quality"] = {"model_free": {"score": score, "passed": score >= 0.5},
-                                "segmentation": {"mean_dice": round(1.0 - score, 2), "dice": {}}}
+                                "segmentation": {"mean_dice": round(1.0 - score, 2), "dice": {}, "model_fold": "0"}}
         else:
             del entry["quality"]
     store.save_manifest()

@@ -1,6 +1,7 @@
 """nnsynth_generate on the embedded example with a tiny generator trained here (CPU): real files untouched,
-kill + rerun resumes without duplicates or partial files, one seed gives identical files, the exported
-standalone dataset passes nnU-Net's integrity check, overwrite/clean touch synthetic cases only."""
+kill + rerun resumes without duplicates or partial files, one seed gives identical files, no case depends on a
+validation case of its fold (and a generator of another fold is refused), the exported standalone dataset passes
+nnU-Net's integrity check without leaking, overwrite/clean touch synthetic cases only."""
 import hashlib
 import json
 import os
@@ -16,12 +17,13 @@ from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset
 
 from nnunet_synth.atomic import TEMP_PREFIX
 from nnunet_synth.dataset import RawDataset
-from nnunet_synth.dataset.splits import fold_training_cases
+from nnunet_synth.dataset.splits import fold_training_cases, fold_validation_cases, real_crossval_split
 from nnunet_synth.generator import TrainingSettings
 from nnunet_synth.generator.checkpoints import FINAL_FOLDER
 from nnunet_synth.generator.training import train_generator
 from nnunet_synth.quality.model_free import model_free_score, real_class_intensity_ranges
-from nnunet_synth.writer.synthetic_store import MANIFEST_NAME, PREVIEW_NAME, SyntheticStore
+from nnunet_synth.provenance import case_dependencies, select_for_fold
+from nnunet_synth.writer.synthetic_store import MANIFEST_NAME, SyntheticStore, preview_name, synthetic_case_id
 
 BIN = Path(sys.executable).parent
 NUM_CASES = 12
@@ -84,15 +86,20 @@ def test_generate_writes_the_cases_and_leaves_real_files_byte_identical(generate
     assert real_files(folder) == real_before
     dataset = RawDataset(folder)
     store = SyntheticStore(dataset)
-    assert store.complete_case_ids() == ["synth_%05d" % i for i in range(NUM_CASES)]
+    assert store.complete_case_ids() == [synthetic_case_id(i, 0) for i in range(NUM_CASES)]
     assert len(list((folder / "imagesSynth").iterdir())) == NUM_CASES
     assert len(list((folder / "labelsSynth").iterdir())) == NUM_CASES
-    assert (folder / PREVIEW_NAME).stat().st_size > 0 and str(folder / PREVIEW_NAME) in result.stdout
+    assert (folder / preview_name(0)).stat().st_size > 0 and str(folder / preview_name(0)) in result.stdout
     assert len(dataset.case_ids) == 5   # imagesTr/labelsTr (what stock nnU-Net reads) hold the real cases only
     training_cases = set(fold_training_cases(dataset, 0))
     reader = dataset.reader_writer()
     for case_id, entry in store.cases.items():
         assert entry["source"]["target"]["case_id"] in training_cases   # validation cases stay unseen
+        # provenance: the target, every donor and the generator's training cases, all of fold 0's training side
+        donors = {paste["donor"]["case_id"] for paste in entry["source"]["pastes"]}
+        assert set(entry["source_cases"]) == {entry["source"]["target"]["case_id"]} | donors
+        assert case_dependencies(entry, store.manifest["folds"]) == training_cases
+        assert entry["fold"] == "0"
         assert {"seed", "generator", "sampler", "quality"} <= set(entry)
         assert entry["sampler"]["num_inference_steps"] == 8
         assert set(entry["quality"]["model_free"]) >= {"score", "passed"}
@@ -155,21 +162,53 @@ def test_a_rerun_with_the_same_settings_writes_nothing_and_other_settings_are_re
     assert synthetic_files(folder) == before
 
 
-def test_the_standalone_export_passes_nnunets_integrity_check_and_keeps_synthetic_out_of_validation(generated):
+def test_no_fold_may_use_a_case_that_depends_on_its_validation_cases(generated):
+    """Only fold-0 cases exist: fold 0 may use all of them, folds 1-4 none (their generator and maps saw those
+    folds' validation patients)."""
+    dataset = RawDataset(generated[0])
+    store = SyntheticStore(dataset)
+    case_ids = store.complete_case_ids()
+    for fold in range(5):
+        selection = select_for_fold(store.manifest, case_ids, fold, fold_validation_cases(dataset, fold))
+        for case_id in selection.allowed:
+            assert not case_dependencies(store.cases[case_id], store.manifest["folds"]) & set(
+                fold_validation_cases(dataset, fold))
+        assert selection.allowed == (case_ids if fold == 0 else [])
+        assert selection.leaking == ([] if fold == 0 else case_ids)
+    assert select_for_fold(store.manifest, case_ids, "all", []).allowed == []     # made for fold 0, not "all"
+
+
+def test_a_generator_of_another_fold_is_refused_in_one_line(tiny_generator, generated):
+    folder = generated[0]
+    before = synthetic_files(folder)
+    refused = subprocess.run(generate_command(983, tiny_generator, "--fold", "1"), capture_output=True, text=True,
+                             env=one_thread_environment(), timeout=900)
+    assert refused.returncode == 2
+    message = refused.stderr.strip().splitlines()
+    assert len(message) == 1 and "fold 1's validation case" in message[0] and "--fold 1" in message[0]
+    assert synthetic_files(folder) == before
+
+
+def test_the_standalone_export_passes_nnunets_integrity_check_and_gives_each_fold_only_its_cases(generated):
     folder = generated[0]
     from nnunet_synth.writer.standalone_export import export_standalone
-    export = export_standalone(RawDataset(folder), Path(os.environ["nnUNet_raw"]),
-                               os.environ["nnUNet_preprocessed"], 985)
+    dataset = RawDataset(folder)
+    export = export_standalone(dataset, Path(os.environ["nnUNet_raw"]), os.environ["nnUNet_preprocessed"], 985)
     verify_dataset_integrity(str(export), num_processes=1)
     dataset_json = json.loads((export / "dataset.json").read_text())
     assert dataset_json["numTraining"] == 5 + NUM_CASES
     splits = json.loads((Path(os.environ["nnUNet_preprocessed"]) / export.name / "splits_final.json").read_text())
+    real_splits = real_crossval_split(dataset)[0]
     assert len(splits) == 5
-    synthetic = {"synth_%05d" % i for i in range(NUM_CASES)}
-    for fold in splits:
-        assert not synthetic & set(fold["val"])
-        assert synthetic <= set(fold["train"])
-    assert sorted(c for fold in splits for c in fold["val"]) == sorted(RawDataset(folder).case_ids)
+    store = SyntheticStore(dataset)
+    synthetic = set(store.complete_case_ids())
+    for fold, (split, real_split) in enumerate(zip(splits, real_splits)):
+        assert not synthetic & set(split["val"]) and sorted(split["val"]) == sorted(real_split["val"])
+        used = synthetic & set(split["train"])
+        for case_id in used:          # no synthetic case of fold k's training side depends on its validation cases
+            assert not case_dependencies(store.cases[case_id], store.manifest["folds"]) & set(split["val"])
+        assert used == (synthetic if fold == 0 else set())
+    assert sorted(c for fold in splits for c in fold["val"]) == sorted(dataset.case_ids)
 
 
 def test_overwrite_and_clean_touch_synthetic_cases_only(nnunet_folders, tiny_generator):
@@ -182,12 +221,12 @@ def test_overwrite_and_clean_touch_synthetic_cases_only(nnunet_folders, tiny_gen
                               capture_output=True, text=True, env=one_thread_environment(), timeout=900)
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     store = SyntheticStore(RawDataset(folder))
-    assert store.complete_case_ids() == ["synth_00000", "synth_00001", "synth_00002"]
+    assert store.complete_case_ids() == [synthetic_case_id(i, 0) for i in range(3)]
     assert all(entry["seed"] // 1_000_003 == 9 for entry in store.cases.values())
     cleaned = subprocess.run([str(BIN / "nnsynth_clean"), "986"], capture_output=True, text=True)
     assert cleaned.returncode == 0 and "removed 3 synthetic cases" in cleaned.stdout
     assert not (folder / "imagesSynth").exists() and not (folder / "labelsSynth").exists()
-    assert not (folder / MANIFEST_NAME).exists() and not (folder / PREVIEW_NAME).exists()
+    assert not (folder / MANIFEST_NAME).exists() and not (folder / preview_name(0)).exists()
     assert real_files(folder) == real_before
 
 

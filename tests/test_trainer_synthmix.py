@@ -16,7 +16,7 @@ from nnunet_synth.errors import NnsynthError
 from nnunet_synth.trainers.mixing import (SynthMixDataLoader, SynthMixDataset, resolve_settings,
                                           select_synthetic_cases, synthetic_count)
 from nnunet_synth.trainers.synthetic_pool import (pool_folder, pool_record_file, update_synthetic_pool)
-from nnunet_synth.writer.synthetic_store import SyntheticStore
+from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
 from synthetic_fixtures import (NUM_SCORED_CASES, SYNTHMIX_DATASET_ID, stand_in_score,  # noqa: F401
                                 synthetic_example_dataset)
 
@@ -25,6 +25,7 @@ CPU_PLANS = "nnUNetPlans_cpu"
 TRAINER = "nnUNetTrainerSynthMix_debug"
 MIN_QUALITY = 0.3
 VENV_BIN = str(Path(sys.executable).parent)
+SYNTH_99 = synthetic_case_id(99, 0)
 
 
 def clean_environment(nnunet_folders, **extra) -> dict:
@@ -107,7 +108,7 @@ def test_stochastic_rounding_of_the_synthetic_count():
 def test_quality_filter_drops_exactly_the_cases_below_the_threshold(synthetic_example_dataset, threshold):
     store = SyntheticStore(RawDataset(synthetic_example_dataset))
     case_ids = store.complete_case_ids()
-    scores = {f"synth_{i:05d}": stand_in_score(i) for i in range(NUM_SCORED_CASES)}
+    scores = {synthetic_case_id(i, 0): stand_in_score(i) for i in range(NUM_SCORED_CASES)}
     selection = select_synthetic_cases(store.cases, case_ids, threshold, "model_free")
     assert selection.below_threshold == sorted(c for c, s in scores.items() if s < threshold)
     assert selection.used == sorted(c for c, s in scores.items() if s >= threshold)
@@ -148,17 +149,17 @@ def test_pool_update_follows_the_manifest_and_the_plans(planned_dataset, synthet
     dataset = RawDataset(synthetic_example_dataset)
     store = SyntheticStore(dataset)
     image, label_map, properties = dataset.read_case(dataset.case_ids[0])
-    store.write_case("synth_00099", image[0], label_map[0], properties, dataset.source_dtype(dataset.case_ids[0]),
+    store.write_case(SYNTH_99, image[0], label_map[0], properties, dataset.source_dtype(dataset.case_ids[0]),
                      {"quality": {"model_free": {"score": 0.9, "passed": True}}})
     report = update_pool(synthetic_example_dataset, planned_dataset)
-    assert report.preprocessed == ["synth_00099"] and not report.rebuilt
-    store.image_file("synth_00099").unlink()
-    store.label_file("synth_00099").unlink()
-    del store.cases["synth_00099"]
+    assert report.preprocessed == [SYNTH_99] and not report.rebuilt
+    store.image_file(SYNTH_99).unlink()
+    store.label_file(SYNTH_99).unlink()
+    del store.cases[SYNTH_99]
     store.save_manifest()
     report = update_pool(synthetic_example_dataset, planned_dataset)
-    assert report.removed == ["synth_00099"] and report.preprocessed == []
-    assert not (report.folder / "synth_00099.b2nd").exists()
+    assert report.removed == [SYNTH_99] and report.preprocessed == []
+    assert not (report.folder / f"{SYNTH_99}.b2nd").exists()
     changed_plans = load_plans(planned_dataset)
     changed_plans["foreground_intensity_properties_per_channel"]["0"]["mean"] += 1.0
     report = update_pool(synthetic_example_dataset, planned_dataset, changed_plans)
@@ -187,10 +188,10 @@ def test_interrupted_pool_preprocessing_leaves_whole_cases_and_resumes(planned_d
         update_pool(synthetic_example_dataset, planned_dataset)
     monkeypatch.setattr(DefaultPreprocessor, "run_case_save", original)
     files = sorted(os.listdir(pool))
-    assert len(files) == 9 and all(f.startswith("synth_0000") for f in files)   # three whole cases, nothing else
-    assert sorted(load_json(pool_record_file(pool))["cases"]) == ["synth_00000", "synth_00001", "synth_00002"]
+    assert len(files) == 9 and all(f.startswith("synth_f0_0000") for f in files)   # three whole cases, nothing else
+    assert sorted(load_json(pool_record_file(pool))["cases"]) == [synthetic_case_id(i, 0) for i in range(3)]
     report = update_pool(synthetic_example_dataset, planned_dataset)
-    assert report.reused == ["synth_00000", "synth_00001", "synth_00002"]
+    assert report.reused == [synthetic_case_id(i, 0) for i in range(3)]
     assert len(report.preprocessed) == len(report.case_ids) - 3
     assert not pool.with_name(pool.name + ".partial").exists()
 
@@ -330,8 +331,9 @@ def test_stock_commands_train_validate_continue_and_predict(planned_dataset, syn
     # effective settings and counts, in the results folder and the log
     summary = load_json(fold_folder / "synthmix.json")
     assert summary["settings"]["ratio"] == 0.5 and summary["settings"]["min_quality"] == MIN_QUALITY
-    below = sorted(f"synth_{i:05d}" for i in range(NUM_SCORED_CASES) if stand_in_score(i) < MIN_QUALITY)
-    assert summary["left_out"] == {"below_threshold": below, "unscored": [f"synth_{NUM_SCORED_CASES:05d}"]}
+    below = sorted(synthetic_case_id(i, 0) for i in range(NUM_SCORED_CASES) if stand_in_score(i) < MIN_QUALITY)
+    assert summary["left_out"] == {"below_threshold": below, "unscored": [synthetic_case_id(NUM_SCORED_CASES, 0)],
+                                   "scored_by_another_fold": []}
     assert summary["synthetic_cases"]["used"] == NUM_SCORED_CASES - len(below)
     log_text = "".join(path.read_text() for path in fold_folder.glob("training_log_*.txt"))
     assert "SynthMix: ratio 0.5 (environment)" in log_text
@@ -386,6 +388,7 @@ def test_stock_commands_train_validate_continue_and_predict(planned_dataset, syn
             quality = cases_after[case_id]["quality"]
             assert quality["segmentation"]["mean_dice"] == scores["mean_dice"]
             assert set(quality["segmentation"]["dice"]) == {"lung", "lesion"}
-        assert cases_after["synth_00000"]["quality"]["model_free"]["score"] == stand_in_score(0)
+        assert cases_after[synthetic_case_id(0, 0)]["quality"]["model_free"]["score"] == stand_in_score(0)
+        assert {scores["model_fold"] for scores in results.values()} == {"0"}
     finally:
         manifest_file.write_bytes(manifest_backup)

@@ -5,7 +5,9 @@ The pieces, in the order the trainer uses them:
 - ``resolve_settings``: the effective ratio / quality threshold / quality key of a trainer, from the trainer
   class (named variants) and the environment (``nnsynth_ratio``, ``nnsynth_min_quality``,
   ``nnsynth_quality_key``). A variant that fixes a value refuses a different value from the environment.
-- ``select_synthetic_cases``: which synthetic cases of the manifest pass the quality threshold.
+- ``select_synthetic_cases``: which synthetic cases of the manifest pass the quality threshold (the leakage rule
+  of ``nnunet_synth/provenance.py`` is applied before it, by the trainer).
+- ``exposure``: how often each synthetic case is drawn compared with each real slice (what the ratio means).
 - ``SynthMixDataset``: one dataset object that serves real keys from the real preprocessed folder and
   synthetic keys from the synthetic pool.
 - ``SynthMixDataLoader``: an ``nnUNetDataLoader`` whose batches hold ``n_synth`` synthetic and
@@ -121,37 +123,74 @@ def quality_score(entry: dict, quality_key: str) -> Optional[float]:
     return float(score)
 
 
+def scored_by_another_fold(entry: dict, quality_key: str, fold) -> bool:
+    """True when a segmentation score comes from a model of another fold than ``fold`` (or of an unknown fold): that
+    model was trained on fold ``fold``'s validation cases, so filtering on its score would carry them into
+    training."""
+    if quality_key != "segmentation" or fold is None:
+        return False
+    scores = (entry.get("quality") or {}).get("segmentation")
+    return bool(scores) and str(scores.get("model_fold")) != str(fold)
+
+
 @dataclass
 class SyntheticSelection:
     used: List[str]
     below_threshold: List[str]
     unscored: List[str]
+    scored_by_another_fold: List[str] = field(default_factory=list)
 
     def counts(self) -> dict:
-        return {"available": len(self.used) + len(self.below_threshold) + len(self.unscored),
-                "used": len(self.used), "below_threshold": len(self.below_threshold), "unscored": len(self.unscored)}
+        return {"available": len(self.used) + len(self.below_threshold) + len(self.unscored)
+                + len(self.scored_by_another_fold),
+                "used": len(self.used), "below_threshold": len(self.below_threshold), "unscored": len(self.unscored),
+                "scored_by_another_fold": len(self.scored_by_another_fold)}
 
 
 def select_synthetic_cases(entries: Dict[str, dict], case_ids, min_quality: Optional[float],
-                           quality_key: str) -> SyntheticSelection:
+                           quality_key: str, fold=None) -> SyntheticSelection:
     """Split ``case_ids`` into used cases and cases left out by the quality threshold.
 
     Without a threshold every case is used. With one, a case is used when its score is >= ``min_quality``;
-    a case without that score is left out (counted as unscored).
+    a case without that score is left out (counted as unscored), and so is a segmentation score made by a model
+    of another fold than ``fold`` (``scored_by_another_fold``).
     """
-    used, below, unscored = [], [], []
+    used, below, unscored, other_fold = [], [], [], []
     for case_id in sorted(case_ids):
         if min_quality is None:
             used.append(case_id)
             continue
         score = quality_score(entries[case_id], quality_key)
-        if score is None:
+        if scored_by_another_fold(entries[case_id], quality_key, fold):
+            other_fold.append(case_id)
+        elif score is None:
             unscored.append(case_id)
         elif score < min_quality:
             below.append(case_id)
         else:
             used.append(case_id)
-    return SyntheticSelection(used, below, unscored)
+    return SyntheticSelection(used, below, unscored, other_fold)
+
+
+EXPOSURE_WARNING_FACTOR = 4.0
+
+
+def exposure(ratio: float, batch_size: int, num_iterations: int, num_synthetic_cases: int,
+             num_real_slices: int) -> dict:
+    """How often, in expectation over a training run, each synthetic case and each real slice is drawn.
+
+    A batch holds ``ratio * batch_size`` synthetic cases on average, drawn uniformly from the used synthetic
+    cases; the rest are real cases, and a 2d nnU-Net draws a slice of a real case, so a real slice is drawn about
+    ``(1 - ratio) * batch_size / num_real_slices`` times per iteration (exactly so when all cases have the same
+    number of slices). ``factor`` > 1: each synthetic case is repeated more often than a real slice; with
+    ``ratio = R / (1 + R)`` and ``R`` synthetic cases per real slice it is 1.
+    """
+    synthetic = ratio * batch_size * num_iterations / num_synthetic_cases if num_synthetic_cases else 0.0
+    real = (1 - ratio) * batch_size * num_iterations / num_real_slices if num_real_slices else 0.0
+    factor = synthetic / real if real > 0 else float("inf") if synthetic > 0 else 0.0
+    return {"draws_per_synthetic_case": round(synthetic, 2), "draws_per_real_slice": round(real, 2),
+            "factor": round(factor, 2) if factor != float("inf") else None,
+            "num_synthetic_cases": num_synthetic_cases, "num_real_slices": num_real_slices}
 
 
 class SynthMixDataset(nnUNetBaseDataset):

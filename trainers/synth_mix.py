@@ -7,7 +7,9 @@ Use with the stock commands after ``export nnUNet_extTrainer=$(nnsynth_trainer_d
 What changes against ``nnUNetTrainer``: only the training sampler. Splits, plans, fingerprint and validation
 are those of a real-only run; synthetic cases come from their own preprocessed pool (see
 ``synthetic_pool.py``), brought up to date automatically when training starts, and are only ever added to
-the training data loader.
+the training data loader. Fold k uses only the synthetic cases that depend on none of its validation cases
+(``nnunet_synth/provenance.py``: in practice those made with ``nnsynth_generate D --fold k``); fold "all" uses
+those made for "all". How many were dropped for that reason goes to the log and ``synthmix.json``.
 
 Settings (``mixing.py``)::
 
@@ -23,6 +25,7 @@ their name. The effective settings and the counts of used and filtered synthetic
 settings is refused.
 """
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -37,8 +40,9 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunet_synth.atomic import write_json_atomic
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.errors import NnsynthError
-from nnunet_synth.trainers.mixing import (FROM_ENVIRONMENT, SynthMixDataLoader, SynthMixDataset,
-                                          resolve_settings, select_synthetic_cases)
+from nnunet_synth.provenance import select_for_fold
+from nnunet_synth.trainers.mixing import (EXPOSURE_WARNING_FACTOR, FROM_ENVIRONMENT, SynthMixDataLoader,
+                                          SynthMixDataset, exposure, resolve_settings, select_synthetic_cases)
 from nnunet_synth.trainers.synthetic_pool import update_synthetic_pool
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
@@ -72,8 +76,11 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
                    "validation_cases": len(dataset_val.identifiers)}
         synthetic_dataset = None
         if settings.ratio > 0:
-            synthetic_dataset, pool_summary = self._synthetic_training_dataset(settings)
+            synthetic_dataset, pool_summary = self._synthetic_training_dataset(settings, dataset_val.identifiers)
             summary.update(pool_summary)
+            summary["exposure"] = exposure(settings.ratio, batch_size,
+                                           self.num_epochs * self.num_iterations_per_epoch,
+                                           len(synthetic_dataset.identifiers), self._count_slices(dataset_tr))
         else:
             summary.update(synthetic_cases={"available": 0, "used": 0, "below_threshold": 0, "unscored": 0},
                            note="ratio 0: real-only baseline, the synthetic pool is not read")
@@ -83,7 +90,12 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
         self._report(summary)
         return SynthMixDataset(dataset_tr, synthetic_dataset), dataset_val
 
-    def _synthetic_training_dataset(self, settings):
+    @staticmethod
+    def _count_slices(dataset) -> int:
+        """Slices of the real training cases (2d: the first spatial axis of each preprocessed case)."""
+        return sum(int(dataset.load_case(identifier)[0].shape[1]) for identifier in dataset.identifiers)
+
+    def _synthetic_training_dataset(self, settings, validation_cases):
         if len(self.configuration_manager.patch_size) != 2:
             raise NnsynthError(f"{self.__class__.__name__} mixes single-slice synthetic cases and supports 2d "
                                f"configurations only, not '{self.configuration_name}' (patch size "
@@ -99,9 +111,24 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
                                        log=lambda message: self.print_to_log_file(message))
         self.print_to_log_file(report.summary())
         store = SyntheticStore(RawDataset(raw_folder))
-        selection = select_synthetic_cases(store.cases, report.case_ids, settings.min_quality, settings.quality_key)
-        pool_summary = {"pool_folder": str(report.folder), "synthetic_cases": selection.counts(),
-                        "left_out": {"below_threshold": selection.below_threshold, "unscored": selection.unscored}}
+        for_fold = select_for_fold(store.manifest, report.case_ids, self.fold, validation_cases)
+        if not for_fold.allowed:
+            if not report.case_ids:
+                reason = "it holds none"
+            elif str(self.fold) == "all":
+                reason = f"none of the {len(report.case_ids)} was made for fold all"
+            else:
+                reason = (f"all {len(report.case_ids)} depend on fold {self.fold}'s validation cases (they were made "
+                          f"for other folds)")
+            raise NnsynthError(f"no synthetic case of {store.manifest_file} may be used for fold {self.fold}: {reason}: "
+                               f"run nnsynth_generate {self.plans_manager.dataset_name} --fold {self.fold} (or set "
+                               f"nnsynth_ratio=0 for a real-only run)")
+        selection = select_synthetic_cases(store.cases, for_fold.allowed, settings.min_quality, settings.quality_key,
+                                           fold=self.fold)
+        pool_summary = {"pool_folder": str(report.folder), "provenance": for_fold.counts(),
+                        "synthetic_cases": selection.counts(),
+                        "left_out": {"below_threshold": selection.below_threshold, "unscored": selection.unscored,
+                                     "scored_by_another_fold": selection.scored_by_another_fold}}
         if not selection.used:
             raise NnsynthError(f"no synthetic case to mix in: {selection.counts()} (manifest "
                                f"{store.manifest_file}, quality key {settings.quality_key}, threshold "
@@ -125,6 +152,22 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
         write_json_atomic(summary, Path(self.output_folder) / SETTINGS_FILE_NAME)
         settings = summary["settings"]
         counts = summary["synthetic_cases"]
+        if "provenance" in summary:
+            provenance = summary["provenance"]
+            self.print_to_log_file(
+                f"SynthMix: fold {self.fold} may use {provenance['allowed']} synthetic cases; dropped "
+                f"{provenance['dropped_for_leakage']} that depend on its validation cases and "
+                f"{provenance['not_made_for_fold_all']} not made for fold all")
+        if "exposure" in summary:
+            drawn = summary["exposure"]
+            self.print_to_log_file(
+                f"SynthMix: in expectation each synthetic case is drawn {drawn['draws_per_synthetic_case']} times "
+                f"and each real slice {drawn['draws_per_real_slice']} times in this run (factor {drawn['factor']})")
+            if drawn["factor"] is not None and drawn["factor"] > EXPOSURE_WARNING_FACTOR:
+                self.print_to_log_file(
+                    f"SynthMix warning: each synthetic case is repeated {drawn['factor']}x as often as a real slice "
+                    f"({drawn['num_synthetic_cases']} synthetic cases for ratio {settings['ratio']}): generate more "
+                    f"cases or lower nnsynth_ratio (ratio R/(1+R) with R synthetic cases per real slice gives 1x)")
         self.print_to_log_file(
             f"SynthMix: ratio {settings['ratio']} ({settings['sources']['ratio']}), min quality "
             f"{settings['min_quality']} ({settings['sources']['min_quality']}), quality key "
@@ -132,6 +175,13 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
             f"{counts['used']} used, {counts['below_threshold']} below threshold, {counts['unscored']} unscored, "
             f"of {counts['available']}; {summary['real_training_cases']} real training and "
             f"{summary['validation_cases']} validation cases (real only)")
+
+    def _stop(self, error: NnsynthError):
+        """End nnUNetv2_train with the one-line message (in the log too) instead of a traceback."""
+        message = "nnsynth: error: " + " ".join(str(error).split())
+        self.print_to_log_file(message)
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(2)
 
     def get_dataloaders(self):
         """nnUNetTrainer.get_dataloaders (2.8.1) with SynthMixDataLoader as the training loader."""
@@ -153,7 +203,10 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
             regions=self.label_manager.foreground_regions if self.label_manager.has_regions else None,
             ignore_label=self.label_manager.ignore_label)
 
-        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        try:
+            dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        except NnsynthError as error:
+            self._stop(error)
         dl_tr = SynthMixDataLoader(dataset_tr, self.batch_size, initial_patch_size,
                                    self.configuration_manager.patch_size, self.label_manager,
                                    synthetic_ratio=self.synth_settings.ratio,

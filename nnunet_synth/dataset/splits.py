@@ -42,3 +42,11 @@ def fold_training_cases(dataset: RawDataset, fold) -> list:
     if not 0 <= fold < len(splits):
         raise NnsynthError(f"fold {fold} does not exist in {source} ({len(splits)} folds): use 0-{len(splits) - 1} or 'all'")
     return sorted(str(case) for case in splits[fold]["train"])
+
+
+def fold_validation_cases(dataset: RawDataset, fold) -> list:
+    """The validation cases of nnU-Net's fold ``fold``, sorted; none for fold "all" (it trains on every case)."""
+    if str(fold) == "all":
+        return []
+    training = set(fold_training_cases(dataset, fold))
+    return sorted(case for case in dataset.case_ids if case not in training)

@@ -7,6 +7,10 @@ seeded split gives the same folds; an arm's synthetic cases only ever enter trai
 trains the same SynthMix trainer (same budget) with ``nnsynth_ratio`` = amount / (1 + amount): the share of
 synthetic slices a pooled training set with ``amount`` synthetic slices per real slice would have. The
 real-only arm uses ratio 0 (the same code path, the pool is not read).
+
+Every generator must be one of the evaluated fold (trained on its training cases only, see
+``check_generator_for_fold``): checked for all arms before anything is trained, and the synthetic cases are made
+for that fold, so the trainer's leakage check passes them.
 """
 import csv
 from dataclasses import dataclass, field
@@ -62,6 +66,15 @@ def plan_arms(settings: DownstreamSettings) -> list:
     return arms
 
 
+def check_generators_for_fold(dataset: RawDataset, settings: DownstreamSettings):
+    """Refuse, before any training, a generator that saw a validation case of the evaluated fold."""
+    from nnunet_synth.generation import check_generator_for_fold
+    from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
+    for generator in settings.generators.values():
+        folder = resolve_generator_folder(generator)
+        check_generator_for_fold(dataset, read_generator_config(folder), folder, settings.fold)
+
+
 def copy_real_dataset(dataset: RawDataset, raw_root: Path, dataset_id: int, arm: Arm) -> RawDataset:
     """The real cases under a new id (copies; reused when a previous run made the same copy)."""
     source_name = dataset.name.split("_", 1)[1]
@@ -99,7 +112,7 @@ def run_arm(dataset: RawDataset, arm: Arm, arm_dataset: RawDataset, settings: Do
         num_cases = num_cases_for_ratio(arm_dataset, arm.generator, arm.amount)
         generate_synthetic_cases(arm_dataset, arm.generator, GenerationSettings(
             num_cases=num_cases, seed=settings.seed, num_inference_steps=settings.inference_steps),
-            device=settings.device)
+            fold=settings.fold, device=settings.device)
     plans = plan_and_preprocess(arm_dataset, preprocessed_root, settings.cpu_plans)
     trainer = BUDGET_TRAINERS[settings.budget]
     train(arm_dataset, trainer, plans, settings.fold, settings.device, nnsynth_ratio=str(arm.ratio),
@@ -108,7 +121,7 @@ def run_arm(dataset: RawDataset, arm: Arm, arm_dataset: RawDataset, settings: Do
     dice = predict_and_score(arm_dataset, images, labels, output_folder / "predictions" / arm.label, trainer, plans,
                              settings.fold, settings.device)
     return {"arm": arm.name, "amount": arm.amount, "ratio": round(arm.ratio, 4), "dataset": arm_dataset.name,
-            "evaluated_on": description, **{f"dice_{name}": round(value, 4) for name, value in dice.items()}}
+            "fold": settings.fold, "evaluated_on": description, **{f"dice_{name}": round(value, 4) for name, value in dice.items()}}
 
 
 def run_downstream(dataset: RawDataset, settings: DownstreamSettings, raw_root, preprocessed_root, output_folder,
@@ -117,6 +130,7 @@ def run_downstream(dataset: RawDataset, settings: DownstreamSettings, raw_root, 
     if settings.budget not in BUDGET_TRAINERS:
         raise NnsynthError(f"unknown budget '{settings.budget}': choose one of {', '.join(BUDGET_TRAINERS)}")
     raw_root, output_folder = Path(raw_root), Path(output_folder)
+    check_generators_for_fold(dataset, settings)
     output_folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for index, arm in enumerate(plan_arms(settings)):

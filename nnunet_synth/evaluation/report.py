@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from nnunet_synth.atomic import atomic_path, copy_file_atomic, write_json_atomic
-from nnunet_synth.writer.synthetic_store import PREVIEW_NAME
+from nnunet_synth.writer.synthetic_store import PREVIEW_PREFIX, preview_name
 
 FIDELITY_JSON = "fidelity.json"
 FIDELITY_PREVIEW = "fidelity_preview.png"
@@ -66,7 +66,8 @@ def downstream_section(folder: Path, raw_root: Path = None) -> str:
             f"{rows[0]['evaluated_on']}.", "", _markdown_table(header, table), "", f"![downstream]({DOWNSTREAM_PNG})"]
     # each synthetic arm's own preview grid (it lives in the arm's copy of the raw dataset)
     for row in rows:
-        arm_preview = Path(raw_root) / row["dataset"] / PREVIEW_NAME if raw_root is not None else None
+        arm_fold = row.get("fold", 0)
+        arm_preview = Path(raw_root) / row["dataset"] / preview_name(arm_fold) if raw_root is not None else None
         if arm_preview is not None and arm_preview.is_file():
             name = f"synthetic_preview_{row['arm']}_x{float(row['amount']):g}.png"
             copy_file_atomic(arm_preview, folder / name)
@@ -80,10 +81,12 @@ def write_report(folder: Path, raw_dataset_folder: Path = None) -> Path:
     folder = Path(folder)
     sections = [f"# nnunet-synth evaluation: {folder.parent.name}"]
     commands = json.loads((folder / COMMANDS_JSON).read_text()) if (folder / COMMANDS_JSON).is_file() else {}
-    if raw_dataset_folder is not None and (Path(raw_dataset_folder) / PREVIEW_NAME).is_file():
-        copy_file_atomic(Path(raw_dataset_folder) / PREVIEW_NAME, folder / PREVIEW_NAME)
-        sections += ["## Synthetic cases", "", "Real target slice with labels | new label map | synthetic | "
-                     "synthetic with labels.", "", f"![synthetic preview]({PREVIEW_NAME})"]
+    previews = sorted(Path(raw_dataset_folder).glob(PREVIEW_PREFIX + "_fold*.png")) if raw_dataset_folder else []
+    for preview in previews:
+        copy_file_atomic(preview, folder / preview.name)
+        fold = preview.stem[len(PREVIEW_PREFIX + "_fold"):]
+        sections += [f"## Synthetic cases of fold {fold}", "", "Real target slice with labels | new label map | "
+                     "synthetic | synthetic with labels.", "", f"![synthetic preview, fold {fold}]({preview.name})"]
     if (folder / FIDELITY_JSON).is_file():
         sections.append(fidelity_section(folder))
     if (folder / DOWNSTREAM_CSV).is_file():

@@ -2,9 +2,12 @@
 
 The new dataset's imagesTr/labelsTr hold copies of the real cases and the synthetic pairs; its
 ``splits_final.json`` (in the preprocessed folder, where nnU-Net reads it, and a copy in the raw folder) is the
-real dataset's 5-fold split with every synthetic case added to the training side of every fold, so no
-synthetic case is ever validated on. Note that the fingerprint and plans of such a dataset include synthetic
-cases; the SynthMix trainer avoids that and is the recommended route.
+real dataset's 5-fold split where fold k's training side gets only the synthetic cases fold k may use (none that
+depends on one of its validation cases, ``nnunet_synth/provenance.py``), and no synthetic case is ever
+validated on. Note that the fingerprint and plans of such a dataset include every synthetic case (the
+normalisation statistics then see images of every fold's generator); the SynthMix trainer avoids that and is the
+recommended route. nnU-Net's fold "all" trains on every case of the export, so export only the "all" cases for a
+final model (``folds=["all"]``).
 """
 from pathlib import Path
 
@@ -13,16 +16,22 @@ from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.dataset.splits import real_crossval_split
 from nnunet_synth.dataset.writing import write_dataset_json_atomic
 from nnunet_synth.errors import NnsynthError
+from nnunet_synth.provenance import select_for_fold
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 
-def export_standalone(dataset: RawDataset, output_root, preprocessed_root, dataset_id: int, dataset_name=None):
-    """Write ``Dataset{id}_{name}`` under ``output_root`` and its split under ``preprocessed_root``."""
+def export_standalone(dataset: RawDataset, output_root, preprocessed_root, dataset_id: int, dataset_name=None,
+                      folds=None):
+    """Write ``Dataset{id}_{name}`` under ``output_root`` and its split under ``preprocessed_root``.
+
+    ``folds`` limits the exported synthetic cases to those made for these folds (default: all of them).
+    """
     if preprocessed_root is None:
         raise NnsynthError("exporting a standalone dataset writes its splits_final.json into nnUNet_preprocessed: "
                            "export nnUNet_preprocessed=/path/to/nnUNet_preprocessed")
     store = SyntheticStore(dataset)
-    synthetic_ids = store.complete_case_ids()
+    synthetic_ids = [case_id for case_id in store.complete_case_ids()
+                     if folds is None or str(store.cases[case_id].get("fold")) in {str(f) for f in folds}]
     if not synthetic_ids:
         raise NnsynthError(f"{dataset.folder} has no synthetic cases to export: run nnsynth_generate {dataset.name}")
     dataset_name = dataset_name or (dataset.name.split("_", 1)[1] + "Synth")
@@ -37,8 +46,10 @@ def export_standalone(dataset: RawDataset, output_root, preprocessed_root, datas
         copy_file_atomic(store.image_file(case_id), export_folder / "imagesTr" / f"{case_id}_0000{ending}")
         copy_file_atomic(store.label_file(case_id), export_folder / "labelsTr" / f"{case_id}{ending}")
 
-    splits = [{"train": sorted(fold["train"]) + synthetic_ids, "val": sorted(fold["val"])}
-              for fold in real_crossval_split(dataset, preprocessed_root)[0]]
+    splits = []
+    for index, fold in enumerate(real_crossval_split(dataset, preprocessed_root)[0]):
+        usable = select_for_fold(store.manifest, synthetic_ids, index, fold["val"]).allowed
+        splits.append({"train": sorted(fold["train"]) + usable, "val": sorted(fold["val"])})
     write_json_atomic(splits, Path(preprocessed_root) / export_folder.name / "splits_final.json")
     write_json_atomic(splits, export_folder / "splits_final.json")
     source_json = dataset.dataset_json
@@ -47,6 +58,7 @@ def export_standalone(dataset: RawDataset, output_root, preprocessed_root, datas
         num_training_cases=len(dataset.case_ids) + len(synthetic_ids), file_ending=ending,
         dataset_name=export_folder.name, license=source_json.get("license", "see the source dataset"),
         description=f"{dataset.name} ({len(dataset.case_ids)} real cases) + {len(synthetic_ids)} synthetic cases "
-                    f"from nnunet-synth; splits_final.json keeps synthetic cases out of every validation fold",
+                    f"from nnunet-synth; splits_final.json gives fold k only the synthetic cases made without its "
+                    f"validation cases, and never validates on a synthetic case",
         converted_by="nnunet-synth export_standalone")
     return export_folder

@@ -2,14 +2,22 @@
 
 Layout (inside the raw dataset folder, beside imagesTr/labelsTr, which are never touched)::
 
-    imagesSynth/synth_00000_0000{file_ending}    image in the dataset's units, pixel type and file ending
-    labelsSynth/synth_00000{file_ending}         the conditioning label map
-    synthetic.json                               {"format_version": 1, "dataset": ..., "cases": {id: entry}}
+    imagesSynth/synth_f0_00000_0000{file_ending}  image in the dataset's units, pixel type and file ending
+    labelsSynth/synth_f0_00000{file_ending}       the conditioning label map
+    synthetic.json                                {"format_version": 2, "dataset": ...,
+                                                   "folds": {fold: settings and reports of that fold's run},
+                                                   "cases": {id: entry}}
+    synthetic_preview_fold0.png                   the preview grid of fold 0's cases
+
+The cases of several nnU-Net folds live side by side: ``synth_f<fold>_<index>`` was made for fold ``<fold>``
+(``0``-``4`` or ``all``) by a generator trained on that fold's training cases only, and its entry lists every
+real case it depends on (``depends_on``, see ``nnunet_synth/provenance.py``).
 
 A case exists once its manifest entry is written, which happens after both files are in place; every file is
 written atomically, so an interrupted run leaves no partial file and a rerun rewrites the same names.
 Stock nnU-Net commands read imagesTr/labelsTr only, so the raw dataset stays real-only for them.
 """
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -24,12 +32,18 @@ from nnunet_synth.errors import NnsynthError
 SYNTH_IMAGES_FOLDER = "imagesSynth"
 SYNTH_LABELS_FOLDER = "labelsSynth"
 MANIFEST_NAME = "synthetic.json"
-PREVIEW_NAME = "synthetic_preview.png"
-FORMAT_VERSION = 1
+LOCK_NAME = "synthetic.lock"
+PREVIEW_PREFIX = "synthetic_preview"
+FORMAT_VERSION = 2
 
 
-def synthetic_case_id(index: int) -> str:
-    return "synth_%05d" % index
+def synthetic_case_id(index: int, fold) -> str:
+    """``synth_f<fold>_<index>``: case ``index`` of the cases made for nnU-Net fold ``fold``."""
+    return "synth_f%s_%05d" % (fold, index)
+
+
+def preview_name(fold) -> str:
+    return f"{PREVIEW_PREFIX}_fold{fold}.png"
 
 
 class SyntheticStore:
@@ -44,15 +58,20 @@ class SyntheticStore:
 
     def _read_manifest(self) -> dict:
         if not self.manifest_file.is_file():
-            return {"format_version": FORMAT_VERSION, "dataset": self.dataset.name, "cases": {}}
+            return {"format_version": FORMAT_VERSION, "dataset": self.dataset.name, "folds": {}, "cases": {}}
         try:
             with open(self.manifest_file) as handle:
                 manifest = json.load(handle)
         except json.JSONDecodeError as error:
             raise NnsynthError(f"{self.manifest_file} is not valid JSON ({error.msg}): run nnsynth_clean "
                                f"{self.dataset.name} and generate again") from None
+        if manifest.get("format_version") == 1:
+            raise NnsynthError(f"{self.manifest_file} was written by an older nnunet-synth that did not record which "
+                               f"real cases each synthetic case depends on (its cases could leak validation "
+                               f"patients): run nnsynth_clean {self.dataset.name} and generate again")
         if manifest.get("format_version") != FORMAT_VERSION or "cases" not in manifest:
             raise NnsynthError(f"{self.manifest_file} has an unknown format: run nnsynth_clean {self.dataset.name}")
+        manifest.setdefault("folds", {})
         return manifest
 
     @property
@@ -69,8 +88,35 @@ class SyntheticStore:
         """True when the manifest lists the case and both of its files exist."""
         return case_id in self.cases and self.image_file(case_id).is_file() and self.label_file(case_id).is_file()
 
-    def complete_case_ids(self):
-        return sorted(case_id for case_id in self.cases if self.is_complete(case_id))
+    def complete_case_ids(self, fold=None):
+        """Cases whose entry and files exist; only those made for ``fold`` when it is given."""
+        return sorted(case_id for case_id, entry in self.cases.items()
+                      if (fold is None or str(entry.get("fold")) == str(fold)) and self.is_complete(case_id))
+
+    def fold_record(self, fold) -> dict:
+        """Settings and reports of the run that made fold ``fold``'s cases (created empty when missing)."""
+        return self.manifest["folds"].setdefault(str(fold), {})
+
+    def preview_file(self, fold) -> Path:
+        return self.dataset.folder / preview_name(fold)
+
+    @contextlib.contextmanager
+    def exclusive_writer(self):
+        """Hold the store's lock while writing: a second writer (e.g. another fold's nnsynth_generate started at
+        the same time) stops with a clear message instead of losing the other's manifest updates."""
+        import fcntl
+        with open(self.dataset.folder / LOCK_NAME, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise NnsynthError(f"{self.dataset.folder / LOCK_NAME}: another process is writing synthetic cases "
+                                   f"of {self.dataset.name}: wait for it to finish, or make several folds in one "
+                                   f"command (nnsynth_generate {self.dataset.name} --folds 0 1 2 3 4)") from None
+            try:
+                self.manifest = self._read_manifest()     # what the previous writer left
+                yield self
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def prepare(self):
         """Create the folders and drop temporary files of an interrupted run."""
@@ -113,12 +159,28 @@ class SyntheticStore:
     def save_manifest(self):
         write_json_atomic(self.manifest, self.manifest_file)
 
+    def remove_fold(self, fold) -> int:
+        """Delete the cases made for ``fold`` (entries first, then files) and its preview; return the count."""
+        case_ids = [case_id for case_id, entry in self.cases.items() if str(entry.get("fold")) == str(fold)]
+        for case_id in case_ids:
+            del self.cases[case_id]
+        self.manifest["folds"].pop(str(fold), None)
+        self.save_manifest()
+        for case_id in case_ids:
+            self.image_file(case_id).unlink(missing_ok=True)
+            self.label_file(case_id).unlink(missing_ok=True)
+        self.preview_file(fold).unlink(missing_ok=True)
+        return len(case_ids)
+
     def remove_all(self) -> int:
-        """Delete every synthetic file and the manifest; real files are untouched. Return the case count."""
+        """Delete every synthetic file, the previews and the manifest; real files are untouched. Return the count."""
         count = len(self.cases)
+        self.manifest_file.unlink(missing_ok=True)
+        (self.dataset.folder / LOCK_NAME).unlink(missing_ok=True)
         for folder in (self.images_folder, self.labels_folder):
             if folder.is_dir():
                 shutil.rmtree(folder)
-        self.manifest_file.unlink(missing_ok=True)
-        self.manifest = self._read_manifest()
+        for preview in self.dataset.folder.glob(PREVIEW_PREFIX + "*.png"):
+            preview.unlink()
+        self.manifest = {"format_version": FORMAT_VERSION, "dataset": self.dataset.name, "folds": {}, "cases": {}}
         return count
