@@ -264,10 +264,32 @@ def test_mixing_loader_works_in_a_spawned_worker(mixed_dataset):
 
 
 # ------------------------------------------------------------------------------------------- trainer
-def make_trainer(preprocessed, trainer_class, configuration="2d", plans=None):
+def make_trainer(preprocessed, trainer_class, configuration="2d", plans=None, fold=0):
     import torch
     plans = dict(plans or load_plans(preprocessed, CPU_PLANS), continue_training=False)
-    return trainer_class(plans, configuration, 0, load_json(preprocessed / "dataset.json"), torch.device("cpu"))
+    return trainer_class(plans, configuration, fold, load_json(preprocessed / "dataset.json"), torch.device("cpu"))
+
+
+def test_a_fold_without_cases_of_its_own_stops_in_one_line_naming_the_command(planned_dataset, nnunet_folders,
+                                                                              monkeypatch):
+    """Only fold-0 synthetic cases exist: they depend on fold 1's validation cases, so fold 1 may use none."""
+    from nnunet_synth.trainers.synth_mix import nnUNetTrainerSynthMix_debug
+    monkeypatch.delenv("nnsynth_ratio", raising=False)
+    monkeypatch.delenv("nnsynth_min_quality", raising=False)
+    expected = f"nnsynth_generate Dataset{SYNTHMIX_DATASET_ID}_SynthMixExample --fold 1"
+    with pytest.raises(NnsynthError, match=expected):
+        make_trainer(planned_dataset, nnUNetTrainerSynthMix_debug, fold=1).get_tr_and_val_datasets()
+    dataset_tr, _ = make_trainer(planned_dataset, nnUNetTrainerSynthMix_debug, fold=0).get_tr_and_val_datasets()
+    assert len(dataset_tr.synthetic_identifiers) == NUM_SCORED_CASES + 1
+    # the stock command: exit status 2 and one line, no traceback
+    result = subprocess.run(["nnUNetv2_train", str(SYNTHMIX_DATASET_ID), "2d", "1", "-tr", TRAINER, "-p", CPU_PLANS,
+                             "-device", "cpu"], env=clean_environment(nnunet_folders, nnUNet_n_proc_DA="0"),
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 2, result.stderr[-2000:]
+    # stderr also holds torch's FutureWarnings from nnU-Net's imports; ours is the one last line
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr and result.stderr.count("nnsynth: error:") == 1
+    assert last_line.startswith("nnsynth: error:") and expected in last_line
 
 
 def test_variant_trainer_refuses_contradicting_environment(planned_dataset, monkeypatch):
@@ -335,6 +357,12 @@ def test_stock_commands_train_validate_continue_and_predict(planned_dataset, syn
     assert summary["left_out"] == {"below_threshold": below, "unscored": [synthetic_case_id(NUM_SCORED_CASES, 0)],
                                    "scored_by_another_fold": []}
     assert summary["synthetic_cases"]["used"] == NUM_SCORED_CASES - len(below)
+    assert summary["provenance"] == {"allowed": NUM_SCORED_CASES + 1, "dropped_for_leakage": 0,
+                                     "not_made_for_fold_all": 0}
+    assert len(summary["used_synthetic_cases"]) == summary["synthetic_cases"]["used"]
+    # 100 iterations of batch B, ratio 0.5: each synthetic case drawn 50 B / used times in expectation
+    expected_draws = 0.5 * summary["batch_size"] * 100 / summary["synthetic_cases"]["used"]
+    assert summary["exposure"]["draws_per_synthetic_case"] == pytest.approx(expected_draws, abs=0.01)
     log_text = "".join(path.read_text() for path in fold_folder.glob("training_log_*.txt"))
     assert "SynthMix: ratio 0.5 (environment)" in log_text
 

@@ -126,7 +126,7 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
         selection = select_synthetic_cases(store.cases, for_fold.allowed, settings.min_quality, settings.quality_key,
                                            fold=self.fold)
         pool_summary = {"pool_folder": str(report.folder), "provenance": for_fold.counts(),
-                        "synthetic_cases": selection.counts(),
+                        "synthetic_cases": selection.counts(), "used_synthetic_cases": selection.used,
                         "left_out": {"below_threshold": selection.below_threshold, "unscored": selection.unscored,
                                      "scored_by_another_fold": selection.scored_by_another_fold}}
         if not selection.used:
