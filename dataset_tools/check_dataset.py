@@ -1,8 +1,12 @@
-"""Validate an nnU-Net raw dataset for nnunet-synth and print its summary (cases, slices, class shares, window)."""
+"""Validate an nnU-Net raw dataset for nnunet-synth and print its summary (cases, slices, class shares, window)
+and, when it has synthetic cases, how many of them each nnU-Net fold may use."""
 import argparse
 
 from nnunet_synth.dataset import RawDataset, class_pixel_frequencies, dataset_intensity_window
+from nnunet_synth.dataset.splits import fold_validation_cases, real_crossval_split
 from nnunet_synth.errors import command_entry_point
+from nnunet_synth.provenance import select_for_fold
+from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 
 def dataset_summary(dataset: RawDataset) -> dict:
@@ -18,13 +22,30 @@ def dataset_summary(dataset: RawDataset) -> dict:
     }
 
 
+def synthetic_usability(dataset: RawDataset) -> dict:
+    """Per fold (0..n-1 of nnU-Net's split, and "all"): the synthetic cases it may use and those it may not."""
+    store = SyntheticStore(dataset)
+    case_ids = store.complete_case_ids()
+    if not case_ids:
+        return {}
+    folds = [str(index) for index in range(len(real_crossval_split(dataset)[0]))] + ["all"]
+    return {fold: select_for_fold(store.manifest, case_ids, fold, fold_validation_cases(dataset, fold)).counts()
+            for fold in folds}
+
+
 def print_summary(dataset_folder):
-    summary = dataset_summary(RawDataset(dataset_folder))
+    dataset = RawDataset(dataset_folder)
+    summary = dataset_summary(dataset)
     shares = ", ".join(f"{name} {100 * share:.1f} %" for name, share in summary["class_pixel_share"].items())
     window = summary["intensity_window"]
     print(f"{summary['dataset']} at {dataset_folder}: {summary['cases']} cases, {summary['slices']} slices; "
           f"class pixel shares: {shares}; intensity window [{window['lower']:g}, {window['upper']:g}] "
           f"({window['source']})")
+    summary["synthetic_cases_per_fold"] = synthetic_usability(dataset)
+    for fold, counts in summary["synthetic_cases_per_fold"].items():
+        dropped = counts["dropped_for_leakage"] + counts["not_made_for_fold_all"]
+        print(f"fold {fold}: may use {counts['allowed']} synthetic cases, not {dropped} (they depend on its "
+              f"validation cases or were made for other folds)")
     return summary
 
 

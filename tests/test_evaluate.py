@@ -162,3 +162,14 @@ def test_downstream_arms_run_stock_nnunet_and_their_dice_is_recomputed(evaluatio
     s1, s2 = np.cov(f_real, rowvar=False), np.cov(f_other, rowvar=False)
     expected = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * np.real(sqrtm(s1 @ s2))))
     assert features.distance(real, other) == pytest.approx(expected, rel=0.02, abs=1e-3)
+
+
+def test_downstream_refuses_a_generator_of_another_fold_before_training(evaluation_dataset, generators, tmp_path):
+    """A fold-0 generator saw fold 1's validation case: evaluating fold 1 with it would leak that case."""
+    result = subprocess.run([str(BIN / "nnsynth_evaluate"), "downstream", str(DATASET_ID), "-o", str(tmp_path),
+                             "--generator", f"cbmat={generators['cbmat']}", "--fold", "1", "--first-id", "720",
+                             "--device", "cpu"], capture_output=True, text=True, env=one_thread_environment(),
+                            timeout=600)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "fold 1's validation case" in result.stderr
+    assert not list(Path(os.environ["nnUNet_raw"]).glob("Dataset720_*"))      # nothing copied or trained

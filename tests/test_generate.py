@@ -176,6 +176,11 @@ def test_no_fold_may_use_a_case_that_depends_on_its_validation_cases(generated):
         assert selection.allowed == (case_ids if fold == 0 else [])
         assert selection.leaking == ([] if fold == 0 else case_ids)
     assert select_for_fold(store.manifest, case_ids, "all", []).allowed == []     # made for fold 0, not "all"
+    # what nnsynth_check_dataset prints per fold
+    from nnunet_synth.dataset_tools.check_dataset import synthetic_usability
+    usability = synthetic_usability(dataset)
+    assert {fold: counts["allowed"] for fold, counts in usability.items()} == {
+        "0": NUM_CASES, "1": 0, "2": 0, "3": 0, "4": 0, "all": 0}
 
 
 def test_a_generator_of_another_fold_is_refused_in_one_line(tiny_generator, generated):

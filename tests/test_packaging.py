@@ -57,7 +57,7 @@ def test_demo_runs_the_whole_loop_with_stock_nnunet_commands(tmp_path):
     raw = tmp_path / "nnUNet_raw" / "Dataset990_Covid19Example"
     manifest = json.loads((raw / "synthetic.json").read_text())
     assert len(manifest["cases"]) == 16                      # half of fold 0's 31 real training slices
-    assert (raw / "synthetic_preview.png").is_file() and str(raw / "synthetic_preview.png") in result.stdout
+    assert (raw / "synthetic_preview_fold0.png").is_file() and str(raw / "synthetic_preview_fold0.png") in result.stdout
     fold = tmp_path / "nnUNet_results" / raw.name / "nnUNetTrainerSynthMix_demo__nnUNetPlans_cpu__2d" / "fold_0"
     synthmix = json.loads((fold / "synthmix.json").read_text())
     assert synthmix["settings"]["ratio"] == 0.5 and synthmix["synthetic_cases"]["used"] == 16

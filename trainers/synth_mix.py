@@ -106,24 +106,25 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
         if not nnUNet_raw.is_set():
             raise NnsynthError("nnUNet_raw is not set: the synthetic manifest is read from the raw dataset folder")
         raw_folder = Path(nnUNet_raw.get()) / self.plans_manager.dataset_name
-        report = update_synthetic_pool(raw_folder, self.preprocessed_dataset_folder_base, self.plans_manager.plans,
-                                       self.configuration_name, self.dataset_json,
-                                       log=lambda message: self.print_to_log_file(message))
-        self.print_to_log_file(report.summary())
         store = SyntheticStore(RawDataset(raw_folder))
-        for_fold = select_for_fold(store.manifest, report.case_ids, self.fold, validation_cases)
+        available = store.complete_case_ids()
+        for_fold = select_for_fold(store.manifest, available, self.fold, validation_cases)
         if not for_fold.allowed:
-            if not report.case_ids:
+            if not available:
                 reason = "it holds none"
             elif str(self.fold) == "all":
-                reason = f"none of the {len(report.case_ids)} was made for fold all"
+                reason = f"none of the {len(available)} was made for fold all"
             else:
-                reason = (f"all {len(report.case_ids)} depend on fold {self.fold}'s validation cases (they were made "
+                reason = (f"all {len(available)} depend on fold {self.fold}'s validation cases (they were made "
                           f"for other folds)")
             raise NnsynthError(f"no synthetic case of {store.manifest_file} may be used for fold {self.fold}: {reason}: "
                                f"run nnsynth_generate {self.plans_manager.dataset_name} --fold {self.fold} (or set "
                                f"nnsynth_ratio=0 for a real-only run)")
-        selection = select_synthetic_cases(store.cases, for_fold.allowed, settings.min_quality, settings.quality_key,
+        report = update_synthetic_pool(raw_folder, self.preprocessed_dataset_folder_base, self.plans_manager.plans,
+                                       self.configuration_name, self.dataset_json,
+                                       log=lambda message: self.print_to_log_file(message), case_ids=for_fold.allowed)
+        self.print_to_log_file(report.summary())
+        selection = select_synthetic_cases(store.cases, report.case_ids, settings.min_quality, settings.quality_key,
                                            fold=self.fold)
         pool_summary = {"pool_folder": str(report.folder), "provenance": for_fold.counts(),
                         "synthetic_cases": selection.counts(), "used_synthetic_cases": selection.used,

@@ -153,11 +153,13 @@ def _identifier_of(file_name: str) -> str:
 
 def update_synthetic_pool(raw_dataset_folder, preprocessed_dataset_folder_base, plans: dict,
                           configuration_name: str, dataset_json: dict,
-                          log: Callable[[str], None] = print) -> PoolReport:
+                          log: Callable[[str], None] = print, case_ids=None) -> PoolReport:
     """Bring the pool of ``configuration_name`` up to date with the synthetic manifest; return what it holds.
 
     ``plans`` and ``dataset_json`` are the real dataset's (``$nnUNet_preprocessed/<Dataset>/<plans>.json`` and
     ``dataset.json``); the configuration's own preprocessor class does the work (``run_case_save``).
+    ``case_ids`` limits the work to these cases (e.g. the ones a fold may use): other cases already in the pool
+    stay while the manifest lists them, and the report lists ``case_ids`` only.
     """
     plans_manager = PlansManager(plans)
     configuration_manager = plans_manager.get_configuration(configuration_name)
@@ -186,14 +188,17 @@ def update_synthetic_pool(raw_dataset_folder, preprocessed_dataset_folder_base, 
         staging.mkdir()
         done = record["cases"]
 
+        in_manifest = set(store.complete_case_ids())
+        wanted_ids = in_manifest if case_ids is None else in_manifest & set(case_ids)
         wanted = {case_id: case_content_hash(store.image_file(case_id), store.label_file(case_id))
-                  for case_id in store.complete_case_ids()}
+                  for case_id in sorted(wanted_ids)}
         for case_id in sorted(done):
             complete = all(path.is_file() for path in _case_files(pool, case_id))
-            if wanted.get(case_id) != done[case_id] or not complete:
+            outdated = case_id in wanted and wanted[case_id] != done[case_id]
+            if case_id not in in_manifest or outdated or not complete:
                 _remove_case(pool, case_id)
                 del done[case_id]
-                if case_id not in wanted:
+                if case_id not in in_manifest:
                     report.removed.append(case_id)
         for path in pool.iterdir():       # files the record does not list (e.g. copied in by hand)
             if _identifier_of(path.name) not in done:
@@ -202,7 +207,7 @@ def update_synthetic_pool(raw_dataset_folder, preprocessed_dataset_folder_base, 
 
         preprocessor = configuration_manager.preprocessor_class(verbose=False)
         todo = [case_id for case_id in sorted(wanted) if case_id not in done]
-        report.reused = sorted(done)
+        report.reused = sorted(case_id for case_id in done if case_id in wanted)
         if todo:
             log(f"preprocessing {len(todo)} synthetic cases with {plans_manager.plans_name}/{configuration_name} "
                 f"into {pool}")
