@@ -25,10 +25,16 @@ def atomic_path(final_path, suffix=None):
     os.close(handle)
     try:
         yield temp_name
+        _fsync(temp_name)          # the content is on disk before the name says the file is complete
         os.replace(temp_name, final_path)
     finally:
         if os.path.exists(temp_name):
             os.remove(temp_name)
+
+
+def _fsync(path):
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def copy_file_atomic(source, final_path):
@@ -42,8 +48,6 @@ def write_json_atomic(data, final_path):
     with atomic_path(final_path, suffix=".json") as temp_name:
         with open(temp_name, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=False)
-            handle.flush()
-            os.fsync(handle.fileno())
 
 
 def remove_stale_temp_files(folder):

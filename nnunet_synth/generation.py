@@ -197,6 +197,7 @@ def _generate_into_store(dataset, store, unet, config, generator_folder, setting
                              image_dtypes[target_case], entry)
             progress.update(1)
     progress.close()
+    store.save_manifest()       # the index of every record, compiled once per run
 
     preview_path = write_generation_preview(dataset, store, fold, real, window)
     fold_cases = store.complete_case_ids(fold)

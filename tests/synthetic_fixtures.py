@@ -46,6 +46,7 @@ def write_synthetic_cases(dataset_folder, generator_run_folder) -> SyntheticStor
                                 "segmentation": {"mean_dice": round(1.0 - score, 2), "dice": {}, "model_fold": "0"}}
         else:
             del entry["quality"]
+        store.save_record(synthetic_case_id(index, 0))
     store.save_manifest()
     return store
 

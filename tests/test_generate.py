@@ -18,6 +18,7 @@ from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset
 from nnunet_synth.atomic import TEMP_PREFIX
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.dataset.splits import fold_training_cases, fold_validation_cases, real_crossval_split
+from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator import TrainingSettings
 from nnunet_synth.generator.checkpoints import FINAL_FOLDER
 from nnunet_synth.generator.training import train_generator
@@ -116,17 +117,14 @@ def test_generate_writes_the_cases_and_leaves_real_files_byte_identical(generate
 def test_a_run_killed_half_way_and_rerun_ends_full_without_duplicates_and_matches_one_seed(
         nnunet_folders, tiny_generator, generated):
     folder = convert_example(nnunet_folders, 984, "GenerateResume")
-    manifest = folder / MANIFEST_NAME
+    records = folder / "recordsSynth"
     process = subprocess.Popen(generate_command(984, tiny_generator), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=one_thread_environment())
     written_at_kill = 0
     deadline = time.time() + 600
     while time.time() < deadline and process.poll() is None:
-        if manifest.is_file():
-            try:
-                written_at_kill = len(json.loads(manifest.read_text())["cases"])
-            except (json.JSONDecodeError, KeyError):     # never happens with atomic writes; tolerate to be safe
-                written_at_kill = -1
+        if records.is_dir():
+            written_at_kill = len([p for p in records.glob("synth_*.json")])    # complete records only
             if written_at_kill >= 3:
                 break
         time.sleep(0.05)
@@ -142,6 +140,9 @@ def test_a_run_killed_half_way_and_rerun_ends_full_without_duplicates_and_matche
     assert not stray
     resumed = synthetic_files(folder)
     assert len(resumed) == 2 * NUM_CASES
+    # the compiled index lists every case once, as the records do
+    assert sorted(json.loads((folder / MANIFEST_NAME).read_text())["cases"]) == SyntheticStore(
+        RawDataset(folder)).complete_case_ids()
     # same seed, same generator -> the same files as the uninterrupted run on Dataset983
     assert resumed == synthetic_files(generated[0])
 
@@ -232,6 +233,7 @@ def test_overwrite_and_clean_touch_synthetic_cases_only(nnunet_folders, tiny_gen
     assert cleaned.returncode == 0 and "removed 3 synthetic cases" in cleaned.stdout
     assert not (folder / "imagesSynth").exists() and not (folder / "labelsSynth").exists()
     assert not (folder / MANIFEST_NAME).exists() and not (folder / preview_name(0)).exists()
+    assert not (folder / "recordsSynth").exists()
     assert real_files(folder) == real_before
 
 
@@ -253,3 +255,13 @@ def test_model_free_score_accepts_real_slices_and_rejects_a_flat_image(example_d
     flat_score = model_free_score(flat, label_map, ranges)
     assert not flat_score["passed"] and flat_score["score"] == 0.0
     assert set(flat_score["classes_outside"]) == {int(v) for v in np.unique(label_map)}
+
+
+def test_a_second_writer_is_refused_while_the_store_is_locked(generated):
+    dataset = RawDataset(generated[0])
+    with SyntheticStore(dataset).exclusive_writer():
+        with pytest.raises(NnsynthError, match="another process is writing synthetic cases.*--folds"):
+            with SyntheticStore(dataset).exclusive_writer():
+                pass
+    with SyntheticStore(dataset).exclusive_writer() as store:      # released: the next writer gets it
+        assert len(store.complete_case_ids()) == NUM_CASES

@@ -155,8 +155,7 @@ def test_pool_update_follows_the_manifest_and_the_plans(planned_dataset, synthet
     assert report.preprocessed == [SYNTH_99] and not report.rebuilt
     store.image_file(SYNTH_99).unlink()
     store.label_file(SYNTH_99).unlink()
-    del store.cases[SYNTH_99]
-    store.save_manifest()
+    store.record_file(SYNTH_99).unlink()
     report = update_pool(synthetic_example_dataset, planned_dataset)
     assert report.removed == [SYNTH_99] and report.preprocessed == []
     assert not (report.folder / f"{SYNTH_99}.b2nd").exists()

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from nnunet_synth.dataset import RawDataset
-from nnunet_synth.dataset_tools.trainer_dir import ext_trainer_value
+from nnunet_synth.trainers.discovery import ext_trainer_value
 from nnunet_synth.errors import NnsynthError
 
 CPU_PLANS = "nnUNetPlans_cpu"

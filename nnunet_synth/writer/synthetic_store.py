@@ -4,16 +4,22 @@ Layout (inside the raw dataset folder, beside imagesTr/labelsTr, which are never
 
     imagesSynth/synth_f0_00000_0000{file_ending}  image in the dataset's units, pixel type and file ending
     labelsSynth/synth_f0_00000{file_ending}       the conditioning label map
+    recordsSynth/synth_f0_00000.json              the case's record (provenance, seed, sampler, quality)
     synthetic.json                                {"format_version": 2, "dataset": ...,
                                                    "folds": {fold: settings and reports of that fold's run},
-                                                   "cases": {id: entry}}
+                                                   "cases": {id: record}}
     synthetic_preview_fold0.png                   the preview grid of fold 0's cases
+    synthetic.lock                                held by the one process writing the store
+
+Each case's record is written once, after both of its files (fsynced), so writing N cases costs O(N); the
+records are the truth, and ``synthetic.json`` is the index compiled from them (and the fold records) at the end of
+every writing command, rebuilt atomically. Readers take the records, so an interrupted run's cases count.
 
 The cases of several nnU-Net folds live side by side: ``synth_f<fold>_<index>`` was made for fold ``<fold>``
 (``0``-``4`` or ``all``) by a generator trained on that fold's training cases only, and its entry lists every
 real case it depends on (``depends_on``, see ``nnunet_synth/provenance.py``).
 
-A case exists once its manifest entry is written, which happens after both files are in place; every file is
+A case exists once its record is written, which happens after both files are in place; every file is
 written atomically, so an interrupted run leaves no partial file and a rerun rewrites the same names.
 Stock nnU-Net commands read imagesTr/labelsTr only, so the raw dataset stays real-only for them.
 """
@@ -31,6 +37,7 @@ from nnunet_synth.errors import NnsynthError
 
 SYNTH_IMAGES_FOLDER = "imagesSynth"
 SYNTH_LABELS_FOLDER = "labelsSynth"
+SYNTH_RECORDS_FOLDER = "recordsSynth"
 MANIFEST_NAME = "synthetic.json"
 LOCK_NAME = "synthetic.lock"
 PREVIEW_PREFIX = "synthetic_preview"
@@ -53,12 +60,14 @@ class SyntheticStore:
         self.dataset = dataset
         self.images_folder = dataset.folder / SYNTH_IMAGES_FOLDER
         self.labels_folder = dataset.folder / SYNTH_LABELS_FOLDER
+        self.records_folder = dataset.folder / SYNTH_RECORDS_FOLDER
         self.manifest_file = dataset.folder / MANIFEST_NAME
         self.manifest = self._read_manifest()
 
     def _read_manifest(self) -> dict:
         if not self.manifest_file.is_file():
-            return {"format_version": FORMAT_VERSION, "dataset": self.dataset.name, "folds": {}, "cases": {}}
+            return {"format_version": FORMAT_VERSION, "dataset": self.dataset.name, "folds": {},
+                    "cases": self._read_records()}
         try:
             with open(self.manifest_file) as handle:
                 manifest = json.load(handle)
@@ -72,8 +81,22 @@ class SyntheticStore:
         if manifest.get("format_version") != FORMAT_VERSION or "cases" not in manifest:
             raise NnsynthError(f"{self.manifest_file} has an unknown format: run nnsynth_clean {self.dataset.name}")
         manifest.setdefault("folds", {})
+        manifest["cases"] = self._read_records()
         return manifest
 
+    def _read_records(self) -> dict:
+        records = {}
+        if self.records_folder.is_dir():
+            for path in sorted(self.records_folder.glob("*.json")):
+                try:
+                    records[path.stem] = json.loads(path.read_text())
+                except json.JSONDecodeError as error:
+                    raise NnsynthError(f"{path} is not valid JSON ({error.msg}): delete it (its case is then made "
+                                       f"again by the next nnsynth_generate run)") from None
+        return records
+
+    def record_file(self, case_id: str) -> Path:
+        return self.records_folder / f"{case_id}.json"
     @property
     def cases(self) -> dict:
         return self.manifest["cases"]
@@ -85,7 +108,7 @@ class SyntheticStore:
         return self.labels_folder / f"{case_id}{self.dataset.file_ending}"
 
     def is_complete(self, case_id: str) -> bool:
-        """True when the manifest lists the case and both of its files exist."""
+        """True when the case has its record and both of its files exist."""
         return case_id in self.cases and self.image_file(case_id).is_file() and self.label_file(case_id).is_file()
 
     def complete_case_ids(self, fold=None):
@@ -120,10 +143,9 @@ class SyntheticStore:
 
     def prepare(self):
         """Create the folders and drop temporary files of an interrupted run."""
-        self.images_folder.mkdir(exist_ok=True)
-        self.labels_folder.mkdir(exist_ok=True)
-        remove_stale_temp_files(self.images_folder)
-        remove_stale_temp_files(self.labels_folder)
+        for folder in (self.images_folder, self.labels_folder, self.records_folder):
+            folder.mkdir(exist_ok=True)
+            remove_stale_temp_files(folder)      # safe: the caller holds the store's lock (exclusive_writer)
         remove_stale_temp_files(self.dataset.folder)
 
     def write_case(self, case_id: str, image: np.ndarray, label_map: np.ndarray, reference_properties: dict,
@@ -146,23 +168,31 @@ class SyntheticStore:
                 image, label_map = image[None], label_map[None]
         write_volume(image, self.image_file(case_id), **geometry)
         write_volume(label_map, self.label_file(case_id), **geometry)
-        self.cases[case_id] = dict(entry, image=str(self.image_file(case_id).relative_to(self.dataset.folder)),
-                                   label=str(self.label_file(case_id).relative_to(self.dataset.folder)))
-        self.save_manifest()
+        record = dict(entry, image=str(self.image_file(case_id).relative_to(self.dataset.folder)),
+                      label=str(self.label_file(case_id).relative_to(self.dataset.folder)))
+        write_json_atomic(record, self.record_file(case_id))        # the case counts from here on
+        self.cases[case_id] = record
+
+    def save_record(self, case_id: str):
+        """Write the in-memory record of ``case_id`` back to its file (after changing ``cases[case_id]``)."""
+        write_json_atomic(self.cases[case_id], self.record_file(case_id))
 
     def update_entries(self, updates: dict):
-        """Merge ``{case_id: {key: value}}`` into the manifest (e.g. quality scores) and save it."""
+        """Merge ``{case_id: {key: value}}`` into the records (e.g. quality scores) and recompile the index."""
         for case_id, fields in updates.items():
             self.cases[case_id].update(fields)
+            self.save_record(case_id)
         self.save_manifest()
 
     def save_manifest(self):
+        """Compile ``synthetic.json`` (fold records + every case record) atomically."""
         write_json_atomic(self.manifest, self.manifest_file)
 
     def remove_fold(self, fold) -> int:
         """Delete the cases made for ``fold`` (entries first, then files) and its preview; return the count."""
         case_ids = [case_id for case_id, entry in self.cases.items() if str(entry.get("fold")) == str(fold)]
         for case_id in case_ids:
+            self.record_file(case_id).unlink(missing_ok=True)      # first: the case no longer counts
             del self.cases[case_id]
         self.manifest["folds"].pop(str(fold), None)
         self.save_manifest()
@@ -177,7 +207,7 @@ class SyntheticStore:
         count = len(self.cases)
         self.manifest_file.unlink(missing_ok=True)
         (self.dataset.folder / LOCK_NAME).unlink(missing_ok=True)
-        for folder in (self.images_folder, self.labels_folder):
+        for folder in (self.records_folder, self.images_folder, self.labels_folder):
             if folder.is_dir():
                 shutil.rmtree(folder)
         for preview in self.dataset.folder.glob(PREVIEW_PREFIX + "*.png"):
