@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares the GPU kit on this CPU machine, into .gpu_kit/ (git-ignored), for one `run` call on the lent device:
-#   .gpu_kit/site.tar.xz   the packages the device lacks (requirements-device.txt), unpacked and re-packed
+#   .gpu_kit/site.tar.xz   the packages the device lacks (requirements-device.txt), unpacked and re-packed:
+#                          site/ (first on the path), site-fallback/ (if needed), site-extra/ (last on the path)
 #   .gpu_kit/nnUNet_raw/   the kit dataset: Dataset501_Covid19Lung (real COVID-19 CT slices, all 15 patients, every
 #                          2nd slice: ~8 MB) at 128 x 128
 # and prints the size that travels (working tree + .gpu_kit; the device accepts 64 MiB, the kit wants < 60 MiB).
@@ -45,23 +46,26 @@ if [ "$data_only" = 0 ]; then
   requirements=benchmarks/gpu/requirements-device.txt
   wheel_args=(--python-version 3.12 --implementation cp --abi cp312 --platform manylinux2014_x86_64
               --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --only-binary=:all: --no-deps)
-  plain=$(grep -v '^#' "$requirements" | grep -v '# sdist\|# fallback' | sed 's/#.*//' | xargs)
-  sdist=$(grep '# sdist' "$requirements" | sed 's/#.*//' | xargs)
-  fallback=$(grep '# fallback' "$requirements" | sed 's/#.*//' | xargs)
+  plain=$(grep -v '^#' "$requirements" | grep -v '# sdist\|# fallback\|# extra' | sed 's/#.*//' | xargs)
+  extra_packages=$(grep -v '^#' "$requirements" | grep '# extra' | sed 's/#.*//' | xargs)
+  sdist=$(grep -v '^#' "$requirements" | grep '# sdist' | sed 's/#.*//' | xargs)
+  fallback=$(grep -v '^#' "$requirements" | grep '# fallback' | sed 's/#.*//' | xargs)
   "$python" -m pip download -q "${wheel_args[@]}" -d "$work/wheels" $plain
   "$python" -m pip download -q "${wheel_args[@]}" -d "$work/fallback-wheels" $fallback
+  "$python" -m pip download -q "${wheel_args[@]}" -d "$work/extra-wheels" $extra_packages
   # published as sdist only: build a (pure-Python) wheel here
   "$python" -m pip download -q --no-deps --no-binary=:all: -d "$work/sdist" $sdist
   for archive in "$work"/sdist/*; do
     "$python" -m pip wheel -q --no-deps --no-build-isolation -w "$work/wheels" "$archive"
   done
-  echo "downloaded: $(ls "$work/wheels" "$work/fallback-wheels" | grep -c whl) wheels, $(du -sh "$work/wheels" | cut -f1)"
+  echo "downloaded: $(ls "$work/wheels" "$work/fallback-wheels" "$work/extra-wheels" | grep -c whl) wheels, $(du -shc "$work"/*wheels | tail -1 | cut -f1)"
   # unpack (pip --target writes the console scripts to site/bin too), then one xz archive
   "$python" -m pip install -q --no-index --no-deps --no-compile "${wheel_args[@]}" --target "$work/kit/site" "$work"/wheels/*.whl
   "$python" -m pip install -q --no-index --no-deps --no-compile "${wheel_args[@]}" --target "$work/kit/site-fallback" "$work"/fallback-wheels/*.whl
+  "$python" -m pip install -q --no-index --no-deps --no-compile "${wheel_args[@]}" --target "$work/kit/site-extra" "$work"/extra-wheels/*.whl
   find "$work/kit" -name __pycache__ -prune -exec rm -rf {} +
-  (cd "$work/kit" && ls site site-fallback | grep -i 'dist-info$' | sed 's/.dist-info//' > "$work/kit/versions.txt")
-  tar -C "$work/kit" -cf - site site-fallback versions.txt | xz -9 -T2 > "$kit/site.tar.xz.part"
+  (cd "$work/kit" && ls site site-fallback site-extra | grep -i 'dist-info$' | sed 's/.dist-info//' > "$work/kit/versions.txt")
+  tar -C "$work/kit" -cf - site site-fallback site-extra versions.txt | xz -9 -T2 > "$kit/site.tar.xz.part"
   mv "$kit/site.tar.xz.part" "$kit/site.tar.xz"
   echo "packages: $kit/site.tar.xz ($(du -h "$kit/site.tar.xz" | cut -f1), unpacked $(du -sh "$work/kit" | cut -f1))"
 fi

@@ -55,8 +55,10 @@ else
   python=${KIT_PYTHON:-python3}
   device=cuda
   t0=$(date +%s)
-  rm -rf "$work/site" "$work/site-fallback" "$work/project"
+  rm -rf "$work/site" "$work/site-fallback" "$work/site-extra" "$work/project"
   tar -C "$work" -xJf "$kit/site.tar.xz"
+  # site-extra/ goes to the end of sys.path: the device's own packages win, these fill what it lacks
+  printf 'import sys\nsys.path.append(%s)\n' "'$work/site-extra'" > "$work/site/sitecustomize.py"
   # the project as pyproject.toml's package-dir maps it (no build step, no setuptools needed)
   mkdir -p "$work/project/nnunet_synth" "$work/project/bin"
   cp -r nnunet_synth/. "$work/project/nnunet_synth/"
@@ -89,13 +91,17 @@ mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
 [ -d "$nnUNet_raw/Dataset501_Covid19Lung" ] || cp -r "$kit/nnUNet_raw/Dataset501_Covid19Lung" "$nnUNet_raw/"
 export nnUNet_extTrainer="$("$python" -m nnunet_synth.dataset_tools.trainer_dir):$repo/benchmarks/gpu/kit_trainers"
 export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-$([ "$rehearsal" = 1 ] && echo 0 || echo 12)}
+# processes nnU-Net spawns for exporting predictions (default 8: each imports torch and nnU-Net again)
+export nnUNet_def_n_proc=${nnUNet_def_n_proc:-$([ "$rehearsal" = 1 ] && echo 1 || echo 8)}
 dataset=Dataset501_Covid19Lung
 if [ "$rehearsal" = 1 ]; then
   precision=no; compile=(); train_device=(-device cpu); plans=nnUNetPlans_cpu
   smoke_generator=(--preset tiny --image-size 32 --steps 3 --batch-size 2)
+  smoke_trainer=nnUNetTrainerKitSmoke_r50   # the SynthMix path with the rehearsal's budget, not 4 x 25 iterations
 else
   precision=bf16; compile=(--compile); train_device=(); plans=nnUNetPlans
   smoke_generator=(--preset tiny --image-size 64 --steps 30 --batch-size 16)
+  smoke_trainer=nnUNetTrainerSynthMix_debug
 fi
 
 preprocess() {  # plans and preprocessed data (once)
@@ -123,9 +129,9 @@ if wanted smoke; then
   t0=$(date +%s)
   step smoke_generate nnsynth_generate $dataset --generator "$work/smoke_generator/final" -n 16 --inference-steps 10 \
       --device $device --overwrite
-  step smoke_nnunet nnUNetv2_train $dataset 2d 0 -tr nnUNetTrainerSynthMix_debug -p $plans "${train_device[@]}"
-  fold="$nnUNet_results/$dataset/nnUNetTrainerSynthMix_debug__${plans}__2d/fold_0"
-  $stages_py merge "$json.partial" nnunet_debug "{\"seconds\": $(seconds_since "$t0"), \"trainer\": \"nnUNetTrainerSynthMix_debug\", \"plans\": \"$plans\", \"dice\": $($stages_py dice "$fold"), \"synthmix\": $(cat "$fold/synthmix.json")}"
+  step smoke_nnunet nnUNetv2_train $dataset 2d 0 -tr $smoke_trainer -p $plans "${train_device[@]}"
+  fold="$nnUNet_results/$dataset/${smoke_trainer}__${plans}__2d/fold_0"
+  $stages_py merge "$json.partial" nnunet_debug "{\"seconds\": $(seconds_since "$t0"), \"trainer\": \"$smoke_trainer\", \"plans\": \"$plans\", \"dice\": $($stages_py dice "$fold"), \"synthmix\": $(cat "$fold/synthmix.json")}"
   mv "$json.partial" "$json"
   note "smoke: $json"
 fi
@@ -135,7 +141,7 @@ if wanted throughput; then
   json="$OUT/throughput.json"; rm -f "$json.partial"
   if [ "$rehearsal" = 1 ]; then
     tiny=(--image-size 32 --batch-size 2 --steps 1 --warmup 1 --sample-count 2 --inference-steps 2)
-    default=(--image-size 64 --batch-size 1 --steps 1 --warmup 1 --sample-count 0)
+    default=(--image-size 32 --batch-size 1 --steps 1 --warmup 1 --sample-count 0)
   else
     tiny=(--steps 30 --warmup 5 --compile)
     default=(--batch-size 16 --steps 10 --warmup 3 --compile --max-batch-gib 24 --sample-count 16)

@@ -32,3 +32,9 @@ class nnUNetTrainerKit_r0(nnUNetTrainerSynthMix):
 
 class nnUNetTrainerKit_r50(nnUNetTrainerKit_r0):
     kit_ratio = 0.5
+
+
+class nnUNetTrainerKitSmoke_r50(nnUNetTrainerKit_r0):
+    """What the CPU rehearsal trains instead of nnUNetTrainerSynthMix_debug (4 x 25 iterations): the same
+    SynthMix code path with the rehearsal's tiny budget."""
+    kit_ratio = 0.5
