@@ -56,9 +56,12 @@ def test_throughput_benchmark_times_the_step_function_the_trainer_runs(example_d
     calls.clear()
     results = load_benchmark("generator_throughput").main(
         ["--preset", "tiny", "--image-size", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1",
-         "--no-plain", "--sample-count", "0", "--device", "cpu", "--peak-tflops", "1",
+         "--no-plain", "--sample-count", "0", "--device", "cpu", "--peak-tflops", "1", "--max-batch-gib", "0.01",
          "--dataset", str(example_dataset_folder), "--json", str(tmp_path / "throughput.json")])
-    assert calls == [0, 1, 2]  # one warm-up and two timed steps, all through the trainer's function
+    # one warm-up and two timed steps, then the same for batch 16 of the memory search (which is over 0.01 GiB),
+    # all through the trainer's function
+    assert calls == [0, 1, 2, 0, 1, 2]
+    assert list(results["batch_memory_gib"]) == [16] and results["largest_batch_within"] == {"0.01": None}
     assert json.loads((tmp_path / "throughput.json").read_text())["training"]["ours"]["images_per_s"] > 0
     assert results["flops_per_step"] > 0
 

@@ -17,7 +17,7 @@ def rehearsal(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_kit") / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "KIT_PYTHON": sys.executable}
     result = subprocess.run([str(REPO_ROOT / "benchmarks" / "gpu" / "rehearse.sh"), str(out), "--source", str(SOURCE)],
-                            capture_output=True, text=True, env=env, timeout=900)
+                            capture_output=True, text=True, env=env, timeout=1800)
     log = (out / "log.txt").read_text() if (out / "log.txt").is_file() else ""
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:] + log[-4000:]
     return out
@@ -75,12 +75,18 @@ def test_evidence_stage_compares_real_only_and_synthmix_on_fold_0(rehearsal):
 def test_collect_writes_one_results_file_with_the_finished_stages(rehearsal, tmp_path):
     (tmp_path / "files").mkdir()
     for path in rehearsal.iterdir():
-        if path.name != "evidence.json":  # as if the run had stopped during the evidence stage
+        if path.name != "evidence.json":  # as if the run had stopped before the evidence stage ...
             (tmp_path / "files" / path.name).write_bytes(path.read_bytes())
+    # ... and during the throughput stage, after the tiny preset
+    tiny = {"tiny": json.loads((rehearsal / "throughput.json").read_text())["tiny"]}
+    (tmp_path / "files" / "throughput.json").unlink()
+    (tmp_path / "files" / "throughput.json.partial").write_text(json.dumps(tiny))
     result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gpu" / "collect.py"),
                              str(tmp_path / "files"), "cpu rehearsal", "--date", "2026-01-01", "--results",
                              str(tmp_path / "results")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((tmp_path / "results" / "2026-01-01-cpu-rehearsal.json").read_text())
     assert sorted(record["stages"]) == ["install", "smoke", "throughput"] and record["missing"] == ["evidence"]
+    assert record["stages"]["throughput"]["incomplete"] and "default" not in record["stages"]["throughput"]
+    assert "incomplete" not in record["stages"]["smoke"]
     assert (tmp_path / "results" / "2026-01-01-cpu-rehearsal-synthetic_preview.png").is_file()

@@ -2,8 +2,9 @@
 
     python benchmarks/gpu/collect.py FILES_AT "nvidia-h100-x1" [--date 2026-11-26] [--results docs/results/gpu]
 
-FILES_AT is the folder the device tool copied $OUT into; the device name is the one the tool reported. Stages
-that did not finish are listed under "missing"; nothing is invented for them.
+FILES_AT is the folder the device tool copied $OUT into; the device name is the one the tool reported. A stage
+stopped half-way keeps its finished steps ("incomplete": true); stages that never started are listed under
+"missing"; nothing is invented for them.
 """
 import argparse
 import datetime
@@ -22,9 +23,11 @@ def collect(files_at, device, date, results_folder) -> Path:
     stem = f"{date}-{re.sub(r'[^A-Za-z0-9.-]+', '-', device).strip('-')}"
     record = {"device": device, "date": date, "stages": {}, "missing": [], "images": {}}
     for stage in STAGES:
-        path = files_at / f"{stage}.json"
+        path, partial = files_at / f"{stage}.json", files_at / f"{stage}.json.partial"
         if path.is_file():
             record["stages"][stage] = json.loads(path.read_text())
+        elif partial.is_file():  # the run was stopped during this stage: keep the steps it finished
+            record["stages"][stage] = {**json.loads(partial.read_text()), "incomplete": True}
         else:
             record["missing"].append(stage)
     for image in IMAGES:
@@ -47,7 +50,9 @@ def main(argv=None):
     parser.add_argument("--results", default=str(Path(__file__).resolve().parents[2] / "docs" / "results" / "gpu"))
     args = parser.parse_args(argv)
     target = collect(args.files_at, args.device, args.date, args.results)
-    print(f"{target}: {', '.join(json.loads(target.read_text())['stages']) or 'no stage'} finished")
+    record = json.loads(target.read_text())
+    stages = [name + (" (incomplete)" if data.get("incomplete") else "") for name, data in record["stages"].items()]
+    print(f"{target}: {', '.join(stages) or 'no stage'}; missing: {', '.join(record['missing']) or 'none'}")
 
 
 if __name__ == "__main__":
