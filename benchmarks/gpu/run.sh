@@ -11,6 +11,8 @@
 # Environment: KIT_STAGES (default "smoke throughput evidence"; install always runs unless KIT_REHEARSAL=1),
 # KIT_SKIP_DONE=1 skips stages whose JSON already lies in $OUT, KIT_REHEARSAL=1 (CPU, the current python, tiny
 # sizes: rehearse.sh), budgets KIT_GENERATOR_SECONDS (150), KIT_NNUNET_EPOCHS (10) x KIT_NNUNET_ITERATIONS (50).
+# A stage that fails writes its JSON with "failed" (the step; the log tail is in $OUT/log.txt) and the next stage runs;
+# where torch.compile fails, the step is rerun without it and its figures say "compile": false.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$repo"
@@ -32,6 +34,7 @@ note() { echo "[kit $(($(date +%s) - started))s] $*" | tee -a "$log"; }
 step() {
   local name=$1; shift
   note "$name: $*"
+  echo "$name" > "$work/last_step"
   local status=0
   "$@" > "$work/logs/$name.log" 2>&1 || status=$?
   tail -n 15 "$work/logs/$name.log" | sed "s/^/  $name| /" >> "$log"
@@ -93,6 +96,8 @@ export nnUNet_extTrainer="$("$python" -m nnunet_synth.dataset_tools.trainer_dir)
 export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-$([ "$rehearsal" = 1 ] && echo 0 || echo 12)}
 # processes nnU-Net spawns for exporting predictions (default 8: each imports torch and nnU-Net again)
 export nnUNet_def_n_proc=${nnUNet_def_n_proc:-$([ "$rehearsal" = 1 ] && echo 1 || echo 8)}
+# nnU-Net compiles its network by default on CUDA (a minute per run): off, alike for all its runs here
+export nnUNet_compile=${nnUNet_compile:-f}
 dataset=Dataset501_Covid19Lung
 if [ "$rehearsal" = 1 ]; then
   precision=no; compile=(); train_device=(-device cpu); plans=nnUNetPlans_cpu
@@ -113,52 +118,59 @@ preprocess() {  # plans and preprocessed data (once)
   fi
 }
 
-# ---------------------------------------------------------------- b. smoke
-if wanted smoke; then
-  json="$OUT/smoke.json"; rm -f "$json.partial"
+# ---------------------------------------------------------------- b-d. the stages
+stage_smoke() {
+  local t0 compiled=true
   t0=$(date +%s)
-  accelerate_device=(); [ "$rehearsal" = 1 ] && accelerate_device=(--cpu)
-  step smoke_train "$python" -m accelerate.commands.launch "${accelerate_device[@]}" --num_processes 1 \
-      --num_machines 1 --mixed_precision "$precision" --dynamo_backend no \
-      -m nnunet_synth.dataset_tools.train_generator $dataset --fold 0 "${smoke_generator[@]}" "${compile[@]}" \
-      --mixed-precision "$precision" --checkpoint-every 10 --preview-every 1000 --preview-inference-steps 5 \
-      --output "$work/smoke_generator" --no-progress
-  $stages_py merge "$json.partial" generator_training "{\"seconds\": $(seconds_since "$t0"), \"precision\": \"$precision\", \"compile\": $([ "$rehearsal" = 1 ] && echo false || echo true), \"args\": \"${smoke_generator[*]}\"}"
+  local accelerate_device=(); [ "$rehearsal" = 1 ] && accelerate_device=(--cpu)
+  local launch=("$python" -m accelerate.commands.launch "${accelerate_device[@]}" --num_processes 1 --num_machines 1
+                --mixed_precision "$precision" --dynamo_backend no -m nnunet_synth.dataset_tools.train_generator
+                $dataset --fold 0 "${smoke_generator[@]}" --mixed-precision "$precision" --checkpoint-every 10
+                --preview-every 1000 --preview-inference-steps 5 --output "$work/smoke_generator" --no-progress)
+  if [ ${#compile[@]} = 0 ]; then
+    compiled=false
+    step smoke_train "${launch[@]}"
+  elif ! step smoke_train "${launch[@]}" "${compile[@]}"; then
+    compiled=false   # torch.compile failed: the log says why; the rest of the kit runs without it
+    rm -rf "$work/smoke_generator"
+    step smoke_train_without_compile "${launch[@]}"
+  fi
+  $stages_py merge "$json.partial" generator_training "{\"seconds\": $(seconds_since "$t0"), \"precision\": \"$precision\", \"compile\": $compiled, \"compile_requested\": $([ ${#compile[@]} = 0 ] && echo false || echo true), \"args\": \"${smoke_generator[*]}\"}"
   step smoke_sampling $stages_py sampling "$work/smoke_generator" $dataset "$json.partial" --device $device
   preprocess
   t0=$(date +%s)
   step smoke_generate nnsynth_generate $dataset --generator "$work/smoke_generator/final" -n 16 --inference-steps 10 \
       --device $device --overwrite
   step smoke_nnunet nnUNetv2_train $dataset 2d 0 -tr $smoke_trainer -p $plans "${train_device[@]}"
-  fold="$nnUNet_results/$dataset/${smoke_trainer}__${plans}__2d/fold_0"
+  local fold="$nnUNet_results/$dataset/${smoke_trainer}__${plans}__2d/fold_0"
   $stages_py merge "$json.partial" nnunet_debug "{\"seconds\": $(seconds_since "$t0"), \"trainer\": \"$smoke_trainer\", \"plans\": \"$plans\", \"dice\": $($stages_py dice "$fold"), \"synthmix\": $(cat "$fold/synthmix.json")}"
-  mv "$json.partial" "$json"
-  note "smoke: $json"
-fi
+}
 
-# ---------------------------------------------------------------- c. throughput
-if wanted throughput; then
-  json="$OUT/throughput.json"; rm -f "$json.partial"
+stage_throughput() {
+  local tiny default preset args_name
   if [ "$rehearsal" = 1 ]; then
     tiny=(--image-size 32 --batch-size 2 --steps 1 --warmup 1 --sample-count 2 --inference-steps 2)
     default=(--image-size 32 --batch-size 1 --steps 1 --warmup 1 --sample-count 0)
   else
-    tiny=(--steps 30 --warmup 5 --compile)
-    default=(--batch-size 16 --steps 10 --warmup 3 --compile --max-batch-gib 24 --sample-count 16)
+    tiny=(--steps 30 --warmup 5)
+    default=(--batch-size 16 --steps 10 --warmup 3 --max-batch-gib 24 --sample-count 16)
   fi
   for preset in tiny default; do
     args_name="${preset}[@]"
-    step "throughput_$preset" "$python" benchmarks/generator_throughput.py --preset $preset --device $device \
-        --precision $precision --dataset "$nnUNet_raw/$dataset" "${!args_name}" --json "$work/throughput_$preset.json"
+    local benchmark=("$python" benchmarks/generator_throughput.py --preset $preset --device $device
+                     --precision $precision --dataset "$nnUNet_raw/$dataset" "${!args_name}"
+                     --json "$work/throughput_$preset.json")
+    if [ ${#compile[@]} = 0 ]; then
+      step "throughput_$preset" "${benchmark[@]}"
+    elif ! step "throughput_$preset" "${benchmark[@]}" "${compile[@]}"; then
+      step "throughput_${preset}_without_compile" "${benchmark[@]}"   # figures then say "compile": false
+    fi
     $stages_py merge "$json.partial" $preset "@$work/throughput_$preset.json"
   done
-  mv "$json.partial" "$json"
-  note "throughput: $json"
-fi
+}
 
-# ---------------------------------------------------------------- d. evidence
-if wanted evidence; then
-  json="$OUT/evidence.json"; rm -f "$json.partial"
+stage_evidence() {
+  local generator max_steps inference fidelity steps t0 trainer fold
   if [ "$rehearsal" = 1 ]; then
     generator=(--preset tiny --image-size 32 --batch-size 2); max_steps=3; inference=(--inference-steps 2 -n 8)
     fidelity=(--seeds 0 --max-slices 2 --inference-steps 2)
@@ -186,14 +198,37 @@ if wanted evidence; then
     t0=$(date +%s)
     step "evidence_$trainer" nnUNetv2_train $dataset 2d 0 -tr $trainer -p $plans "${train_device[@]}"
     fold="$nnUNet_results/$dataset/${trainer}__${plans}__2d/fold_0"
-    $stages_py merge "$json.partial" "$trainer" "{\"seconds\": $(seconds_since "$t0"), \"plans\": \"$plans\", \"epochs\": $nnsynth_kit_epochs, \"iterations_per_epoch\": $nnsynth_kit_iterations, \"dice\": $($stages_py dice "$fold"), \"synthmix\": $(cat "$fold/synthmix.json")}"
+    $stages_py merge "$json.partial" "$trainer" "{\"seconds\": $(seconds_since "$t0"), \"plans\": \"$plans\", \"epochs\": $nnsynth_kit_epochs, \"iterations_per_epoch\": $nnsynth_kit_iterations, \"nnUNet_compile\": \"$nnUNet_compile\", \"dice\": $($stages_py dice "$fold"), \"synthmix\": $(cat "$fold/synthmix.json")}"
   done
-  t0=$(date +%s)
   step evidence_fidelity nnsynth_evaluate fidelity $dataset --generator "cbmat=$work/evidence_generator" \
       "${fidelity[@]}" --device $device -o "$work/evaluation"
   cp "$work/evaluation/fidelity_preview.png" "$OUT/fidelity_preview.png"
   $stages_py merge "$json.partial" fidelity "@$work/evaluation/fidelity.json"
+}
+
+# A stage that fails keeps what it measured: $OUT/<stage>.json then holds "failed" (the step and its log tail is in
+# log.txt), and the next stages still run.
+run_stage() {
+  local name=$1 status
+  wanted "$name" || return 0
+  json="$OUT/$name.json"
+  rm -f "$json.partial"
+  set +e
+  (set -e; "stage_$name")
+  status=$?
+  set -e
+  if [ "$status" != 0 ]; then
+    $stages_py merge "$json.partial" failed "{\"step\": \"$(cat "$work/last_step")\", \"status\": $status}"
+    note "$name: failed in step $(cat "$work/last_step")"
+  fi
   mv "$json.partial" "$json"
-  note "evidence: $json"
-fi
-note "done"
+  note "$name: $json"
+  return "$status"
+}
+
+failures=0
+for stage in smoke throughput evidence; do
+  run_stage $stage || failures=$((failures + 1))
+done
+note "done ($failures stage(s) failed)"
+[ "$failures" = 0 ]
