@@ -41,7 +41,7 @@ MATMUL_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 def measured_peak_tflops(device, dtype, size=None, repeats=10) -> float:
     """Best rate of a square matmul in ``dtype`` on ``device``: the peak MFU is measured against."""
-    size = size or (8192 if device.type == "cuda" else 1024)
+    size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
