@@ -8,7 +8,7 @@ data loading + augmentation + forward/backward. The two trainers run in alternat
 SynthMix, stock, ...) after warm-up iterations, so drift of the machine hits both alike. Target: SynthMix within 5 %.
 
 Without --dataset the script builds a private workspace: the embedded example converted to an nnU-Net
-dataset, synthetic cases of fold 0 from a tiny generator trained here for a few steps, stock
+dataset, 13 synthetic cases from a tiny generator (train_generator + generate_synthetic_cases), stock
 nnUNetv2_plan_and_preprocess for 2d, and small CPU plans (nnunet_synth.trainers.cpu_plans) that keep the
 preprocessed data. Data augmentation runs in this process (nnUNet_n_proc_DA=0) unless you set it.
 """
@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_ID, EXAMPLE_NAME = 982, "SynthMixBenchmark"
 
 
@@ -30,20 +31,22 @@ def build_example_workspace(workdir: Path) -> str:
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (workdir / name).mkdir(parents=True, exist_ok=True)
         os.environ[name] = str(workdir / name)
-    from nnunet_synth.dataset_tools.convert_covid19_ct_slices import convert_covid19_ct_slices
-    from nnunet_synth.example import example_source_folder
-    from nnunet_synth.trainers.cpu_plans import write_cpu_plans
     from nnunet_synth.dataset import RawDataset
+    from nnunet_synth.example import example_source_folder
     from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases
-    from nnunet_synth.generator import TrainingSettings
-    from nnunet_synth.generator.training import train_generator
-    folder = convert_covid19_ct_slices(example_source_folder(), workdir / "nnUNet_raw", EXAMPLE_ID, EXAMPLE_NAME)
+    from nnunet_synth.generator import TrainingSettings, train_generator
+    from nnunet_synth.generator.checkpoints import FINAL_FOLDER
+    from nnunet_synth.trainers.cpu_plans import write_cpu_plans
+    subprocess.run([sys.executable, "-m", "nnunet_synth.dataset_tools.convert_covid19_ct_slices",
+                    str(example_source_folder()), "-o", str(workdir / "nnUNet_raw"), "-d", str(EXAMPLE_ID),
+                    "-n", EXAMPLE_NAME], check=True, capture_output=True)
+    folder = workdir / "nnUNet_raw" / f"Dataset{EXAMPLE_ID}_{EXAMPLE_NAME}"
     dataset = RawDataset(folder)
-    # a few steps of a 32 px generator: the benchmark times data loading and training, not image quality
-    generator = train_generator(dataset, workdir / "generator", TrainingSettings(
-        preset="tiny", image_size=32, batch_size=4, max_steps=3, warmup_steps=1, checkpoint_every=100,
-        preview_every=100, preview_inference_steps=2), fold=0, progress=False)
-    generate_synthetic_cases(dataset, generator.final_folder, GenerationSettings(num_cases=13, num_inference_steps=4))
+    settings = TrainingSettings(preset="tiny", image_size=32, batch_size=4, max_steps=3, warmup_steps=1,
+                                checkpoint_every=100, preview_every=100, preview_inference_steps=2)
+    train_generator(dataset, workdir / "generator", settings, fold=0, progress=False)
+    generate_synthetic_cases(dataset, workdir / "generator" / FINAL_FOLDER,
+                             GenerationSettings(num_cases=13, num_inference_steps=4))
     env = {key: value for key, value in os.environ.items() if key != "nnUNet_n_proc_DA"}  # 2.8.1 planner needs it >0
     subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", str(EXAMPLE_ID),
                     "-c", "2d", "-np", "1"], env=env, check=True, capture_output=True)

@@ -1,9 +1,18 @@
-"""The benchmark scripts run and print their figures (tiny settings; the figures themselves are not asserted)."""
+"""The benchmark scripts run and print their figures (tiny settings; the figures themselves are not asserted), time
+the code users run, and stay off the tests and the command-line layer."""
+import ast
+import importlib.util
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+
+from nnunet_synth.dataset import RawDataset
+from nnunet_synth.generator import TrainingSettings, training
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,3 +29,52 @@ def test_generator_throughput_prints_training_sampling_and_ratio_on_real_slices(
     assert re.search(r"training +ours: +[\d.]+ images/s .* MFU [\d.]+ %", output), output
     assert re.search(r"speed-up ours / plain fp32: [\d.]+x", output), output
     assert re.search(r"sampling: [\d.]+ slices/s \(2 DDIM steps", output), output
+
+
+def load_benchmark(name):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_benchmark_times_the_step_function_the_trainer_runs(example_dataset_folder, tmp_path,
+                                                                        monkeypatch):
+    calls = []
+    original = training.training_step
+
+    def counting_step(state, step):
+        calls.append(step)
+        return original(state, step)
+
+    monkeypatch.setattr(training, "training_step", counting_step)
+    torch.set_num_threads(1)
+    settings = TrainingSettings(preset="tiny", image_size=32, batch_size=2, max_steps=2, warmup_steps=1,
+                                checkpoint_every=10, preview_every=10, preview_inference_steps=1, preview_count=1)
+    training.train_generator(RawDataset(example_dataset_folder), tmp_path / "run", settings, progress=False)
+    assert calls == [0, 1]
+    calls.clear()
+    results = load_benchmark("generator_throughput").main(
+        ["--preset", "tiny", "--image-size", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+         "--no-plain", "--sample-count", "0", "--device", "cpu", "--peak-tflops", "1", "--max-batch-gib", "0.01",
+         "--dataset", str(example_dataset_folder), "--json", str(tmp_path / "throughput.json")])
+    # one warm-up and two timed steps, then the same for batch 16 of the memory search (which is over 0.01 GiB),
+    # all through the trainer's function
+    assert calls == [0, 1, 2, 0, 1, 2]
+    assert list(results["batch_memory_gib"]) == [16] and results["largest_batch_within"] == {"0.01": None}
+    assert json.loads((tmp_path / "throughput.json").read_text())["training"]["ours"]["images_per_s"] > 0
+    assert results["flops_per_step"] > 0
+
+
+def test_benchmarks_import_neither_tests_nor_the_command_line_layer():
+    for path in sorted((REPO_ROOT / "benchmarks").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(("tests", "synthetic_fixtures", "nnunet_synth.dataset_tools")), \
+                    f"{path.relative_to(REPO_ROOT)} imports {name}"

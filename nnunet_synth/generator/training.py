@@ -27,13 +27,16 @@ from nnunet_synth.generator.ablation import (AblationSchedule, ablate_label_maps
                                              one_hot_condition, training_noise)
 from nnunet_synth.generator.checkpoints import (FINAL_FOLDER, checkpoint_step, fresh_temp_folder, list_checkpoints,
                                                 read_generator_config, replace_folder, write_generator_config)
-from nnunet_synth.generator.config import (GeneratorConfig, TrainingSettings, build_noise_scheduler, build_unet)
+from nnunet_synth.generator.config import (NUM_TRAIN_TIMESTEPS, GeneratorConfig, TrainingSettings,
+                                           build_noise_scheduler, build_unet)
 from nnunet_synth.dataset.splits import fold_training_cases
 from nnunet_synth.generator.data import load_model_slices
 from nnunet_synth.generator.preview import write_preview_grid
 
 # keys of generator_config.json that must agree before a run folder is resumed
 RESUME_KEYS = ("dataset_name", "labels", "image_size", "training_cases", "unet_config", "window", "region_classes")
+# losses are copied to the host (one sync) every this many steps, and at checkpoints and the end
+LOSS_SYNC_EVERY = 25
 
 
 @dataclass
@@ -84,7 +87,7 @@ def draw_step_randomness(batch_size: int, image_size: int, step: int, schedule: 
                          offset_noise: float, generator: torch.Generator):
     """Noise (B, 1, S, S), timesteps (B,) and ablated classes (B, C) for one step, all from ``generator``."""
     noise = training_noise((batch_size, 1, image_size, image_size), offset_noise, generator)
-    timesteps = torch.randint(0, build_noise_scheduler().config.num_train_timesteps, (batch_size,), generator=generator)
+    timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch_size,), generator=generator)
     ablated_classes = schedule.draw(batch_size, step, generator)
     return noise, timesteps, ablated_classes
 
@@ -98,6 +101,105 @@ def denoising_loss(unet, noise_scheduler: DDPMScheduler, images, label_maps, noi
     model_input = torch.cat([noisy_images, condition], dim=1).contiguous(memory_format=memory_format)
     noise_prediction = unet(model_input, timesteps).sample
     return F.mse_loss(noise_prediction.float(), noise.float())
+
+
+@dataclass
+class TrainingState:
+    """Everything one optimiser step touches; built by ``build_training_state``."""
+
+    settings: TrainingSettings
+    accelerator: Accelerator
+    unet: torch.nn.Module               # as prepared by accelerate (what the optimiser updates)
+    training_unet: torch.nn.Module      # ``unet``, or its torch.compile wrapper
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: EMAModel
+    noise_scheduler: DDPMScheduler
+    schedule: AblationSchedule
+    data_order: "DataOrder"
+    images: np.ndarray                  # (N, S, S) float32 in [-1, 1], host memory
+    label_maps: np.ndarray              # (N, S, S) int64
+    num_classes: int
+    memory_format: torch.memory_format
+
+
+def new_ema(unet, settings: TrainingSettings) -> EMAModel:
+    return EMAModel(unet.parameters(), decay=settings.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
+                    power=settings.ema_power, model_cls=UNet2DModel, model_config=unet.config, foreach=True)
+
+
+def build_training_state(settings: TrainingSettings, images, label_maps, num_classes: int,
+                         schedule: AblationSchedule, accelerator: Accelerator, resume_folder=None) -> TrainingState:
+    """UNet, EMA, AdamW, LR schedule (fresh from ``settings.seed`` or loaded from ``resume_folder``) on the
+    accelerator's device, with channels_last and fused AdamW on CUDA and optional torch.compile."""
+    device = accelerator.device
+    torch.manual_seed(settings.seed)
+    unet = build_unet(settings, num_classes)
+    ema = new_ema(unet, settings)
+    training_state = None
+    if resume_folder is not None:
+        unet = UNet2DModel.from_pretrained(resume_folder / "unet")
+        ema = load_ema(resume_folder / "unet_ema")
+        training_state = torch.load(resume_folder / "training_state.pt", map_location="cpu", weights_only=False)
+    ema.to(device)
+    on_cuda = device.type == "cuda"
+    memory_format = torch.channels_last if (on_cuda and settings.channels_last) else torch.contiguous_format
+    unet = unet.to(device, memory_format=memory_format)
+    unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.learning_rate, betas=settings.adam_betas,
+                                  weight_decay=settings.weight_decay, fused=on_cuda)
+    # The LR schedule is stepped by hand once per optimiser step (not passed to accelerator.prepare, which would
+    # step it once per process).
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.max_steps)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    if training_state is not None:
+        optimizer.load_state_dict(training_state["optimizer"])
+        lr_scheduler.load_state_dict(training_state["lr_scheduler"])
+        _restore_rng_states(training_state["rng_states"])
+    training_unet = torch.compile(unet) if settings.compile else unet
+    noise_scheduler = build_noise_scheduler()
+    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    data_order = DataOrder(len(images), settings.batch_size, settings.seed, accelerator.num_processes,
+                           accelerator.process_index)
+    return TrainingState(settings, accelerator, unet, training_unet, optimizer, lr_scheduler, ema, noise_scheduler,
+                         schedule, data_order, images, label_maps, num_classes, memory_format)
+
+
+def _to_device(array_or_tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device through pinned memory (asynchronous) on CUDA; the caching host allocator keeps the pinned
+    block alive until the copy is done."""
+    tensor = torch.as_tensor(array_or_tensor)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def training_step(state: TrainingState, step: int) -> torch.Tensor:
+    """Optimiser step ``step`` (0-based) of ``nnsynth_train_generator``: the step's slices and randomness (pure
+    functions of seed, step and process), denoising loss, backward, clipping, AdamW, LR schedule, EMA.
+
+    Returns the loss averaged over processes as a device tensor (no host sync). benchmarks/generator_throughput.py
+    times this very function.
+    """
+    settings, accelerator = state.settings, state.accelerator
+    device = accelerator.device
+    generator = step_generator(settings.seed, step, accelerator.process_index)
+    batch = state.data_order.batch_indices(step)
+    batch_images = _to_device(state.images[batch][:, None], device)
+    batch_label_maps = _to_device(state.label_maps[batch], device)
+    noise, timesteps, ablated_classes = draw_step_randomness(len(batch), settings.image_size, step, state.schedule,
+                                                             settings.offset_noise, generator)
+    loss = denoising_loss(state.training_unet, state.noise_scheduler, batch_images, batch_label_maps,
+                          _to_device(noise, device), _to_device(timesteps, device), ablated_classes,
+                          state.num_classes, state.memory_format)
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(state.unet.parameters(), settings.max_grad_norm)
+    state.optimizer.step()
+    state.lr_scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.ema.step(accelerator.unwrap_model(state.unet).parameters())
+    return accelerator.gather(loss.detach()[None]).mean()
 
 
 def _names_to_values(names, dataset: RawDataset, what: str):
@@ -192,7 +294,7 @@ def save_checkpoint(run_folder: Path, step: int, unet, ema: EMAModel, optimizer,
 def load_ema(folder) -> EMAModel:
     """EMAModel.from_pretrained without its deprecated ``from_config(path)`` call: weights plus EMA counters."""
     model = UNet2DModel.from_pretrained(folder)
-    ema = EMAModel(model.parameters(), model_cls=UNet2DModel, model_config=model.config)
+    ema = EMAModel(model.parameters(), model_cls=UNet2DModel, model_config=model.config, foreach=True)
     ema_keys = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
     saved = UNet2DModel.load_config(folder)
     ema.load_state_dict({key: saved[key] for key in ema_keys if key in saved})
@@ -264,35 +366,8 @@ def train_generator(dataset: RawDataset, run_folder, settings: TrainingSettings,
                                       [dataset.labels[n] for n in config.ablation["protected_classes"]],
                                       settings.delta_0, settings.max_steps)
 
-    torch.manual_seed(settings.seed)
-    unet = build_unet(settings, dataset.num_classes)
-    ema = EMAModel(unet.parameters(), decay=settings.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
-                   power=settings.ema_power, model_cls=UNet2DModel, model_config=unet.config)
-    training_state = None
-    if resume_folder is not None:
-        unet = UNet2DModel.from_pretrained(resume_folder / "unet")
-        ema = load_ema(resume_folder / "unet_ema")
-        training_state = torch.load(resume_folder / "training_state.pt", map_location="cpu", weights_only=False)
-    ema.to(device)
-    on_cuda = device.type == "cuda"
-    memory_format = torch.channels_last if (on_cuda and settings.channels_last) else torch.contiguous_format
-    unet = unet.to(device, memory_format=memory_format)
-    unet.train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.learning_rate, betas=settings.adam_betas,
-                                  weight_decay=settings.weight_decay, fused=on_cuda)
-    # The LR schedule is stepped by hand once per optimiser step (not passed to accelerator.prepare, which would
-    # step it once per process).
-    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.max_steps)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    if training_state is not None:
-        optimizer.load_state_dict(training_state["optimizer"])
-        lr_scheduler.load_state_dict(training_state["lr_scheduler"])
-        _restore_rng_states(training_state["rng_states"])
-    training_unet = torch.compile(unet) if settings.compile else unet
-    noise_scheduler = build_noise_scheduler()
-    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
-    data_order = DataOrder(len(images), settings.batch_size, settings.seed, accelerator.num_processes,
-                           accelerator.process_index)
+    state = build_training_state(settings, images, label_maps, dataset.num_classes, schedule, accelerator,
+                                 resume_folder)
     preview_indices = np.linspace(0, len(images) - 1, min(settings.preview_count, len(images))).astype(int)
     previews_folder = run_folder / "previews"
     last_preview = None
@@ -304,42 +379,35 @@ def train_generator(dataset: RawDataset, run_folder, settings: TrainingSettings,
               f"ablation {settings.ablation_mode}, {accelerator.num_processes} process(es) on {device}, "
               f"mixed precision {accelerator.mixed_precision}; {action} -> {run_folder}")
 
-    losses = []
+    losses, pending = [], []      # pending: (step, loss on the device) not yet copied to the host
+
+    def sync_losses():
+        if pending:
+            values = torch.stack([loss for _, loss in pending]).tolist()
+            losses.extend((done_step, value) for (done_step, _), value in zip(pending, values))
+            pending.clear()
+            bar.set_postfix(loss=f"{losses[-1][1]:.4f}", lr=f"{state.lr_scheduler.get_last_lr()[0]:.2e}")
+
     bar = tqdm(range(start_step, settings.max_steps), initial=start_step, total=settings.max_steps,
                desc="generator", unit="step", disable=not (progress and is_main))
     for step in bar:
-        generator = step_generator(settings.seed, step, accelerator.process_index)
-        batch = data_order.batch_indices(step)
-        batch_images = torch.from_numpy(images[batch][:, None]).to(device)
-        batch_label_maps = torch.from_numpy(label_maps[batch]).to(device)
-        noise, timesteps, ablated_classes = draw_step_randomness(len(batch), settings.image_size, step, schedule,
-                                                                 settings.offset_noise, generator)
-        loss = denoising_loss(training_unet, noise_scheduler, batch_images, batch_label_maps, noise.to(device),
-                              timesteps.to(device), ablated_classes, dataset.num_classes, memory_format)
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(unet.parameters(), settings.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(accelerator.unwrap_model(unet).parameters())
-
+        pending.append((step + 1, training_step(state, step)))
         done = step + 1
-        step_loss = accelerator.gather(loss.detach()[None]).mean().item()
-        losses.append((done, step_loss))
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         is_last = done == settings.max_steps
+        is_checkpoint = done % settings.checkpoint_every == 0 or is_last
+        if step_callback is not None or is_checkpoint or done % LOSS_SYNC_EVERY == 0:
+            sync_losses()
         if is_main and (done % settings.preview_every == 0 or is_last):
             last_preview = previews_folder / f"step-{done:07d}.png"
-            write_preview(last_preview, ema, config, images[preview_indices], label_maps[preview_indices], device,
-                          settings.preview_inference_steps, done)
-        if done % settings.checkpoint_every == 0 or is_last:
+            write_preview(last_preview, state.ema, config, images[preview_indices], label_maps[preview_indices],
+                          device, settings.preview_inference_steps, done)
+        if is_checkpoint:
             if is_main:
-                save_checkpoint(run_folder, done, accelerator.unwrap_model(unet), ema, optimizer, lr_scheduler,
-                                noise_scheduler, config, settings.keep_checkpoints)
+                save_checkpoint(run_folder, done, accelerator.unwrap_model(state.unet), state.ema, state.optimizer,
+                                state.lr_scheduler, state.noise_scheduler, config, settings.keep_checkpoints)
             accelerator.wait_for_everyone()
         if step_callback is not None:
-            step_callback(done, step_loss)
+            step_callback(done, losses[-1][1])
     bar.close()
 
     final_config = dataclasses.replace(config, trained_steps=settings.max_steps)
@@ -348,7 +416,7 @@ def train_generator(dataset: RawDataset, run_folder, settings: TrainingSettings,
         if last_preview is None:
             existing = sorted(previews_folder.glob("step-*.png"))
             last_preview = existing[-1] if existing else None
-        write_final(run_folder, ema, noise_scheduler, final_config, last_preview)
+        write_final(run_folder, state.ema, state.noise_scheduler, final_config, last_preview)
         print(f"generator written to {final_folder}")
     accelerator.wait_for_everyone()
     return TrainingResult(run_folder, final_folder, final_config, losses, start_step)
