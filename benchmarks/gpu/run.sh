@@ -192,7 +192,7 @@ stage_evidence() {
   t0=$(date +%s)
   step evidence_generate nnsynth_generate $dataset --generator "$work/evidence_generator/final" --fold 0 \
       "${inference[@]}" --device $device --overwrite
-  cp "$nnUNet_raw/$dataset/synthetic_preview.png" "$OUT/synthetic_preview.png"
+  cp "$nnUNet_raw/$dataset/synthetic_preview_fold0.png" "$OUT/synthetic_preview.png"
   $stages_py merge "$json.partial" generation "{\"seconds\": $(seconds_since "$t0"), \"cases\": $("$python" -c "import json; print(len(json.load(open('$nnUNet_raw/$dataset/synthetic.json'))['cases']))"), \"args\": \"${inference[*]}\"}"
   for trainer in nnUNetTrainerKit_r0 nnUNetTrainerKit_r50; do
     t0=$(date +%s)
