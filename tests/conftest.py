@@ -68,7 +68,7 @@ def example_dataset_folder(nnunet_folders):
 def covid_lesion_types_dataset_folder(nnunet_folders, covid_dataset_folder):
     """A 3-class 2D dataset without a host class, built from the real COVID slices: the lung label is merged
     into background and each lesion pixel is labelled by its density, like ground glass vs consolidation:
-    1 ``ground_glass`` (median-filtered grey value below the 75th percentile of all lesion pixels), 2 ``dense``
+    1 ``ground_glass`` (5x5 mean grey value below the 75th percentile of all lesion pixels), 2 ``dense``
     (at or above it). Dataset503_Covid19LesionTypes, 15 cases."""
     import numpy as np
     from scipy import ndimage
@@ -77,7 +77,7 @@ def covid_lesion_types_dataset_folder(nnunet_folders, covid_dataset_folder):
     source = RawDataset(covid_dataset_folder)
     folder = nnunet_folders["nnUNet_raw"] / "Dataset503_Covid19LesionTypes"
     cases = {case_id: source.read_case(case_id)[:2] for case_id in source.case_ids}
-    smoothed = {case_id: np.stack([ndimage.median_filter(s, 5) for s in image]) for case_id, (image, _) in cases.items()}
+    smoothed = {case_id: ndimage.uniform_filter(image, (1, 5, 5)) for case_id, (image, _) in cases.items()}
     threshold = np.percentile(np.concatenate([smoothed[c][label == 2] for c, (_, label) in cases.items()]), 75)
     for case_id, (image, label) in cases.items():
         lesion_types = np.zeros(label.shape, dtype=np.uint8)
