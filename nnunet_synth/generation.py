@@ -15,7 +15,7 @@ from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator.checkpoints import load_generator, read_generator_config, resolve_generator_folder
 from nnunet_synth.masks import (MaskGenerationConfig, body_mask, check_rarest_class_raised, generate_label_maps,
                                 pixel_counts, resolve_class_roles)
-from nnunet_synth.quality.model_free import model_free_score, real_class_intensity_ranges
+from nnunet_synth.quality.model_free import fit_model_free_gate, model_free_score
 from nnunet_synth.quality.preview import save_preview_grid
 from nnunet_synth.sampling import sample_images
 from nnunet_synth.writer.synthetic_store import PREVIEW_NAME, SyntheticStore, synthetic_case_id
@@ -116,9 +116,9 @@ def generate_synthetic_cases(dataset: RawDataset, generator_folder, settings: Ge
         body_masks=None if host else [body_mask(image) for image in real.images],
         stop_at_target=settings.target_share is not None)   # without a share target the budget decides
     check_rarest_class_raised(mask_report, dataset.json_file)
-    real_ranges = real_class_intensity_ranges(zip(real.images, real.label_maps))
+    quality_gate = fit_model_free_gate(zip(real.images, real.label_maps))
     store.manifest["label_map_report"] = mask_report
-    store.manifest["real_class_intensity_ranges"] = real_ranges.to_dict()
+    store.manifest["model_free_gate"] = quality_gate.to_dict()
     store.save_manifest()
 
     slice_position = {map_id: index for index, map_id in enumerate(real.map_ids)}
@@ -142,9 +142,11 @@ def generate_synthetic_cases(dataset: RawDataset, generator_folder, settings: Ge
                                   device=device, progress=False,
                                   reference_images=None if settings.noise_seeding_strength is None else np.stack(references),
                                   strength=settings.noise_seeding_strength)
-        for index, generated_image, (fit, target_case) in zip(batch, generated, fits):
-            label_map = new_maps[index].label_map
-            restored, _ = restore_slice(generated_image, None, fit)
+        for index, generated_image, model_map, (fit, target_case) in zip(batch, generated, model_label_maps, fits):
+            # The label written is the conditioning map taken back to the slice's geometry (nearest), not the full
+            # resolution map: below the slice size, a small pasted region can vanish when the map is fitted, and
+            # would then be in the written label but not in the image.
+            restored, label_map = restore_slice(generated_image, model_map, fit)
             image = window.from_model(restored, image_dtypes[target_case])
             entry = {
                 "source": new_maps[index].provenance,
@@ -152,8 +154,9 @@ def generate_synthetic_cases(dataset: RawDataset, generator_folder, settings: Ge
                 "generator": {"folder": str(generator_folder), "preset": config.preset,
                               "trained_steps": config.trained_steps, "ablation_mode": config.ablation.get("mode")},
                 "sampler": {"scheduler": "DDIM", "num_inference_steps": settings.num_inference_steps,
+                            "conditioning_size": config.image_size,
                             "noise_seeding_strength": settings.noise_seeding_strength},
-                "quality": {"model_free": model_free_score(image.astype(np.float32), label_map, real_ranges)},
+                "quality": {"model_free": model_free_score(image.astype(np.float32), label_map, quality_gate)},
             }
             store.write_case(synthetic_case_id(index), image, label_map, real.properties[target_case],
                              image_dtypes[target_case], entry)
