@@ -17,8 +17,8 @@ from nnunet_synth.trainers.mixing import (SynthMixDataLoader, SynthMixDataset, r
                                           select_synthetic_cases, synthetic_count)
 from nnunet_synth.trainers.synthetic_pool import (pool_folder, pool_record_file, update_synthetic_pool)
 from nnunet_synth.writer.synthetic_store import SyntheticStore
-from synthetic_fixtures import (NUM_SCORED_CASES, SYNTHMIX_DATASET_ID, stand_in_score,  # noqa: F401
-                                synthetic_example_dataset)
+from synthetic_fixtures import (NUM_SCORED_CASES, SYNTHMIX_DATASET_ID, stand_in_pathology_iou,  # noqa: F401
+                                stand_in_score, synthetic_example_dataset)
 
 PLANS = "nnUNetPlans"
 CPU_PLANS = "nnUNetPlans_cpu"
@@ -122,6 +122,9 @@ def test_quality_filter_reads_the_chosen_quality_key(synthetic_example_dataset):
                                   if store.cases[c]["quality"]["segmentation"]["mean_dice"] >= 0.5)
     assert by_dice.used != select_synthetic_cases(store.cases, case_ids, 0.5, "model_free").used
     assert select_synthetic_cases(store.cases, case_ids, None, "model_free").used == case_ids   # no filter
+    by_iou = select_synthetic_cases(store.cases, case_ids, 0.7, "pathology_iou")     # DiffAug's gate
+    assert by_iou.used == sorted(f"synth_{i:05d}" for i in range(NUM_SCORED_CASES) if stand_in_pathology_iou(i) >= 0.7)
+    assert by_iou.used != by_dice.used
 
 
 # ------------------------------------------------------------------------------------------- synthetic pool
@@ -386,6 +389,16 @@ def test_stock_commands_train_validate_continue_and_predict(planned_dataset, syn
             quality = cases_after[case_id]["quality"]
             assert quality["segmentation"]["mean_dice"] == scores["mean_dice"]
             assert set(quality["segmentation"]["dice"]) == {"lung", "lesion"}
+            # DiffAug's gate: the lesion IoU (the pathology class of the label-map report), kept if > 0.7
+            assert set(quality["segmentation"]["pathology_iou"]) == {"lesion"} and scores["threshold"] == 0.7
+            assert scores["min_pathology_iou"] == scores["iou"]["lesion"]
+            assert scores["passed"] == (scores["min_pathology_iou"] > 0.7)
+        from nnunet_synth.dataset_tools.score import calibrate_on_real_validation
+        calibration = calibrate_on_real_validation(synthetic_example_dataset, model_folder, 0, log=lambda m: None)
+        lesion = calibration["classes"]["lesion"]
+        assert sorted(calibration["validation_cases"]) == sorted(splits[0]["val"]) and lesion["slices"] == len(lesion["iou"]) > 0
+        assert all(0.0 <= iou <= 1.0 for iou in lesion["iou"])
+        assert (model_folder / "nnsynth_calibration_fold0.json").is_file()
         assert cases_after["synth_00000"]["quality"]["model_free"]["score"] == stand_in_score(0)
     finally:
         manifest_file.write_bytes(manifest_backup)

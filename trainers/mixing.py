@@ -28,7 +28,9 @@ ENV_MIN_QUALITY = "nnsynth_min_quality"
 ENV_QUALITY_KEY = "nnsynth_quality_key"
 
 # quality key -> (group in the manifest entry's "quality" dict, field holding the score)
-QUALITY_SCORES = {"model_free": ("model_free", "score"), "segmentation": ("segmentation", "mean_dice")}
+# pathology_iou: DiffAug's gate (003 §3.3), the lowest IoU over the pathology classes (nnsynth_score)
+QUALITY_SCORES = {"model_free": ("model_free", "score"), "segmentation": ("segmentation", "mean_dice"),
+                  "pathology_iou": ("segmentation", "min_pathology_iou")}
 
 DEFAULT_RATIO = 0.5
 DEFAULT_MIN_QUALITY = None          # no quality filter
