@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--probability-reading", choices=PROBABILITY_READINGS, default="equation",
                           help="delta_c = delta_0 (1 - f_c) as 000's eq. 8 (default) or delta_0 f_c as its text")
     training.add_argument("--protected-classes", nargs="*", help="label names never ablated (default: the most "
-                          "frequent non-background class)")
+                          "frequent non-background class if it is >= 80 %% of the foreground, as the label maps' host)")
     training.add_argument("--region-classes", nargs="+", help="label names forming the region of 000 §3.2; pixels "
                           "outside are set to the window minimum (default: no region masking)")
     training.add_argument("--window", type=float, nargs=2, metavar=("LOWER", "UPPER"), help="intensity window")

@@ -175,9 +175,10 @@ def test_generator_config_records_frequency_definition_and_delta_c(covid_lesion_
     from nnunet_synth.generator import TrainingSettings
     from nnunet_synth.generator.training import prepare_generator_config
     dataset = RawDataset(covid_lesion_types_dataset_folder)
-    settings = TrainingSettings(preset="tiny", image_size=32, protected_classes=[]).resolved()
-    config = prepare_generator_config(dataset, settings, dataset.case_ids[:3], 0)
+    settings = TrainingSettings(preset="tiny", image_size=32).resolved()
+    config = prepare_generator_config(dataset, settings, dataset.case_ids, 0)
     ablation = config.ablation
+    assert ablation["protected_classes"] == []     # ground glass (75 % of the foreground) is no surrounding tissue
     assert ablation["frequency_definition"] == "foreground" and ablation["probability_reading"] == "equation"
     assert sum(ablation["frequencies"].values()) == pytest.approx(1.0) and ablation["frequencies"]["background"] == 0
     for name in ("ground_glass", "dense"):

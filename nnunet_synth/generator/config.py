@@ -76,7 +76,7 @@ class TrainingSettings:
     delta_0: float = 0.5                # 000 gives no value for delta_0; 0.5 matches MAT's probability
     frequency_definition: str = "foreground"  # f_c counted over foreground, all or pathology pixels (ablation.py)
     probability_reading: str = "equation"     # delta_0 (1 - f_c) as 000 eq. 8, or "text": delta_0 f_c
-    protected_classes: list = None      # label names never ablated; None = most frequent non-background class
+    protected_classes: list = None      # label names never ablated; None = the host class of masks.default_class_roles
     region_classes: list = None         # label names forming the region of 000 §3.2; None = no region masking
     window: tuple = None                # intensity window override (lower, upper) in dataset units
     mixed_precision: str = "auto"       # auto (bf16 on GPUs that have it, else fp16; none on CPU), no, fp16, bf16

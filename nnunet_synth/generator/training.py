@@ -24,8 +24,8 @@ import nnunet_synth
 from nnunet_synth.dataset import IntensityWindow, RawDataset, class_pixel_frequencies, dataset_intensity_window
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator.ablation import (AblationSchedule, ablate_label_maps, cbmat_class_frequencies,
-                                             make_ablation_schedule,
-                                             one_hot_condition, training_noise)
+                                             make_ablation_schedule, one_hot_condition, training_noise)
+from nnunet_synth.masks.balance import default_class_roles
 from nnunet_synth.generator.checkpoints import (FINAL_FOLDER, checkpoint_step, fresh_temp_folder, list_checkpoints,
                                                 read_generator_config, replace_folder, write_generator_config)
 from nnunet_synth.generator.config import (GeneratorConfig, TrainingSettings, build_noise_scheduler, build_unet)
@@ -112,8 +112,10 @@ def prepare_generator_config(dataset: RawDataset, settings: TrainingSettings, ca
     """Frequencies, window, ablation schedule and UNet config of a run, before any training."""
     frequencies = class_pixel_frequencies(dataset, case_ids)
     if settings.protected_classes is None:
-        most_frequent = 1 + int(np.argmax(frequencies[1:])) if dataset.num_classes > 1 else 0
-        protected_names = [dataset.class_names[most_frequent]] if most_frequent else []
+        # the surrounding tissue of 000 = the host class of the label maps (masks.default_class_roles): the most
+        # frequent class only if it is most of the foreground; ground glass beside consolidation is no host
+        host = default_class_roles(frequencies)[0] if np.any(frequencies[1:] > 0) else []
+        protected_names = [dataset.class_names[value] for value in host]
     else:
         protected_names = list(settings.protected_classes)
     protected_values = _names_to_values(protected_names, dataset, "protected classes")
