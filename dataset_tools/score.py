@@ -91,15 +91,20 @@ def _make_predictor(model_folder: Path, folds, checkpoint: str):
     return predictor
 
 
+def _check_model_folder(model_folder: Path):
+    if not (model_folder / "plans.json").is_file() or not (model_folder / "dataset.json").is_file():
+        raise NnsynthError(f"{model_folder} is not an nnU-Net model folder (plans.json/dataset.json missing): give "
+                           f"$nnUNet_results/<Dataset>/<Trainer>__<Plans>__<configuration>")
+
+
 def score_synthetic_cases(dataset_folder, model_folder, folds=None, checkpoint: str = "checkpoint_final.pth",
-                          log=print) -> dict:
+                          log=print, threshold: float = DEFAULT_IOU_THRESHOLD, pathology_names=None) -> dict:
     """Predict every complete synthetic case with the model, write quality.segmentation; return it per case."""
     dataset = RawDataset(dataset_folder)
     store = SyntheticStore(dataset)
     model_folder = Path(model_folder)
-    if not (model_folder / "plans.json").is_file() or not (model_folder / "dataset.json").is_file():
-        raise NnsynthError(f"{model_folder} is not an nnU-Net model folder (plans.json/dataset.json missing): give "
-                           f"$nnUNet_results/<Dataset>/<Trainer>__<Plans>__<configuration>")
+    _check_model_folder(model_folder)
+    pathology_names = pathology_class_names(dataset, store, pathology_names)
     if model_folder.name.startswith("nnUNetTrainerSynthMix") and "_r0__" not in model_folder.name:
         log(f"warning: {model_folder.name} was trained with synthetic cases; scores from a real-only model are "
             f"the intended quality gate")
