@@ -38,8 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--inference-steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--batch-size", type=int, default=16, help="slices sampled at once")
-    parser.add_argument("--target-share", type=float, help="stop once every pathology class has this pixel share "
-                        "over real + new maps (default: make all requested cases)")
+    balance = parser.add_argument_group("label maps (class balance, 000 §2.3; shares are of the region = host + "
+                                        "pathology classes)")
+    balance.add_argument("--host-classes", nargs="*", metavar="NAME", help="label names pathology may be pasted onto "
+                         "(normal tissue); give the option with no name for none (default: the most frequent class "
+                         "if it is >= 80 %% of the labelled foreground, else none)")
+    balance.add_argument("--pathology-classes", nargs="+", metavar="NAME", help="label names to balance (default: "
+                         "every other non-background class)")
+    balance.add_argument("--target-factor", type=float, help="raise the rarest pathology class to this multiple of "
+                         "its real share of the region (default 3)")
+    balance.add_argument("--max-target-share", type=float, help="... at most this share of the region (default 0.5)")
+    balance.add_argument("--map-cap", type=float, dest="map_class_share_cap", help="in one new map a class covers at "
+                         "most max(this, its target) of the map's region (default 0.3)")
+    for name, default in (("rotate", 0.5), ("shift", 0.8), ("dilate", 0.3)):
+        balance.add_argument(f"--p-{name}", type=float, help=f"probability of the {name} transform (default {default})")
+    balance.add_argument("--target-share", type=float, help="instead of the default goal: stop once every pathology "
+                         "class has this share of the region over real + new maps")
     parser.add_argument("--noise-seeding", type=float, metavar="STRENGTH", help="start sampling from the target's "
                         "real slice noised to this strength (0-1], 004 §2.5; default: pure noise")
     parser.add_argument("--overwrite", action="store_true", help="replace the existing synthetic cases (only those)")
@@ -58,6 +72,30 @@ def generator_for_fold(dataset: RawDataset, args, fold):
         settings = TrainingSettings(preset=args.preset, max_steps=args.train_steps, seed=args.seed)
         train_generator(dataset, run_folder, settings, fold=fold)
     return run_folder / FINAL_FOLDER
+
+
+def balancing_from_args(args) -> dict:
+    """Class roles and MaskGenerationConfig overrides given on the command line (None when none was given)."""
+    values = {"host_classes": args.host_classes, "pathology_classes": args.pathology_classes,
+              "target_factor": args.target_factor, "max_target_share": args.max_target_share,
+              "map_class_share_cap": args.map_class_share_cap, "p_rotate": args.p_rotate, "p_shift": args.p_shift,
+              "p_dilate": args.p_dilate}
+    given = {key: value for key, value in values.items() if value is not None}
+    return given or None
+
+
+def format_share_table(report: dict, class_names) -> str:
+    """Per class of the region: share before -> after (real maps -> real + new maps)."""
+    lines = [f"share of the region ({' + '.join(class_names[c] for c in report['region_classes'])}), real maps -> "
+             f"real + {report['num_new_maps']} new maps:"]
+    for entry in report["classes"]:
+        name = class_names[entry["class"]]
+        note = f"  ({entry['role']}" + (f", target {100 * entry['target_share']:.1f} %"
+                                        if entry["target_share"] is not None else "") + ")"
+        if entry["class"] == report["rarest_class"]:
+            note += f"  rarest pathology class: x{entry['share_after'] / entry['share_before']:.2f}"
+        lines.append(f"  {name:<20} {100 * entry['share_before']:6.2f} % -> {100 * entry['share_after']:6.2f} %{note}")
+    return "\n".join(lines)
 
 
 @command_entry_point
@@ -89,16 +127,13 @@ def generate_for_fold(dataset: RawDataset, args, fold):
         raise NnsynthError(f"--num-cases must be at least 1, got {num_cases}")
     settings = GenerationSettings(num_cases=num_cases, seed=args.seed, num_inference_steps=args.inference_steps,
                                   target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, balancing=balancing_from_args(args))
     summary = generate_synthetic_cases(dataset, generator_folder, settings, fold=fold, device=args.device,
                                        overwrite=args.overwrite)
-    report = summary["label_map_report"]
-    shares = ", ".join(f"class {c['class']} {100 * c['share_before']:.2f} % -> {100 * c['share_after']:.2f} %"
-                       for c in report["classes"])
     fold = summary["fold"]
     print(f"fold {fold}: {summary['total']} synthetic cases in {dataset.folder} ({summary['written']} written now, "
-          f"{summary['skipped']} already there); pixel share over real + new maps: {shares}; "
-          f"model-free quality gate passed by {summary['model_free_passed']}")
+          f"{summary['skipped']} already there); model-free quality gate passed by {summary['model_free_passed']}")
+    print(format_share_table(summary["label_map_report"], dataset.class_names))
     print(f"manifest: {summary['store']}")
     print(f"preview grid: {summary['preview']}")
     if str(fold) != "all":

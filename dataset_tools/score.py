@@ -1,6 +1,7 @@
 """nnsynth_score: score synthetic pairs with an nnU-Net model trained on real data.
 
-    nnsynth_score DatasetXXX -m MODEL_FOLDER [-f FOLD ...] [-chk checkpoint_final.pth]
+    nnsynth_score DatasetXXX -m MODEL_FOLDER [-f FOLD ...] [-chk checkpoint_final.pth] [--threshold 0.7]
+    nnsynth_score DatasetXXX -m MODEL_FOLDER -f FOLD --calibrate
 
 MODEL_FOLDER is an nnU-Net results folder (``$nnUNet_results/<Dataset>/<Trainer>__<Plans>__<conf>``) of a model
 trained on the real data. Each synthetic case made for fold k is segmented by the model's fold k, which was
@@ -11,12 +12,19 @@ Dice and IoU between the prediction and the label map the image was generated fr
 ``quality.segmentation``::
 
     {"mean_dice": mean Dice over foreground classes present in label or prediction,
-     "mean_iou": ..., "dice": {class name: Dice or null}, "iou": {...}, "model": ..., "model_fold": "k",
-     "checkpoint": ...}
+     "mean_iou": ..., "dice": {class name: Dice or null}, "iou": {...},
+     "pathology_iou": {pathology class name: IoU or null}, "min_pathology_iou": the lowest of them,
+     "threshold": 0.7, "passed": min_pathology_iou > threshold, "model": ..., "model_fold": "k", "checkpoint": ...}
 
-Other quality keys (e.g. ``quality.model_free``) are kept. A class absent from both label and prediction has
-no Dice (null) and does not count in the mean. nnUNetTrainerSynthMix filters on ``mean_dice`` with
-``nnsynth_quality_key=segmentation nnsynth_min_quality=...``. Runs on the GPU when there is one, else CPU.
+The gate is DiffAug's (003 §3.3, eq. 14): the IoU between the intended *abnormality* mask and the prediction of
+a model trained on real data, per pathology class, keep if > 0.7. The mean Dice over all classes is kept for
+reference, but it is not the gate: a dominant healthy class hides a missed lesion. Pathology classes: those of
+the label-map report in synthetic.json (``--pathology-classes`` overrides). Other quality keys (e.g.
+``quality.model_free``) are kept. A class absent from both label and prediction has no score (null) and does
+not count. nnUNetTrainerSynthMix filters on the pathology IoU with ``nnsynth_quality_key=pathology_iou
+nnsynth_min_quality=0.7`` (``segmentation`` = the mean Dice). ``--calibrate`` reports the same per-class IoU on
+the real validation slices of the model's fold (slices where the class is present), so that a threshold can be
+chosen against what the model achieves on real data. Runs on the GPU when there is one, else CPU.
 """
 import argparse
 from pathlib import Path
@@ -28,8 +36,13 @@ from nnunet_synth.errors import NnsynthError, command_entry_point
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 
-def overlap_scores(prediction: np.ndarray, label_map: np.ndarray, labels: dict) -> dict:
-    """Per-class Dice and IoU of ``prediction`` against ``label_map`` for the foreground ``labels`` (name->value)."""
+DEFAULT_IOU_THRESHOLD = 0.7   # DiffAug (003 §3.3)
+
+
+def overlap_scores(prediction: np.ndarray, label_map: np.ndarray, labels: dict, pathology_names=(),
+                   threshold: float = DEFAULT_IOU_THRESHOLD) -> dict:
+    """Per-class Dice and IoU of ``prediction`` against ``label_map`` for the foreground ``labels`` (name->value),
+    and the gate on the IoU of the pathology classes ``pathology_names``."""
     dice, iou = {}, {}
     for name, value in labels.items():
         if value == 0:
@@ -45,9 +58,33 @@ def overlap_scores(prediction: np.ndarray, label_map: np.ndarray, labels: dict) 
             iou[name] = tp / (tp + fp + fn)
     defined = [value for value in dice.values() if value is not None]
     defined_iou = [value for value in iou.values() if value is not None]
+    pathology_iou = {name: iou[name] for name in pathology_names}
+    defined_pathology = [value for value in pathology_iou.values() if value is not None]
+    min_pathology_iou = float(min(defined_pathology)) if defined_pathology else None
     return {"mean_dice": float(np.mean(defined)) if defined else None,
             "mean_iou": float(np.mean(defined_iou)) if defined_iou else None,
-            "dice": dice, "iou": iou}
+            "dice": dice, "iou": iou, "pathology_iou": pathology_iou, "min_pathology_iou": min_pathology_iou,
+            "threshold": float(threshold),
+            "passed": None if min_pathology_iou is None else bool(min_pathology_iou > threshold)}
+
+
+def pathology_class_names(dataset: RawDataset, store: SyntheticStore, names=None, fold=None) -> list:
+    """Pathology classes to gate on: ``names``, else those of fold ``fold``'s label-map report (of any fold's when
+    ``fold`` is None), else every foreground class."""
+    if names:
+        unknown = [name for name in names if name not in dataset.labels or dataset.labels[name] == 0]
+        if unknown:
+            raise NnsynthError(f"{dataset.json_file}: --pathology-classes {unknown} are not foreground labels "
+                               f"(labels: {list(dataset.labels)})")
+        return list(names)
+    folds = store.manifest["folds"]
+    records = [folds.get(str(fold), {})] if fold is not None else list(folds.values())
+    reported = [value for record in records
+                for value in (record.get("label_map_report") or {}).get("pathology_classes") or []]
+    values = sorted(set(reported)) if reported else None
+    if values is None:
+        values = [value for value in dataset.labels.values() if value != 0]
+    return [name for name, value in dataset.labels.items() if value in values]
 
 
 def _make_predictor(model_folder: Path, folds, checkpoint: str):
@@ -63,16 +100,20 @@ def _make_predictor(model_folder: Path, folds, checkpoint: str):
     return predictor
 
 
+def _check_model_folder(model_folder: Path):
+    if not (model_folder / "plans.json").is_file() or not (model_folder / "dataset.json").is_file():
+        raise NnsynthError(f"{model_folder} is not an nnU-Net model folder (plans.json/dataset.json missing): give "
+                           f"$nnUNet_results/<Dataset>/<Trainer>__<Plans>__<configuration>")
+
+
 def score_synthetic_cases(dataset_folder, model_folder, folds=None, checkpoint: str = "checkpoint_final.pth",
-                          log=print) -> dict:
+                          log=print, threshold: float = DEFAULT_IOU_THRESHOLD, pathology_names=None) -> dict:
     """Predict the complete synthetic cases (of ``folds``, default all) with the model's fold of each case, write
     quality.segmentation; return the scores per case."""
     dataset = RawDataset(dataset_folder)
     store = SyntheticStore(dataset)
     model_folder = Path(model_folder)
-    if not (model_folder / "plans.json").is_file() or not (model_folder / "dataset.json").is_file():
-        raise NnsynthError(f"{model_folder} is not an nnU-Net model folder (plans.json/dataset.json missing): give "
-                           f"$nnUNet_results/<Dataset>/<Trainer>__<Plans>__<configuration>")
+    _check_model_folder(model_folder)
     if model_folder.name.startswith("nnUNetTrainerSynthMix") and "_r0__" not in model_folder.name:
         log(f"warning: {model_folder.name} was trained with synthetic cases; scores from a real-only model are "
             f"the intended quality gate")
@@ -101,11 +142,12 @@ def score_synthetic_cases(dataset_folder, model_folder, folds=None, checkpoint: 
             raise NnsynthError(f"the model's labels {model_labels} differ from {dataset.name}'s {dataset.labels}: "
                                f"score with a model trained on this dataset")
         reader = predictor.plans_manager.image_reader_writer_class()
+        names = pathology_class_names(dataset, store, pathology_names, fold)
         for index, case_id in enumerate(fold_case_ids):
             image, properties = reader.read_images([str(store.image_file(case_id))])
             label_map, _ = reader.read_seg(str(store.label_file(case_id)))
             prediction = predictor.predict_single_npy_array(image, properties)
-            scores = overlap_scores(np.asarray(prediction), label_map[0], dataset.labels)
+            scores = overlap_scores(np.asarray(prediction), label_map[0], dataset.labels, names, threshold)
             scores.update(model=str(model_folder.resolve()), model_fold=fold, checkpoint=checkpoint)
             results[case_id] = scores
             if (index + 1) % 50 == 0 or index + 1 == len(fold_case_ids):
@@ -124,6 +166,53 @@ def score_synthetic_cases(dataset_folder, model_folder, folds=None, checkpoint: 
     return results
 
 
+CALIBRATION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def calibrate_on_real_validation(dataset_folder, model_folder, fold, checkpoint: str = "checkpoint_final.pth",
+                                 pathology_names=None, log=print) -> dict:
+    """Per pathology class, the IoU of the model on the real validation slices of ``fold`` (slices that hold
+    the class): the scale on which the synthetic cases' pathology IoU and its threshold are read. Written to
+    ``<model_folder>/nnsynth_calibration_fold<F>.json``; returned."""
+    from nnunet_synth.atomic import write_json_atomic
+    from nnunet_synth.dataset.splits import fold_training_cases
+    dataset = RawDataset(dataset_folder)
+    model_folder = Path(model_folder)
+    _check_model_folder(model_folder)
+    if fold is None or str(fold) == "all":
+        raise NnsynthError("--calibrate needs one fold (-f F): its validation cases are the real slices the model "
+                           "never saw")
+    names = pathology_class_names(dataset, SyntheticStore(dataset), pathology_names, fold)
+    training = set(fold_training_cases(dataset, fold))
+    validation = [case_id for case_id in dataset.case_ids if case_id not in training]
+    predictor = _make_predictor(model_folder, [int(fold)], checkpoint)
+    reader = predictor.plans_manager.image_reader_writer_class()
+    ious = {name: [] for name in names}
+    for case_id in validation:
+        files = dataset.cases[case_id]
+        image, properties = reader.read_images(files["images"])
+        label_map = reader.read_seg(files["label"])[0][0]
+        prediction = np.asarray(predictor.predict_single_npy_array(image, properties)).reshape(label_map.shape)
+        for slice_index in range(label_map.shape[0]):
+            scores = overlap_scores(prediction[slice_index], label_map[slice_index], dataset.labels, names)
+            for name in names:
+                if np.any(label_map[slice_index] == dataset.labels[name]):
+                    ious[name].append(scores["iou"][name])
+        log(f"calibration: predicted {case_id}")
+    classes = {}
+    for name, values in ious.items():
+        values = np.asarray(values, dtype=np.float64)
+        classes[name] = {"slices": int(values.size), "iou": [float(v) for v in values]}
+        if values.size:
+            classes[name].update(median=float(np.median(values)),
+                                 quartiles=[float(q) for q in np.percentile(values, (25, 75))],
+                                 share_above={str(t): float(np.mean(values > t)) for t in CALIBRATION_THRESHOLDS})
+    result = {"model": str(model_folder.resolve()), "fold": str(fold), "checkpoint": checkpoint,
+              "validation_cases": validation, "classes": classes}
+    write_json_atomic(result, model_folder / f"nnsynth_calibration_fold{fold}.json")
+    return result
+
+
 @command_entry_point
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="nnsynth_score", description=__doc__,
@@ -134,11 +223,35 @@ def main(argv=None):
                         help="score only the synthetic cases made for these folds (default: all); each case is "
                              "scored by the model's fold it was made for")
     parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint file name")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_IOU_THRESHOLD,
+                        help="keep a synthetic case if every pathology class has IoU above this (default 0.7, 003)")
+    parser.add_argument("--pathology-classes", nargs="+", metavar="NAME",
+                        help="label names to gate on (default: the pathology classes of the label-map report)")
+    parser.add_argument("--calibrate", action="store_true", help="instead of scoring, report the per-class IoU of "
+                        "the model on the real validation slices of its fold (-f F)")
     args = parser.parse_args(argv)
-    results = score_synthetic_cases(RawDataset.from_name(args.dataset).folder, args.model, args.folds, args.checkpoint)
+    folds = args.folds
+    dataset_folder = RawDataset.from_name(args.dataset).folder
+    if args.calibrate:
+        if not folds or len(folds) != 1:
+            raise NnsynthError("--calibrate needs exactly one fold: -f F")
+        result = calibrate_on_real_validation(dataset_folder, args.model, folds[0], args.checkpoint,
+                                              args.pathology_classes)
+        for name, entry in result["classes"].items():
+            if not entry["slices"]:
+                print(f"{name}: no validation slice holds this class")
+                continue
+            above = ", ".join(f"> {t}: {100 * share:.0f} %" for t, share in entry["share_above"].items())
+            print(f"{name}: IoU on {entry['slices']} real validation slices (fold {result['fold']}): median "
+                  f"{entry['median']:.3f}, quartiles {entry['quartiles'][0]:.3f}-{entry['quartiles'][1]:.3f}; "
+                  f"slices with IoU {above}")
+        return
+    results = score_synthetic_cases(dataset_folder, args.model, folds, args.checkpoint, threshold=args.threshold,
+                                    pathology_names=args.pathology_classes)
     means = [scores["mean_dice"] for scores in results.values() if scores["mean_dice"] is not None]
-    print(f"scored {len(results)} synthetic cases; mean Dice over cases "
-          f"{np.mean(means):.3f}" if means else f"scored {len(results)} synthetic cases; no Dice defined")
+    passed = sum(bool(scores["passed"]) for scores in results.values())
+    print(f"scored {len(results)} synthetic cases; {passed} pass the pathology IoU gate (> {args.threshold}); "
+          + (f"mean Dice over cases {np.mean(means):.3f}" if means else "no Dice defined"))
 
 
 if __name__ == "__main__":

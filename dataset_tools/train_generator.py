@@ -9,6 +9,7 @@ import argparse
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
 from nnunet_synth.generator.checkpoints import generator_run_folder
+from nnunet_synth.generator.ablation import FREQUENCY_DEFINITIONS, PROBABILITY_READINGS
 from nnunet_synth.generator.config import ABLATION_MODES, PRESETS, TrainingSettings
 from nnunet_synth.generator.training import train_generator
 
@@ -38,8 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     training = parser.add_argument_group("training")
     training.add_argument("--ablation", choices=ABLATION_MODES, default="cbmat", dest="ablation_mode")
     training.add_argument("--delta-0", type=float, default=0.5, help="CBMAT initial ablation probability")
+    training.add_argument("--frequency-definition", choices=FREQUENCY_DEFINITIONS, default="foreground",
+                          help="pixels over which CBMAT's class frequency f_c is counted (default: foreground)")
+    training.add_argument("--probability-reading", choices=PROBABILITY_READINGS, default="equation",
+                          help="delta_c = delta_0 (1 - f_c) as 000's eq. 8 (default) or delta_0 f_c as its text")
     training.add_argument("--protected-classes", nargs="*", help="label names never ablated (default: the most "
-                          "frequent non-background class)")
+                          "frequent non-background class if it is >= 80 %% of the foreground, as the label maps' host)")
     training.add_argument("--region-classes", nargs="+", help="label names forming the region of 000 §3.2; pixels "
                           "outside are set to the window minimum (default: no region masking)")
     training.add_argument("--window", type=float, nargs=2, metavar=("LOWER", "UPPER"), help="intensity window")
@@ -63,6 +68,7 @@ def settings_from_args(args) -> TrainingSettings:
         layers_per_block=args.layers_per_block, batch_size=args.batch_size, learning_rate=args.learning_rate,
         max_steps=args.max_steps, warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every,
         preview_every=args.preview_every, ablation_mode=args.ablation_mode, delta_0=args.delta_0,
+        frequency_definition=args.frequency_definition, probability_reading=args.probability_reading,
         protected_classes=args.protected_classes, region_classes=args.region_classes,
         window=tuple(args.window) if args.window else None, offset_noise=args.offset_noise,
         ema_max_decay=args.ema_max_decay, max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,

@@ -20,9 +20,10 @@ from nnunet_synth.dataset import IntensityWindow, RawDataset, fit_slice, restore
 from nnunet_synth.dataset.splits import fold_validation_cases
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator.checkpoints import load_generator, read_generator_config, resolve_generator_folder
-from nnunet_synth.masks import default_class_roles, generate_label_maps, pixel_counts
+from nnunet_synth.masks import (MaskGenerationConfig, body_mask, check_rarest_class_raised, generate_label_maps,
+                                pixel_counts, resolve_class_roles)
 from nnunet_synth.provenance import GENERATOR_TRAINING_CASES, SOURCE_CASES, label_map_source_cases
-from nnunet_synth.quality.model_free import model_free_score, real_class_intensity_ranges
+from nnunet_synth.quality.model_free import fit_model_free_gate, model_free_score
 from nnunet_synth.quality.preview import save_preview_grid
 from nnunet_synth.sampling import sample_images
 from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
@@ -38,9 +39,10 @@ class GenerationSettings:
     num_cases: int
     seed: int = 0
     num_inference_steps: int = 50
-    target_share: float = None          # stop early once every pathology class has this pixel share
+    target_share: float = None          # stop early once every pathology class has this share of the region
     noise_seeding_strength: float = None  # 004 §2.5: start from the target's real slice noised to this strength
     batch_size: int = 16
+    balancing: dict = None              # class roles (label names) and MaskGenerationConfig overrides
 
     def recipe(self, generator_folder) -> dict:
         """The fields that must agree between runs writing into one store (batch size does not matter)."""
@@ -78,18 +80,13 @@ def num_cases_for_ratio(dataset: RawDataset, generator_folder, ratio: float) -> 
     return max(1, round(ratio * real_slices))
 
 
-def class_roles(dataset: RawDataset, generator_config, label_maps):
-    """Host classes (the generator's protected classes, else the most frequent non-background class) and
-    pathology classes (every other non-background class)."""
-    protected_names = generator_config.ablation.get("protected_classes") or []
-    counts = pixel_counts(label_maps, dataset.num_classes)
-    default_host, _ = default_class_roles(counts)
-    host = [dataset.labels[name] for name in protected_names] or list(default_host)
-    pathology = [value for value in range(1, dataset.num_classes) if value not in host]
-    if not pathology:
-        raise NnsynthError(f"{dataset.json_file}: every foreground class is a host class, so there is no pathology "
-                           f"to balance: train the generator with fewer protected classes")
-    return host, pathology
+def class_roles(dataset: RawDataset, label_maps, balancing=None):
+    """Host and pathology classes (values): named in ``balancing`` (label names; host ``[]`` = none), else the
+    defaults of ``nnunet_synth.masks.default_class_roles``."""
+    balancing = balancing or {}
+    return resolve_class_roles(dataset.labels, pixel_counts(label_maps, dataset.num_classes),
+                               balancing.get("host_classes"), balancing.get("pathology_classes"),
+                               source=str(dataset.json_file))
 
 
 def _check_recipe(store: SyntheticStore, fold, recipe: dict):
@@ -146,15 +143,18 @@ def _generate_into_store(dataset, store, unet, config, generator_folder, setting
     fold_record[GENERATOR_TRAINING_CASES] = sorted(config.training_cases)
 
     real = read_training_slices(dataset, config.training_cases)
-    host, pathology = class_roles(dataset, config, real.label_maps)
+    host, pathology = class_roles(dataset, real.label_maps, settings.balancing)
+    mask_config = MaskGenerationConfig(**{k: v for k, v in (settings.balancing or {}).items() if "classes" not in k})
     new_maps, mask_report = generate_label_maps(
         real.label_maps, real.map_ids, host_classes=host, pathology_classes=pathology,
-        # without a share target the budget decides: 0.99 is never reached (a pathology class only grows over host pixels)
-        target_share=0.99 if settings.target_share is None else settings.target_share,
-        max_new_maps=settings.num_cases, seed=settings.seed, num_classes=dataset.num_classes)
-    real_ranges = real_class_intensity_ranges(zip(real.images, real.label_maps))
+        target_share=settings.target_share, max_new_maps=settings.num_cases, seed=settings.seed,
+        num_classes=dataset.num_classes, config=mask_config,
+        body_masks=None if host else [body_mask(image) for image in real.images],
+        stop_at_target=settings.target_share is not None)   # without a share target the budget decides
+    check_rarest_class_raised(mask_report, dataset.json_file)
+    quality_gate = fit_model_free_gate(zip(real.images, real.label_maps))    # on the fold's training slices
     fold_record["label_map_report"] = mask_report
-    fold_record["real_class_intensity_ranges"] = real_ranges.to_dict()
+    fold_record["model_free_gate"] = quality_gate.to_dict()
     store.save_manifest()
 
     slice_position = {map_id: index for index, map_id in enumerate(real.map_ids)}
@@ -178,9 +178,11 @@ def _generate_into_store(dataset, store, unet, config, generator_folder, setting
                                   device=device, progress=False,
                                   reference_images=None if settings.noise_seeding_strength is None else np.stack(references),
                                   strength=settings.noise_seeding_strength)
-        for index, generated_image, (fit, target_case) in zip(batch, generated, fits):
-            label_map = new_maps[index].label_map
-            restored, _ = restore_slice(generated_image, None, fit)
+        for index, generated_image, model_map, (fit, target_case) in zip(batch, generated, model_label_maps, fits):
+            # The label written is the conditioning map taken back to the slice's geometry (nearest), not the full
+            # resolution map: below the slice size, a small pasted region can vanish when the map is fitted, and
+            # would then be in the written label but not in the image.
+            restored, label_map = restore_slice(generated_image, model_map, fit)
             image = window.from_model(restored, image_dtypes[target_case])
             entry = {
                 "fold": fold,
@@ -190,8 +192,9 @@ def _generate_into_store(dataset, store, unet, config, generator_folder, setting
                 "generator": {"folder": str(generator_folder), "preset": config.preset,
                               "trained_steps": config.trained_steps, "ablation_mode": config.ablation.get("mode")},
                 "sampler": {"scheduler": "DDIM", "num_inference_steps": settings.num_inference_steps,
+                            "conditioning_size": config.image_size,
                             "noise_seeding_strength": settings.noise_seeding_strength},
-                "quality": {"model_free": model_free_score(image.astype(np.float32), label_map, real_ranges)},
+                "quality": {"model_free": model_free_score(image.astype(np.float32), label_map, quality_gate)},
             }
             store.write_case(synthetic_case_id(index, fold), image, label_map, real.properties[target_case],
                              image_dtypes[target_case], entry)

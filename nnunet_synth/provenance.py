@@ -1,8 +1,8 @@
 """Which real cases a synthetic case depends on, and whether it may be used when some cases are held out.
 
 A synthetic case carries information about every real case that shaped it: the cases its generator was trained
-on, the case whose label map was the target, every donor case of a pasted region, and the case whose slice seeded
-the noise (004 §2.5; the target slice). The manifest records them in two places so that it stays small for large
+on, the case whose label map was the target, every donor case of a pasted region, the cases whose maps placed a
+paste (datasets without a host class), and the case whose slice seeded the noise (004 §2.5; the target slice). The manifest records them in two places so that it stays small for large
 datasets: each case entry lists its own ``source_cases`` (target, donors, noise-seeding reference), and the record
 of the fold it was made for lists the ``generator_training_cases`` once (one generator makes all of a fold's
 cases; the generate step refuses to mix two). ``case_dependencies`` joins them.
@@ -18,10 +18,13 @@ GENERATOR_TRAINING_CASES = "generator_training_cases"
 
 
 def label_map_source_cases(map_provenance: dict) -> List[str]:
-    """The real cases a new label map (and its image) was built from: its target and the donor of every paste.
+    """The real cases a new label map (and its image) was built from: its target, the donor of every paste and,
+    for datasets without a host class, the cases whose maps told where a paste may land (``placement``).
     Noise seeding starts from the target's own slice, so its reference is the target case."""
     cases = {map_provenance["target"]["case_id"]}
-    cases.update(paste["donor"]["case_id"] for paste in map_provenance.get("pastes", []))
+    for paste in map_provenance.get("pastes", []):
+        cases.add(paste["donor"]["case_id"])
+        cases.update((paste.get("placement") or {}).get("prior_case_ids") or [])
     return sorted(cases)
 
 

@@ -23,12 +23,18 @@ def stand_in_score(index: int) -> float:
     return round(0.05 + 0.08 * index, 2)
 
 
+def stand_in_pathology_iou(index: int) -> float:
+    """Pathology IoU 0.0, 0.37, 0.74, 0.11, ... (one per case, neither score's order)."""
+    return round((0.37 * index) % 1.0, 2)
+
+
 def write_synthetic_cases(dataset_folder, generator_run_folder) -> SyntheticStore:
     """Train a tiny generator into ``generator_run_folder``, write NUM_SCORED_CASES + 1 synthetic pairs into
     ``dataset_folder`` and return the store.
 
     NUM_SCORED_CASES cases carry quality.model_free.score (``stand_in_score``) and
-    quality.segmentation.mean_dice (= 1 - score, so the two quality keys select different cases); one more
+    quality.segmentation.mean_dice (= 1 - score, so the two quality keys select different cases) and
+    quality.segmentation.min_pathology_iou (``stand_in_pathology_iou``, a third order); one more
     case has no quality entry at all (as a case written before any scoring).
     """
     dataset = RawDataset(dataset_folder)
@@ -43,7 +49,8 @@ def write_synthetic_cases(dataset_folder, generator_run_folder) -> SyntheticStor
         if index < NUM_SCORED_CASES:
             score = stand_in_score(index)
             entry["quality"] = {"model_free": {"score": score, "passed": score >= 0.5},
-                                "segmentation": {"mean_dice": round(1.0 - score, 2), "dice": {}, "model_fold": "0"}}
+                                "segmentation": {"mean_dice": round(1.0 - score, 2), "dice": {}, "model_fold": "0",
+                                                 "min_pathology_iou": stand_in_pathology_iou(index)}}
         else:
             del entry["quality"]
         store.save_record(synthetic_case_id(index, 0))

@@ -147,3 +147,40 @@ def test_offset_noise_adds_a_per_sample_constant_with_std_one_tenth():
     assert within_sample == pytest.approx(1.0, abs=0.01)
     plain = training_noise((4000, 1, 32, 32), 0.0, torch.Generator().manual_seed(0))
     assert plain.mean(dim=(2, 3)).std().item() == pytest.approx(np.sqrt(1 / pixels), rel=0.06)
+
+
+def test_cbmat_delta_differs_by_class_with_foreground_frequencies_and_both_readings_are_selectable(
+        covid, covid_lesion_types_dataset_folder):
+    """Over all pixels (background included) f_c is tiny for every class and delta_c nearly equal (the issue);
+    counted over foreground pixels, delta_c separates the classes, on Dataset501 and on a 3-class dataset."""
+    from nnunet_synth.generator.ablation import cbmat_class_frequencies
+    dataset, frequencies, _, _ = covid
+    lesion_types = RawDataset(covid_lesion_types_dataset_folder)
+    for shares in (frequencies, class_pixel_frequencies(lesion_types)):
+        foreground = cbmat_class_frequencies(shares, "foreground")
+        assert foreground[0] == 0 and foreground.sum() == pytest.approx(1.0)
+        delta = make_ablation_schedule("cbmat", foreground, [], 0.5, TOTAL_STEPS).initial_probabilities
+        delta_all = make_ablation_schedule("cbmat", cbmat_class_frequencies(shares, "all"), [], 0.5,
+                                           TOTAL_STEPS).initial_probabilities
+        assert abs(delta[1] - delta[2]) > 0.1 and abs(delta[1] - delta[2]) > 3 * abs(delta_all[1] - delta_all[2])
+        rarest = 1 + int(np.argmin(shares[1:]))
+        assert delta[rarest] == delta[1:].max()        # the equation: the rarest class is ablated most
+        text = make_ablation_schedule("cbmat", foreground, [], 0.5, TOTAL_STEPS, reading="text").initial_probabilities
+        assert text[rarest] == text[1:].min()          # the text's reading: common classes ablated most
+    pathology = cbmat_class_frequencies(frequencies, "pathology", [dataset.labels["lung"]])
+    assert pathology[dataset.labels["lesion"]] == pytest.approx(1.0) and pathology[dataset.labels["lung"]] == 0
+
+
+def test_generator_config_records_frequency_definition_and_delta_c(covid_lesion_types_dataset_folder):
+    from nnunet_synth.generator import TrainingSettings
+    from nnunet_synth.generator.training import prepare_generator_config
+    dataset = RawDataset(covid_lesion_types_dataset_folder)
+    settings = TrainingSettings(preset="tiny", image_size=32).resolved()
+    config = prepare_generator_config(dataset, settings, dataset.case_ids, 0)
+    ablation = config.ablation
+    assert ablation["protected_classes"] == []     # ground glass (75 % of the foreground) is no surrounding tissue
+    assert ablation["frequency_definition"] == "foreground" and ablation["probability_reading"] == "equation"
+    assert sum(ablation["frequencies"].values()) == pytest.approx(1.0) and ablation["frequencies"]["background"] == 0
+    for name in ("ground_glass", "dense"):
+        assert ablation["delta_c"][name] == pytest.approx(0.5 * (1 - ablation["frequencies"][name]))
+    assert ablation["delta_c"]["dense"] > ablation["delta_c"]["ground_glass"] + 0.1

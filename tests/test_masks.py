@@ -1,7 +1,9 @@
 """Stage 2: label maps generated for class balance (000 §2.3), on the real COVID-19 label maps.
 
 Labels: 0 background (outside the lungs), 1 lung (normal tissue, the host), 2 lesion (the rare pathology).
-The balancing runs use every 4th real slice of every case (315 real maps) to stay fast on 2 cores.
+Shares are of the region (lung + lesion). The balancing runs use every 4th real slice of every case (315 real
+maps) to stay fast on 2 cores. Dataset503 (the same slices, lung merged into background, lesions split by
+density into ground glass / dense) is the dataset without a host class.
 """
 import json
 
@@ -11,12 +13,13 @@ from scipy import ndimage
 
 from nnunet_synth.dataset import RawDataset, class_pixel_frequencies
 from nnunet_synth.errors import NnsynthError
-from nnunet_synth.masks import (MaskGenerationConfig, Region, default_class_roles, dilate_region, find_regions,
-                                generate_label_maps, load_label_maps, paste_region, pixel_counts, region_footprint,
-                                rotate_region, shift_region)
+from nnunet_synth.masks import (MaskGenerationConfig, Region, body_mask, check_rarest_class_raised,
+                                default_class_roles, dilate_region, find_regions, generate_label_maps,
+                                load_label_maps, paste_region, pixel_counts, region_footprint, region_shares,
+                                resolve_class_roles, rotate_region, shift_region)
 
 BACKGROUND, LUNG, LESION = 0, 1, 2
-TARGET_SHARE = 0.04
+TARGET_SHARE = 0.2   # of the region; the real lesion share of the region is 0.118
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +92,15 @@ def test_lesion_share_rises_to_target_within_budget(balanced, real_maps):
     label_maps, _ = real_maps
     assert report["target_reached"] and report["stopped_because"] == "target_reached"
     assert 0 < report["num_new_maps"] == len(new_maps) <= 400
-    (lesion,) = report["classes"]
-    assert lesion["class"] == LESION and lesion["reached"]
-    assert 0.015 < lesion["share_before"] < 0.021
-    assert TARGET_SHARE <= lesion["share_after"] < TARGET_SHARE + 0.005
-    # the report's shares are the pixel shares over real + new maps
+    lung, lesion = report["classes"]
+    assert lesion["class"] == LESION and lesion["reached"] and lung["role"] == "host" and lung["target_share"] is None
+    assert 0.10 < lesion["share_before"] < 0.14
+    assert TARGET_SHARE <= lesion["share_after"] < TARGET_SHARE + 0.01
+    # the report's shares are the shares of the region (lung + lesion) over real + new maps
     all_maps = list(label_maps) + [m.label_map for m in new_maps]
-    shares = pixel_counts(all_maps, 3) / sum(m.size for m in all_maps)
-    np.testing.assert_allclose(report["shares_after"], shares)
-    np.testing.assert_allclose(report["shares_before"], pixel_counts(label_maps, 3) / sum(m.size for m in label_maps))
+    counts, real_counts = pixel_counts(all_maps, 3), pixel_counts(label_maps, 3)
+    assert report["shares_after"] == pytest.approx({"1": counts[1] / counts[1:].sum(), "2": counts[2] / counts[1:].sum()})
+    assert report["shares_before"]["2"] == pytest.approx(real_counts[2] / real_counts[1:].sum())
     json.dumps(report)
 
 
@@ -180,15 +183,15 @@ def test_small_budget_stops_at_budget_and_reports_the_share_reached(real_maps):
     new_maps, report = generate_label_maps(label_maps, map_ids, target_share=TARGET_SHARE, max_new_maps=5, seed=3)
     assert len(new_maps) == report["num_new_maps"] == 5
     assert report["stopped_because"] == "budget" and not report["target_reached"]
-    (lesion,) = report["classes"]
+    _, lesion = report["classes"]
     assert not lesion["reached"]
     assert lesion["share_before"] < lesion["share_after"] < TARGET_SHARE
-    assert report["shares_after"][LESION] == lesion["share_after"]
+    assert report["shares_after"][str(LESION)] == lesion["share_after"]
 
 
 def test_target_already_reached_makes_no_maps(real_maps):
     label_maps, map_ids = real_maps
-    new_maps, report = generate_label_maps(label_maps, map_ids, target_share=0.01, max_new_maps=50, seed=0)
+    new_maps, report = generate_label_maps(label_maps, map_ids, target_share=0.05, max_new_maps=50, seed=0)
     assert new_maps == [] and report["target_reached"] and report["stopped_because"] == "target_reached"
 
 
@@ -230,3 +233,75 @@ def test_bad_class_roles_are_one_line_errors(real_maps):
 def test_config_limits_are_checked():
     with pytest.raises(NnsynthError, match="p_rotate"):
         MaskGenerationConfig(p_rotate=1.5).validate()
+
+
+def test_default_goal_raises_the_rarest_class_1_5x_inside_the_region_and_caps_each_map(real_maps):
+    """As 000 §2.3 (emphysema 1.8 % -> 6 % of the lung): the rarest class's share of the region rises towards
+    3x, and no new map is filled with disease (the issue: half of the lung field)."""
+    label_maps, map_ids = real_maps
+    config = MaskGenerationConfig()
+    new_maps, report = generate_label_maps(label_maps, map_ids, max_new_maps=len(label_maps) // 2, seed=0,
+                                           stop_at_target=False)
+    assert report["host_classes"] == [LUNG] and report["rarest_class"] == LESION
+    assert len(new_maps) == len(label_maps) // 2 and report["stopped_because"] == "budget"
+    before, after = report["shares_before"][str(LESION)], report["shares_after"][str(LESION)]
+    target = report["classes"][1]["target_share"]
+    assert target == pytest.approx(3 * before) and after >= 1.5 * before and report["rarest_share_factor"] >= 1.5
+    check_rarest_class_raised(report, "test")
+    map_shares = [region_shares(pixel_counts([m.label_map], 3), [LUNG, LESION])[LESION] for m in new_maps]
+    # the cap is checked before each paste, so one region may overshoot it
+    assert np.median(map_shares) <= max(config.map_class_share_cap, target) + 0.1
+
+
+def test_without_a_host_class_pastes_land_on_background_inside_the_body_where_the_class_occurs(
+        covid_lesion_types_dataset_folder, covid_dataset_folder):
+    dataset = RawDataset(covid_lesion_types_dataset_folder)
+    label_maps, map_ids, images = [], [], []
+    for case_id in dataset.case_ids:
+        image, label_map, _ = dataset.read_case(case_id)
+        for index in range(0, len(label_map), 4):
+            label_maps.append(label_map[index])
+            map_ids.append((case_id, index))
+            images.append(image[index])
+    counts = pixel_counts(label_maps, 3)
+    assert default_class_roles(counts) == ([], [1, 2])          # ground glass is no host: 75 % of the foreground
+    assert resolve_class_roles(dataset.labels, counts, ["ground_glass"]) == ([1], [2])
+    bodies = [body_mask(image) for image in images]
+    new_maps, report = generate_label_maps(label_maps, map_ids, max_new_maps=len(label_maps), seed=0,
+                                           body_masks=bodies, stop_at_target=False)
+    dense = str(report["rarest_class"])
+    assert dense == "2" and report["shares_after"][dense] >= 1.5 * report["shares_before"][dense]
+    occurrence = np.zeros((256, 256), dtype=int)
+    for label_map in label_maps:
+        occurrence += label_map == 2
+    for new_map in new_maps:
+        target = new_map.provenance["target"]
+        index = map_ids.index((target["case_id"], target["slice_index"]))
+        changed = new_map.label_map != label_maps[index]
+        assert np.all(label_maps[index][changed] == 0) and np.all(new_map.label_map[changed] == 2)
+        assert not np.any(changed & ~bodies[index])                     # never off the body
+        for paste in new_map.provenance["pastes"]:
+            assert paste["placement"]["prior_case_ids"] and paste["donor"]["case_id"] in dataset.case_ids
+    # ground glass is never overwritten
+    targets = [label_maps[map_ids.index((m.provenance["target"]["case_id"], m.provenance["target"]["slice_index"]))]
+               for m in new_maps]
+    assert pixel_counts([m.label_map for m in new_maps], 3)[1] == pixel_counts(targets, 3)[1]
+    # pastes land where dense lesions occur: inside the lung fields (Dataset501's lung + lesion labels)
+    lung_source = RawDataset(covid_dataset_folder)
+    lung_fields = {case_id: lung_source.read_case(case_id)[1] > 0 for case_id in lung_source.case_ids}
+    inside = total = 0
+    for new_map, target in zip(new_maps, targets):
+        pasted = (new_map.label_map == 2) & (target != 2)
+        field = lung_fields[new_map.provenance["target"]["case_id"]][new_map.provenance["target"]["slice_index"]]
+        inside, total = inside + (pasted & field).sum(), total + pasted.sum()
+    assert inside >= 0.5 * total, inside / total   # measured 0.58; the rest: chest wall, mediastinum near the lungs
+
+
+def test_a_balancing_that_cannot_raise_the_rarest_class_is_a_one_line_error(real_maps):
+    label_maps, map_ids = real_maps
+    config = MaskGenerationConfig(max_target_share=0.01, max_discarded_maps=3)
+    new_maps, report = generate_label_maps(label_maps, map_ids, max_new_maps=10, config=config, stop_at_target=False)
+    assert new_maps == [] and report["stopped_because"] == "no_placement"
+    with pytest.raises(NnsynthError, match="could not raise the rarest pathology class 2") as error:
+        check_rarest_class_raised(report, "dataset.json")
+    assert "\n" not in str(error.value)

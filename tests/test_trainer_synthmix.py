@@ -17,8 +17,8 @@ from nnunet_synth.trainers.mixing import (SynthMixDataLoader, SynthMixDataset, r
                                           select_synthetic_cases, synthetic_count)
 from nnunet_synth.trainers.synthetic_pool import (pool_folder, pool_record_file, update_synthetic_pool)
 from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
-from synthetic_fixtures import (NUM_SCORED_CASES, SYNTHMIX_DATASET_ID, stand_in_score,  # noqa: F401
-                                synthetic_example_dataset)
+from synthetic_fixtures import (NUM_SCORED_CASES, SYNTHMIX_DATASET_ID, stand_in_pathology_iou,  # noqa: F401
+                                stand_in_score, synthetic_example_dataset)
 
 PLANS = "nnUNetPlans"
 CPU_PLANS = "nnUNetPlans_cpu"
@@ -123,6 +123,9 @@ def test_quality_filter_reads_the_chosen_quality_key(synthetic_example_dataset):
                                   if store.cases[c]["quality"]["segmentation"]["mean_dice"] >= 0.5)
     assert by_dice.used != select_synthetic_cases(store.cases, case_ids, 0.5, "model_free").used
     assert select_synthetic_cases(store.cases, case_ids, None, "model_free").used == case_ids   # no filter
+    by_iou = select_synthetic_cases(store.cases, case_ids, 0.7, "pathology_iou")     # DiffAug's gate
+    assert by_iou.used == sorted(f"synth_{i:05d}" for i in range(NUM_SCORED_CASES) if stand_in_pathology_iou(i) >= 0.7)
+    assert by_iou.used != by_dice.used
 
 
 # ------------------------------------------------------------------------------------------- synthetic pool
@@ -405,7 +408,7 @@ def test_stock_commands_train_validate_continue_and_predict(planned_dataset, syn
 
     # nnsynth_score writes quality.segmentation and keeps quality.model_free
     manifest_file = synthetic_example_dataset / "synthetic.json"
-    manifest_backup = manifest_file.read_bytes()
+    backup = {path: path.read_bytes() for path in [manifest_file, *(synthetic_example_dataset / "recordsSynth").iterdir()]}
     try:
         from nnunet_synth.dataset_tools.score import score_synthetic_cases
         monkeypatch.setenv("nnUNet_extTrainer", env["nnUNet_extTrainer"])
@@ -415,7 +418,18 @@ def test_stock_commands_train_validate_continue_and_predict(planned_dataset, syn
             quality = cases_after[case_id]["quality"]
             assert quality["segmentation"]["mean_dice"] == scores["mean_dice"]
             assert set(quality["segmentation"]["dice"]) == {"lung", "lesion"}
+            # DiffAug's gate: the lesion IoU (the pathology class of the label-map report), kept if > 0.7
+            assert set(quality["segmentation"]["pathology_iou"]) == {"lesion"} and scores["threshold"] == 0.7
+            assert scores["min_pathology_iou"] == scores["iou"]["lesion"]
+            assert scores["passed"] == (scores["min_pathology_iou"] > 0.7)
+        from nnunet_synth.dataset_tools.score import calibrate_on_real_validation
+        calibration = calibrate_on_real_validation(synthetic_example_dataset, model_folder, 0, log=lambda m: None)
+        lesion = calibration["classes"]["lesion"]
+        assert sorted(calibration["validation_cases"]) == sorted(splits[0]["val"]) and lesion["slices"] == len(lesion["iou"]) > 0
+        assert all(0.0 <= iou <= 1.0 for iou in lesion["iou"])
+        assert (model_folder / "nnsynth_calibration_fold0.json").is_file()
         assert cases_after[synthetic_case_id(0, 0)]["quality"]["model_free"]["score"] == stand_in_score(0)
         assert {scores["model_fold"] for scores in results.values()} == {"0"}
     finally:
-        manifest_file.write_bytes(manifest_backup)
+        for path, content in backup.items():      # the stand-in scores other tests select on
+            path.write_bytes(content)

@@ -30,7 +30,9 @@ ENV_MIN_QUALITY = "nnsynth_min_quality"
 ENV_QUALITY_KEY = "nnsynth_quality_key"
 
 # quality key -> (group in the manifest entry's "quality" dict, field holding the score)
-QUALITY_SCORES = {"model_free": ("model_free", "score"), "segmentation": ("segmentation", "mean_dice")}
+# pathology_iou: DiffAug's gate (003 §3.3), the lowest IoU over the pathology classes (nnsynth_score)
+QUALITY_SCORES = {"model_free": ("model_free", "score"), "segmentation": ("segmentation", "mean_dice"),
+                  "pathology_iou": ("segmentation", "min_pathology_iou")}
 
 DEFAULT_RATIO = 0.5
 DEFAULT_MIN_QUALITY = None          # no quality filter
@@ -127,9 +129,10 @@ def scored_by_another_fold(entry: dict, quality_key: str, fold) -> bool:
     """True when a segmentation score comes from a model of another fold than ``fold`` (or of an unknown fold): that
     model was trained on fold ``fold``'s validation cases, so filtering on its score would carry them into
     training."""
-    if quality_key != "segmentation" or fold is None:
+    group, _ = QUALITY_SCORES[quality_key]
+    if group != "segmentation" or fold is None:
         return False
-    scores = (entry.get("quality") or {}).get("segmentation")
+    scores = (entry.get("quality") or {}).get(group)
     return bool(scores) and str(scores.get("model_fold")) != str(fold)
 
 

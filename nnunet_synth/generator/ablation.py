@@ -10,14 +10,46 @@ import numpy as np
 import torch
 
 
-def cbmat_initial_probabilities(class_frequencies, delta_0: float) -> np.ndarray:
-    """delta_c = delta_0 * (1 - f_c) for every class (000 eq. 8 and Algorithm 1 line 1).
+# How f_c is counted (method.md §2). Over "all" pixels the background dominates and delta_c is nearly the same for
+# every class (Diff-Lung's shares give 0.4985 vs 0.481): CBMAT would be MAT plus protection. "foreground" (the
+# default) counts over non-background pixels, "pathology" over the ablatable classes only.
+FREQUENCY_DEFINITIONS = ("foreground", "all", "pathology")
+# How f_c becomes delta_c. 000's eq. (8) / Algorithm 1: delta_0 (1 - f_c), rare classes ablated (slightly) more.
+# 000's text: common pathologies ablated more often, read here as delta_0 * f_c. The equation is the default.
+PROBABILITY_READINGS = ("equation", "text")
 
-    The paper's text says common classes should be ablated more often, but its equation gives rare classes
-    (small f_c) the slightly higher probability; we implement the equation as written (method.md §2). Keep this
-    the one place where frequencies become probabilities, so an evaluation can swap the mapping.
+
+def cbmat_class_frequencies(pixel_counts, definition: str = "foreground", protected_values=()) -> np.ndarray:
+    """f_c per class (index = label value) from training pixel counts, under ``definition``.
+
+    ``all``: share of all pixels. ``foreground``: share of non-background pixels (background gets 0).
+    ``pathology``: share of the pixels of the non-background, non-protected classes (the others get 0).
     """
-    return delta_0 * (1.0 - np.asarray(class_frequencies, dtype=np.float64))
+    counts = np.asarray(pixel_counts, dtype=np.float64)
+    counted = np.ones(len(counts), dtype=bool)
+    if definition in ("foreground", "pathology"):
+        counted[0] = False
+    if definition == "pathology":
+        counted[list(protected_values)] = False
+    elif definition not in FREQUENCY_DEFINITIONS:
+        raise ValueError(f"unknown frequency definition {definition!r}: choose one of {FREQUENCY_DEFINITIONS}")
+    total = counts[counted].sum()
+    return np.where(counted, counts / total, 0.0) if total > 0 else np.zeros(len(counts))
+
+
+def cbmat_initial_probabilities(class_frequencies, delta_0: float, reading: str = "equation") -> np.ndarray:
+    """delta_c from f_c: ``equation`` = delta_0 * (1 - f_c) (000 eq. 8 and Algorithm 1 line 1), ``text`` =
+    delta_0 * f_c (000's prose: common classes ablated more often).
+
+    The paper's text and equation contradict each other (method.md §2); we implement the equation by default.
+    Keep this the one place where frequencies become probabilities, so an evaluation can swap the mapping.
+    """
+    frequencies = np.asarray(class_frequencies, dtype=np.float64)
+    if reading == "equation":
+        return delta_0 * (1.0 - frequencies)
+    if reading == "text":
+        return delta_0 * frequencies
+    raise ValueError(f"unknown probability reading {reading!r}: choose one of {PROBABILITY_READINGS}")
 
 
 def cosine_annealing_factor(step: int, total_steps: int) -> float:
@@ -57,14 +89,15 @@ class AblationSchedule:
 
 
 def make_ablation_schedule(mode: str, class_frequencies, protected_values, delta_0: float,
-                           total_steps: int) -> AblationSchedule:
-    """``cbmat``: delta_0 * (1 - f_c), cosine annealed, protected classes and background never ablated.
+                           total_steps: int, reading: str = "equation") -> AblationSchedule:
+    """``cbmat``: delta_c from f_c (``cbmat_initial_probabilities``, ``reading``), cosine annealed, protected
+    classes and background never ablated.
     ``mat`` (Konz et al., the baseline): every non-background class with probability 0.5, no annealing, no
     protected classes. ``none``: never ablate."""
     num_classes = len(class_frequencies)
     probabilities = np.zeros(num_classes, dtype=np.float64)
     if mode == "cbmat":
-        probabilities = cbmat_initial_probabilities(class_frequencies, delta_0)
+        probabilities = cbmat_initial_probabilities(class_frequencies, delta_0, reading)
         probabilities[list(protected_values)] = 0.0
     elif mode == "mat":
         probabilities[:] = 0.5

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from diffusers import DDPMScheduler, UNet2DModel
 
 from nnunet_synth.errors import NnsynthError
+from nnunet_synth.generator.ablation import FREQUENCY_DEFINITIONS, PROBABILITY_READINGS
 
 GENERATOR_CONFIG_NAME = "generator_config.json"
 ABLATION_MODES = ("cbmat", "mat", "none")
@@ -73,7 +74,9 @@ class TrainingSettings:
     offset_noise: float = 0.1           # 004 §2.4: noise + offset_noise * N(0,1) per sample and channel; 0 = off
     ablation_mode: str = "cbmat"
     delta_0: float = 0.5                # 000 gives no value for delta_0; 0.5 matches MAT's probability
-    protected_classes: list = None      # label names never ablated; None = most frequent non-background class
+    frequency_definition: str = "foreground"  # f_c counted over foreground, all or pathology pixels (ablation.py)
+    probability_reading: str = "equation"     # delta_0 (1 - f_c) as 000 eq. 8, or "text": delta_0 f_c
+    protected_classes: list = None      # label names never ablated; None = the host class of masks.default_class_roles
     region_classes: list = None         # label names forming the region of 000 §3.2; None = no region masking
     window: tuple = None                # intensity window override (lower, upper) in dataset units
     mixed_precision: str = "auto"       # auto (bf16 on GPUs that have it, else fp16; none on CPU), no, fp16, bf16
@@ -107,6 +110,12 @@ class TrainingSettings:
         for name in ("batch_size", "max_steps", "checkpoint_every", "preview_every"):
             if getattr(settings, name) < 1:
                 raise NnsynthError(f"{name} must be at least 1, got {getattr(settings, name)}")
+        if settings.frequency_definition not in FREQUENCY_DEFINITIONS:
+            raise NnsynthError(f"unknown frequency definition '{settings.frequency_definition}': choose one of "
+                               f"{', '.join(FREQUENCY_DEFINITIONS)}")
+        if settings.probability_reading not in PROBABILITY_READINGS:
+            raise NnsynthError(f"unknown probability reading '{settings.probability_reading}': choose one of "
+                               f"{', '.join(PROBABILITY_READINGS)}")
         if not 0.0 <= settings.delta_0 <= 1.0:
             raise NnsynthError(f"delta_0 must lie in [0, 1], got {settings.delta_0}")
         return settings
@@ -144,7 +153,7 @@ class GeneratorConfig:
     fold: str
     training_cases: list
     class_frequencies: dict             # label name -> pixel share over the training label maps
-    ablation: dict                      # mode, delta_0, protected classes, initial probabilities, annealing
+    ablation: dict                      # mode, delta_0, f_c definition and values, delta_c, protected, annealing
     region_classes: list                # label names of the region kept by 000 §3.2 masking, or None
     unet_config: dict
     scheduler_config: dict

@@ -23,8 +23,9 @@ from tqdm import tqdm
 import nnunet_synth
 from nnunet_synth.dataset import IntensityWindow, RawDataset, class_pixel_frequencies, dataset_intensity_window
 from nnunet_synth.errors import NnsynthError
-from nnunet_synth.generator.ablation import (AblationSchedule, ablate_label_maps, make_ablation_schedule,
-                                             one_hot_condition, training_noise)
+from nnunet_synth.generator.ablation import (AblationSchedule, ablate_label_maps, cbmat_class_frequencies,
+                                             make_ablation_schedule, one_hot_condition, training_noise)
+from nnunet_synth.masks.balance import default_class_roles
 from nnunet_synth.generator.checkpoints import (FINAL_FOLDER, checkpoint_step, fresh_temp_folder, list_checkpoints,
                                                 read_generator_config, replace_folder, write_generator_config)
 from nnunet_synth.generator.config import (NUM_TRAIN_TIMESTEPS, GeneratorConfig, TrainingSettings,
@@ -213,8 +214,10 @@ def prepare_generator_config(dataset: RawDataset, settings: TrainingSettings, ca
     """Frequencies, window, ablation schedule and UNet config of a run, before any training."""
     frequencies = class_pixel_frequencies(dataset, case_ids)
     if settings.protected_classes is None:
-        most_frequent = 1 + int(np.argmax(frequencies[1:])) if dataset.num_classes > 1 else 0
-        protected_names = [dataset.class_names[most_frequent]] if most_frequent else []
+        # the surrounding tissue of 000 = the host class of the label maps (masks.default_class_roles): the most
+        # frequent class only if it is most of the foreground; ground glass beside consolidation is no host
+        host = default_class_roles(frequencies)[0] if np.any(frequencies[1:] > 0) else []
+        protected_names = [dataset.class_names[value] for value in host]
     else:
         protected_names = list(settings.protected_classes)
     protected_values = _names_to_values(protected_names, dataset, "protected classes")
@@ -223,11 +226,16 @@ def prepare_generator_config(dataset: RawDataset, settings: TrainingSettings, ca
     region_values = None
     if settings.region_classes:
         region_values = _names_to_values(settings.region_classes, dataset, "region classes")
-    schedule = make_ablation_schedule(settings.ablation_mode, frequencies, protected_values, settings.delta_0,
-                                      settings.max_steps)
+    cbmat_frequencies = cbmat_class_frequencies(frequencies, settings.frequency_definition, protected_values)
+    schedule = make_ablation_schedule(settings.ablation_mode, cbmat_frequencies, protected_values, settings.delta_0,
+                                      settings.max_steps, settings.probability_reading)
     window = dataset_intensity_window(dataset, case_ids, override=settings.window)
     unet = build_unet(settings, dataset.num_classes)
     ablation = {**schedule.to_dict(), "delta_0": settings.delta_0,
+                "frequency_definition": settings.frequency_definition,
+                "probability_reading": settings.probability_reading,
+                "frequencies": {name: float(f) for name, f in zip(dataset.class_names, cbmat_frequencies)},
+                "delta_c": {name: float(p) for name, p in zip(dataset.class_names, schedule.initial_probabilities)},
                 "protected_classes": [dataset.class_names[v] for v in protected_values] if schedule.mode == "cbmat" else [],
                 "annealing": "delta_c(t) = delta_c * (1 + cos(pi t / T)) / 2, t = step, T = max_steps"
                              if schedule.annealed else "none"}
@@ -255,6 +263,8 @@ def _check_resumable(saved: GeneratorConfig, new: GeneratorConfig, run_folder: P
     differing = [key for key in RESUME_KEYS if saved_dict[key] != new_dict[key]]
     if saved_dict["ablation"]["mode"] != new_dict["ablation"]["mode"]:
         differing.append("ablation mode")
+    if saved_dict["ablation"].get("delta_c", new_dict["ablation"]["delta_c"]) != new_dict["ablation"]["delta_c"]:
+        differing.append("CBMAT delta_c (frequency definition or reading)")
     if differing:
         raise NnsynthError(f"{run_folder} holds a run with different {', '.join(differing)}: give another --output "
                            f"folder or delete that one to start over")
@@ -362,9 +372,10 @@ def train_generator(dataset: RawDataset, run_folder, settings: TrainingSettings,
     region_values = [dataset.labels[name] for name in config.region_classes] if config.region_classes else None
     images, label_maps, _ = load_model_slices(dataset, case_ids, IntensityWindow.from_dict(config.window),
                                               settings.image_size, region_values, progress=progress and is_main)
-    schedule = make_ablation_schedule(settings.ablation_mode, list(config.class_frequencies.values()),
+    schedule = make_ablation_schedule(settings.ablation_mode,
+                                      list((config.ablation.get("frequencies") or config.class_frequencies).values()),
                                       [dataset.labels[n] for n in config.ablation["protected_classes"]],
-                                      settings.delta_0, settings.max_steps)
+                                      settings.delta_0, settings.max_steps, settings.probability_reading)
 
     state = build_training_state(settings, images, label_maps, dataset.num_classes, schedule, accelerator,
                                  resume_folder)
@@ -378,6 +389,10 @@ def train_generator(dataset: RawDataset, run_folder, settings: TrainingSettings,
               f"preset {settings.preset} {settings.image_size}px, {config.num_parameters / 1e6:.2f} M parameters, "
               f"ablation {settings.ablation_mode}, {accelerator.num_processes} process(es) on {device}, "
               f"mixed precision {accelerator.mixed_precision}; {action} -> {run_folder}")
+        if schedule.mode == "cbmat":
+            print("CBMAT delta_c (f_c over " + settings.frequency_definition + " pixels, " +
+                  settings.probability_reading + " reading): " +
+                  ", ".join(f"{name} {p:.3f}" for name, p in config.ablation["delta_c"].items()))
 
     losses, pending = [], []      # pending: (step, loss on the device) not yet copied to the host
 

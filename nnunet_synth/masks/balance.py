@@ -1,33 +1,47 @@
 """Class balancing by copy-paste of real pathology regions into real label maps (000 §2.3, method.md §3).
 
-Share definition: the share of class c is its pixel count over all pixels of the real maps *plus* the new maps
-kept so far, i.e. the same f_c that CBMAT uses (``nnunet_synth.dataset.class_pixel_frequencies`` over the real
-maps, extended by the new ones). A ``target_share`` is therefore directly comparable with those frequencies:
-lesion at 1.8 % of all real pixels, target 4 % of all real + new pixels.
+Shares are measured inside the region of interest, as 000 reports them (emphysema 1.8 % -> 6 % *of the lung*):
+the region is the host classes plus the pathology classes (normal lung + lesion for the COVID data; the labelled
+foreground for a dataset without a host class). The share of class c is its pixel count over the region's pixel
+count, summed over the real maps plus the new maps kept so far.
+
+Default goal (000 roughly tripled the rarest class and left the common pathology alone): raise the rarest
+pathology class to ``target_factor`` x its real share of the region, at most ``max_target_share``; the other
+pathology classes are not pasted, so with a host class their shares stay exactly where they were. A
+``target_share`` (one value for every pathology class, or {class: share}) replaces the default goal.
+
+Host classes: where pathology may be pasted (normal lung). By default the most frequent non-background class is
+the host only when it holds at least ``HOST_MIN_FOREGROUND_SHARE`` of the labelled foreground (normal lung: 88 %
+of the COVID foreground); otherwise there is no host (e.g. ground glass + consolidation on unlabelled background,
+where making ground glass the host would only trade one lesion type for another). Without a host, a class is
+pasted onto background pixels where that class occurs in the real maps (``placement.class_occurrence_prior``,
+relative to the map's size) and, when body masks are given, inside the body of the target slice: never off the
+body, never over another class.
 
 The loop, with a seeded ``numpy.random.Generator`` (same inputs and seed -> identical maps):
 
-1. While some pathology class is below its target and fewer than ``max_new_maps`` maps were kept, draw a target
-   map from the real maps (those with enough host tissue, by default) and start a new map as its copy.
-2. Up to ``max_pastes_per_map`` times: pick the pathology class with the lowest running share among those still
-   below target (running = real + kept + this map) and still under ``map_class_share_cap`` in this map; draw one
-   of its connected regions (uniformly among all regions of at least ``min_donor_area`` pixels in all real maps);
+1. While new maps are wanted (``stop_at_target``: until every target is reached; otherwise until the budget
+   ``max_new_maps``), draw a target map among the real maps with room for a paste and start a new map as its copy.
+2. Up to ``max_pastes_per_map`` times: pick the pathology class furthest below its target (running share = real +
+   kept + this map) that covers less than ``max(map_class_share_cap, target)`` of this map's region; draw one of
+   its connected regions (uniformly among all regions of at least ``min_donor_area`` pixels in all real maps);
    transform it with cascading probabilities, in this order, each with its own random parameter:
    rotation (p_rotate, angle uniform in +-max_angle_deg, about the region's box centre, nearest neighbour),
-   copy-paste to another place (p_shift; the region's centroid is moved onto a random host pixel of the map),
-   dilation (p_dilate, 1..max_dilation_iterations steps). Without the shift the region keeps its place from the
-   donor map (slices of one anatomy are roughly aligned).
-3. Paste: pasted pixels = transformed region AND current map == host class. Existing pathology, background and
-   any other class never change. A paste is rejected when it covers fewer than ``min_pasted_pixels`` pixels or
-   less than ``min_pasted_fraction`` of the transformed region (mostly outside the lung); another donor and
+   copy-paste to another place (p_shift; the region's centroid is moved onto a random pixel where the class may be
+   pasted), dilation (p_dilate, 1..max_dilation_iterations steps). Without the shift the region keeps its place
+   from the donor map (slices of one anatomy are roughly aligned).
+3. Paste: pasted pixels = transformed region AND where the class may be pasted (host tissue; without a host,
+   background inside the class's occurrence prior and the body). A paste is rejected when it covers fewer than
+   ``min_pasted_pixels`` pixels or less than ``min_pasted_fraction`` of the transformed region; another donor and
    placement are then drawn, up to ``max_attempts_per_map`` rejections per map.
 4. A map with at least one paste is kept; one without is discarded (at most ``max_discarded_maps`` in a row,
    then the loop stops and reports ``no_placement``).
 
-Provenance replays: crop the donor's component (``bbox``, ``component_index`` of ``scipy.ndimage.label`` of the
-donor map == class), apply the operations in order with ``rotate_region`` / ``shift_region`` / ``dilate_region``
-(the shift offset applies to the region as it is after rotation), then ``paste_region`` onto the target map as
-modified by the pastes before it.
+Provenance replays (with a host class): crop the donor's component (``bbox``, ``component_index`` of
+``scipy.ndimage.label`` of the donor map == class), apply the operations in order with ``rotate_region`` /
+``shift_region`` / ``dilate_region`` (the shift offset applies to the region as it is after rotation), then
+``paste_region`` onto the target map as modified by the pastes before it. Without a host class, each paste also
+records the cases whose maps formed the occurrence prior (``placement``).
 """
 from dataclasses import asdict, dataclass, field
 
@@ -37,7 +51,11 @@ from nnunet_synth.errors import NnsynthError
 from nnunet_synth.masks.paste import host_mask, paste_region
 from nnunet_synth.masks.regions import Region, dilate_region, find_regions, rotate_region, shift_region
 
-SHARE_DEFINITION = "pixel share of each class over all pixels of the real label maps plus the new maps"
+from nnunet_synth.masks.placement import class_occurrence_prior, mask_box, prior_on_map
+
+SHARE_DEFINITION = ("pixel share of each class inside the region of interest (host + pathology classes) over the "
+                    "real label maps plus the new maps")
+HOST_MIN_FOREGROUND_SHARE = 0.8   # the most frequent class is a host by default only if it is this much of the foreground
 
 
 @dataclass
@@ -53,19 +71,27 @@ class MaskGenerationConfig:
     min_pasted_pixels: int = 20         # a paste covering fewer host pixels is rejected
     min_pasted_fraction: float = 0.3    # ... or covering less than this fraction of the transformed region
     max_pastes_per_map: int = 20
-    map_class_share_cap: float = 0.08   # stop pasting a class into a map once it covers this share of the map
+    target_factor: float = 3.0          # default goal: the rarest pathology class at this multiple of its real share
+    max_target_share: float = 0.5       # ... but at most this share of the region
+    map_class_share_cap: float = 0.3    # stop pasting a class into a map once it covers max(this, its target) of
+                                        # the map's region (000 did not fill maps with disease)
     max_attempts_per_map: int = 60      # rejected pastes allowed per new map
     max_discarded_maps: int = 50        # new maps in a row without any accepted paste before giving up
-    targets_need_host: bool = True      # draw target maps only among maps with enough host tissue
+    targets_need_host: bool = True      # draw target maps only among maps with room to paste
+    prior_min_maps: int = 10            # no host class: paste where the class occurs in at least this many real maps
+    prior_dilation: int = 2             # ... grown by this many pixels of the prior's 128x128 grid
 
     def validate(self):
-        for name in ("p_rotate", "p_shift", "p_dilate", "min_pasted_fraction", "map_class_share_cap"):
+        for name in ("p_rotate", "p_shift", "p_dilate", "min_pasted_fraction", "map_class_share_cap",
+                     "max_target_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise NnsynthError(f"mask generation: {name}={getattr(self, name)} must lie in [0, 1]")
-        for name in ("max_dilation_iterations", "min_donor_area", "min_pasted_pixels", "max_pastes_per_map",
+        for name in ("max_dilation_iterations", "min_donor_area", "prior_min_maps", "min_pasted_pixels", "max_pastes_per_map",
                      "max_attempts_per_map", "max_discarded_maps"):
             if getattr(self, name) < 1:
                 raise NnsynthError(f"mask generation: {name}={getattr(self, name)} must be at least 1")
+        if self.target_factor <= 1.0:
+            raise NnsynthError(f"mask generation: target_factor={self.target_factor} must be above 1")
 
 
 @dataclass
@@ -85,20 +111,49 @@ def pixel_counts(label_maps, num_classes: int) -> np.ndarray:
 
 
 def default_class_roles(counts: np.ndarray):
-    """(host classes, pathology classes) from pixel counts: host = the most frequent non-background class,
-    pathology = the other non-background classes present."""
+    """(host classes, pathology classes) from pixel counts: host = the most frequent non-background class if it
+    holds at least HOST_MIN_FOREGROUND_SHARE of the foreground (normal tissue), else none; pathology = the other
+    non-background classes present."""
     present = [c for c in range(1, len(counts)) if counts[c] > 0]
-    if len(present) < 2:
-        raise NnsynthError("mask generation needs a host class and at least one pathology class in the real maps; "
-                           f"found non-background classes {present}")
-    host = max(present, key=lambda c: (counts[c], -c))
-    return [host], [c for c in present if c != host]
+    if not present:
+        raise NnsynthError("mask generation needs at least one pathology class in the real maps; found only background")
+    most_frequent = max(present, key=lambda c: (counts[c], -c))
+    if len(present) > 1 and counts[most_frequent] >= HOST_MIN_FOREGROUND_SHARE * sum(counts[c] for c in present):
+        return [most_frequent], [c for c in present if c != most_frequent]
+    return [], present
+
+
+def resolve_class_roles(labels: dict, counts, host_names=None, pathology_names=None, source="mask generation"):
+    """(host values, pathology values) from label names (``labels`` name -> value); a missing list takes the
+    default of ``default_class_roles``, the other list is respected. ``host_names=[]`` means no host class."""
+    def values(names, what):
+        unknown = [name for name in names if name not in labels]
+        if unknown:
+            raise NnsynthError(f"{source}: {what} {unknown} are not labels (labels: {list(labels)}): use label names")
+        return sorted(labels[name] for name in names)
+
+    host = None if host_names is None else values(host_names, "host classes")
+    pathology = None if pathology_names is None else values(pathology_names, "pathology classes")
+    default_host, default_pathology = default_class_roles(np.asarray(counts))
+    if host is None:
+        host = [c for c in default_host if pathology is None or c not in pathology]
+    if pathology is None:
+        pathology = sorted(c for c in set(default_host) | set(default_pathology) if c not in host)
+    return host, pathology
+
+
+def region_shares(counts: np.ndarray, region_classes) -> np.ndarray:
+    """Share of each class inside the region (0 for classes outside it)."""
+    region = np.zeros(len(counts), dtype=bool)
+    region[list(region_classes)] = True
+    total = counts[region].sum()
+    return np.where(region, counts / total, 0.0) if total > 0 else np.zeros(len(counts))
 
 
 def transform_region(region: Region, config: MaskGenerationConfig, rng: np.random.Generator, anchor_mask):
     """Rotation, then shift, then dilation, each applied with its probability; return (region, operations).
 
-    The shift moves the region's centroid onto a pixel drawn from ``anchor_mask`` (the map's host tissue).
+    The shift moves the region's centroid onto a pixel drawn from ``anchor_mask`` (where the class may go).
     """
     operations = []
     if rng.random() < config.p_rotate:
@@ -124,20 +179,55 @@ def _map_id(map_id) -> dict:
     return {"case_id": str(case_id), "slice_index": int(slice_index)}
 
 
-def _classes_to_paste(counts, map_counts, targets, cap):
-    """Pathology classes still below target (over real + kept + this map) and under the cap in this map,
-    least frequent first."""
-    running = (counts + map_counts) / (counts.sum() + map_counts.sum())
-    map_shares = map_counts / map_counts.sum()
-    open_classes = [c for c, target in targets.items() if running[c] < target and map_shares[c] < cap]
-    return sorted(open_classes, key=lambda c: (running[c], c))
+def _classes_to_paste(counts, map_counts, targets, cap, region_classes):
+    """Pathology classes still below target (over real + kept + this map) and under the per-map cap (a share of
+    this map's region), furthest below target first."""
+    running = region_shares(counts + map_counts, region_classes)
+    map_shares = region_shares(map_counts, region_classes)
+    open_classes = [c for c, target in targets.items() if running[c] < target and map_shares[c] < max(cap, target)]
+    return sorted(open_classes, key=lambda c: (running[c] / targets[c], c))
 
 
-def _try_paste(working, pathology_class, donors, host_classes, config, rng, map_ids):
+class Placement:
+    """Where each pathology class may be pasted in a map: host tissue, or (no host class) background pixels where
+    the class occurs in the real maps and inside the body (``body_masks``, one per real map, optional)."""
+
+    def __init__(self, label_maps, map_ids, host_classes, pathology_classes, config, body_masks=None):
+        self.host_classes = list(host_classes)
+        self.body_masks = body_masks
+        self.priors, self.prior_case_ids = {}, {}
+        self.min_maps = config.prior_min_maps
+        self.boxes = None if body_masks is None else [mask_box(mask) for mask in body_masks]
+        if not self.host_classes:
+            for c in pathology_classes:
+                self.priors[c] = class_occurrence_prior(label_maps, c, config.prior_dilation, self.boxes,
+                                                        config.prior_min_maps)
+                self.prior_case_ids[c] = sorted({str(map_ids[i][0]) for i, m in enumerate(label_maps)
+                                                 if np.any(np.asarray(m) == c)})
+
+    def mask(self, label_map, pathology_class, target_index) -> np.ndarray:
+        if self.host_classes:
+            return host_mask(label_map, self.host_classes)
+        box = None if self.boxes is None else self.boxes[target_index]
+        allowed = (label_map == 0) & prior_on_map(self.priors[pathology_class], label_map.shape, box)
+        if self.body_masks is not None:
+            allowed &= self.body_masks[target_index]
+        return allowed
+
+    def record(self, pathology_class) -> dict:
+        if self.host_classes:
+            return {}
+        frame = "the body's box, inside the target's body" if self.body_masks is not None else "the map"
+        rule = f"background where the class occurs in >= {self.min_maps} real maps (positions relative to {frame})"
+        return {"placement": {"rule": rule, "prior_case_ids": self.prior_case_ids[pathology_class]}}
+
+
+def _try_paste(working, target_index, pathology_class, donors, placement, config, rng, map_ids):
     """One attempt: draw a donor, transform, paste. Return (new map, paste record) or (None, None) if rejected."""
     donor = donors[pathology_class][rng.integers(len(donors[pathology_class]))]
-    region, operations = transform_region(donor.region, config, rng, host_mask(working, host_classes))
-    new_map, pasted = paste_region(working, region, pathology_class, host_classes)
+    allowed = placement.mask(working, pathology_class, target_index)
+    region, operations = transform_region(donor.region, config, rng, allowed)
+    new_map, pasted = paste_region(working, region, pathology_class, placement.host_classes, allowed)
     if pasted < config.min_pasted_pixels or pasted < config.min_pasted_fraction * region.area:
         return None, None
     record = {
@@ -147,21 +237,24 @@ def _try_paste(working, pathology_class, donors, host_classes, config, rng, map_
         "operations": operations,
         "region_area": region.area,
         "pasted_pixels": pasted,
+        **placement.record(pathology_class),
     }
     return new_map, record
 
 
-def _make_new_map(label_maps, map_ids, target_index, counts, targets, donors, host_classes, config, rng):
+def _make_new_map(label_maps, map_ids, target_index, counts, targets, donors, placement, region_classes, config,
+                  rng):
     """Paste regions into a copy of one real map; return (NewLabelMap or None, rejected paste count)."""
     num_classes = len(counts)
     working = np.array(label_maps[target_index], copy=True)
     pastes, rejected = [], 0
     while len(pastes) < config.max_pastes_per_map and rejected < config.max_attempts_per_map:
         map_counts = np.bincount(working.ravel(), minlength=num_classes)[:num_classes]
-        open_classes = _classes_to_paste(counts, map_counts, targets, config.map_class_share_cap)
+        open_classes = _classes_to_paste(counts, map_counts, targets, config.map_class_share_cap, region_classes)
         if not open_classes:
             break
-        new_map, record = _try_paste(working, open_classes[0], donors, host_classes, config, rng, map_ids)
+        new_map, record = _try_paste(working, target_index, open_classes[0], donors, placement, config, rng,
+                                     map_ids)
         if new_map is None:
             rejected += 1
             continue
@@ -182,18 +275,24 @@ def _make_new_map(label_maps, map_ids, target_index, counts, targets, donors, ho
     return NewLabelMap(working, provenance), rejected
 
 
-def _resolve_targets(target_share, pathology_classes) -> dict:
+def _resolve_targets(target_share, pathology_classes, real_shares, config) -> dict:
+    """{class: target share of the region}. Default: only the rarest pathology class, at target_factor x its real
+    share (at most max_target_share)."""
+    if target_share is None:
+        rarest = min(pathology_classes, key=lambda c: (real_shares[c], c))
+        return {rarest: float(min(config.target_factor * real_shares[rarest], config.max_target_share))}
     if isinstance(target_share, dict):
         targets = {int(c): float(target_share[c]) for c in target_share}
-        missing = set(pathology_classes) - set(targets)
-        if missing:
-            raise NnsynthError(f"mask generation: no target share for pathology classes {sorted(missing)}")
+        unknown = set(targets) - set(pathology_classes)
+        if unknown:
+            raise NnsynthError(f"mask generation: target shares for classes {sorted(unknown)} that are not pathology "
+                               f"classes {list(pathology_classes)}")
     else:
         targets = {int(c): float(target_share) for c in pathology_classes}
     for c, share in targets.items():
         if not 0.0 < share < 1.0:
             raise NnsynthError(f"mask generation: target share {share} of class {c} must lie in (0, 1)")
-    return {c: targets[c] for c in pathology_classes}
+    return {c: targets[c] for c in pathology_classes if c in targets}
 
 
 def _collect_donors(label_maps, pathology_classes, min_area) -> dict:
@@ -218,18 +317,23 @@ def _check_inputs(label_maps, map_ids, host_classes, pathology_classes, num_clas
     overlap = set(host_classes) & set(pathology_classes)
     if overlap:
         raise NnsynthError(f"mask generation: classes {sorted(overlap)} are both host and pathology")
-    if 0 in pathology_classes:
-        raise NnsynthError("mask generation: background (0) cannot be a pathology class")
+    if 0 in pathology_classes or 0 in host_classes:
+        raise NnsynthError("mask generation: background (0) cannot be a host or pathology class")
+    if not pathology_classes:
+        raise NnsynthError("mask generation: no pathology class to balance")
     for c in list(host_classes) + list(pathology_classes):
         if not 0 <= c < num_classes:
             raise NnsynthError(f"mask generation: class {c} is outside 0..{num_classes - 1}")
 
 
-def _report(real_counts, counts, targets, host_classes, new_maps, max_new_maps, seed, stopped_because,
-            rejected, discarded, config, num_real_maps) -> dict:
-    before, after = real_counts / real_counts.sum(), counts / counts.sum()
-    classes = [{"class": c, "target_share": t, "share_before": float(before[c]), "share_after": float(after[c]),
-                "reached": bool(after[c] >= t)} for c, t in targets.items()]
+def _report(real_counts, counts, targets, host_classes, pathology_classes, new_maps, max_new_maps, seed,
+            stopped_because, rejected, discarded, config, num_real_maps, placement) -> dict:
+    region_classes = sorted(host_classes + pathology_classes)
+    before, after = region_shares(real_counts, region_classes), region_shares(counts, region_classes)
+    rarest = min(pathology_classes, key=lambda c: (before[c], c))
+    classes = [{"class": c, "role": "host" if c in host_classes else "pathology", "target_share": targets.get(c),
+                "share_before": float(before[c]), "share_after": float(after[c]),
+                "reached": None if c not in targets else bool(after[c] >= targets[c])} for c in region_classes]
     return {
         "share_definition": SHARE_DEFINITION,
         "num_real_maps": num_real_maps,
@@ -237,13 +341,18 @@ def _report(real_counts, counts, targets, host_classes, new_maps, max_new_maps, 
         "max_new_maps": int(max_new_maps),
         "seed": seed,
         "host_classes": [int(c) for c in host_classes],
-        "pathology_classes": [int(c) for c in targets],
-        "shares_before": [float(s) for s in before],
-        "shares_after": [float(s) for s in after],
+        "pathology_classes": [int(c) for c in pathology_classes],
+        "region_classes": region_classes,
+        "rarest_class": int(rarest),
+        "rarest_share_factor": float(after[rarest] / before[rarest]) if before[rarest] > 0 else None,
+        "placement": ("host tissue" if host_classes else
+                      {str(c): placement.prior_case_ids[c] for c in pathology_classes}),
+        "shares_before": {str(c): float(before[c]) for c in region_classes},
+        "shares_after": {str(c): float(after[c]) for c in region_classes},
         "pixel_counts_before": [int(n) for n in real_counts],
         "pixel_counts_after": [int(n) for n in counts],
         "classes": classes,
-        "target_reached": all(entry["reached"] for entry in classes),
+        "target_reached": all(after[c] >= t for c, t in targets.items()),
         "stopped_because": stopped_because,
         "rejected_pastes": int(rejected),
         "discarded_maps": int(discarded),
@@ -251,14 +360,29 @@ def _report(real_counts, counts, targets, host_classes, new_maps, max_new_maps, 
     }
 
 
-def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classes=None, target_share=0.04,
-                        max_new_maps=500, seed=0, num_classes=None, config=None):
-    """New label maps that raise every pathology class to ``target_share`` (see the module docstring).
+def check_rarest_class_raised(report: dict, source) -> None:
+    """Raise a one-line error when balancing did not raise the rarest pathology class's share of the region."""
+    rarest = str(report["rarest_class"])
+    before, after = report["shares_before"][rarest], report["shares_after"][rarest]
+    if not after > before:
+        raise NnsynthError(f"{source}: balancing could not raise the rarest pathology class {rarest} "
+                           f"({100 * before:.2f} % -> {100 * after:.2f} % of the region, stopped: "
+                           f"{report['stopped_because']}): name the classes with --host-classes / "
+                           f"--pathology-classes or raise --target-factor / --map-cap")
+
+
+def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classes=None, target_share=None,
+                        max_new_maps=500, seed=0, num_classes=None, config=None, body_masks=None,
+                        stop_at_target=True):
+    """New label maps that raise the rarest pathology class's share of the region (see the module docstring).
 
     label_maps: real 2D integer maps; map_ids: their (case_id, slice_index), same order.
-    host_classes / pathology_classes: label values (default: ``default_class_roles``).
-    target_share: one share for all pathology classes, or {class: share}.
-    Return (list of ``NewLabelMap``, report dict with the shares before and after and why the loop stopped).
+    host_classes / pathology_classes: label values (default: ``default_class_roles``; ``[]`` = no host class).
+    target_share: None (the default goal), one share of the region for all pathology classes, or {class: share}.
+    body_masks: optional boolean body mask per real map; without a host class pastes stay inside it.
+    stop_at_target: stop once every target is reached; otherwise make ``max_new_maps`` maps, each pasted until
+    the running share is back at the target.
+    Return (list of ``NewLabelMap``, report dict with the region shares before and after and why the loop stopped).
     """
     config = config or MaskGenerationConfig()
     config.validate()
@@ -269,24 +393,33 @@ def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classe
     real_counts = pixel_counts(label_maps, num_classes)
     if host_classes is None or pathology_classes is None:
         default_host, default_pathology = default_class_roles(real_counts)
-        host_classes = default_host if host_classes is None else host_classes
-        pathology_classes = default_pathology if pathology_classes is None else pathology_classes
-    host_classes, pathology_classes = [int(c) for c in host_classes], [int(c) for c in pathology_classes]
+        if host_classes is None:
+            host_classes = [c for c in default_host if pathology_classes is None or c not in pathology_classes]
+        if pathology_classes is None:
+            pathology_classes = [c for c in set(default_pathology) | set(default_host) if c not in host_classes]
+    host_classes, pathology_classes = [int(c) for c in host_classes], sorted(int(c) for c in pathology_classes)
     _check_inputs(label_maps, map_ids, host_classes, pathology_classes, num_classes, max_new_maps)
-    targets = _resolve_targets(target_share, pathology_classes)
-    donors = _collect_donors(label_maps, pathology_classes, config.min_donor_area)
-    target_indices = [i for i, m in enumerate(label_maps)
-                      if not config.targets_need_host or host_mask(m, host_classes).sum() >= config.min_pasted_pixels]
+    region_classes = sorted(host_classes + pathology_classes)
+    targets = _resolve_targets(target_share, pathology_classes, region_shares(real_counts, region_classes), config)
+    donors = _collect_donors(label_maps, list(targets), config.min_donor_area)
+    placement = Placement(label_maps, map_ids, host_classes, pathology_classes, config, body_masks)
+    target_indices = [i for i, m in enumerate(label_maps) if not config.targets_need_host or
+                      any(placement.mask(np.asarray(m), c, i).sum() >= config.min_pasted_pixels for c in targets)]
     if not target_indices:
-        raise NnsynthError(f"mask generation: no real map has {config.min_pasted_pixels} pixels of host classes "
-                           f"{host_classes} to paste onto")
+        raise NnsynthError(f"mask generation: no real map has {config.min_pasted_pixels} pixels where classes "
+                           f"{list(targets)} may be pasted (host classes {host_classes})")
 
     rng = np.random.default_rng(seed)
     seed = int(seed) if isinstance(seed, (int, np.integer)) else None   # recorded only when it replays the run
     counts, new_maps = real_counts.copy(), []
     rejected = discarded = discarded_in_row = 0
-    stopped_because = "target_reached"
-    while any(counts[c] / counts.sum() < t for c, t in targets.items()):
+    stopped_because = "target_reached" if stop_at_target else "budget"
+
+    def below_target():
+        shares = region_shares(counts, region_classes)
+        return any(shares[c] < t for c, t in targets.items())
+
+    while not stop_at_target or below_target():
         if len(new_maps) >= max_new_maps:
             stopped_because = "budget"
             break
@@ -294,8 +427,8 @@ def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classe
             stopped_because = "no_placement"
             break
         target_index = target_indices[rng.integers(len(target_indices))]
-        new_map, map_rejected = _make_new_map(label_maps, map_ids, target_index, counts, targets, donors,
-                                              host_classes, config, rng)
+        new_map, map_rejected = _make_new_map(label_maps, map_ids, target_index, counts, targets, donors, placement,
+                                              region_classes, config, rng)
         rejected += map_rejected
         if new_map is None:
             discarded += 1
@@ -306,6 +439,6 @@ def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classe
         new_map.provenance["seed"] = seed
         counts += np.bincount(new_map.label_map.ravel(), minlength=num_classes)[:num_classes]
         new_maps.append(new_map)
-    report = _report(real_counts, counts, targets, host_classes, new_maps, max_new_maps, seed, stopped_because,
-                     rejected, discarded, config, len(label_maps))
+    report = _report(real_counts, counts, targets, host_classes, pathology_classes, new_maps, max_new_maps, seed,
+                     stopped_because, rejected, discarded, config, len(label_maps), placement)
     return new_maps, report

@@ -22,12 +22,14 @@ def host_mask(label_map: np.ndarray, host_classes) -> np.ndarray:
     return np.isin(label_map, list(host_classes))
 
 
-def paste_region(label_map: np.ndarray, region: Region, pathology_class: int, host_classes):
-    """Return (new map, pasted pixel count): ``pathology_class`` written where the region meets host tissue only.
+def paste_region(label_map: np.ndarray, region: Region, pathology_class: int, host_classes, allowed=None):
+    """Return (new map, pasted pixel count): ``pathology_class`` written where the region meets host tissue only
+    (or, when ``allowed`` is given, where it meets ``allowed``: a dataset without a host class).
 
     Pixels of every other class (background, existing pathology) keep their value; ``label_map`` is not modified.
     """
-    pasted = region_footprint(region, label_map.shape) & host_mask(label_map, host_classes)
+    allowed = host_mask(label_map, host_classes) if allowed is None else allowed
+    pasted = region_footprint(region, label_map.shape) & allowed
     new_map = label_map.copy()
     new_map[pasted] = pathology_class
     return new_map, int(pasted.sum())
