@@ -124,8 +124,14 @@ def test_quality_filter_reads_the_chosen_quality_key(synthetic_example_dataset):
     assert by_dice.used != select_synthetic_cases(store.cases, case_ids, 0.5, "model_free").used
     assert select_synthetic_cases(store.cases, case_ids, None, "model_free").used == case_ids   # no filter
     by_iou = select_synthetic_cases(store.cases, case_ids, 0.7, "pathology_iou")     # DiffAug's gate
-    assert by_iou.used == sorted(f"synth_{i:05d}" for i in range(NUM_SCORED_CASES) if stand_in_pathology_iou(i) >= 0.7)
+    assert by_iou.used == sorted(synthetic_case_id(i, 0) for i in range(NUM_SCORED_CASES)
+                                 if stand_in_pathology_iou(i) >= 0.7)
     assert by_iou.used != by_dice.used
+    # scores of fold 0's model are not used to filter fold 1's training data (that model saw fold 1's validation)
+    assert select_synthetic_cases(store.cases, case_ids, 0.7, "pathology_iou", fold=0).used == by_iou.used
+    for key in ("pathology_iou", "segmentation"):
+        fold_1 = select_synthetic_cases(store.cases, case_ids, 0.7, key, fold=1)
+        assert fold_1.used == [] and fold_1.scored_by_another_fold == case_ids[:NUM_SCORED_CASES]
 
 
 # ------------------------------------------------------------------------------------------- synthetic pool
