@@ -12,12 +12,12 @@ Utilisation (MFU) is against a peak measured in this process (best large matmul 
     python benchmarks/generator_throughput.py --preset default --compile --max-batch-gib 24 --json out.json
 """
 import argparse
-import json
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ def load_real_slices(dataset_folder, image_size):
     with tempfile.TemporaryDirectory() as workdir:
         if dataset_folder is None:
             # the project's command, not its module: benchmarks stay off the command-line layer's internals
-            subprocess.run([sys.executable, "-m", "nnunet_synth.dataset_tools.convert_covid19_ct_slices",
+            subprocess.run([str(Path(sys.executable).parent / "nnsynth_convert_covid19"),
                             str(example_source_folder()), "-o", workdir, "-d", "983", "-n", "ThroughputBenchmark"],
                            check=True, capture_output=True)
             dataset_folder = f"{workdir}/Dataset983_ThroughputBenchmark"

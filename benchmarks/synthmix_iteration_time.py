@@ -37,7 +37,7 @@ def build_example_workspace(workdir: Path) -> str:
     from nnunet_synth.generator import TrainingSettings, train_generator
     from nnunet_synth.generator.checkpoints import FINAL_FOLDER
     from nnunet_synth.trainers.cpu_plans import write_cpu_plans
-    subprocess.run([sys.executable, "-m", "nnunet_synth.dataset_tools.convert_covid19_ct_slices",
+    subprocess.run([str(Path(sys.executable).parent / "nnsynth_convert_covid19"),
                     str(example_source_folder()), "-o", str(workdir / "nnUNet_raw"), "-d", str(EXAMPLE_ID),
                     "-n", EXAMPLE_NAME], check=True, capture_output=True)
     folder = workdir / "nnUNet_raw" / f"Dataset{EXAMPLE_ID}_{EXAMPLE_NAME}"

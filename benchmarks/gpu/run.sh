@@ -16,6 +16,9 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$repo"
+# python -m / -c would put the repository first on sys.path, where nnunet_synth/ lacks the sub-packages the install
+# maps in (dataset_tools, trainers): import the installed project only (Python >= 3.11)
+export PYTHONSAFEPATH=1
 : "${OUT:?set OUT to the folder that receives the results}"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
