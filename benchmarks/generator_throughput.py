@@ -91,7 +91,7 @@ def load_real_slices(dataset_folder, image_size):
 
 def fixed_batch(images, label_maps, batch_size, device):
     chosen = np.arange(batch_size) % len(images)
-    return torch.from_numpy(images[chosen][:, None]).to(device), torch.from_numpy(label_maps[chosen]).to(device)
+    return torch.from_numpy(images[chosen]).to(device), torch.from_numpy(label_maps[chosen]).to(device)
 
 
 def time_steps(step_function, steps, warmup, device) -> float:

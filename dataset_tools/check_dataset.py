@@ -11,7 +11,7 @@ from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 def dataset_summary(dataset: RawDataset) -> dict:
     """Read every case (this validates them) and return counts, class pixel shares and the intensity window."""
-    num_slices = sum(dataset.read_case(case_id)[0].shape[0] for case_id in dataset.case_ids)
+    num_slices = sum(dataset.read_case(case_id)[1].shape[0] for case_id in dataset.case_ids)
     frequencies = class_pixel_frequencies(dataset)
     return {
         "dataset": dataset.name,
@@ -37,10 +37,10 @@ def print_summary(dataset_folder):
     dataset = RawDataset(dataset_folder)
     summary = dataset_summary(dataset)
     shares = ", ".join(f"{name} {100 * share:.1f} %" for name, share in summary["class_pixel_share"].items())
-    window = summary["intensity_window"]
+    windows = "; ".join(f"{name} [{window['lower']:g}, {window['upper']:g}] ({window['source']})"
+                        for name, window in zip(dataset.channel_list, summary["intensity_window"]))
     print(f"{summary['dataset']} at {dataset_folder}: {summary['cases']} cases, {summary['slices']} slices; "
-          f"class pixel shares: {shares}; intensity window [{window['lower']:g}, {window['upper']:g}] "
-          f"({window['source']})")
+          f"class pixel shares: {shares}; intensity window per channel: {windows}")
     summary["synthetic_cases_per_fold"] = synthetic_usability(dataset)
     for fold, counts in summary["synthetic_cases_per_fold"].items():
         dropped = counts["dropped_for_leakage"] + counts["not_made_for_fold_all"]

@@ -40,14 +40,16 @@ DEFAULT_IOU_THRESHOLD = 0.7   # DiffAug (003 §3.3)
 
 
 def overlap_scores(prediction: np.ndarray, label_map: np.ndarray, labels: dict, pathology_names=(),
-                   threshold: float = DEFAULT_IOU_THRESHOLD) -> dict:
+                   threshold: float = DEFAULT_IOU_THRESHOLD, ignore_label=None) -> dict:
     """Per-class Dice and IoU of ``prediction`` against ``label_map`` for the foreground ``labels`` (name->value),
-    and the gate on the IoU of the pathology classes ``pathology_names``."""
+    and the gate on the IoU of the pathology classes ``pathology_names``. Pixels of ``ignore_label`` are not
+    annotated: they are left out, as nnU-Net's own evaluation does."""
     dice, iou = {}, {}
+    annotated = np.ones(label_map.shape, dtype=bool) if ignore_label is None else label_map != ignore_label
     for name, value in labels.items():
-        if value == 0:
+        if value == 0 or value == ignore_label:
             continue
-        predicted, reference = prediction == value, label_map == value
+        predicted, reference = (prediction == value) & annotated, label_map == value
         tp = int(np.count_nonzero(predicted & reference))
         fp = int(np.count_nonzero(predicted & ~reference))
         fn = int(np.count_nonzero(~predicted & reference))
@@ -72,7 +74,8 @@ def pathology_class_names(dataset: RawDataset, store: SyntheticStore, names=None
     """Pathology classes to gate on: ``names``, else those of fold ``fold``'s label-map report (of any fold's when
     ``fold`` is None), else every foreground class."""
     if names:
-        unknown = [name for name in names if name not in dataset.labels or dataset.labels[name] == 0]
+        unknown = [name for name in names
+                   if name not in dataset.labels or dataset.labels[name] in (0, dataset.ignore_label)]
         if unknown:
             raise NnsynthError(f"{dataset.json_file}: --pathology-classes {unknown} are not foreground labels "
                                f"(labels: {list(dataset.labels)})")
@@ -83,7 +86,7 @@ def pathology_class_names(dataset: RawDataset, store: SyntheticStore, names=None
                 for value in (record.get("label_map_report") or {}).get("pathology_classes") or []]
     values = sorted(set(reported)) if reported else None
     if values is None:
-        values = [value for value in dataset.labels.values() if value != 0]
+        values = [value for value in dataset.annotated_labels if value != 0]
     return [name for name, value in dataset.labels.items() if value in values]
 
 
@@ -138,16 +141,18 @@ def score_synthetic_cases(dataset_folder, model_folder, folds=None, checkpoint: 
             continue
         predictor = _make_predictor(model_folder, [fold if fold == "all" else int(fold)], checkpoint)
         model_labels = {name: value for name, value in predictor.dataset_json["labels"].items()}
-        if model_labels != dataset.labels:
-            raise NnsynthError(f"the model's labels {model_labels} differ from {dataset.name}'s {dataset.labels}: "
+        if model_labels != dataset.dataset_json["labels"]:
+            raise NnsynthError(f"the model's labels {model_labels} differ from {dataset.name}'s "
+                               f"{dataset.dataset_json['labels']}: "
                                f"score with a model trained on this dataset")
         reader = predictor.plans_manager.image_reader_writer_class()
         names = pathology_class_names(dataset, store, pathology_names, fold)
         for index, case_id in enumerate(fold_case_ids):
-            image, properties = reader.read_images([str(store.image_file(case_id))])
+            image, properties = reader.read_images([str(path) for path in store.image_files(case_id)])
             label_map, _ = reader.read_seg(str(store.label_file(case_id)))
             prediction = predictor.predict_single_npy_array(image, properties)
-            scores = overlap_scores(np.asarray(prediction), label_map[0], dataset.labels, names, threshold)
+            scores = overlap_scores(np.asarray(prediction), label_map[0], dataset.labels, names, threshold,
+                                    dataset.ignore_label)
             scores.update(model=str(model_folder.resolve()), model_fold=fold, checkpoint=checkpoint)
             results[case_id] = scores
             if (index + 1) % 50 == 0 or index + 1 == len(fold_case_ids):
@@ -194,7 +199,8 @@ def calibrate_on_real_validation(dataset_folder, model_folder, fold, checkpoint:
         label_map = reader.read_seg(files["label"])[0][0]
         prediction = np.asarray(predictor.predict_single_npy_array(image, properties)).reshape(label_map.shape)
         for slice_index in range(label_map.shape[0]):
-            scores = overlap_scores(prediction[slice_index], label_map[slice_index], dataset.labels, names)
+            scores = overlap_scores(prediction[slice_index], label_map[slice_index], dataset.labels, names,
+                                    ignore_label=dataset.ignore_label)
             for name in names:
                 if np.any(label_map[slice_index] == dataset.labels[name]):
                     ious[name].append(scores["iou"][name])

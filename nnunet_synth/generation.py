@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nnunet_synth.dataset import IntensityWindow, RawDataset, fit_slice, restore_slice
+from nnunet_synth.dataset import ImageWindows, RawDataset, fit_slice, restore_slice
 from nnunet_synth.dataset.splits import fold_validation_cases
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator.checkpoints import load_generator, read_generator_config, resolve_generator_folder
 from nnunet_synth.masks import (MaskGenerationConfig, body_mask, check_rarest_class_raised, generate_label_maps,
                                 pixel_counts, resolve_class_roles)
 from nnunet_synth.provenance import GENERATOR_TRAINING_CASES, SOURCE_CASES, label_map_source_cases
-from nnunet_synth.quality.model_free import fit_model_free_gate, model_free_score
+from nnunet_synth.quality.model_free import channel_gates_to_dict, fit_channel_gates, model_free_channel_score
 from nnunet_synth.quality.preview import save_preview_grid
 from nnunet_synth.sampling import sample_images
 from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
@@ -55,7 +55,7 @@ class GenerationSettings:
 class RealTrainingSlices:
     """The generator's real training slices at their original size, with what writing back needs."""
 
-    images: list            # 2D arrays, dataset units
+    images: list            # (C, H, W) arrays, dataset units
     label_maps: list        # 2D int arrays
     map_ids: list           # (case_id, slice_index)
     properties: dict        # case_id -> nnU-Net reader properties (geometry)
@@ -66,8 +66,8 @@ def read_training_slices(dataset: RawDataset, case_ids) -> RealTrainingSlices:
     for case_id in tqdm(case_ids, desc="reading real training cases", unit="case"):
         image, label_map, case_properties = dataset.read_case(case_id)
         properties[case_id] = case_properties
-        for slice_index in range(image.shape[0]):
-            images.append(image[slice_index])
+        for slice_index in range(image.shape[1]):
+            images.append(image[:, slice_index])
             label_maps.append(label_map[slice_index])
             map_ids.append((case_id, slice_index))
     return RealTrainingSlices(images, label_maps, map_ids, properties)
@@ -76,16 +76,24 @@ def read_training_slices(dataset: RawDataset, case_ids) -> RealTrainingSlices:
 def num_cases_for_ratio(dataset: RawDataset, generator_folder, ratio: float) -> int:
     """``ratio`` synthetic cases per real slice of the generator's training cases (at least 1)."""
     config = read_generator_config(resolve_generator_folder(generator_folder))
-    real_slices = sum(dataset.read_case(case_id)[0].shape[0] for case_id in config.training_cases)
+    real_slices = sum(dataset.read_case(case_id)[1].shape[0] for case_id in config.training_cases)
     return max(1, round(ratio * real_slices))
 
 
 def class_roles(dataset: RawDataset, label_maps, balancing=None):
     """Host and pathology classes (values): named in ``balancing`` (label names; host ``[]`` = none), else the
-    defaults of ``nnunet_synth.masks.default_class_roles``."""
+    defaults of ``nnunet_synth.masks.default_class_roles``. nnU-Net's ignore label (unannotated pixels) is never
+    either: it is not counted, never copied and never pasted over, so new maps keep it where their target had it."""
     balancing = balancing or {}
-    return resolve_class_roles(dataset.labels, pixel_counts(label_maps, dataset.num_classes),
-                               balancing.get("host_classes"), balancing.get("pathology_classes"),
+    labels, counts = dict(dataset.labels), pixel_counts(label_maps, dataset.num_classes)
+    if dataset.ignore_label is not None:
+        for role in ("host_classes", "pathology_classes"):
+            if "ignore" in (balancing.get(role) or []):
+                raise NnsynthError(f"{dataset.json_file}: 'ignore' marks unannotated pixels (nnU-Net's ignore "
+                                   f"label); it cannot be one of the {role.replace('_', ' ')}: name other labels")
+        del labels["ignore"]
+        counts[dataset.ignore_label] = 0
+    return resolve_class_roles(labels, counts, balancing.get("host_classes"), balancing.get("pathology_classes"),
                                source=str(dataset.json_file))
 
 
@@ -131,34 +139,36 @@ def generate_synthetic_cases(dataset: RawDataset, generator_folder, settings: Ge
 
 
 def _generate_into_store(dataset, store, unet, config, generator_folder, settings, fold, device, overwrite) -> dict:
-    window = IntensityWindow.from_dict(config.window)
+    window = ImageWindows.from_dict(config.window)
+    recipe = settings.recipe(generator_folder)
+    if not overwrite:
+        _check_recipe(store, fold, recipe)
+    real = read_training_slices(dataset, config.training_cases)
+    host, pathology = class_roles(dataset, real.label_maps, settings.balancing)   # bad names fail before any delete
     if overwrite:
         store.remove_fold(fold)
-    recipe = settings.recipe(generator_folder)
-    _check_recipe(store, fold, recipe)
     store.prepare()
     fold_record = store.fold_record(fold)
     fold_record["settings"] = recipe
     # targets and donors of the new maps come from these cases only (provenance.py)
     fold_record[GENERATOR_TRAINING_CASES] = sorted(config.training_cases)
 
-    real = read_training_slices(dataset, config.training_cases)
-    host, pathology = class_roles(dataset, real.label_maps, settings.balancing)
     mask_config = MaskGenerationConfig(**{k: v for k, v in (settings.balancing or {}).items() if "classes" not in k})
     new_maps, mask_report = generate_label_maps(
         real.label_maps, real.map_ids, host_classes=host, pathology_classes=pathology,
         target_share=settings.target_share, max_new_maps=settings.num_cases, seed=settings.seed,
         num_classes=dataset.num_classes, config=mask_config,
-        body_masks=None if host else [body_mask(image) for image in real.images],
+        body_masks=None if host else [body_mask(image[0]) for image in real.images],   # first channel
         stop_at_target=settings.target_share is not None)   # without a share target the budget decides
     check_rarest_class_raised(mask_report, dataset.json_file)
-    quality_gate = fit_model_free_gate(zip(real.images, real.label_maps))    # on the fold's training slices
+    quality_gates = fit_channel_gates(zip(real.images, real.label_maps))    # on the fold's training slices
     fold_record["label_map_report"] = mask_report
-    fold_record["model_free_gate"] = quality_gate.to_dict()
+    fold_record["model_free_gate"] = channel_gates_to_dict(quality_gates)
     store.save_manifest()
 
     slice_position = {map_id: index for index, map_id in enumerate(real.map_ids)}
-    image_dtypes = {case_id: dataset.source_dtype(case_id) for case_id in config.training_cases}
+    image_dtypes = {case_id: [dataset.source_dtype(case_id, channel) for channel in range(dataset.num_channels)]
+                    for case_id in config.training_cases}
     todo = [i for i in range(len(new_maps)) if not store.is_complete(synthetic_case_id(i, fold))]
     progress = tqdm(total=len(todo), desc="sampling synthetic cases", unit="case")
     for batch_start in range(0, len(todo), settings.batch_size):
@@ -183,7 +193,7 @@ def _generate_into_store(dataset, store, unet, config, generator_folder, setting
             # resolution map: below the slice size, a small pasted region can vanish when the map is fitted, and
             # would then be in the written label but not in the image.
             restored, label_map = restore_slice(generated_image, model_map, fit)
-            image = window.from_model(restored, image_dtypes[target_case])
+            channel_images = window.from_model(restored, image_dtypes[target_case])
             entry = {
                 "fold": fold,
                 SOURCE_CASES: label_map_source_cases(new_maps[index].provenance),
@@ -194,9 +204,10 @@ def _generate_into_store(dataset, store, unet, config, generator_folder, setting
                 "sampler": {"scheduler": "DDIM", "num_inference_steps": settings.num_inference_steps,
                             "conditioning_size": config.image_size,
                             "noise_seeding_strength": settings.noise_seeding_strength},
-                "quality": {"model_free": model_free_score(image.astype(np.float32), label_map, quality_gate)},
+                "quality": {"model_free": model_free_channel_score(
+                    np.stack(channel_images).astype(np.float32), label_map, quality_gates)},
             }
-            store.write_case(synthetic_case_id(index, fold), image, label_map, real.properties[target_case],
+            store.write_case(synthetic_case_id(index, fold), channel_images, label_map, real.properties[target_case],
                              image_dtypes[target_case], entry)
             progress.update(1)
     progress.close()
@@ -211,20 +222,21 @@ def _generate_into_store(dataset, store, unet, config, generator_folder, setting
 
 
 def write_generation_preview(dataset: RawDataset, store: SyntheticStore, fold, real: RealTrainingSlices,
-                             window: IntensityWindow, num_rows=PREVIEW_ROWS):
-    """Grid: target real slice with its label | new label map | synthetic image | synthetic with overlay."""
+                             window: ImageWindows, num_rows=PREVIEW_ROWS):
+    """Grid: target real slice with its label | new label map | synthetic image | synthetic with overlay.
+    Images are shown in model space (each channel through its own window), channels side by side."""
     reader = dataset.reader_writer()
     slice_position = {map_id: index for index, map_id in enumerate(real.map_ids)}
     rows = []
     for case_id in store.complete_case_ids(fold)[:num_rows]:
         target = store.cases[case_id]["source"]["target"]
         real_index = slice_position[(target["case_id"], target["slice_index"])]
-        synthetic_image = reader.read_images([str(store.image_file(case_id))])[0][0, 0]
+        synthetic_image = window.to_model(reader.read_images([str(p) for p in store.image_files(case_id)])[0][:, 0])
         synthetic_label = reader.read_seg(str(store.label_file(case_id)))[0][0, 0].astype(int)
-        rows.append([(real.images[real_index], real.label_maps[real_index]), (None, synthetic_label),
+        rows.append([(window.to_model(real.images[real_index]), real.label_maps[real_index]), (None, synthetic_label),
                      (synthetic_image, None), (synthetic_image, synthetic_label)])
     path = store.preview_file(fold)
     if rows:
         save_preview_grid(rows, ["real target + labels", "new label map", "synthetic", "synthetic + labels"],
-                          path, dataset.num_classes, window=(window.lower, window.upper))
+                          path, dataset.num_classes, window=(-1.0, 1.0))
     return path

@@ -77,13 +77,13 @@ def covid_lesion_types_dataset_folder(nnunet_folders, covid_dataset_folder):
     source = RawDataset(covid_dataset_folder)
     folder = nnunet_folders["nnUNet_raw"] / "Dataset503_Covid19LesionTypes"
     cases = {case_id: source.read_case(case_id)[:2] for case_id in source.case_ids}
-    smoothed = {case_id: ndimage.uniform_filter(image, (1, 5, 5)) for case_id, (image, _) in cases.items()}
+    smoothed = {case_id: ndimage.uniform_filter(image[0], (1, 5, 5)) for case_id, (image, _) in cases.items()}
     threshold = np.percentile(np.concatenate([smoothed[c][label == 2] for c, (_, label) in cases.items()]), 75)
     for case_id, (image, label) in cases.items():
         lesion_types = np.zeros(label.shape, dtype=np.uint8)
         lesion_types[label == 2] = 1
         lesion_types[(label == 2) & (smoothed[case_id] >= threshold)] = 2
-        write_volume(image.astype(np.uint8), folder / "imagesTr" / f"{case_id}_0000.nii.gz")
+        write_volume(image[0].astype(np.uint8), folder / "imagesTr" / f"{case_id}_0000.nii.gz")
         write_volume(lesion_types, folder / "labelsTr" / f"{case_id}.nii.gz")
     write_dataset_json_atomic(folder, channel_names={0: "CT"}, labels={"background": 0, "ground_glass": 1, "dense": 2},
                               num_training_cases=len(cases), file_ending=".nii.gz", dataset_name=folder.name)

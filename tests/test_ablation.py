@@ -116,7 +116,7 @@ def test_ablation_changes_the_conditioning_map_only_never_the_image(covid):
     dataset, _, images, label_maps = covid
     lesion = dataset.labels["lesion"]
     chosen = np.flatnonzero((label_maps == lesion).any(axis=(1, 2)))[:4]
-    image_batch = torch.from_numpy(images[chosen][:, None])
+    image_batch = torch.from_numpy(images[chosen])
     label_batch = torch.from_numpy(label_maps[chosen])
     image_copy, label_copy = image_batch.clone(), label_batch.clone()
     noise, timesteps = torch.randn_like(image_batch), torch.full((len(chosen),), 500)

@@ -119,11 +119,12 @@ def test_wrong_dimensionality(broken_copy):
     assert_one_line_error(run_check(broken_copy, broken_copy.parent), "hu_00_0000.nii.gz", "channel")
 
 
-def test_multichannel_dataset_is_refused(broken_copy):
+def test_a_declared_channel_without_its_files_is_named(broken_copy):
     dataset_json = json.loads((broken_copy / "dataset.json").read_text())
     dataset_json["channel_names"] = {"0": "CT", "1": "PET"}
     (broken_copy / "dataset.json").write_text(json.dumps(dataset_json))
-    assert_one_line_error(run_check(broken_copy, broken_copy.parent), "dataset.json", "single-channel")
+    assert_one_line_error(run_check(broken_copy, broken_copy.parent), "dataset.json", "hu_00_0001.nii.gz",
+                          "2 channels")
 
 
 def test_num_training_mismatch(broken_copy):

@@ -4,7 +4,7 @@ swapping the maps swaps the images. Fails if the conditioning were dropped or ig
 import numpy as np
 import pytest
 
-from nnunet_synth.dataset import IntensityWindow, RawDataset, fit_slice
+from nnunet_synth.dataset import ImageWindows, RawDataset, fit_slice
 from nnunet_synth.dataset.writing import write_dataset_json_atomic, write_volume
 from nnunet_synth.generator import TrainingSettings
 from nnunet_synth.generator.training import train_generator
@@ -22,7 +22,7 @@ def map_determined_generator(example_dataset_folder, nnunet_folders, tmp_path_fa
     folder = nnunet_folders["nnUNet_raw"] / "Dataset975_ConditioningCheck"
     for case_id in source.case_ids:
         image, label_map, _ = source.read_case(case_id)
-        shifted = 0.25 * image + CLASS_INTENSITY[label_map]
+        shifted = 0.25 * image[0] + CLASS_INTENSITY[label_map]
         write_volume(shifted.astype(np.uint8), folder / "imagesTr" / f"{case_id}_0000.nii.gz")
         write_volume(label_map.astype(np.uint8), folder / "labelsTr" / f"{case_id}.nii.gz")
     write_dataset_json_atomic(folder, channel_names={0: "CT"}, labels=source.labels,
@@ -41,12 +41,12 @@ def map_determined_generator(example_dataset_folder, nnunet_folders, tmp_path_fa
 
 def model_maps(dataset, config, count):
     """Label maps at the model size from real slices with lung and lesion, two of them quite different."""
-    window = IntensityWindow.from_dict(config.window)
+    window = ImageWindows.from_dict(config.window)
     maps = []
     for case_id in dataset.case_ids:
         image, label_map, _ = dataset.read_case(case_id)
         for index in range(label_map.shape[0]):
-            model_map = fit_slice(window.to_model(image[index]), label_map[index], SIZE)[1]
+            model_map = fit_slice(window.to_model(image[:, index]), label_map[index], SIZE)[1]
             if (model_map == 2).sum() >= 15 and (model_map == 1).sum() >= 40:
                 maps.append(model_map)
     return maps[:: max(1, len(maps) // count)][:count]
@@ -61,7 +61,7 @@ def test_generated_intensities_follow_the_map_and_swapping_maps_swaps_the_images
     # measured after 100 steps: background about -0.55, lung -0.15..0, lesion 0.03..0.16 (model units); with
     # all-background maps instead, the three regions all come out near -0.5
     for image, label_map in zip(images, maps):
-        means = [image[label_map == value].mean() for value in range(3)]
+        means = [image[0][label_map == value].mean() for value in range(3)]
         assert means[0] + 0.3 < means[1] < means[2] - 0.05, means     # background < lung < lesion, as trained
     # the same noise (seeds) with the maps swapped pairwise: each image follows its new map
     swapped = sample_images(unet, config, np.stack([maps[1], maps[0], maps[3], maps[2]]), seeds,
@@ -70,4 +70,4 @@ def test_generated_intensities_follow_the_map_and_swapping_maps_swaps_the_images
     for first, second in ((0, 1), (2, 3)):
         for image, own, other in ((swapped[first], ideal[second], ideal[first]),
                                   (swapped[second], ideal[first], ideal[second])):
-            assert np.corrcoef(image.ravel(), own.ravel())[0, 1] > np.corrcoef(image.ravel(), other.ravel())[0, 1] + 0.1
+            assert np.corrcoef(image[0].ravel(), own.ravel())[0, 1] > np.corrcoef(image.ravel(), other.ravel())[0, 1] + 0.1

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
 from conftest import REAL_HU_SOURCE
-from nnunet_synth.dataset import (IntensityWindow, RawDataset, class_pixel_frequencies, dataset_intensity_window,
+from nnunet_synth.dataset import (ImageWindows, IntensityWindow, RawDataset, class_pixel_frequencies, dataset_intensity_window,
                                   fit_slice, iter_slices, restore_slice)
 
 
@@ -17,12 +17,13 @@ def test_covid_conversion_gives_15_cases_with_source_class_shares(covid_dataset_
     dataset = RawDataset(covid_dataset_folder)
     assert len(dataset.case_ids) == 15
     assert dataset.labels == {"background": 0, "lung": 1, "lesion": 2}
-    assert dataset.channel_name == "CT"
+    assert dataset.channel_list == ["CT"] and dataset.num_channels == 1
+    assert dataset.ignore_label is None and dataset.regions is None
     shares = class_pixel_frequencies(dataset)
     # SOURCE.md: non-lung ~84.5 %, normal lung ~13.7 %, infection ~1.8 %
     np.testing.assert_allclose(100 * shares, [84.5, 13.7, 1.8], atol=0.3)
     image, label_map, properties = dataset.read_case("case_00")
-    assert image.shape == (159, 256, 256) and label_map.shape == image.shape
+    assert image.shape == (1, 159, 256, 256) and label_map.shape == image.shape[1:]
     assert set(np.unique(label_map)) == {0, 1, 2}
     assert tuple(properties["spacing"]) == (1.0, 1.0, 1.0)
     assert dataset.source_dtype("case_00") == np.uint8
@@ -58,7 +59,9 @@ def test_stock_plan_and_preprocess_verifies_the_hu_dataset(real_hu_dataset_folde
 
 def test_hu_window_round_trip_is_within_one_hu_inside_the_window(real_hu_dataset_folder):
     dataset = RawDataset(real_hu_dataset_folder)
-    window = dataset_intensity_window(dataset)
+    windows = dataset_intensity_window(dataset)
+    assert windows.num_channels == 1
+    window = windows.channels[0]
     assert (window.lower, window.upper, window.source) == (-1000.0, 1000.0, "hounsfield")
     for volume_file in ("example_ct_sm.nii.gz", "example_ct.nii.gz"):
         volume = sitk.GetArrayFromImage(sitk.ReadImage(str(REAL_HU_SOURCE / volume_file)))
@@ -74,11 +77,13 @@ def test_hu_window_round_trip_is_within_one_hu_inside_the_window(real_hu_dataset
 
 def test_window_for_8bit_ct_uses_percentiles_and_can_be_overridden(covid_dataset_folder):
     dataset = RawDataset(covid_dataset_folder)
-    window = dataset_intensity_window(dataset, case_ids=dataset.case_ids[:3])
+    windows = dataset_intensity_window(dataset, case_ids=dataset.case_ids[:3])
+    assert ImageWindows.from_dict(json.loads(json.dumps(windows.to_dict()))) == windows
+    window = windows.channels[0]
     assert window.source == "percentile_0.5_99.5"
     assert 0 <= window.lower < 30 and 220 < window.upper <= 255
     override = dataset_intensity_window(dataset, override=(0, 255))
-    assert override == IntensityWindow(0.0, 255.0, "user")
+    assert override == ImageWindows((IntensityWindow(0.0, 255.0, "user"),))
     assert IntensityWindow.from_dict(json.loads(json.dumps(window.to_dict()))) == window
     # uint8 round trip is exact inside the window
     values = np.arange(int(np.ceil(window.lower)), int(window.upper) + 1, dtype=np.uint8)
@@ -91,7 +96,7 @@ def test_slices_carry_case_index_and_spacing(real_hu_dataset_folder):
     assert len(slices) == 30
     assert [s.slice_index for s in slices[:6]] == list(range(6))
     assert slices[0].case_id == "hu_00" and slices[-1].case_id == "hu_04"
-    assert slices[0].image.shape == (101, 122) and slices[0].label_map.shape == (101, 122)
+    assert slices[0].image.shape == (1, 101, 122) and slices[0].label_map.shape == (101, 122)
     assert slices[0].spacing == (3.0, 3.0)
     assert slices[0].image.min() < -900       # Hounsfield units, not rescaled
 
@@ -102,14 +107,14 @@ def test_fit_and_restore_slice(real_hu_dataset_folder):
     image, label_map = labelled_slice.image, labelled_slice.label_map
     # padding only (model size = longest side): the round trip is exact
     fitted_image, fitted_label, fit = fit_slice(image, label_map, 122, image_pad_value=-1024)
-    assert fitted_image.shape == (122, 122) and fit.pad == (10, 11, 0, 0)
-    assert np.all(fitted_label[:10] == 0) and np.all(fitted_image[:10] == -1024)
+    assert fitted_image.shape == (1, 122, 122) and fit.pad == (10, 11, 0, 0)
+    assert np.all(fitted_label[:10] == 0) and np.all(fitted_image[:, :10] == -1024)
     restored_image, restored_label = restore_slice(fitted_image, fitted_label, fit)
     np.testing.assert_array_equal(restored_image, image)
     np.testing.assert_array_equal(restored_label, label_map)
     # resizing: shapes are restored exactly, labels stay label values, most pixels keep their label
     fitted_image, fitted_label, fit = fit_slice(image, label_map, 64)
-    assert fitted_image.shape == (64, 64) and set(np.unique(fitted_label)) <= set(np.unique(label_map))
+    assert fitted_image.shape == (1, 64, 64) and set(np.unique(fitted_label)) <= set(np.unique(label_map))
     restored_image, restored_label = restore_slice(fitted_image, fitted_label, fit)
     assert restored_image.shape == image.shape and restored_label.shape == label_map.shape
     assert (restored_label == label_map).mean() > 0.95

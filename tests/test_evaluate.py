@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from scipy.linalg import sqrtm
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from nnunet_synth.dataset import IntensityWindow, RawDataset
+from nnunet_synth.dataset import ImageWindows, RawDataset
 from nnunet_synth.evaluation.fidelity import FidelitySettings, evaluate_generator_fidelity
 from nnunet_synth.generator import TrainingSettings
 from nnunet_synth.generator.training import train_generator
@@ -58,7 +58,9 @@ def test_fidelity_numbers_agree_with_scikit_image_and_numpy(evaluation_dataset, 
     assert not set(summary["held_out_cases"]) & set(json.loads(
         (Path(generators["cbmat"]) / "final" / "generator_config.json").read_text())["training_cases"])
     for index, row in enumerate(rows[:3]):                          # seed 0
-        real, synthetic, label_map = result["real"][index], result["synthetic"][index], result["label_maps"][index]
+        # one channel: (S, S) slices
+        real, synthetic = result["real"][index][0], result["synthetic"][index][0]
+        label_map = result["label_maps"][index]
         assert row["psnr"] == pytest.approx(peak_signal_noise_ratio(real, synthetic, data_range=2.0), abs=1e-3)
         ssim = structural_similarity(real, synthetic, data_range=2.0, gaussian_weights=True, sigma=1.5,
                                      use_sample_covariance=False)
@@ -67,13 +69,13 @@ def test_fidelity_numbers_agree_with_scikit_image_and_numpy(evaluation_dataset, 
         mse = np.mean((real[region] - synthetic[region]) ** 2)
         assert row["psnr_region"] == pytest.approx(10 * np.log10(4.0 / mse), abs=1e-3)
     # W1 between equal-size samples is the mean distance of the sorted values
-    window = IntensityWindow.from_dict(json.loads(
-        (Path(generators["cbmat"]) / "final" / "generator_config.json").read_text())["window"])
-    real_all = np.concatenate([result["real"]] * 2)
+    window = ImageWindows.from_dict(json.loads(
+        (Path(generators["cbmat"]) / "final" / "generator_config.json").read_text())["window"]).channels[0]
+    real_all = np.concatenate([result["real"][:, 0]] * 2)
     labels_all = np.concatenate([result["label_maps"]] * 2)
     for value, distance in summary["class_intensity_w1"].items():
         a = np.sort(real_all[labels_all == value])
-        b = np.sort(result["synthetic"][labels_all == value])
+        b = np.sort(result["synthetic"][:, 0][labels_all == value])
         assert distance == pytest.approx(np.mean(np.abs(a - b)) * (window.upper - window.lower) / 2, rel=1e-4)
 
 
@@ -150,7 +152,9 @@ def test_downstream_arms_run_stock_nnunet_and_their_dice_is_recomputed(evaluatio
         "nnUNetTrainerSynthMix_debug__nnUNetPlans_cpu__2d"
     features = FeatureDistance(model, fold=0)
     dataset = RawDataset(next(raw.glob("Dataset710_*")))
-    images = np.concatenate([dataset.read_case(case_id)[0][:, ::4, ::4] for case_id in dataset.case_ids[:3]])
+    # (N, 1, H, W): slices with their one channel
+    images = np.concatenate([dataset.read_case(case_id)[0][:, :, ::4, ::4].transpose(1, 0, 2, 3)
+                             for case_id in dataset.case_ids[:3]])
     real, other = images[: len(images) // 2].astype(np.float32), images[len(images) // 2:].astype(np.float32)
     assert features.distance(real, real) == pytest.approx(0.0, abs=1e-3)
     # independent Frechet distance from the same features with scipy

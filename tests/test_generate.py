@@ -242,7 +242,7 @@ def test_model_free_score_accepts_real_slices_and_rejects_a_flat_image(example_d
     pairs = []
     for case_id in dataset.case_ids:
         image, label_map, _ = dataset.read_case(case_id)
-        pairs += list(zip(image.astype(np.float32), label_map))
+        pairs += list(zip(image[0].astype(np.float32), label_map))
     gate = fit_model_free_gate(pairs)
     scores = [model_free_score(image, label_map, gate) for image, label_map in pairs]
     # the threshold is the 99th percentile of the real slices' own distances
@@ -267,7 +267,7 @@ def test_the_written_label_is_the_conditioning_map_at_the_slice_geometry(generat
     for case_id in store.complete_case_ids():
         assert store.cases[case_id]["sampler"]["conditioning_size"] == size
         label = reader.read_seg(str(store.label_file(case_id)))[0][0, 0].astype(np.int16)
-        image = reader.read_images([str(store.image_file(case_id))])[0][0, 0]
+        image = reader.read_images([str(store.image_file(case_id))])[0][:, 0]
         _, model_map, fit = fit_slice(image, label, size)
         assert label.shape != model_map.shape
         np.testing.assert_array_equal(restore_slice(image, model_map, fit)[1], label)

@@ -60,7 +60,7 @@ def test_a_few_tiny_steps_on_a_fixed_real_batch_lower_the_loss(covid_dataset_fol
     cases = dataset.case_ids[:2]
     images, label_maps, _ = load_model_slices(dataset, cases, dataset_intensity_window(dataset, cases), SIZE)
     chosen = np.linspace(0, len(images) - 1, 4).astype(int)
-    image_batch, label_batch = torch.from_numpy(images[chosen][:, None]), torch.from_numpy(label_maps[chosen])
+    image_batch, label_batch = torch.from_numpy(images[chosen]), torch.from_numpy(label_maps[chosen])
     settings = small_settings().resolved()
     torch.manual_seed(0)
     unet = build_unet(settings, dataset.num_classes)
@@ -160,7 +160,7 @@ def test_sampling_shape_range_and_seeded_output_independent_of_batch(trained_gen
     unet, config, _, label_maps = trained_generator
     seeds = [11, 12, 13]
     together = sample_images(unet, config, label_maps, seeds, num_inference_steps=3, batch_size=3, progress=False)
-    assert together.shape == (3, SIZE, SIZE) and together.dtype == np.float32
+    assert together.shape == (3, 1, SIZE, SIZE) and together.dtype == np.float32
     assert together.min() >= -1.0 and together.max() <= 1.0
     one_by_one = sample_images(unet, config, label_maps, seeds, num_inference_steps=3, batch_size=1, progress=False)
     reordered = sample_images(unet, config, label_maps[::-1].copy(), seeds[::-1], num_inference_steps=3,

@@ -262,7 +262,7 @@ def test_without_a_host_class_pastes_land_on_background_inside_the_body_where_th
         for index in range(0, len(label_map), 4):
             label_maps.append(label_map[index])
             map_ids.append((case_id, index))
-            images.append(image[index])
+            images.append(image[0, index])
     counts = pixel_counts(label_maps, 3)
     assert default_class_roles(counts) == ([], [1, 2])          # ground glass is no host: 75 % of the foreground
     assert resolve_class_roles(dataset.labels, counts, ["ground_glass"]) == ([1], [2])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from nnunet_synth.dataset import IntensityWindow, RawDataset, fit_slice, restore_slice
+from nnunet_synth.dataset import ImageWindows, RawDataset, fit_slice, restore_slice
 from nnunet_synth.dataset.splits import fold_training_cases
 from nnunet_synth.generator import TrainingSettings, build_unet
 from nnunet_synth.generator.training import prepare_generator_config
@@ -17,7 +17,7 @@ def slices_of(dataset, case_ids):
     pairs = []
     for case_id in case_ids:
         image, label_map, _ = dataset.read_case(case_id)
-        pairs += list(zip(image.astype(np.float32), label_map))
+        pairs += list(zip(image[0].astype(np.float32), label_map))
     return pairs
 
 
@@ -54,15 +54,15 @@ def test_images_of_an_untrained_generator_fail(fold0):
     dataset, training_cases, gate, held_out = fold0
     settings = TrainingSettings(preset="tiny").resolved()
     config = prepare_generator_config(dataset, settings, training_cases[:3], 0)   # window of 3 cases: enough here
-    window = IntensityWindow.from_dict(config.window)
+    window = ImageWindows.from_dict(config.window)
     torch.manual_seed(0)
     unet = build_unet(settings, dataset.num_classes).eval()
     chosen = held_out[::len(held_out) // 12][:12]
-    fits = [fit_slice(window.to_model(image), label_map, settings.image_size) for image, label_map in chosen]
+    fits = [fit_slice(window.to_model(image[None]), label_map, settings.image_size) for image, label_map in chosen]
     generated = sample_images(unet, config, np.stack([model_map for _, model_map, _ in fits]), list(range(len(fits))),
                               num_inference_steps=10, batch_size=12, progress=False)
     pairs = []
     for image, (_, model_map, fit) in zip(generated, fits):
         restored, label_map = restore_slice(image, model_map, fit)
-        pairs.append((window.from_model(restored, np.float32).astype(np.float32), label_map))
+        pairs.append((window.from_model(restored, [np.float32])[0], label_map))
     assert pass_rate(gate, pairs) <= 0.1

@@ -158,7 +158,7 @@ def test_pool_update_follows_the_manifest_and_the_plans(planned_dataset, synthet
     dataset = RawDataset(synthetic_example_dataset)
     store = SyntheticStore(dataset)
     image, label_map, properties = dataset.read_case(dataset.case_ids[0])
-    store.write_case(SYNTH_99, image[0], label_map[0], properties, dataset.source_dtype(dataset.case_ids[0]),
+    store.write_case(SYNTH_99, [image[0, 0]], label_map[0], properties, [dataset.source_dtype(dataset.case_ids[0])],
                      {"quality": {"model_free": {"score": 0.9, "passed": True}}})
     report = update_pool(synthetic_example_dataset, planned_dataset)
     assert report.preprocessed == [SYNTH_99] and not report.rebuilt

@@ -82,10 +82,11 @@ def preprocessing_signature(plans_manager: PlansManager, configuration_manager: 
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def case_content_hash(image_file: Path, label_file: Path) -> str:
-    """A hash of the bytes of one synthetic pair (small single-slice files; robust to copies and touches)."""
+def case_content_hash(image_files, label_file: Path) -> str:
+    """A hash of the bytes of one synthetic case, every channel and the label (small single-slice files; robust to
+    copies and touches)."""
     digest = hashlib.sha256()
-    for path in (image_file, label_file):
+    for path in [*image_files, label_file]:
         digest.update(Path(path).read_bytes())
         digest.update(b"\0")
     return digest.hexdigest()
@@ -190,7 +191,7 @@ def update_synthetic_pool(raw_dataset_folder, preprocessed_dataset_folder_base, 
 
         in_manifest = set(store.complete_case_ids())
         wanted_ids = in_manifest if case_ids is None else in_manifest & set(case_ids)
-        wanted = {case_id: case_content_hash(store.image_file(case_id), store.label_file(case_id))
+        wanted = {case_id: case_content_hash(store.image_files(case_id), store.label_file(case_id))
                   for case_id in sorted(wanted_ids)}
         for case_id in sorted(done):
             complete = all(path.is_file() for path in _case_files(pool, case_id))
@@ -213,7 +214,7 @@ def update_synthetic_pool(raw_dataset_folder, preprocessed_dataset_folder_base, 
                 f"into {pool}")
         for case_id in todo:
             staged = str(staging / case_id)
-            preprocessor.run_case_save(staged, [str(store.image_file(case_id))], str(store.label_file(case_id)),
+            preprocessor.run_case_save(staged, [str(path) for path in store.image_files(case_id)], str(store.label_file(case_id)),
                                        plans_manager, configuration_manager, dataset_json)
             for staged_file, pool_file in zip(_case_files(staging, case_id), _case_files(pool, case_id)):
                 os.replace(staged_file, pool_file)     # each file whole; the record lists the case after all three

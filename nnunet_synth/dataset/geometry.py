@@ -47,17 +47,20 @@ def _resize(array, shape, is_label):
 
 
 def fit_slice(image: np.ndarray, label: np.ndarray, model_size: int, image_pad_value: float = -1.0):
-    """Pad ``image`` and ``label`` to a centred square, then resize to ``model_size``; return both and the fit."""
-    fit = plan_fit(image.shape, model_size)
+    """Pad ``image`` (C, H, W) and ``label`` (H, W) to a centred square, then resize to ``model_size``; return
+    both and the fit. Every channel is fitted the same way."""
+    fit = plan_fit(label.shape, model_size)
     top, bottom, left, right = fit.pad
-    padded_image = np.pad(image, ((top, bottom), (left, right)), constant_values=image_pad_value)
+    padded_image = np.pad(image, ((0, 0), (top, bottom), (left, right)), constant_values=image_pad_value)
     padded_label = np.pad(label, ((top, bottom), (left, right)), constant_values=0)
     size = (model_size, model_size)
-    return _resize(padded_image, size, False), _resize(padded_label, size, True), fit
+    fitted_image = np.stack([_resize(channel, size, False) for channel in padded_image])
+    return fitted_image, _resize(padded_label, size, True), fit
 
 
 def restore_slice(image: np.ndarray, label, fit: SliceFit):
-    """Inverse of ``fit_slice``: back to ``fit.original_shape`` (label may be None)."""
+    """Inverse of ``fit_slice``: ``image`` (C, S, S) and ``label`` (S, S, may be None) back to
+    ``fit.original_shape``."""
     top, bottom, left, right = fit.pad
     height, width = fit.original_shape
 
@@ -65,4 +68,5 @@ def restore_slice(image: np.ndarray, label, fit: SliceFit):
         padded = _resize(array, fit.padded_shape, is_label)
         return padded[top:top + height, left:left + width]
 
-    return restore(image, False), (None if label is None else restore(label, True))
+    restored_image = np.stack([restore(channel, False) for channel in image])
+    return restored_image, (None if label is None else restore(label, True))

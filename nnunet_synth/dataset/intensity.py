@@ -57,3 +57,39 @@ def choose_intensity_window(intensities: np.ndarray, channel_name: str, override
     if upper <= lower:
         upper = lower + 1.0
     return IntensityWindow(float(lower), float(upper), "percentile_0.5_99.5")
+
+
+@dataclass(frozen=True)
+class ImageWindows:
+    """One ``IntensityWindow`` per input channel (nnU-Net's ``_0000``, ``_0001``, ... files): images are (C, ...)
+    arrays, each channel clipped and scaled with its own window and mapped back exactly."""
+
+    channels: tuple
+
+    def __post_init__(self):
+        if not self.channels:
+            raise ValueError("ImageWindows needs at least one channel window")
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channels)
+
+    def to_model(self, image: np.ndarray) -> np.ndarray:
+        """(C, ...) dataset units -> (C, ...) float32 in [-1, 1]."""
+        if image.shape[0] != self.num_channels:
+            raise ValueError(f"image has {image.shape[0]} channels, the windows {self.num_channels}")
+        return np.stack([window.to_model(channel) for window, channel in zip(self.channels, image)])
+
+    def from_model(self, scaled: np.ndarray, dtypes) -> list:
+        """(C, ...) model space -> one array per channel in the dataset's units and that channel's pixel type."""
+        return [window.from_model(channel, dtype) for window, channel, dtype in zip(self.channels, scaled, dtypes)]
+
+    def to_dict(self) -> list:
+        return [window.to_dict() for window in self.channels]
+
+    @classmethod
+    def from_dict(cls, data) -> "ImageWindows":
+        """From ``to_dict``; a single window's dict (generators made before multi-channel support) is one channel."""
+        if isinstance(data, dict):
+            data = [data]
+        return cls(tuple(IntensityWindow.from_dict(item) for item in data))

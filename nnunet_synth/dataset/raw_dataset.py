@@ -11,6 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 from nnunetv2.paths import nnUNet_raw
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
 from nnunet_synth.errors import NnsynthError
@@ -66,23 +67,42 @@ def _load_dataset_json(folder: Path) -> dict:
     return dataset_json
 
 
-def _parse_labels(labels: dict, json_file: Path) -> dict:
+def _parse_labels(dataset_json: dict, json_file: Path):
+    """(integer labels name -> value, ignore value or None, regions or None) through nnU-Net's ``LabelManager``.
+
+    The label files of every nnU-Net dataset hold plain integers; with region-based labels (``"tumor": [1, 2]``)
+    nnU-Net builds the regions only at training time. Generation works on the integers: each one gets the name
+    of a label that is exactly that value (``"enhancing": 3`` or ``[3]``), else ``label_<value>``.
+    """
+    labels = dataset_json["labels"]
     if not isinstance(labels, dict) or not labels:
         raise NnsynthError(f"{json_file}: 'labels' must map names to integer values, e.g. "
                            f"{{\"background\": 0, \"lesion\": 1}}")
-    parsed = {}
     for name, value in labels.items():
-        if isinstance(value, (list, tuple)):
-            raise NnsynthError(f"{json_file}: label '{name}' is a region {value}; region-based datasets are not "
-                               f"supported, declare one integer per class")
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise NnsynthError(f"{json_file}: label '{name}' has value {value!r}, expected an integer")
-        parsed[name] = value
-    values = sorted(parsed.values())
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise NnsynthError(f"{json_file}: label '{name}' has value {value!r}, expected an integer or a list "
+                               f"of integers (a region)")
+    try:
+        manager = LabelManager(labels, dataset_json.get("regions_class_order"))
+    except (AssertionError, RuntimeError, TypeError, ValueError) as error:
+        raise NnsynthError(f"{json_file}: nnU-Net rejects 'labels' ({str(error).strip() or type(error).__name__}): "
+                           f"fix 'labels' (and 'regions_class_order' for region-based labels)") from None
+    values = sorted({int(value) for value in manager.all_labels} | {0})
     if values != list(range(len(values))):
         raise NnsynthError(f"{json_file}: label values {values} must be consecutive integers starting at 0 "
                            f"(0 = background)")
-    return parsed
+    ignore = None if manager.ignore_label is None else int(manager.ignore_label)
+    if ignore is not None:
+        values.append(ignore)
+    exact_names = {}
+    for name, value in labels.items():
+        members = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(members) == 1:
+            exact_names.setdefault(members[0], name)
+    integer_labels = {exact_names.get(value, f"label_{value}"): value for value in values}
+    regions = dict(labels) if manager.has_regions else None
+    return integer_labels, ignore, regions
 
 
 class RawDataset:
@@ -97,11 +117,14 @@ class RawDataset:
         self.name = self.folder.name
         self.file_ending = self.dataset_json["file_ending"]
         self.channel_names = self.dataset_json.get("channel_names", self.dataset_json.get("modality"))
-        if len(self.channel_names) != 1:
-            raise NnsynthError(f"{self.json_file} declares {len(self.channel_names)} channels; nnunet-synth "
-                               f"generates single-channel images only: convert a dataset with one channel")
-        self.channel_name = str(next(iter(self.channel_names.values())))
-        self.labels = _parse_labels(self.dataset_json["labels"], self.json_file)
+        if not isinstance(self.channel_names, dict) or not self.channel_names:
+            raise NnsynthError(f"{self.json_file}: 'channel_names' must map channel indices to names, e.g. "
+                               f"{{\"0\": \"CT\"}}")
+        # one name per input channel, in nnU-Net's file order (_0000, _0001, ...)
+        self.channel_list = [str(name) for _, name in sorted(self.channel_names.items(), key=lambda kv: int(kv[0]))]
+        self.num_channels = len(self.channel_list)
+        # integer labels (name -> value, the values in the label files), the ignore label and nnU-Net's regions
+        self.labels, self.ignore_label, self.regions = _parse_labels(self.dataset_json, self.json_file)
         self.class_names = [name for name, _ in sorted(self.labels.items(), key=lambda item: item[1])]
         self.num_classes = len(self.class_names)
         self.cases = self._find_cases()
@@ -130,6 +153,13 @@ class RawDataset:
             raise NnsynthError(f"{images_folder} holds no image ending in {self.file_ending}: check "
                                f"'file_ending' in {self.json_file}")
         for case_id, files in cases.items():
+            if len(files["images"]) != self.num_channels:
+                expected = [f"{case_id}_{channel:04d}{self.file_ending}" for channel in range(self.num_channels)]
+                found = [os.path.basename(path) for path in files["images"]]
+                missing = sorted(set(expected) - set(found)) or expected
+                raise NnsynthError(f"case {case_id} has {len(found)} image file(s) but {self.json_file} declares "
+                                   f"{self.num_channels} channels: add {', '.join(missing)} to imagesTr or correct "
+                                   f"'channel_names'")
             for image_file in files["images"]:
                 if not os.path.isfile(image_file):
                     raise NnsynthError(f"image {image_file} of case {case_id} is missing: add it or remove the case")
@@ -143,8 +173,14 @@ class RawDataset:
     def reader_writer(self):
         return self.reader_writer_class()
 
+    @property
+    def annotated_labels(self):
+        """Label values that mark annotated classes: every value but the ignore label."""
+        return [value for value in sorted(self.labels.values()) if value != self.ignore_label]
+
     def read_case(self, case_id: str):
-        """Read one case; return (image (Z, Y, X) float32, label (Z, Y, X) int16, properties) after validation."""
+        """Read one case; return (image (C, Z, Y, X) float32, label (Z, Y, X) int16, properties) after validation.
+        2D images have Z = 1."""
         files = self.cases[case_id]
         reader = self.reader_writer()
         image_file, label_file = files["images"][0], files["label"]
@@ -153,11 +189,12 @@ class RawDataset:
             label, _ = reader.read_seg(label_file)
         except (RuntimeError, ValueError, OSError, AssertionError) as error:
             raise NnsynthError(f"cannot read case {case_id} ({image_file}): {str(error).strip() or type(error).__name__}; "
-                               f"store images and labels as 2D or 3D single-channel {self.file_ending} files") from None
-        if image.ndim != 4 or image.shape[0] != 1:
-            raise NnsynthError(f"{image_file} has shape {image.shape[1:]} with {image.shape[0]} channels; expected "
-                               f"one 2D or 3D channel: split or convert the file")
-        if label.shape != image.shape:
+                               f"store images and labels as 2D or 3D {self.file_ending} files, one per channel") from None
+        if image.ndim != 4 or image.shape[0] != self.num_channels:
+            raise NnsynthError(f"{image_file} has shape {image.shape[1:]} with {image.shape[0]} channels where "
+                               f"{self.json_file} declares {self.num_channels}: give one 2D or 3D file per channel "
+                               f"(CASE_0000, CASE_0001, ...)")
+        if label.shape[1:] != image.shape[1:]:
             raise NnsynthError(f"{label_file} has shape {label.shape[1:]} but its image {image_file} has "
                                f"{image.shape[1:]}: label and image must lie on the same grid")
         if not np.all(np.isfinite(image)):
@@ -170,14 +207,15 @@ class RawDataset:
         if undeclared:
             raise NnsynthError(f"{label_file} holds label values {undeclared} that {self.json_file} does not declare: "
                                f"add them to 'labels' or remap them")
-        if label_values.max() == 0:
-            raise NnsynthError(f"{label_file} is empty (background only): remove case {case_id} from the dataset "
-                               f"or add its annotation")
-        return image[0], label[0].astype(np.int16), properties
+        if not set(label_values.astype(int).tolist()) - {0, self.ignore_label}:
+            raise NnsynthError(f"{label_file} is empty (background{'/ignore' if self.ignore_label else ''} only): "
+                               f"remove case {case_id} from the dataset or add its annotation")
+        return image, label[0].astype(np.int16), properties
 
-    def source_dtype(self, case_id: str) -> np.dtype:
-        """The pixel type the image file stores (nnU-Net's readers return float32; writers need the original)."""
-        image_file = self.cases[case_id]["images"][0]
+    def source_dtype(self, case_id: str, channel: int = 0) -> np.dtype:
+        """The pixel type the image file of ``channel`` stores (nnU-Net's readers return float32; writers need the
+        original)."""
+        image_file = self.cases[case_id]["images"][channel]
         if self.file_ending in (".png", ".bmp", ".tif", ".tiff"):
             from skimage import io
             return io.imread(image_file).dtype
@@ -188,5 +226,7 @@ class RawDataset:
                                                                   header.GetPixelID())).dtype)
 
     def summary(self) -> str:
-        return (f"{self.name}: {len(self.cases)} training cases, channel '{self.channel_name}', "
-                f"labels {self.labels}, file ending {self.file_ending}")
+        extras = (f", ignore label {self.ignore_label}" if self.ignore_label is not None else "") + \
+                 (f", regions {self.regions}" if self.regions else "")
+        return (f"{self.name}: {len(self.cases)} training cases, channels {self.channel_list}, "
+                f"labels {self.labels}{extras}, file ending {self.file_ending}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from nnunet_synth.dataset.intensity import choose_intensity_window
+from nnunet_synth.dataset.intensity import ImageWindows, choose_intensity_window
 from nnunet_synth.dataset.raw_dataset import RawDataset
 
 
@@ -17,7 +17,7 @@ class LabelledSlice:
 
     case_id: str
     slice_index: int
-    image: np.ndarray        # (H, W) float32, dataset units
+    image: np.ndarray        # (C, H, W) float32, dataset units
     label_map: np.ndarray    # (H, W) int16, dataset label values
     spacing: tuple           # in-plane spacing (row, column) in nnU-Net's order
 
@@ -28,31 +28,41 @@ def iter_slices(dataset: RawDataset, case_ids=None, skip_background_only=False, 
     for case_id in tqdm(case_ids, desc=f"reading {dataset.name}", disable=not progress, unit="case"):
         image, label_map, properties = dataset.read_case(case_id)
         in_plane_spacing = tuple(float(s) for s in properties["spacing"][-2:])
-        for slice_index in range(image.shape[0]):
+        for slice_index in range(image.shape[1]):
             if skip_background_only and not label_map[slice_index].any():
                 continue
-            yield LabelledSlice(case_id, slice_index, image[slice_index], label_map[slice_index], in_plane_spacing)
+            yield LabelledSlice(case_id, slice_index, image[:, slice_index], label_map[slice_index], in_plane_spacing)
 
 
 def class_pixel_frequencies(dataset: RawDataset, case_ids=None) -> np.ndarray:
-    """Fraction of all label-map pixels that belong to each class (index = label value), summing to 1."""
+    """Fraction of the annotated label-map pixels that belong to each class (index = label value), summing to 1.
+    Pixels of the ignore label are not annotated: they are not counted (their entry is 0)."""
     counts = np.zeros(dataset.num_classes, dtype=np.int64)
     for case_id in (dataset.case_ids if case_ids is None else case_ids):
         _, label_map, _ = dataset.read_case(case_id)
         counts += np.bincount(label_map.ravel(), minlength=dataset.num_classes)[:dataset.num_classes]
+    if dataset.ignore_label is not None:
+        counts[dataset.ignore_label] = 0
     return counts / counts.sum()
 
 
-def dataset_intensity_window(dataset: RawDataset, case_ids=None, override=None, max_samples=2_000_000, seed=0):
-    """Choose the intensity window from (a seeded sample of) the training images; see ``choose_intensity_window``."""
+def dataset_intensity_window(dataset: RawDataset, case_ids=None, override=None, max_samples=2_000_000,
+                             seed=0) -> ImageWindows:
+    """Choose one intensity window per channel from (a seeded sample of) the training images; see
+    ``choose_intensity_window``. ``override`` (lower, upper) is used for every channel."""
     if override is not None:
-        return choose_intensity_window(np.zeros(1), dataset.channel_name, override)
+        return ImageWindows(tuple(choose_intensity_window(np.zeros(1), name, override) for name in dataset.channel_list))
     rng = np.random.default_rng(seed)
     case_ids = dataset.case_ids if case_ids is None else list(case_ids)
     per_case = max(1, max_samples // max(1, len(case_ids)))
-    samples = []
+    samples = [[] for _ in dataset.channel_list]
     for case_id in case_ids:
         image, _, _ = dataset.read_case(case_id)
-        flat = image.ravel()
-        samples.append(flat if flat.size <= per_case else rng.choice(flat, per_case, replace=False))
-    return choose_intensity_window(np.concatenate(samples), dataset.channel_name)
+        for channel, channel_image in enumerate(image):
+            flat = channel_image.ravel()
+            # the same pixels for every channel: one draw per case from a generator advanced once per case
+            if channel == 0:
+                chosen = None if flat.size <= per_case else rng.choice(flat.size, per_case, replace=False)
+            samples[channel].append(flat if chosen is None else flat[chosen])
+    return ImageWindows(tuple(choose_intensity_window(np.concatenate(channel_samples), name)
+                              for channel_samples, name in zip(samples, dataset.channel_list)))

@@ -55,9 +55,10 @@ class FeatureDistance:
         self.extractor = EncoderBottleneckFeatures(self.network, num_features)
 
     def normalise(self, images: np.ndarray) -> torch.Tensor:
-        """(N, H, W) images in dataset units -> (N, 1, P, P): normalised as nnU-Net does, resized to the patch size."""
+        """(N, C, H, W) images in dataset units -> (N, C, P, P): each channel normalised as nnU-Net does, resized
+        to the patch size."""
         preprocessor = DefaultPreprocessor(verbose=False)
-        normalised = [preprocessor._normalize(image[None].astype(np.float32), np.zeros((1, *image.shape), np.int8),
+        normalised = [preprocessor._normalize(image.astype(np.float32), np.zeros((1, *image.shape[1:]), np.int8),
                                               self.configuration_manager, self.intensity_properties)
                       for image in images]
         return torch.nn.functional.interpolate(torch.from_numpy(np.stack(normalised)).float(),

@@ -2,7 +2,8 @@
 
 Held-out slices are those of the dataset's cases that the generator did not see (its checkpoint lists its
 training cases; for a generator of fold F these are fold F's validation cases). Each slice is generated from
-its own label map with several seeds, and compared in model space ([-1, 1], the generator's size):
+its own label map with several seeds, and compared in model space ([-1, 1], the generator's size), channel by
+channel for multi-channel data (the figures are the means over channels; ``*_channel<k>`` keys give each):
 
 - PSNR and SSIM (torchmetrics, data range 2) over the whole slice, and inside the labelled region
   (label > 0: PSNR of the region's pixels, mean of the SSIM map over the region);
@@ -21,7 +22,7 @@ from scipy.stats import wasserstein_distance
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm import tqdm
 
-from nnunet_synth.dataset import IntensityWindow, RawDataset
+from nnunet_synth.dataset import ImageWindows, RawDataset
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator.checkpoints import load_generator
 from nnunet_synth.generator.data import load_model_slices
@@ -49,7 +50,18 @@ def held_out_case_ids(dataset: RawDataset, generator_config) -> list:
 
 
 def slice_fidelity(real: np.ndarray, synthetic: np.ndarray, label_map: np.ndarray) -> dict:
-    """PSNR/SSIM of one pair in model space, whole slice and inside label > 0."""
+    """PSNR/SSIM of one (C, S, S) pair in model space, whole slice and inside label > 0: means over the channels,
+    and per channel (``psnr_channel1`` ...) when there are several."""
+    per_channel = [channel_fidelity(r, s, label_map) for r, s in zip(real, synthetic)]
+    metrics = {key: float(np.mean([m[key] for m in per_channel])) for key in per_channel[0]}
+    if len(per_channel) > 1:
+        for channel, channel_metrics in enumerate(per_channel):
+            metrics.update({f"{key}_channel{channel}": value for key, value in channel_metrics.items()})
+    return metrics
+
+
+def channel_fidelity(real: np.ndarray, synthetic: np.ndarray, label_map: np.ndarray) -> dict:
+    """PSNR/SSIM of one (S, S) channel pair in model space, whole slice and inside label > 0."""
     real_t = torch.from_numpy(real.astype(np.float32))[None, None]
     synthetic_t = torch.from_numpy(synthetic.astype(np.float32))[None, None]
     ssim, ssim_map = structural_similarity_index_measure(synthetic_t, real_t, data_range=MODEL_DATA_RANGE,
@@ -64,19 +76,24 @@ def slice_fidelity(real: np.ndarray, synthetic: np.ndarray, label_map: np.ndarra
     return metrics
 
 
-def class_intensity_distances(real_images, synthetic_images, label_maps, window: IntensityWindow,
-                              num_classes: int) -> dict:
-    """Per class value: 1-Wasserstein distance of real vs synthetic pixel intensities, in dataset units."""
-    distances = {}
-    for value in range(num_classes):
-        real_values = np.concatenate([image[label_map == value] for image, label_map in zip(real_images, label_maps)])
-        if real_values.size == 0:
-            continue
-        synthetic_values = np.concatenate([image[label_map == value]
-                                           for image, label_map in zip(synthetic_images, label_maps)])
+def class_intensity_distances(real_images, synthetic_images, label_maps, windows: ImageWindows,
+                              classes) -> list:
+    """Per channel, per class value in ``classes``: 1-Wasserstein distance of real vs synthetic pixel
+    intensities, in that channel's dataset units. Images (N, C, S, S) in model space."""
+    per_channel = []
+    for channel, window in enumerate(windows.channels):
+        distances = {}
         scale = (window.upper - window.lower) / 2.0      # model space -> dataset units
-        distances[value] = float(wasserstein_distance(real_values, synthetic_values) * scale)
-    return distances
+        for value in classes:
+            real_values = np.concatenate([image[channel][label_map == value]
+                                          for image, label_map in zip(real_images, label_maps)])
+            if real_values.size == 0:
+                continue
+            synthetic_values = np.concatenate([image[channel][label_map == value]
+                                               for image, label_map in zip(synthetic_images, label_maps)])
+            distances[value] = float(wasserstein_distance(real_values, synthetic_values) * scale)
+        per_channel.append(distances)
+    return per_channel
 
 
 def select_held_out_slices(images, label_maps, provenance, settings: FidelitySettings):
@@ -95,7 +112,7 @@ def evaluate_generator_fidelity(dataset: RawDataset, generator_folder, settings:
     ``feature_extractor``: a ``FeatureDistance`` (see ``features.py``) or None.
     """
     unet, config = load_generator(generator_folder, dataset, device)
-    window = IntensityWindow.from_dict(config.window)
+    window = ImageWindows.from_dict(config.window)
     cases = held_out_case_ids(dataset, config)
     region_values = None
     if config.region_classes:
@@ -117,11 +134,17 @@ def evaluate_generator_fidelity(dataset: RawDataset, generator_folder, settings:
     repeated_real = np.concatenate([images] * len(settings.seeds))
     summary = {key: float(np.mean([row[key] for row in rows if key in row]))
                for key in ("psnr", "ssim", "psnr_region", "ssim_region")}
-    summary["class_intensity_w1"] = class_intensity_distances(repeated_real, synthetic_stack, repeated_labels,
-                                                              window, dataset.num_classes)
+    per_channel_w1 = class_intensity_distances(repeated_real, synthetic_stack, repeated_labels, window,
+                                               dataset.annotated_labels)
+    summary["class_intensity_w1"] = per_channel_w1[0]
+    if len(per_channel_w1) > 1:
+        summary["class_intensity_w1_per_channel"] = per_channel_w1
     if feature_extractor is not None:
-        summary["feature_distance"] = feature_extractor.distance(window.from_model(images, np.float32),
-                                                                 window.from_model(synthetic_stack, np.float32))
+        def dataset_units(model_images):
+            return np.stack([np.stack(window.from_model(image, [np.float32] * window.num_channels))
+                             for image in model_images])
+        summary["feature_distance"] = feature_extractor.distance(dataset_units(images),
+                                                                 dataset_units(synthetic_stack))
     summary.update({"slices": len(images), "seeds": list(settings.seeds), "held_out_cases": cases,
                     "ablation_mode": config.ablation.get("mode"), "trained_steps": config.trained_steps,
                     "image_size": config.image_size, "num_inference_steps": settings.num_inference_steps})

@@ -89,7 +89,7 @@ class AblationSchedule:
 
 
 def make_ablation_schedule(mode: str, class_frequencies, protected_values, delta_0: float,
-                           total_steps: int, reading: str = "equation") -> AblationSchedule:
+                           total_steps: int, reading: str = "equation", ignore_label=None) -> AblationSchedule:
     """``cbmat``: delta_c from f_c (``cbmat_initial_probabilities``, ``reading``), cosine annealed, protected
     classes and background never ablated.
     ``mat`` (Konz et al., the baseline): every non-background class with probability 0.5, no annealing, no
@@ -104,6 +104,8 @@ def make_ablation_schedule(mode: str, class_frequencies, protected_values, delta
     elif mode != "none":
         raise ValueError(f"unknown ablation mode {mode!r}")
     probabilities[0] = 0.0  # background is never ablated
+    if ignore_label is not None:
+        probabilities[ignore_label] = 0.0   # never in a conditioning map (mark_unannotated): nothing to ablate
     return AblationSchedule(mode, probabilities, annealed=(mode == "cbmat"), total_steps=int(total_steps))
 
 
@@ -114,6 +116,18 @@ def ablate_label_maps(label_maps: torch.Tensor, ablated_classes: torch.Tensor) -
     batch_size = label_maps.shape[0]
     pixel_is_ablated = torch.gather(ablated_classes, 1, label_maps.reshape(batch_size, -1)).reshape(label_maps.shape)
     return torch.where(pixel_is_ablated, torch.zeros_like(label_maps), label_maps)
+
+
+def mark_unannotated(label_maps, ignore_label):
+    """Conditioning maps for nnU-Net's ignore label (unannotated pixels, "unknown"): those pixels become background,
+    exactly as an ablated class's pixels do, so the ignore label's one-hot channel is always zero. The generator
+    thus reads an unannotated pixel as "anything may be here", the meaning mask ablation teaches it (Konz et al.,
+    CBMAT). Works on numpy arrays and torch tensors; returns a new array, the input is not modified."""
+    if ignore_label is None:
+        return label_maps
+    if isinstance(label_maps, torch.Tensor):
+        return torch.where(label_maps == ignore_label, torch.zeros_like(label_maps), label_maps)
+    return np.where(label_maps == ignore_label, 0, label_maps).astype(np.asarray(label_maps).dtype)
 
 
 def one_hot_condition(label_maps: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:

@@ -101,11 +101,15 @@ def resolve_generator_folder(folder) -> Path:
 
 
 def check_dataset_matches(config: GeneratorConfig, dataset, checkpoint_folder):
-    """Raise when ``dataset``'s labels (names and values) differ from those the generator was trained for."""
+    """Raise when ``dataset``'s labels (names and values) or channel count differ from the generator's."""
     if dict(dataset.labels) != dict(config.labels):
         raise NnsynthError(f"checkpoint {checkpoint_folder} was trained for classes {dict(config.labels)} but dataset "
                            f"{dataset.name} has {dict(dataset.labels)}: train a generator for this dataset "
                            f"(nnsynth_train_generator {dataset.name})")
+    if config.num_channels != dataset.num_channels:
+        raise NnsynthError(f"checkpoint {checkpoint_folder} draws {config.num_channels} image channel(s) but dataset "
+                           f"{dataset.name} has {dataset.num_channels} ({', '.join(dataset.channel_list)}): train a "
+                           f"generator for this dataset (nnsynth_train_generator {dataset.name})")
 
 
 def load_generator(folder, dataset=None, device="cpu"):

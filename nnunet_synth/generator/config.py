@@ -1,7 +1,8 @@
 """Generator presets, training settings and the JSON config stored beside every trained generator.
 
-The denoiser is a diffusers ``UNet2DModel``; its input is the noisy image (1 channel) concatenated with the label
-map as one-hot channels (one per class, 000 §2.1 as read in method.md §1), its output the predicted noise.
+The denoiser is a diffusers ``UNet2DModel``; its input is the noisy image (one channel per input channel of the
+dataset, all generated jointly) concatenated with the label map as one-hot channels (one per class, 000 §2.1 as
+read in method.md §1), its output the predicted noise of every image channel.
 """
 import dataclasses
 from dataclasses import dataclass, field
@@ -121,13 +122,14 @@ class TrainingSettings:
         return settings
 
 
-def build_unet(settings: TrainingSettings, num_classes: int) -> UNet2DModel:
-    """The denoiser for ``num_classes`` one-hot condition channels (settings must be resolved)."""
+def build_unet(settings: TrainingSettings, num_classes: int, num_channels: int = 1) -> UNet2DModel:
+    """The denoiser for ``num_channels`` image channels and ``num_classes`` one-hot condition channels (settings
+    must be resolved)."""
     preset = PRESETS[settings.preset]
     return UNet2DModel(
         sample_size=settings.image_size,
-        in_channels=1 + num_classes,
-        out_channels=1,
+        in_channels=num_channels + num_classes,
+        out_channels=num_channels,
         layers_per_block=settings.layers_per_block,
         block_out_channels=tuple(settings.block_out_channels),
         down_block_types=preset["down_block_types"],
@@ -147,7 +149,7 @@ class GeneratorConfig:
 
     dataset_name: str
     labels: dict                        # label name -> value (value = one-hot channel index)
-    window: dict                        # IntensityWindow.to_dict()
+    window: list                        # ImageWindows.to_dict(): one window per image channel (a dict: one channel)
     image_size: int
     preset: str
     fold: str
@@ -170,6 +172,16 @@ class GeneratorConfig:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def num_channels(self) -> int:
+        """Image channels the generator draws jointly (the UNet's output channels)."""
+        return int(self.unet_config.get("out_channels", 1))
+
+    @property
+    def ignore_label(self):
+        """nnU-Net's ignore label (unannotated pixels) of the dataset, or None."""
+        return self.labels.get("ignore")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -21,10 +21,11 @@ from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 import nnunet_synth
-from nnunet_synth.dataset import IntensityWindow, RawDataset, class_pixel_frequencies, dataset_intensity_window
+from nnunet_synth.dataset import ImageWindows, RawDataset, class_pixel_frequencies, dataset_intensity_window
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator.ablation import (AblationSchedule, ablate_label_maps, cbmat_class_frequencies,
-                                             make_ablation_schedule, one_hot_condition, training_noise)
+                                             make_ablation_schedule, mark_unannotated, one_hot_condition,
+                                             training_noise)
 from nnunet_synth.masks.balance import default_class_roles
 from nnunet_synth.generator.checkpoints import (FINAL_FOLDER, checkpoint_step, fresh_temp_folder, list_checkpoints,
                                                 read_generator_config, replace_folder, write_generator_config)
@@ -85,9 +86,10 @@ class DataOrder:
 
 
 def draw_step_randomness(batch_size: int, image_size: int, step: int, schedule: AblationSchedule,
-                         offset_noise: float, generator: torch.Generator):
-    """Noise (B, 1, S, S), timesteps (B,) and ablated classes (B, C) for one step, all from ``generator``."""
-    noise = training_noise((batch_size, 1, image_size, image_size), offset_noise, generator)
+                         offset_noise: float, generator: torch.Generator, num_channels: int = 1):
+    """Noise (B, channels, S, S), timesteps (B,) and ablated classes (B, classes) for one step, all from
+    ``generator``."""
+    noise = training_noise((batch_size, num_channels, image_size, image_size), offset_noise, generator)
     timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch_size,), generator=generator)
     ablated_classes = schedule.draw(batch_size, step, generator)
     return noise, timesteps, ablated_classes
@@ -96,7 +98,7 @@ def draw_step_randomness(batch_size: int, image_size: int, step: int, schedule: 
 def denoising_loss(unet, noise_scheduler: DDPMScheduler, images, label_maps, noise, timesteps, ablated_classes,
                    num_classes: int, memory_format=torch.contiguous_format):
     """Epsilon-prediction MSE: noise the images, condition on the (ablated) one-hot label map, predict the noise.
-    ``images`` (B, 1, S, S) in [-1, 1], ``label_maps`` (B, S, S) int64; the image itself is never ablated."""
+    ``images`` (B, channels, S, S) in [-1, 1], ``label_maps`` (B, S, S) int64; the image itself is never ablated."""
     noisy_images = noise_scheduler.add_noise(images, noise, timesteps)
     condition = one_hot_condition(ablate_label_maps(label_maps, ablated_classes), num_classes, dtype=images.dtype)
     model_input = torch.cat([noisy_images, condition], dim=1).contiguous(memory_format=memory_format)
@@ -118,7 +120,7 @@ class TrainingState:
     noise_scheduler: DDPMScheduler
     schedule: AblationSchedule
     data_order: "DataOrder"
-    images: np.ndarray                  # (N, S, S) float32 in [-1, 1], host memory
+    images: np.ndarray                  # (N, channels, S, S) float32 in [-1, 1], host memory
     label_maps: np.ndarray              # (N, S, S) int64
     num_classes: int
     memory_format: torch.memory_format
@@ -135,7 +137,7 @@ def build_training_state(settings: TrainingSettings, images, label_maps, num_cla
     accelerator's device, with channels_last and fused AdamW on CUDA and optional torch.compile."""
     device = accelerator.device
     torch.manual_seed(settings.seed)
-    unet = build_unet(settings, num_classes)
+    unet = build_unet(settings, num_classes, images.shape[1])
     ema = new_ema(unet, settings)
     training_state = None
     if resume_folder is not None:
@@ -186,10 +188,10 @@ def training_step(state: TrainingState, step: int) -> torch.Tensor:
     device = accelerator.device
     generator = step_generator(settings.seed, step, accelerator.process_index)
     batch = state.data_order.batch_indices(step)
-    batch_images = _to_device(state.images[batch][:, None], device)
+    batch_images = _to_device(state.images[batch], device)
     batch_label_maps = _to_device(state.label_maps[batch], device)
     noise, timesteps, ablated_classes = draw_step_randomness(len(batch), settings.image_size, step, state.schedule,
-                                                             settings.offset_noise, generator)
+                                                             settings.offset_noise, generator, state.images.shape[1])
     loss = denoising_loss(state.training_unet, state.noise_scheduler, batch_images, batch_label_maps,
                           _to_device(noise, device), _to_device(timesteps, device), ablated_classes,
                           state.num_classes, state.memory_format)
@@ -228,9 +230,9 @@ def prepare_generator_config(dataset: RawDataset, settings: TrainingSettings, ca
         region_values = _names_to_values(settings.region_classes, dataset, "region classes")
     cbmat_frequencies = cbmat_class_frequencies(frequencies, settings.frequency_definition, protected_values)
     schedule = make_ablation_schedule(settings.ablation_mode, cbmat_frequencies, protected_values, settings.delta_0,
-                                      settings.max_steps, settings.probability_reading)
+                                      settings.max_steps, settings.probability_reading, dataset.ignore_label)
     window = dataset_intensity_window(dataset, case_ids, override=settings.window)
-    unet = build_unet(settings, dataset.num_classes)
+    unet = build_unet(settings, dataset.num_classes, dataset.num_channels)
     ablation = {**schedule.to_dict(), "delta_0": settings.delta_0,
                 "frequency_definition": settings.frequency_definition,
                 "probability_reading": settings.probability_reading,
@@ -370,12 +372,14 @@ def train_generator(dataset: RawDataset, run_folder, settings: TrainingSettings,
                               resumed_from_step=start_step)
 
     region_values = [dataset.labels[name] for name in config.region_classes] if config.region_classes else None
-    images, label_maps, _ = load_model_slices(dataset, case_ids, IntensityWindow.from_dict(config.window),
+    images, label_maps, _ = load_model_slices(dataset, case_ids, ImageWindows.from_dict(config.window),
                                               settings.image_size, region_values, progress=progress and is_main)
+    label_maps = mark_unannotated(label_maps, dataset.ignore_label)
     schedule = make_ablation_schedule(settings.ablation_mode,
                                       list((config.ablation.get("frequencies") or config.class_frequencies).values()),
                                       [dataset.labels[n] for n in config.ablation["protected_classes"]],
-                                      settings.delta_0, settings.max_steps, settings.probability_reading)
+                                      settings.delta_0, settings.max_steps, settings.probability_reading,
+                                      dataset.ignore_label)
 
     state = build_training_state(settings, images, label_maps, dataset.num_classes, schedule, accelerator,
                                  resume_folder)

@@ -118,3 +118,28 @@ def model_free_score(image: np.ndarray, label_map: np.ndarray, gate: ModelFreeGa
             "distance": float(distance) if finite else None,
             "threshold": float(gate.threshold),
             "class_medians": {str(v): values["p50"] for v, values in statistics.items()}, "worst": worst}
+
+
+def fit_channel_gates(slices) -> list:
+    """One gate per image channel, fitted on real (image (C, H, W), label_map) pairs: multi-channel data (MRI
+    sequences, CT windows) is judged channel by channel, each against its own real statistics."""
+    slices = list(slices)
+    num_channels = slices[0][0].shape[0]
+    return [fit_model_free_gate((image[channel], label_map) for image, label_map in slices)
+            for channel in range(num_channels)]
+
+
+def channel_gates_to_dict(gates) -> dict:
+    """The gates of ``fit_channel_gates`` for the manifest: the single gate's dict for one channel."""
+    return gates[0].to_dict() if len(gates) == 1 else {"channels": [gate.to_dict() for gate in gates]}
+
+
+def model_free_channel_score(image: np.ndarray, label_map: np.ndarray, gates) -> dict:
+    """Score a (C, H, W) pair with one gate per channel: the lowest channel score, passed only when every channel
+    passes; with several channels, ``channels`` holds each channel's ``model_free_score``."""
+    per_channel = [model_free_score(channel_image, label_map, gate) for channel_image, gate in zip(image, gates)]
+    if len(per_channel) == 1:
+        return per_channel[0]
+    worst = min(per_channel, key=lambda result: result["score"])
+    return {"score": worst["score"], "passed": all(result["passed"] for result in per_channel),
+            "worst_channel": per_channel.index(worst), "channels": per_channel}

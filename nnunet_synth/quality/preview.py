@@ -19,7 +19,9 @@ def save_preview_grid(rows, column_titles, path, num_classes, window=None, title
     """Save a grid PNG. ``rows`` is a list of rows; each cell is ``(image or None, label_map or None)``.
 
     An image with a label map is drawn with the overlay; a label map alone is drawn in colour; ``window``
-    (lower, upper) fixes the grey scale for images in dataset units; ``title`` goes above the grid.
+    (lower, upper) fixes the grey scale for images in dataset units; ``title`` goes above the grid. A
+    multi-channel image (C, H, W) is drawn as its channels side by side (bring them to one scale first, e.g. model
+    space), each with the overlay.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -33,6 +35,10 @@ def save_preview_grid(rows, column_titles, path, num_classes, window=None, title
         for column_index, (image, label_map) in enumerate(row):
             axis = axes[row_index][column_index]
             axis.axis("off")
+            if image is not None and image.ndim == 3:
+                if label_map is not None:
+                    label_map = np.concatenate([label_map] * len(image), axis=1)
+                image = np.concatenate(list(image), axis=1)
             if image is not None:
                 axis.imshow(image, cmap="gray", interpolation="nearest", **grey_range)
             if label_map is not None:

@@ -40,10 +40,12 @@ def export_standalone(dataset: RawDataset, output_root, preprocessed_root, datas
         raise NnsynthError(f"the export target {export_folder} is the source dataset: choose another dataset id")
     ending = dataset.file_ending
     for case_id in dataset.case_ids:
-        copy_file_atomic(dataset.cases[case_id]["images"][0], export_folder / "imagesTr" / f"{case_id}_0000{ending}")
+        for channel, image_file in enumerate(dataset.cases[case_id]["images"]):
+            copy_file_atomic(image_file, export_folder / "imagesTr" / f"{case_id}_{channel:04d}{ending}")
         copy_file_atomic(dataset.cases[case_id]["label"], export_folder / "labelsTr" / f"{case_id}{ending}")
     for case_id in synthetic_ids:
-        copy_file_atomic(store.image_file(case_id), export_folder / "imagesTr" / f"{case_id}_0000{ending}")
+        for channel, image_file in enumerate(store.image_files(case_id)):
+            copy_file_atomic(image_file, export_folder / "imagesTr" / f"{case_id}_{channel:04d}{ending}")
         copy_file_atomic(store.label_file(case_id), export_folder / "labelsTr" / f"{case_id}{ending}")
 
     splits = []
@@ -54,7 +56,8 @@ def export_standalone(dataset: RawDataset, output_root, preprocessed_root, datas
     write_json_atomic(splits, export_folder / "splits_final.json")
     source_json = dataset.dataset_json
     write_dataset_json_atomic(
-        export_folder, channel_names=dataset.channel_names, labels=dataset.labels,
+        export_folder, channel_names=dataset.channel_names, labels=source_json["labels"],
+        regions_class_order=source_json.get("regions_class_order"),
         num_training_cases=len(dataset.case_ids) + len(synthetic_ids), file_ending=ending,
         dataset_name=export_folder.name, license=source_json.get("license", "see the source dataset"),
         description=f"{dataset.name} ({len(dataset.case_ids)} real cases) + {len(synthetic_ids)} synthetic cases "

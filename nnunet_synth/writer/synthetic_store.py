@@ -3,6 +3,7 @@
 Layout (inside the raw dataset folder, beside imagesTr/labelsTr, which are never touched)::
 
     imagesSynth/synth_f0_00000_0000{file_ending}  image in the dataset's units, pixel type and file ending
+    imagesSynth/synth_f0_00000_0001{file_ending}  ... one file per input channel, as nnU-Net names them
     labelsSynth/synth_f0_00000{file_ending}       the conditioning label map
     recordsSynth/synth_f0_00000.json              the case's record (provenance, seed, sampler, quality)
     synthetic.json                                {"format_version": 2, "dataset": ...,
@@ -101,15 +102,20 @@ class SyntheticStore:
     def cases(self) -> dict:
         return self.manifest["cases"]
 
-    def image_file(self, case_id: str) -> Path:
-        return self.images_folder / f"{case_id}_0000{self.dataset.file_ending}"
+    def image_file(self, case_id: str, channel: int = 0) -> Path:
+        return self.images_folder / f"{case_id}_{channel:04d}{self.dataset.file_ending}"
+
+    def image_files(self, case_id: str) -> list:
+        """The case's image files, one per input channel, in nnU-Net's channel order."""
+        return [self.image_file(case_id, channel) for channel in range(self.dataset.num_channels)]
 
     def label_file(self, case_id: str) -> Path:
         return self.labels_folder / f"{case_id}{self.dataset.file_ending}"
 
     def is_complete(self, case_id: str) -> bool:
-        """True when the case has its record and both of its files exist."""
-        return case_id in self.cases and self.image_file(case_id).is_file() and self.label_file(case_id).is_file()
+        """True when the case has its record and all of its files exist."""
+        return (case_id in self.cases and self.label_file(case_id).is_file()
+                and all(path.is_file() for path in self.image_files(case_id)))
 
     def complete_case_ids(self, fold=None):
         """Cases whose entry and files exist; only those made for ``fold`` when it is given."""
@@ -153,16 +159,21 @@ class SyntheticStore:
             remove_stale_temp_files(folder)      # safe: the caller holds the store's lock (exclusive_writer)
         remove_stale_temp_files(self.dataset.folder)
 
-    def write_case(self, case_id: str, image: np.ndarray, label_map: np.ndarray, reference_properties: dict,
-                   image_dtype, entry: dict):
-        """Write one synthetic pair (2D arrays in dataset units / label values) and record ``entry``.
+    def write_case(self, case_id: str, channel_images, label_map: np.ndarray, reference_properties: dict,
+                   image_dtypes, entry: dict):
+        """Write one synthetic case (one 2D array per input channel in dataset units, a 2D label map) and record
+        ``entry``; ``image_dtypes`` gives each channel's pixel type.
 
         ``reference_properties`` are the nnU-Net reader properties of the real case the pair derives from;
         its geometry (spacing, direction, origin) is reused so the pair matches the real data.
         """
-        if image.ndim != 2 or image.shape != label_map.shape:
-            raise ValueError(f"expected 2D image and label of one shape, got {image.shape} and {label_map.shape}")
-        image = image.astype(image_dtype)
+        if len(channel_images) != self.dataset.num_channels or len(image_dtypes) != len(channel_images):
+            raise ValueError(f"expected {self.dataset.num_channels} channel images and pixel types, got "
+                             f"{len(channel_images)} and {len(image_dtypes)}")
+        if any(image.ndim != 2 or image.shape != label_map.shape for image in channel_images):
+            raise ValueError(f"expected 2D images and label of one shape, got "
+                             f"{[image.shape for image in channel_images]} and {label_map.shape}")
+        channel_images = [image.astype(dtype) for image, dtype in zip(channel_images, image_dtypes)]
         label_map = label_map.astype(np.uint8 if label_map.max() < 255 else np.uint16)
         geometry = {}
         sitk_geometry = reference_properties.get("sitk_stuff")
@@ -170,10 +181,12 @@ class SyntheticStore:
             geometry = dict(spacing_xyz=sitk_geometry["spacing"], origin=sitk_geometry["origin"],
                             direction=sitk_geometry["direction"])
             if len(sitk_geometry["spacing"]) == 3:      # a 3D dataset: the pair is a one-slice volume
-                image, label_map = image[None], label_map[None]
-        write_volume(image, self.image_file(case_id), **geometry)
+                channel_images, label_map = [image[None] for image in channel_images], label_map[None]
+        for channel, image in enumerate(channel_images):
+            write_volume(image, self.image_file(case_id, channel), **geometry)
         write_volume(label_map, self.label_file(case_id), **geometry)
-        record = dict(entry, image=str(self.image_file(case_id).relative_to(self.dataset.folder)),
+        relative_images = [str(path.relative_to(self.dataset.folder)) for path in self.image_files(case_id)]
+        record = dict(entry, image=relative_images[0], images=relative_images,
                       label=str(self.label_file(case_id).relative_to(self.dataset.folder)))
         write_json_atomic(record, self.record_file(case_id))        # the case counts from here on
         self.cases[case_id] = record
@@ -202,7 +215,8 @@ class SyntheticStore:
         self.manifest["folds"].pop(str(fold), None)
         self.save_manifest()
         for case_id in case_ids:
-            self.image_file(case_id).unlink(missing_ok=True)
+            for image_file in self.image_files(case_id):
+                image_file.unlink(missing_ok=True)
             self.label_file(case_id).unlink(missing_ok=True)
         self.preview_file(fold).unlink(missing_ok=True)
         return len(case_ids)
