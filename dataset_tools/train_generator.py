@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "frequent non-background class if it is >= 80 %% of the foreground, as the label maps' host)")
     training.add_argument("--region-classes", nargs="+", help="label names forming the region of 000 §3.2; pixels "
                           "outside are set to the window minimum (default: no region masking)")
-    training.add_argument("--window", type=float, nargs=2, metavar=("LOWER", "UPPER"), help="intensity window")
+    training.add_argument("--window", type=float, nargs=2, metavar=("LOWER", "UPPER"),
+                          help="intensity window for every image channel (default: chosen per channel)")
     training.add_argument("--offset-noise", type=float, default=0.1, help="offset-noise scale (0 = off)")
     training.add_argument("--ema-max-decay", type=float, default=0.9999)
     training.add_argument("--max-grad-norm", type=float, default=1.0)
