@@ -1,7 +1,8 @@
 """nnU-Net features other datasets use, on copies of the real data: the ignore label, region-based labels and
 several input channels. Each dataset gets synthetic cases through the stock ``nnsynth_generate`` and passes
 ``nnUNetv2_plan_and_preprocess --verify_dataset_integrity`` with them present; the region-based and the
-two-channel dataset are trained for a few iterations with SynthMix through the stock ``nnUNetv2_train``.
+two-channel dataset are trained for a few iterations with SynthMix through the stock ``nnUNetv2_train``. The
+standalone export of each (real and synthetic cases together in imagesTr) passes nnU-Net's integrity check too.
 
 - Dataset940: the embedded example with the right 30 % of every slice unannotated (``"ignore": 3``).
 - Dataset941: the embedded example with region-based labels (``"lung": [1, 2], "lesion": 2``, as BraTS declares
@@ -9,6 +10,8 @@ two-channel dataset are trained for a few iterations with SynthMix through the s
 - Dataset942: the real HU CT as two channels, two CT windows (full HU range and soft tissue [-160, 240]).
 """
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +28,7 @@ from nnunet_synth.writer.synthetic_store import SyntheticStore
 from test_five_folds import CPU_PLANS, TRAINER, environment, run
 
 IGNORE_ID, REGION_ID, TWO_CHANNEL_ID = 940, 941, 942
+EXPORT_IDS = {IGNORE_ID: 943, REGION_ID: 944, TWO_CHANNEL_ID: 945}
 IGNORE = 3
 SOFT_TISSUE = (-160, 240)
 NUM_CASES = 4
@@ -67,6 +71,19 @@ def generate(dataset, nnunet_folders):
     run(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "2d", "-np", "1", "--verify_dataset_integrity"],
         env)
     return SyntheticStore(dataset), result
+
+
+def check_export_integrity(dataset):
+    """Real and synthetic cases side by side in one imagesTr (the standalone export): nnU-Net's integrity check."""
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    from nnunet_synth.writer.standalone_export import export_standalone
+    dataset_id = int(dataset.name[len("Dataset"):len("Dataset") + 3])
+    export = export_standalone(dataset, Path(os.environ["nnUNet_raw"]), os.environ["nnUNet_preprocessed"],
+                               EXPORT_IDS[dataset_id])
+    verify_dataset_integrity(str(export), num_processes=1)      # raises on any problem
+    exported = RawDataset(export)
+    assert len(exported.case_ids) == len(dataset.case_ids) + len(SyntheticStore(dataset).complete_case_ids())
+    return exported
 
 
 def train_synthmix(dataset, nnunet_folders):
@@ -126,6 +143,7 @@ def test_ignore_is_never_counted_balanced_or_pasted_and_written_labels_keep_it(i
         lesion_added += int((written_model_map == 2).sum() - (target_model_map == 2).sum())
         assert (written_model_map[target_model_map == 2] == 2).all()      # pastes only add lesion
     assert lesion_added > 0
+    assert check_export_integrity(dataset).ignore_label == IGNORE
 
 
 def test_ignore_pixels_condition_the_generator_as_unknown(ignore_dataset):
@@ -166,6 +184,7 @@ def test_region_based_dataset_generates_and_trains_with_synthmix(example_dataset
     assert preprocessed_json["labels"]["lung"] == [1, 2] and preprocessed_json["regions_class_order"] == [1, 2]
     summary = train_synthmix(dataset, nnunet_folders)
     assert len(summary["used_synthetic_cases"]) == NUM_CASES
+    assert check_export_integrity(dataset).regions == dataset.regions
 
 
 # ---------------------------------------------------------------- several input channels
@@ -201,3 +220,4 @@ def test_two_channel_dataset_generates_both_channels_and_trains(real_hu_dataset_
         assert store.cases[case_id]["images"] == [f"imagesSynth/{path.name}" for path in files]
     summary = train_synthmix(dataset, nnunet_folders)
     assert len(summary["used_synthetic_cases"]) == NUM_CASES
+    assert check_export_integrity(dataset).num_channels == 2
