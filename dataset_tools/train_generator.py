@@ -1,7 +1,8 @@
 """Train the mask-conditioned diffusion generator on the real training cases of one nnU-Net fold.
 
-Output: $nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>/ (checkpoint-<step>/, previews/, final/).
-Rerunning the same command resumes from the newest checkpoint. Multi-GPU: accelerate launch -m
+Output: $nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>/ (checkpoints/checkpoint_<i>/, previews/, final/;
+final/ loads with diffusers.DiffusionPipeline.from_pretrained(final, trust_remote_code=True)).
+Rerunning the same command resumes exactly from the newest checkpoint (other settings are refused). Multi-GPU: accelerate launch -m
 nnunet_synth.dataset_tools.train_generator ... (or `accelerate launch $(which nnsynth_train_generator) ...`).
 """
 import argparse
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     training.add_argument("--no-channels-last", action="store_true")
     training.add_argument("--preview-inference-steps", type=int, default=50)
-    training.add_argument("--keep-checkpoints", type=int, default=2)
+    training.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (at least 2)")
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--no-progress", action="store_true")
     return parser
