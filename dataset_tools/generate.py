@@ -14,6 +14,7 @@ import argparse
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
@@ -77,7 +78,7 @@ def generator_for_fold(dataset: RawDataset, args, fold):
         return args.generator
     run_folder = generator_run_folder(dataset.name, args.preset, fold)
     if not (run_folder / FINAL_FOLDER).is_dir():
-        if args.num_shards > 1 and PartialState().num_processes == 1:
+        if args.num_shards > 1 and launched_state().num_processes == 1:
             raise NnsynthError(f"{run_folder} holds no trained generator and shards started as separate commands "
                                f"would each train it: train it first (nnsynth_train_generator {dataset.name} --fold "
                                f"{fold} --preset {args.preset}), then start the shards")
@@ -111,10 +112,15 @@ def format_share_table(report: dict, class_names) -> str:
     return "\n".join(lines)
 
 
+def launched_state() -> PartialState:
+    """The processes of ``accelerate launch`` (also ``--cpu``, where accelerate asks for it explicitly)."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def resolve_shards(args):
     """``--num-shards``/``--shard-index``, else the processes of ``accelerate launch`` (each on its own device)."""
     if args.num_shards is None and args.shard_index is None:
-        state = PartialState()
+        state = launched_state()
         if state.num_processes > 1:
             args.device = str(state.device)
         return state.num_processes, state.process_index
@@ -127,7 +133,7 @@ def resolve_shards(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.num_shards, args.shard_index = resolve_shards(args)
-    if args.export_standalone is not None and args.num_shards > 1 and PartialState().num_processes == 1:
+    if args.export_standalone is not None and args.num_shards > 1 and launched_state().num_processes == 1:
         raise NnsynthError("--export-standalone with --num-shards would export before the other shards are done: "
                            "export after all shards, by one more run without --num-shards")
     dataset = RawDataset.from_name(args.dataset)
@@ -139,9 +145,9 @@ def main(argv=None):
     for fold in folds:
         generate_for_fold(dataset, args, fold)
     if args.export_standalone is not None:
-        if PartialState().num_processes > 1:
-            PartialState().wait_for_everyone()      # every shard's cases are written
-            if not PartialState().is_main_process:
+        if launched_state().num_processes > 1:
+            launched_state().wait_for_everyone()      # every shard's cases are written
+            if not launched_state().is_main_process:
                 return
         import os
         from nnunet_synth.writer.standalone_export import export_standalone

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, parse_flag_from_env
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
@@ -377,7 +377,8 @@ def train_generator(dataset: RawDataset, run_folder, settings: TrainingSettings,
     settings = settings.resolved()
     run_folder = Path(run_folder)
     case_ids = fold_training_cases(dataset, fold) if case_ids is None else sorted(case_ids)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(settings.mixed_precision, PartialState().device),
+    launched = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))   # accelerate launch --cpu: gloo processes
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(settings.mixed_precision, launched.device),
                               project_config=_project_configuration(run_folder, settings))
     device = accelerator.device
     is_main = accelerator.is_main_process
