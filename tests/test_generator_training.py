@@ -103,7 +103,9 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_run(example, unin
         train_generator(example, folder, small_settings(), case_ids=example.case_ids[:2], progress=False,
                         step_callback=crash_at_step_3)
     assert trained_steps(folder / "checkpoints" / "checkpoint_0") == 2 and not (folder / "final").exists()
-    resumed = train_generator(example, folder, small_settings(), case_ids=example.case_ids[:2], progress=False)
+    # resumed with DataLoader worker processes reading the slice cache (a setting that may change on resume)
+    resumed = train_generator(example, folder, small_settings(data_workers=2), case_ids=example.case_ids[:2],
+                              progress=False)
     assert resumed.resumed_from_step == 2
     assert resumed.losses == uninterrupted_run.losses[2:]  # steps 3, 4, 5: identical losses
     # accelerate kept the two newest checkpoints (total_limit): steps 4 and 5 in both runs
@@ -279,3 +281,22 @@ def test_noise_seeding_starts_from_the_noised_reference(trained_generator):
     assert again.shape == images.shape and np.isfinite(again).all()
     with pytest.raises(ValueError, match="strength"):
         sample_images(unet, config, label_maps, range(3), reference_images=images, strength=1.5, progress=False)
+
+
+def test_slice_cache_holds_the_model_slices_is_reused_and_keyed_by_the_window(example, tmp_path):
+    from nnunet_synth.generator.slice_cache import open_slice_cache
+    cases = example.case_ids[:2]
+    window = dataset_intensity_window(example, cases)
+    images, label_maps, _ = load_model_slices(example, cases, window, SIZE)
+    cache = open_slice_cache(example, cases, window, SIZE, tmp_path)
+    assert len(cache) == len(images) and cache.images.shape == images.shape
+    rows = np.array([3, 0, len(images) - 1, 3])
+    np.testing.assert_array_equal(cache.label_maps[rows], label_maps[rows])
+    np.testing.assert_allclose(cache.images[rows], images[rows], atol=1e-3)     # stored as float16
+    assert cache.images[rows].dtype == np.float32 and cache.label_maps[rows].dtype == np.int64
+    built = (cache.folder / "images.bin").stat().st_mtime_ns
+    again = open_slice_cache(example, cases, window, SIZE, tmp_path)
+    assert again.folder == cache.folder and (again.folder / "images.bin").stat().st_mtime_ns == built
+    other_window = type(window).from_dict({**window.to_dict(), "upper": window.upper + 10})
+    assert open_slice_cache(example, cases, other_window, SIZE, tmp_path).folder != cache.folder
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".incomplete")]

@@ -35,14 +35,15 @@ from nnunet_synth.generator.checkpoints import (FINAL_FOLDER, check_no_old_check
 from nnunet_synth.generator.config import (NUM_TRAIN_TIMESTEPS, GeneratorConfig, TrainingSettings,
                                            build_noise_scheduler, build_unet)
 from nnunet_synth.dataset.splits import fold_training_cases
-from nnunet_synth.generator.data import load_model_slices
+from nnunet_synth.generator.batches import StepLoader
+from nnunet_synth.generator.slice_cache import open_slice_cache, slice_cache_root
 from nnunet_synth.generator.preview import write_preview_grid
 
 # keys of generator_config.json that must agree before a run folder is resumed
 RESUME_KEYS = ("dataset_name", "labels", "image_size", "training_cases", "unet_config", "window", "region_classes")
 # training settings that may change on resume (they do not change what is computed); every other one must agree
 CHANGEABLE_ON_RESUME = ("checkpoint_every", "preview_every", "keep_checkpoints", "preview_inference_steps",
-                        "preview_count", "compile", "channels_last")
+                        "preview_count", "compile", "channels_last", "data_workers")
 # losses are copied to the host (one sync) every this many steps, and at checkpoints and the end
 LOSS_SYNC_EVERY = 25
 
@@ -138,8 +139,9 @@ class TrainingState:
     noise_scheduler: DDPMScheduler
     schedule: AblationSchedule
     data_order: "DataOrder"
-    images: np.ndarray                  # (N, S, S) float32 in [-1, 1], host memory
-    label_maps: np.ndarray              # (N, S, S) int64
+    images: object                      # (N, S, S) rows as float32 in [-1, 1]: an array or the slice cache's
+    label_maps: object                  # (N, S, S) rows as int64
+    loader: StepLoader                  # the batches of consecutive steps (DataLoader)
     num_classes: int
     memory_format: torch.memory_format
     progress: TrainingProgress = field(default_factory=TrainingProgress)
@@ -181,8 +183,10 @@ def build_training_state(settings: TrainingSettings, images, label_maps, num_cla
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     data_order = DataOrder(len(images), settings.batch_size, settings.seed, accelerator.num_processes,
                            accelerator.process_index)
+    workers = settings.data_workers if settings.data_workers is not None else (4 if on_cuda else 0)
+    loader = StepLoader(images, label_maps, data_order, workers, pin_memory=on_cuda)
     return TrainingState(settings, accelerator, unet, training_unet, optimizer, lr_scheduler, ema, noise_scheduler,
-                         schedule, data_order, images, label_maps, num_classes, memory_format, progress)
+                         schedule, data_order, images, label_maps, loader, num_classes, memory_format, progress)
 
 
 def _to_device(array_or_tensor, device: torch.device) -> torch.Tensor:
@@ -191,7 +195,7 @@ def _to_device(array_or_tensor, device: torch.device) -> torch.Tensor:
     tensor = torch.as_tensor(array_or_tensor)
     if device.type != "cuda":
         return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
 
 
 def training_step(state: TrainingState, step: int) -> torch.Tensor:
@@ -204,11 +208,10 @@ def training_step(state: TrainingState, step: int) -> torch.Tensor:
     settings, accelerator = state.settings, state.accelerator
     device = accelerator.device
     generator = step_generator(settings.seed, step, accelerator.process_index)
-    batch = state.data_order.batch_indices(step)
-    batch_images = _to_device(state.images[batch][:, None], device)
-    batch_label_maps = _to_device(state.label_maps[batch], device)
-    noise, timesteps, ablated_classes = draw_step_randomness(len(batch), settings.image_size, step, state.schedule,
-                                                             settings.offset_noise, generator)
+    batch_images, batch_label_maps = state.loader.batch(step)       # pinned on CUDA by the DataLoader
+    batch_images, batch_label_maps = _to_device(batch_images, device), _to_device(batch_label_maps, device)
+    noise, timesteps, ablated_classes = draw_step_randomness(len(batch_images), settings.image_size, step,
+                                                             state.schedule, settings.offset_noise, generator)
     loss = denoising_loss(state.training_unet, state.noise_scheduler, batch_images, batch_label_maps,
                           _to_device(noise, device), _to_device(timesteps, device), ablated_classes,
                           state.num_classes, state.memory_format)
@@ -398,8 +401,10 @@ def train_generator(dataset: RawDataset, run_folder, settings: TrainingSettings,
         check_resumable(read_generator_config(resume_folder), config, run_folder)
 
     region_values = [dataset.labels[name] for name in config.region_classes] if config.region_classes else None
-    images, label_maps, _ = load_model_slices(dataset, case_ids, IntensityWindow.from_dict(config.window),
-                                              settings.image_size, region_values, progress=progress and is_main)
+    with accelerator.main_process_first():        # the main process builds the slice cache, the others read it
+        cache = open_slice_cache(dataset, case_ids, IntensityWindow.from_dict(config.window), settings.image_size,
+                                 slice_cache_root(dataset, run_folder), region_values, progress=progress and is_main)
+    images, label_maps = cache.images, cache.label_maps
     schedule = make_ablation_schedule(settings.ablation_mode,
                                       list((config.ablation.get("frequencies") or config.class_frequencies).values()),
                                       [dataset.labels[n] for n in config.ablation["protected_classes"]],
