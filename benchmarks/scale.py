@@ -38,10 +38,13 @@ def bytes_written() -> int:
         return int(next(line for line in handle if line.startswith("wchar:")).split()[1])
 
 
-def replicate(base_folder: Path, factor: int, raw_root: Path, dataset_id: int) -> Path:
-    """A dataset whose cases are ``factor`` copies (symbolic links) of the base dataset's cases."""
-    folder = raw_root / f"Dataset{dataset_id:03d}_ScaleX{factor}"
-    shutil.rmtree(folder, ignore_errors=True)
+def replicate(base_folder: Path, factor: int, folders: dict, dataset_id: int) -> Path:
+    """A fresh dataset whose cases are ``factor`` copies (symbolic links) of the base dataset's cases; its slice
+    cache, generator and synthetic cases of an earlier run are removed."""
+    name = f"Dataset{dataset_id:03d}_ScaleX{factor}"
+    for root in folders.values():
+        shutil.rmtree(root / name, ignore_errors=True)
+    folder = folders["nnUNet_raw"] / name
     dataset_json = json.loads((base_folder / "dataset.json").read_text())
     ending = dataset_json["file_ending"]
     for kind in ("imagesTr", "labelsTr"):
@@ -143,7 +146,7 @@ def main(argv=None) -> dict:
     results = {"settings": {k: v for k, v in vars(args).items() if not k.startswith("child")}, "scales": {}}
     try:
         for index, factor in enumerate(args.scales):
-            folder = replicate(base, factor, folders["nnUNet_raw"], FIRST_SCALED_ID + index)
+            folder = replicate(base, factor, folders, FIRST_SCALED_ID + index)
             figures = {}
             for stage in args.stages:
                 if stage == "generate" and args.generate_scales and factor not in args.generate_scales:

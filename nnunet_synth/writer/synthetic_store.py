@@ -12,6 +12,7 @@ Layout (inside the raw dataset folder, beside imagesTr/labelsTr, which are never
     synthetic.lock                                held shared by every generating process (shards, other folds)
                                                   and exclusively by clean / score / --overwrite
     synthetic.index.lock                          held while ``synthetic.json`` is compiled
+    synthetic.writers.lock                        held shared by every generating process (alone: may clean up)
 
 Each case's record is written once, after both of its files (fsynced), so writing N cases costs O(N); the
 records are the truth, and ``synthetic.json`` is the index compiled from them (and the fold records) at the end of
@@ -48,6 +49,7 @@ SYNTH_RECORDS_FOLDER = "recordsSynth"
 MANIFEST_NAME = "synthetic.json"
 LOCK_NAME = "synthetic.lock"
 INDEX_LOCK_NAME = "synthetic.index.lock"
+WRITERS_LOCK_NAME = "synthetic.writers.lock"
 PREVIEW_PREFIX = "synthetic_preview"
 FORMAT_VERSION = 2
 
@@ -175,30 +177,37 @@ class SyntheticStore:
             self._enter_alone()
             yield self
             return
-        with open(self.dataset.folder / LOCK_NAME, "a") as handle:
+        with open(self.dataset.folder / LOCK_NAME, "a") as handle, \
+                open(self.dataset.folder / WRITERS_LOCK_NAME, "a") as writers:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._enter_alone()
-                fcntl.flock(handle, fcntl.LOCK_SH)      # downgrade: other generating processes may join now
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise NnsynthError(f"{self.dataset.folder / LOCK_NAME}: another process is removing or "
-                                       f"rescoring synthetic cases of {self.dataset.name} (nnsynth_clean, "
-                                       f"nnsynth_score or --overwrite): wait for it to finish, then run this "
-                                       f"command again") from None
-                self.manifest = self._read_manifest()
+                raise NnsynthError(f"{self.dataset.folder / LOCK_NAME}: another process is removing or rescoring "
+                                   f"synthetic cases of {self.dataset.name} (nnsynth_clean, nnsynth_score or "
+                                   f"--overwrite): wait for it to finish, then run this command again") from None
             try:
+                # every generating process holds the writers' lock shared; the one that gets it alone may drop
+                # what interrupted runs left (no other process has temporary files in flight)
+                try:
+                    fcntl.flock(writers, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self._remove_stale_temp_files()
+                except BlockingIOError:
+                    pass
+                fcntl.flock(writers, fcntl.LOCK_SH)     # blocks only while another process is alone (briefly)
+                self.manifest = self._read_manifest()
                 yield self
             finally:
+                fcntl.flock(writers, fcntl.LOCK_UN)
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _enter_alone(self):
         """No other process writes the store: drop what an interrupted run left, read the current state."""
+        self._remove_stale_temp_files()
+        self.manifest = self._read_manifest()
+
+    def _remove_stale_temp_files(self):
         for folder in (self.images_folder, self.labels_folder, self.records_folder, self.dataset.folder):
             remove_stale_temp_files(folder)
-        self.manifest = self._read_manifest()
 
     def prepare(self):
         """Create the folders."""
@@ -291,6 +300,7 @@ class SyntheticStore:
         self.manifest_file.unlink(missing_ok=True)
         (self.dataset.folder / LOCK_NAME).unlink(missing_ok=True)
         (self.dataset.folder / INDEX_LOCK_NAME).unlink(missing_ok=True)
+        (self.dataset.folder / WRITERS_LOCK_NAME).unlink(missing_ok=True)
         for folder in (self.records_folder, self.images_folder, self.labels_folder):
             if folder.is_dir():
                 shutil.rmtree(folder)
