@@ -348,3 +348,15 @@ def test_two_shards_one_killed_and_rerun_give_the_files_of_one_process(nnunet_fo
     index, single_index = (json.loads((f / MANIFEST_NAME).read_text()) for f in (folder, single))
     assert sorted(index["cases"]) == [synthetic_case_id(i, 0) for i in range(NUM_CASES)]
     assert index["cases"] == single_index["cases"] and index["folds"] == single_index["folds"]
+
+
+def test_shard_options_that_would_lose_cases_are_refused(generated, tiny_generator):
+    from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases, shard_blocks
+    assert shard_blocks(7, 2, 2, 0) == [[0, 1], [4, 5]] and shard_blocks(7, 2, 2, 1) == [[2, 3], [6]]
+    dataset = RawDataset(generated[0])
+    settings = GenerationSettings(num_cases=NUM_CASES, seed=7, num_inference_steps=8, batch_size=1)
+    with pytest.raises(NnsynthError, match="--overwrite with --num-shards .*nnsynth_clean"):
+        generate_synthetic_cases(dataset, tiny_generator, settings, overwrite=True, num_shards=2, shard_index=0)
+    with pytest.raises(NnsynthError, match="--shard-index must lie in"):
+        generate_synthetic_cases(dataset, tiny_generator, settings, num_shards=2, shard_index=2)
+    assert len(SyntheticStore(dataset).complete_case_ids()) == NUM_CASES
