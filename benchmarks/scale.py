@@ -159,16 +159,17 @@ def main(argv=None) -> dict:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    first, last = results["scales"][args.scales[0]], results["scales"][args.scales[-1]]
     for stage in ("train", "generate"):
-        if stage in first and stage in last:
-            ratio = last[stage]["peak_rss_mib"] / first[stage]["peak_rss_mib"]
-            results[f"{stage}_peak_rss_ratio"] = ratio
-            print(f"{stage}: peak RSS {args.scales[-1]}x / {args.scales[0]}x = {ratio:.2f} (target < 1.3)")
-    if "generate" in first and "generate" in last:
-        ratio = last["generate"]["bytes_per_case"] / first["generate"]["bytes_per_case"]
-        results["bytes_per_case_ratio"] = ratio
-        print(f"bytes written per synthetic case {args.scales[-1]}x / {args.scales[0]}x = {ratio:.2f} (target 1)")
+        measured = [factor for factor in args.scales if stage in results["scales"][factor]]
+        if len(measured) > 1:
+            first, last = (results["scales"][factor][stage] for factor in (measured[0], measured[-1]))
+            ratio = last["peak_rss_mib"] / first["peak_rss_mib"]
+            results[f"{stage}_peak_rss_ratio"] = {f"{measured[-1]}x/{measured[0]}x": ratio}
+            print(f"{stage}: peak RSS {measured[-1]}x / {measured[0]}x = {ratio:.2f} (target < 1.3)")
+            if stage == "generate":
+                ratio = last["bytes_per_case"] / first["bytes_per_case"]
+                results["bytes_per_case_ratio"] = {f"{measured[-1]}x/{measured[0]}x": ratio}
+                print(f"bytes written per synthetic case {measured[-1]}x / {measured[0]}x = {ratio:.2f} (target 1)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
