@@ -5,10 +5,16 @@ for a final model trained on every case): trains the generator on that fold's re
 there is none (or takes --generator), makes new label maps from those cases that over-represent the rarest
 pathology class, samples images with DDIM, scores them with the model-free quality gate, writes them atomically
 and saves a preview grid. No case made for fold k depends on a validation case of fold k. Rerunning resumes.
+
+Sharding: `--num-shards N --shard-index i` (one command per machine or GPU, at the same time, on one dataset
+folder) splits the cases; under `accelerate launch` the shards are the processes. The union is byte-identical to
+a one-process run with the same seed and --batch-size; each shard resumes on its own.
 """
 import argparse
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
@@ -56,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "class has this share of the region over real + new maps")
     parser.add_argument("--noise-seeding", type=float, metavar="STRENGTH", help="start sampling from the target's "
                         "real slice noised to this strength (0-1], 004 §2.5; default: pure noise")
+    parser.add_argument("--num-shards", type=int, help="split the cases into this many shards (default: the number "
+                        "of processes under accelerate launch, else 1)")
+    parser.add_argument("--shard-index", type=int, help="the shard this command makes, 0 .. N-1 (default: the "
+                        "process index under accelerate launch, else 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace the existing synthetic cases (only those)")
     parser.add_argument("--export-standalone", type=int, metavar="DATASET_ID", help="also write real + synthetic "
                         "as a standalone dataset with this id and a splits_final.json without synthetic validation")
@@ -68,6 +78,10 @@ def generator_for_fold(dataset: RawDataset, args, fold):
         return args.generator
     run_folder = generator_run_folder(dataset.name, args.preset, fold)
     if not (run_folder / FINAL_FOLDER).is_dir():
+        if args.num_shards > 1 and launched_state().num_processes == 1:
+            raise NnsynthError(f"{run_folder} holds no trained generator and shards started as separate commands "
+                               f"would each train it: train it first (nnsynth_train_generator {dataset.name} --fold "
+                               f"{fold} --preset {args.preset}), then start the shards")
         print(f"no trained generator in {run_folder}: training one (preset {args.preset}, fold {fold})")
         settings = TrainingSettings(preset=args.preset, max_steps=args.train_steps, seed=args.seed)
         train_generator(dataset, run_folder, settings, fold=fold)
@@ -98,9 +112,30 @@ def format_share_table(report: dict, class_names) -> str:
     return "\n".join(lines)
 
 
+def launched_state() -> PartialState:
+    """The processes of ``accelerate launch`` (also ``--cpu``, where accelerate asks for it explicitly)."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def resolve_shards(args):
+    """``--num-shards``/``--shard-index``, else the processes of ``accelerate launch`` (each on its own device)."""
+    if args.num_shards is None and args.shard_index is None:
+        state = launched_state()
+        if state.num_processes > 1:
+            args.device = str(state.device)
+        return state.num_processes, state.process_index
+    if args.num_shards is None or args.shard_index is None:
+        raise NnsynthError("give both --num-shards and --shard-index (or neither)")
+    return args.num_shards, args.shard_index
+
+
 @command_entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.num_shards, args.shard_index = resolve_shards(args)
+    if args.export_standalone is not None and args.num_shards > 1 and launched_state().num_processes == 1:
+        raise NnsynthError("--export-standalone with --num-shards would export before the other shards are done: "
+                           "export after all shards, by one more run without --num-shards")
     dataset = RawDataset.from_name(args.dataset)
     # without --fold: the generator's own fold with --generator, else fold 0
     folds = args.folds or [args.fold if args.fold is not None or args.generator is not None else "0"]
@@ -110,6 +145,10 @@ def main(argv=None):
     for fold in folds:
         generate_for_fold(dataset, args, fold)
     if args.export_standalone is not None:
+        if launched_state().num_processes > 1:
+            launched_state().wait_for_everyone()      # every shard's cases are written
+            if not launched_state().is_main_process:
+                return
         import os
         from nnunet_synth.writer.standalone_export import export_standalone
         folder = export_standalone(dataset, dataset.folder.parent, os.environ.get("nnUNet_preprocessed"),
@@ -129,10 +168,12 @@ def generate_for_fold(dataset: RawDataset, args, fold):
                                   target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
                                   batch_size=args.batch_size, balancing=balancing_from_args(args))
     summary = generate_synthetic_cases(dataset, generator_folder, settings, fold=fold, device=args.device,
-                                       overwrite=args.overwrite)
+                                       overwrite=args.overwrite, num_shards=args.num_shards,
+                                       shard_index=args.shard_index)
     fold = summary["fold"]
-    print(f"fold {fold}: {summary['total']} synthetic cases in {dataset.folder} ({summary['written']} written now, "
-          f"{summary['skipped']} already there); model-free quality gate passed by {summary['model_free_passed']}")
+    shard = f"shard {args.shard_index} of {args.num_shards}: " if args.num_shards > 1 else ""
+    print(f"fold {fold}: {shard}{summary['total']} synthetic cases in {dataset.folder} ({summary['written']} written "
+          f"now, {summary['skipped']} already there); model-free quality gate passed by {summary['model_free_passed']}")
     print(format_share_table(summary["label_map_report"], dataset.class_names))
     print(f"manifest: {summary['store']}")
     print(f"preview grid: {summary['preview']}")

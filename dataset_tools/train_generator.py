@@ -1,8 +1,10 @@
 """Train the mask-conditioned diffusion generator on the real training cases of one nnU-Net fold.
 
-Output: $nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>/ (checkpoint-<step>/, previews/, final/).
-Rerunning the same command resumes from the newest checkpoint. Multi-GPU: accelerate launch -m
-nnunet_synth.dataset_tools.train_generator ... (or `accelerate launch $(which nnsynth_train_generator) ...`).
+Output: $nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>/ (checkpoints/checkpoint_<i>/, previews/,
+final/; final/ loads with diffusers.DiffusionPipeline.from_pretrained(final, trust_remote_code=True)).
+Rerunning the same command resumes exactly from the newest checkpoint (other settings are refused).
+Multi-GPU: accelerate launch -m nnunet_synth.dataset_tools.train_generator ...
+(or `accelerate launch $(which nnsynth_train_generator) ...`).
 """
 import argparse
 
@@ -55,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default="auto")
     training.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     training.add_argument("--no-channels-last", action="store_true")
+    training.add_argument("--data-workers", type=int, help="DataLoader processes reading the slice cache "
+                          "(default: 4 on CUDA, else 0)")
     training.add_argument("--preview-inference-steps", type=int, default=50)
-    training.add_argument("--keep-checkpoints", type=int, default=2)
+    training.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (at least 2)")
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--no-progress", action="store_true")
     return parser
@@ -73,7 +77,7 @@ def settings_from_args(args) -> TrainingSettings:
         protected_classes=args.protected_classes, region_classes=args.region_classes,
         window=tuple(args.window) if args.window else None, offset_noise=args.offset_noise,
         ema_max_decay=args.ema_max_decay, max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,
-        compile=args.compile, channels_last=not args.no_channels_last,
+        compile=args.compile, channels_last=not args.no_channels_last, data_workers=args.data_workers,
         preview_inference_steps=args.preview_inference_steps, keep_checkpoints=args.keep_checkpoints, seed=args.seed)
 
 

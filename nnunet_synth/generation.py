@@ -9,6 +9,11 @@ by side in one store.
 Reruns resume: the label maps are seeded, so case ``synth_f<k>_<i>`` is always made from the same new map and
 seed; cases already complete in the store are skipped. Settings that differ from those of the fold's cases
 already written are refused (use ``overwrite`` or ``nnsynth_clean``) so that one fold never mixes two recipes.
+
+Sharding: the cases are sampled in fixed blocks of ``batch_size`` consecutive indices (a case's noise is a pure
+function of (seed, index), and a block is always sampled whole, so its batch never changes); shard ``i`` of
+``n`` makes blocks ``i, i + n, ...``. Shards may run at once on one store, so the union of the shards' cases is
+byte-identical to a one-process run with the same seed and batch size, and each shard resumes on its own.
 """
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,17 +85,28 @@ def num_cases_for_ratio(dataset: RawDataset, generator_folder, ratio: float) -> 
     return max(1, round(ratio * real_slices))
 
 
+def check_role_names(dataset: RawDataset, balancing=None):
+    """Refuse class names in ``balancing`` that are not labels, or that name nnU-Net's ignore label."""
+    balancing = balancing or {}
+    for role in ("host_classes", "pathology_classes"):
+        names = balancing.get(role) or []
+        if dataset.ignore_label is not None and "ignore" in names:
+            raise NnsynthError(f"{dataset.json_file}: 'ignore' marks unannotated pixels (nnU-Net's ignore "
+                               f"label); it cannot be one of the {role.replace('_', ' ')}: name other labels")
+        unknown = [name for name in names if name not in dataset.labels]
+        if unknown:
+            raise NnsynthError(f"{dataset.json_file}: {role.replace('_', ' ')} {unknown} are not labels (labels: "
+                               f"{list(dataset.labels)}): use label names")
+
+
 def class_roles(dataset: RawDataset, label_maps, balancing=None):
     """Host and pathology classes (values): named in ``balancing`` (label names; host ``[]`` = none), else the
     defaults of ``nnunet_synth.masks.default_class_roles``. nnU-Net's ignore label (unannotated pixels) is never
     either: it is not counted, never copied and never pasted over, so new maps keep it where their target had it."""
+    check_role_names(dataset, balancing)
     balancing = balancing or {}
     labels, counts = dict(dataset.labels), pixel_counts(label_maps, dataset.num_classes)
     if dataset.ignore_label is not None:
-        for role in ("host_classes", "pathology_classes"):
-            if "ignore" in (balancing.get(role) or []):
-                raise NnsynthError(f"{dataset.json_file}: 'ignore' marks unannotated pixels (nnU-Net's ignore "
-                                   f"label); it cannot be one of the {role.replace('_', ' ')}: name other labels")
         del labels["ignore"]
         counts[dataset.ignore_label] = 0
     return resolve_class_roles(labels, counts, balancing.get("host_classes"), balancing.get("pathology_classes"),
@@ -121,38 +137,58 @@ def check_generator_for_fold(dataset: RawDataset, generator_config, generator_fo
                            f"trains a generator on fold {fold}'s training cases")
 
 
+def check_shard(num_shards: int, shard_index: int):
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise NnsynthError(f"--shard-index must lie in [0, --num-shards - 1] and --num-shards be at least 1, got "
+                           f"shard {shard_index} of {num_shards}")
+
+
+def shard_blocks(num_cases: int, batch_size: int, num_shards: int = 1, shard_index: int = 0) -> list:
+    """The case indices of shard ``shard_index``, as the fixed blocks of ``batch_size`` it samples."""
+    blocks = [list(range(start, min(start + batch_size, num_cases))) for start in range(0, num_cases, batch_size)]
+    return blocks[shard_index::num_shards]
+
+
 def generate_synthetic_cases(dataset: RawDataset, generator_folder, settings: GenerationSettings, fold=None,
-                             device="cpu", overwrite=False) -> dict:
+                             device="cpu", overwrite=False, num_shards: int = 1, shard_index: int = 0) -> dict:
     """Make and write ``settings.num_cases`` synthetic pairs for nnU-Net fold ``fold`` (fewer if the target share
-    is met first). ``fold`` defaults to the generator's own fold; a generator that saw one of the fold's
-    validation cases is refused.
+    is met first); with ``num_shards`` > 1 only shard ``shard_index``'s part of them. ``fold`` defaults to the
+    generator's own fold; a generator that saw one of the fold's validation cases is refused.
 
     Returns a summary: counts written/skipped, the label-map report, quality pass rate and the preview path.
     """
+    check_shard(num_shards, shard_index)
     generator_folder = resolve_generator_folder(generator_folder)
     unet, config = load_generator(generator_folder, dataset, device)
     fold = str(config.fold if fold is None else fold)
     check_generator_for_fold(dataset, config, generator_folder, fold)
     store = SyntheticStore(dataset)
-    with store.exclusive_writer():
-        return _generate_into_store(dataset, store, unet, config, generator_folder, settings, fold, device, overwrite)
+    check_role_names(dataset, settings.balancing)      # bad names fail before anything is removed
+    if overwrite:
+        if num_shards > 1:
+            raise NnsynthError(f"--overwrite with --num-shards would let each shard remove the others' cases: "
+                               f"remove fold {fold}'s cases first (nnsynth_clean {dataset.name} --fold {fold}), then "
+                               f"start the shards without --overwrite")
+        with store.exclusive_writer():
+            store.remove_fold(fold)
+    with store.shared_writer():
+        return _generate_into_store(dataset, store, unet, config, generator_folder, settings, fold, device,
+                                    num_shards, shard_index)
 
 
-def _generate_into_store(dataset, store, unet, config, generator_folder, settings, fold, device, overwrite) -> dict:
+def _generate_into_store(dataset, store, unet, config, generator_folder, settings, fold, device, num_shards,
+                         shard_index) -> dict:
     window = ImageWindows.from_dict(config.window)
     recipe = settings.recipe(generator_folder)
-    if not overwrite:
-        _check_recipe(store, fold, recipe)
-    real = read_training_slices(dataset, config.training_cases)
-    host, pathology = class_roles(dataset, real.label_maps, settings.balancing)   # bad names fail before any delete
-    if overwrite:
-        store.remove_fold(fold)
+    _check_recipe(store, fold, recipe)
     store.prepare()
     fold_record = store.fold_record(fold)
     fold_record["settings"] = recipe
     # targets and donors of the new maps come from these cases only (provenance.py)
     fold_record[GENERATOR_TRAINING_CASES] = sorted(config.training_cases)
 
+    real = read_training_slices(dataset, config.training_cases)
+    host, pathology = class_roles(dataset, real.label_maps, settings.balancing)
     mask_config = MaskGenerationConfig(**{k: v for k, v in (settings.balancing or {}).items() if "classes" not in k})
     new_maps, mask_report = generate_label_maps(
         real.label_maps, real.map_ids, host_classes=host, pathology_classes=pathology,
@@ -169,10 +205,11 @@ def _generate_into_store(dataset, store, unet, config, generator_folder, setting
     slice_position = {map_id: index for index, map_id in enumerate(real.map_ids)}
     image_dtypes = {case_id: [dataset.source_dtype(case_id, channel) for channel in range(dataset.num_channels)]
                     for case_id in config.training_cases}
-    todo = [i for i in range(len(new_maps)) if not store.is_complete(synthetic_case_id(i, fold))]
-    progress = tqdm(total=len(todo), desc="sampling synthetic cases", unit="case")
-    for batch_start in range(0, len(todo), settings.batch_size):
-        batch = todo[batch_start:batch_start + settings.batch_size]
+    blocks = shard_blocks(len(new_maps), settings.batch_size, num_shards, shard_index)
+    todo = [block for block in blocks if not all(store.is_complete(synthetic_case_id(i, fold)) for i in block)]
+    written = 0
+    progress = tqdm(total=sum(len(block) for block in todo), desc="sampling synthetic cases", unit="case")
+    for batch in todo:        # a whole block, even when some of its cases are done: its batch never changes
         model_label_maps, references, fits = [], [], []
         for index in batch:
             target = new_maps[index].provenance["target"]
@@ -189,6 +226,9 @@ def _generate_into_store(dataset, store, unet, config, generator_folder, setting
                                   reference_images=None if settings.noise_seeding_strength is None else np.stack(references),
                                   strength=settings.noise_seeding_strength)
         for index, generated_image, model_map, (fit, target_case) in zip(batch, generated, model_label_maps, fits):
+            if store.is_complete(synthetic_case_id(index, fold)):
+                progress.update(1)
+                continue
             # The label written is the conditioning map taken back to the slice's geometry (nearest), not the full
             # resolution map: below the slice size, a small pasted region can vanish when the map is fitted, and
             # would then be in the written label but not in the image.
@@ -209,6 +249,7 @@ def _generate_into_store(dataset, store, unet, config, generator_folder, setting
             }
             store.write_case(synthetic_case_id(index, fold), channel_images, label_map, real.properties[target_case],
                              image_dtypes[target_case], entry)
+            written += 1
             progress.update(1)
     progress.close()
     store.save_manifest()       # the index of every record, compiled once per run
@@ -216,7 +257,8 @@ def _generate_into_store(dataset, store, unet, config, generator_folder, setting
     preview_path = write_generation_preview(dataset, store, fold, real, window)
     fold_cases = store.complete_case_ids(fold)
     passed = [c for c in fold_cases if store.cases[c].get("quality", {}).get("model_free", {}).get("passed")]
-    return {"fold": fold, "written": len(todo), "skipped": len(new_maps) - len(todo), "total": len(fold_cases),
+    shard_cases = sum(len(block) for block in blocks)
+    return {"fold": fold, "written": written, "skipped": shard_cases - written, "total": len(fold_cases),
             "label_map_report": mask_report, "model_free_passed": len(passed), "preview": str(preview_path),
             "store": str(store.manifest_file)}
 

@@ -289,11 +289,74 @@ def test_generate_exits_with_one_line_when_balancing_cannot_raise_the_rarest_cla
     assert not (folder / MANIFEST_NAME).exists()
 
 
-def test_a_second_writer_is_refused_while_the_store_is_locked(generated):
+def test_generating_processes_share_the_store_and_removal_waits_for_them(generated):
     dataset = RawDataset(generated[0])
+    with SyntheticStore(dataset).shared_writer():
+        with SyntheticStore(dataset).shared_writer() as other:         # e.g. another shard or fold
+            assert len(other.complete_case_ids()) == NUM_CASES
+            with pytest.raises(NnsynthError, match="another process is writing synthetic cases"):
+                with SyntheticStore(dataset).exclusive_writer():
+                    pass
     with SyntheticStore(dataset).exclusive_writer():
-        with pytest.raises(NnsynthError, match="another process is writing synthetic cases.*--folds"):
-            with SyntheticStore(dataset).exclusive_writer():
+        with pytest.raises(NnsynthError, match="another process is removing or rescoring"):
+            with SyntheticStore(dataset).shared_writer():
                 pass
     with SyntheticStore(dataset).exclusive_writer() as store:      # released: the next writer gets it
         assert len(store.complete_case_ids()) == NUM_CASES
+
+
+def synthetic_outputs(dataset_folder: Path) -> dict:
+    """Images, labels and per-case records, by file name."""
+    return {name: digest for name, digest in checksums(dataset_folder).items()
+            if name.startswith(("imagesSynth", "labelsSynth", "recordsSynth"))}
+
+
+def test_two_shards_one_killed_and_rerun_give_the_files_of_one_process(nnunet_folders, tiny_generator):
+    batch = ["--batch-size", "3"]        # blocks of 3 cases: shard 0 makes cases 0-2 and 6-8, shard 1 3-5 and 9-11
+    single = convert_example(nnunet_folders, 960, "GenerateOneProcess")
+    one_process = subprocess.run(generate_command(960, tiny_generator, *batch), capture_output=True, text=True,
+                                 env=one_thread_environment(), timeout=900)
+    assert one_process.returncode == 0, one_process.stderr[-3000:]
+
+    folder = convert_example(nnunet_folders, 961, "GenerateShards")
+    shard_command = [generate_command(961, tiny_generator, *batch, "--num-shards", "2", "--shard-index", str(i))
+                     for i in range(2)]
+    shard_0 = subprocess.Popen(shard_command[0], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=one_thread_environment())
+    shard_1 = subprocess.Popen(shard_command[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=one_thread_environment())
+    shard_1_records = [folder / "recordsSynth" / f"{synthetic_case_id(i, 0)}.json" for i in (3, 4, 5, 9, 10, 11)]
+    deadline = time.time() + 600
+    while time.time() < deadline and shard_1.poll() is None and not any(p.is_file() for p in shard_1_records):
+        time.sleep(0.005)
+    shard_1.send_signal(signal.SIGKILL)
+    shard_1.wait()
+    written_at_kill = sum(p.is_file() for p in shard_1_records)
+    assert 1 <= written_at_kill < 6, f"shard 1 was not interrupted half-way ({written_at_kill} cases)"
+    stdout, stderr = shard_0.communicate(timeout=900)       # ran beside shard 1 on the same store
+    assert shard_0.returncode == 0, stderr[-3000:]
+    assert "shard 0 of 2" in stdout and "6 written now" in stdout
+
+    rerun = subprocess.run(shard_command[1], capture_output=True, text=True, env=one_thread_environment(),
+                           timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{6 - written_at_kill} written now, {written_at_kill} already there" in rerun.stdout
+    assert not [p for p in folder.rglob("*") if p.name.startswith(TEMP_PREFIX)]
+    sharded = synthetic_outputs(folder)
+    assert len(sharded) == 3 * NUM_CASES and sharded == synthetic_outputs(single)
+    # the compiled index: every case once, and the fold's record as the one-process run wrote it
+    index, single_index = (json.loads((f / MANIFEST_NAME).read_text()) for f in (folder, single))
+    assert sorted(index["cases"]) == [synthetic_case_id(i, 0) for i in range(NUM_CASES)]
+    assert index["cases"] == single_index["cases"] and index["folds"] == single_index["folds"]
+
+
+def test_shard_options_that_would_lose_cases_are_refused(generated, tiny_generator):
+    from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases, shard_blocks
+    assert shard_blocks(7, 2, 2, 0) == [[0, 1], [4, 5]] and shard_blocks(7, 2, 2, 1) == [[2, 3], [6]]
+    dataset = RawDataset(generated[0])
+    settings = GenerationSettings(num_cases=NUM_CASES, seed=7, num_inference_steps=8, batch_size=1)
+    with pytest.raises(NnsynthError, match="--overwrite with --num-shards .*nnsynth_clean"):
+        generate_synthetic_cases(dataset, tiny_generator, settings, overwrite=True, num_shards=2, shard_index=0)
+    with pytest.raises(NnsynthError, match="--shard-index must lie in"):
+        generate_synthetic_cases(dataset, tiny_generator, settings, num_shards=2, shard_index=2)
+    assert len(SyntheticStore(dataset).complete_case_ids()) == NUM_CASES

@@ -2,8 +2,11 @@
 command line, and sampling (seeded, batch-independent, shape and range)."""
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,17 @@ def one_torch_thread():
 
 def one_thread_environment():
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def trained_steps(checkpoint_folder) -> int:
+    return json.loads((checkpoint_folder / "generator_config.json").read_text())["trained_steps"]
+
+
+def assert_same_weights(run_a, run_b, checkpoint="checkpoint_1"):
+    """The final EMA weights and the raw weights of ``checkpoint`` are bitwise equal."""
+    for name in ("final/unet/diffusion_pytorch_model.safetensors", f"checkpoints/{checkpoint}/model.safetensors"):
+        a, b = load_file(run_a / name), load_file(run_b / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
 
 
 @pytest.fixture(scope="module")
@@ -88,18 +102,96 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_run(example, unin
     with pytest.raises(KeyboardInterrupt):
         train_generator(example, folder, small_settings(), case_ids=example.case_ids[:2], progress=False,
                         step_callback=crash_at_step_3)
-    assert (folder / "checkpoint-2").is_dir() and not (folder / "final").exists()
-    resumed = train_generator(example, folder, small_settings(), case_ids=example.case_ids[:2], progress=False)
+    assert trained_steps(folder / "checkpoints" / "checkpoint_0") == 2 and not (folder / "final").exists()
+    # resumed with DataLoader worker processes reading the slice cache (a setting that may change on resume)
+    resumed = train_generator(example, folder, small_settings(data_workers=2), case_ids=example.case_ids[:2],
+                              progress=False)
     assert resumed.resumed_from_step == 2
     assert resumed.losses == uninterrupted_run.losses[2:]  # steps 3, 4, 5: identical losses
-    for name in ("final/unet", "checkpoint-4/unet_ema", "checkpoint-4/unet"):
-        a = load_file(uninterrupted_run.run_folder / name / "diffusion_pytorch_model.safetensors")
-        b = load_file(folder / name / "diffusion_pytorch_model.safetensors")
-        assert all(torch.equal(a[key], b[key]) for key in a), name
+    # accelerate kept the two newest checkpoints (total_limit): steps 4 and 5 in both runs
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["checkpoint_1", "checkpoint_2"]
+    assert trained_steps(folder / "checkpoints" / "checkpoint_1") == 4
+    assert_same_weights(uninterrupted_run.run_folder, folder)
     config = json.loads((folder / "final" / "generator_config.json").read_text())
     assert config["trained_steps"] == 5 and config["labels"] == example.labels
     assert config["ablation"]["mode"] == "cbmat" and config["ablation"]["protected_classes"] == ["lung"]
     assert config["training_cases"] == example.case_ids[:2]
+
+
+KILL_STEPS, KILL_CHECKPOINT_EVERY = 30, 3
+
+
+def kill_run_arguments(example, folder, **changes):
+    values = {"--steps": KILL_STEPS, "--checkpoint-every": KILL_CHECKPOINT_EVERY, "--lr": 5e-4, **changes}
+    return [TRAIN_COMMAND, example.name, "--fold", "0", "--preset", "tiny", "--image-size", str(SIZE),
+            "--batch-size", "2", "--warmup-steps", "1", "--preview-every", "100", "--preview-inference-steps", "2",
+            "--output", str(folder), "--no-progress"] + [str(item) for pair in values.items() for item in pair]
+
+
+def test_training_killed_after_a_checkpoint_resumes_exactly_and_refuses_other_settings(example, nnunet_folders,
+                                                                                     tmp_path):
+    folder = tmp_path / "killed"
+    process = subprocess.Popen(kill_run_arguments(example, folder), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env=one_thread_environment())
+    first_checkpoint = folder / "checkpoints" / "checkpoint_0" / "generator_config.json"
+    deadline = time.monotonic() + 600
+    while not first_checkpoint.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, stderr[-2000:]
+    assert first_checkpoint.is_file() and not (folder / "final").exists()
+
+    changed = subprocess.run(kill_run_arguments(example, folder, **{"--lr": 1e-3}), capture_output=True, text=True,
+                             timeout=600, env=one_thread_environment())
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert changed.stderr.strip().count("\n") == 0
+    assert str(folder) in changed.stderr and "learning_rate 0.0005 -> 0.001" in changed.stderr
+
+    resumed = subprocess.run(kill_run_arguments(example, folder), capture_output=True, text=True, timeout=600,
+                             env=one_thread_environment())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step" in resumed.stdout and "resuming at step 0" not in resumed.stdout
+    reference = train_generator(example, tmp_path / "reference",
+                                small_settings(max_steps=KILL_STEPS, checkpoint_every=KILL_CHECKPOINT_EVERY,
+                                               preview_count=4), fold="0", progress=False)
+    last = f"checkpoint_{KILL_STEPS // KILL_CHECKPOINT_EVERY - 1}"
+    assert trained_steps(folder / "checkpoints" / last) == KILL_STEPS
+    assert_same_weights(reference.run_folder, folder, last)
+
+
+def test_final_folder_loads_with_diffusion_pipeline_from_pretrained_and_samples(uninterrupted_run, trained_generator,
+                                                                               example, tmp_path):
+    from diffusers import DiffusionPipeline
+    final = uninterrupted_run.final_folder
+    assert json.loads((final / "model_index.json").read_text())["_class_name"] == ["nnsynth_pipeline",
+                                                                                 "NnsynthPipeline"]
+    pipeline = DiffusionPipeline.from_pretrained(final, trust_remote_code=True)
+    assert type(pipeline).__name__ == "NnsynthPipeline" and type(pipeline.scheduler).__name__ == "DDIMScheduler"
+    unet, config, _, label_maps = trained_generator
+    images = pipeline(label_maps, [1, 2, 3], num_inference_steps=3, progress=False)
+    expected = sample_images(unet, config, label_maps, [1, 2, 3], num_inference_steps=3, progress=False)
+    assert images.shape == (3, 1, SIZE, SIZE) and np.array_equal(images, expected)
+    # a final folder of the older format (unet/, scheduler/, generator_config.json, no model_index.json) still loads
+    old = tmp_path / "old_final"
+    shutil.copytree(final, old)
+    (old / "model_index.json").unlink()
+    (old / "nnsynth_pipeline.py").unlink()
+    old_unet, old_config = load_generator(old, dataset=example)
+    again = sample_images(old_unet, old_config, label_maps, [1, 2, 3], num_inference_steps=3, progress=False)
+    assert np.array_equal(again, expected)
+
+
+def test_an_unfinished_or_old_format_run_is_named_with_the_fix(uninterrupted_run, example, tmp_path):
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(uninterrupted_run.run_folder / "checkpoints", unfinished / "checkpoints")
+    with pytest.raises(NnsynthError, match="unfinished training run .* rerun the same nnsynth_train_generator"):
+        load_generator(unfinished)
+    old = tmp_path / "old"
+    (old / "checkpoint-4").mkdir(parents=True)
+    (old / "checkpoint-4" / "training_state.pt").write_bytes(b"")
+    with pytest.raises(NnsynthError, match=r"checkpoints of an older nnunet-synth \(checkpoint-4/\).*delete"):
+        train_generator(example, old, small_settings(), case_ids=example.case_ids[:2], progress=False)
 
 
 def test_checkpoint_used_with_a_dataset_of_other_classes_fails_clearly(uninterrupted_run, real_hu_dataset_folder,
@@ -189,3 +281,23 @@ def test_noise_seeding_starts_from_the_noised_reference(trained_generator):
     assert again.shape == images.shape and np.isfinite(again).all()
     with pytest.raises(ValueError, match="strength"):
         sample_images(unet, config, label_maps, range(3), reference_images=images, strength=1.5, progress=False)
+
+
+def test_slice_cache_holds_the_model_slices_is_reused_and_keyed_by_the_window(example, tmp_path):
+    from nnunet_synth.generator.slice_cache import open_slice_cache
+    cases = example.case_ids[:2]
+    window = dataset_intensity_window(example, cases)
+    images, label_maps, _ = load_model_slices(example, cases, window, SIZE)
+    cache = open_slice_cache(example, cases, window, SIZE, tmp_path)
+    assert len(cache) == len(images) and cache.images.shape == images.shape
+    rows = np.array([3, 0, len(images) - 1, 3])
+    np.testing.assert_array_equal(cache.label_maps[rows], label_maps[rows])
+    np.testing.assert_allclose(cache.images[rows], images[rows], atol=1e-3)     # stored as float16
+    assert cache.images[rows].dtype == np.float32 and cache.label_maps[rows].dtype == np.int64
+    built = (cache.folder / "images.bin").stat().st_mtime_ns
+    again = open_slice_cache(example, cases, window, SIZE, tmp_path)
+    assert again.folder == cache.folder and (again.folder / "images.bin").stat().st_mtime_ns == built
+    channel = window.channels[0]
+    other_window = type(window).from_dict([{**channel.to_dict(), "upper": channel.upper + 10}])
+    assert open_slice_cache(example, cases, other_window, SIZE, tmp_path).folder != cache.folder
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".incomplete")]

@@ -1,17 +1,17 @@
-"""Where a generator run lives, its checkpoints (exact resume) and loading a trained generator.
+"""Where a generator run lives, its checkpoints (accelerate state, exact resume) and loading a trained generator.
 
 Run folder ``$nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>/``::
 
-    checkpoint-<step>/unet/            raw weights (save_pretrained, safetensors)
-    checkpoint-<step>/unet_ema/        EMA weights and EMA counters (EMAModel.save_pretrained)
-    checkpoint-<step>/scheduler/       the training DDPM scheduler
-    checkpoint-<step>/training_state.pt  optimiser, LR schedule, RNG states, step
-    checkpoint-<step>/generator_config.json
-    final/unet/                        the EMA model, loadable with UNet2DModel.from_pretrained
-    final/scheduler/, final/generator_config.json, final/preview.png
+    checkpoints/checkpoint_<i>/        accelerate ``save_state``: model, optimiser, RNG states per process and the
+                                       registered LR schedule, EMA and step (custom_checkpoint_*.pkl)
+    checkpoints/checkpoint_<i>/generator_config.json  written last (with ``trained_steps``): the checkpoint is complete
+    final/                             a diffusers pipeline (NnsynthPipeline): model_index.json, nnsynth_pipeline.py,
+                                       unet/ (EMA weights), scheduler/ (DDIM), generator_config.json, preview.png
     previews/step-<step>.png
 
-Every folder is written under a temporary name and renamed when complete.
+accelerate keeps the newest ``keep_checkpoints`` checkpoints (``ProjectConfiguration(total_limit=...)``); a
+checkpoint without its generator_config.json was cut short and is ignored. ``final/`` is written under a
+temporary name and renamed when complete.
 """
 import json
 import os
@@ -21,12 +21,15 @@ from pathlib import Path
 
 from diffusers import UNet2DModel
 
-from nnunet_synth.atomic import write_json_atomic
+from nnunet_synth.atomic import copy_file_atomic, write_json_atomic
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator.config import GENERATOR_CONFIG_NAME, GeneratorConfig
 
-CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d+)")      # accelerate's automatic checkpoint naming
+OLD_CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")   # before accelerate state: hand-written checkpoints
+CHECKPOINTS_FOLDER = "checkpoints"
 FINAL_FOLDER = "final"
+PIPELINE_FILE = "nnsynth_pipeline.py"
 TEMP_SUFFIX = ".incomplete"
 
 
@@ -40,17 +43,32 @@ def generator_run_folder(dataset_name: str, preset: str, fold) -> Path:
 
 
 def list_checkpoints(run_folder) -> list:
-    """Complete checkpoint folders of a run, oldest first."""
-    run_folder = Path(run_folder)
-    if not run_folder.is_dir():
+    """Complete checkpoint folders of a run (accelerate state + generator_config.json), oldest first."""
+    return [path for path in checkpoint_folders(run_folder) if (path / GENERATOR_CONFIG_NAME).is_file()]
+
+
+def checkpoint_folders(run_folder) -> list:
+    """Every ``checkpoints/checkpoint_<i>`` folder, complete or not, by iteration."""
+    folder = Path(run_folder) / CHECKPOINTS_FOLDER
+    if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_folder.iterdir()
-             if (m := CHECKPOINT_PATTERN.fullmatch(p.name)) and (p / "training_state.pt").is_file()]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.fullmatch(p.name))]
     return [path for _, path in sorted(found)]
 
 
-def checkpoint_step(checkpoint_folder) -> int:
+def checkpoint_iteration(checkpoint_folder) -> int:
     return int(CHECKPOINT_PATTERN.fullmatch(Path(checkpoint_folder).name).group(1))
+
+
+def check_no_old_checkpoints(run_folder):
+    """Checkpoints of the older hand-written format (``checkpoint-<step>/training_state.pt``) cannot be resumed."""
+    run_folder = Path(run_folder)
+    old = sorted(p.name for p in run_folder.iterdir() if OLD_CHECKPOINT_PATTERN.fullmatch(p.name)) \
+        if run_folder.is_dir() else []
+    if old:
+        raise NnsynthError(f"{run_folder} holds checkpoints of an older nnunet-synth ({old[-1]}/) that cannot be "
+                           f"resumed: delete {run_folder} (or give another --output) and run nnsynth_train_generator "
+                           f"again")
 
 
 def replace_folder(temp_folder: Path, final_folder: Path):
@@ -87,16 +105,16 @@ def read_generator_config(folder) -> GeneratorConfig:
 
 
 def resolve_generator_folder(folder) -> Path:
-    """A folder holding generator_config.json: ``folder`` itself, its ``final/``, or its newest checkpoint."""
+    """A folder holding generator_config.json and weights: ``folder`` itself or its ``final/``."""
     folder = Path(folder)
-    if (folder / GENERATOR_CONFIG_NAME).is_file():
+    if (folder / GENERATOR_CONFIG_NAME).is_file() and (folder / "unet").is_dir():
         return folder
     if (folder / FINAL_FOLDER / GENERATOR_CONFIG_NAME).is_file():
         return folder / FINAL_FOLDER
-    checkpoints = list_checkpoints(folder)
-    if checkpoints:
-        return checkpoints[-1]
-    raise NnsynthError(f"{folder} holds no trained generator (no {GENERATOR_CONFIG_NAME}, final/ or checkpoint-*): "
+    if list_checkpoints(folder) or (folder / CHECKPOINTS_FOLDER).is_dir():
+        raise NnsynthError(f"{folder} holds an unfinished training run (no {FINAL_FOLDER}/): rerun the same "
+                           f"nnsynth_train_generator command to resume it")
+    raise NnsynthError(f"{folder} holds no trained generator (no {GENERATOR_CONFIG_NAME} or {FINAL_FOLDER}/): "
                        f"train one with nnsynth_train_generator")
 
 
@@ -115,17 +133,38 @@ def check_dataset_matches(config: GeneratorConfig, dataset, checkpoint_folder):
 def load_generator(folder, dataset=None, device="cpu"):
     """Load the EMA denoiser (eval mode, on ``device``) and its ``GeneratorConfig``.
 
-    ``folder`` is a run folder (its ``final/`` or newest checkpoint is used), a ``final/`` or a ``checkpoint-*``
-    folder. With ``dataset`` (a RawDataset) the labels must match the generator's, else NnsynthError.
+    ``folder`` is a run folder (its ``final/`` is used) or a ``final/`` folder, also one written before final
+    folders were pipelines (no model_index.json). With ``dataset`` (a RawDataset) the labels must match the
+    generator's, else NnsynthError.
     """
     generator_folder = resolve_generator_folder(folder)
     config = read_generator_config(generator_folder)
     if dataset is not None:
         check_dataset_matches(config, dataset, generator_folder)
-    weights_folder = generator_folder / "unet_ema"
-    if not weights_folder.is_dir():
-        weights_folder = generator_folder / "unet"
-    if not weights_folder.is_dir():
-        raise NnsynthError(f"{generator_folder} has no unet/ or unet_ema/ weights: retrain or copy the folder again")
+    weights_folder = generator_folder / "unet"
+    if not (weights_folder / "config.json").is_file():
+        raise NnsynthError(f"{generator_folder} has no unet/ weights: retrain (nnsynth_train_generator) or copy the "
+                           f"folder again")
     unet = UNet2DModel.from_pretrained(weights_folder)
     return unet.to(device).eval(), config
+
+
+def load_pipeline(folder, dataset=None, device="cpu"):
+    """``(NnsynthPipeline, GeneratorConfig)`` of a trained generator (see ``load_generator``)."""
+    from nnunet_synth.sampling import generator_pipeline
+    unet, config = load_generator(folder, dataset, device)
+    return generator_pipeline(unet, config, device), config
+
+
+def save_pipeline_folder(pipeline, folder):
+    """Save ``pipeline`` (an NnsynthPipeline) so that ``DiffusionPipeline.from_pretrained(folder,
+    trust_remote_code=True)`` finds its class: diffusers takes a list ``_class_name`` [module, class] as the
+    class in ``<folder>/<module>.py``, so model_index.json names it and the pipeline's source file goes beside."""
+    from nnunet_synth.sampling import pipeline as pipeline_module
+    folder = Path(folder)
+    pipeline.save_pretrained(folder)
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["_class_name"] = [Path(PIPELINE_FILE).stem, type(pipeline).__name__]
+    write_json_atomic(index, index_file)
+    copy_file_atomic(pipeline_module.__file__, folder / PIPELINE_FILE)

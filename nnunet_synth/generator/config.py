@@ -83,6 +83,7 @@ class TrainingSettings:
     mixed_precision: str = "auto"       # auto (bf16 on GPUs that have it, else fp16; none on CPU), no, fp16, bf16
     channels_last: bool = True          # only applied on CUDA
     compile: bool = False
+    data_workers: int = None            # DataLoader processes reading the slice cache; None = 4 on CUDA, else 0
     seed: int = 0
     keep_checkpoints: int = 2
     preview_inference_steps: int = 50

@@ -3,10 +3,11 @@ training examples: explicit loop, ``Accelerator`` for devices, mixed precision a
 ``accelerate launch``), EMA weights, AdamW with warm-up and cosine decay, gradient clipping.
 
 Randomness of step s (data order, noise, timesteps, ablation draws) is a pure function of (seed, s, process), so a
-resumed run repeats exactly what an uninterrupted run does; global RNG states are saved too.
+resumed run repeats exactly what an uninterrupted run does. Checkpoints are accelerate's ``save_state`` (model,
+optimiser, RNG states) with the LR schedule, the EMA and the step registered for checkpointing; a resumed run must
+have the same settings (``check_resumable``).
 """
 import dataclasses
-import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
+from accelerate.utils import ProjectConfiguration, parse_flag_from_env
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
@@ -24,19 +26,25 @@ import nnunet_synth
 from nnunet_synth.dataset import ImageWindows, RawDataset, class_pixel_frequencies, dataset_intensity_window
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator.ablation import (AblationSchedule, ablate_label_maps, cbmat_class_frequencies,
-                                             make_ablation_schedule, mark_unannotated, one_hot_condition,
+                                             make_ablation_schedule, one_hot_condition,
                                              training_noise)
 from nnunet_synth.masks.balance import default_class_roles
-from nnunet_synth.generator.checkpoints import (FINAL_FOLDER, checkpoint_step, fresh_temp_folder, list_checkpoints,
-                                                read_generator_config, replace_folder, write_generator_config)
+from nnunet_synth.generator.checkpoints import (FINAL_FOLDER, check_no_old_checkpoints, checkpoint_folders,
+                                                checkpoint_iteration, fresh_temp_folder, list_checkpoints,
+                                                read_generator_config, replace_folder, save_pipeline_folder,
+                                                write_generator_config)
 from nnunet_synth.generator.config import (NUM_TRAIN_TIMESTEPS, GeneratorConfig, TrainingSettings,
                                            build_noise_scheduler, build_unet)
 from nnunet_synth.dataset.splits import fold_training_cases
-from nnunet_synth.generator.data import load_model_slices
+from nnunet_synth.generator.batches import StepLoader
+from nnunet_synth.generator.slice_cache import open_slice_cache, slice_cache_root
 from nnunet_synth.generator.preview import write_preview_grid
 
 # keys of generator_config.json that must agree before a run folder is resumed
 RESUME_KEYS = ("dataset_name", "labels", "image_size", "training_cases", "unet_config", "window", "region_classes")
+# training settings that may change on resume (they do not change what is computed); every other one must agree
+CHANGEABLE_ON_RESUME = ("checkpoint_every", "preview_every", "keep_checkpoints", "preview_inference_steps",
+                        "preview_count", "compile", "channels_last", "data_workers")
 # losses are copied to the host (one sync) every this many steps, and at checkpoints and the end
 LOSS_SYNC_EVERY = 25
 
@@ -106,6 +114,19 @@ def denoising_loss(unet, noise_scheduler: DDPMScheduler, images, label_maps, noi
     return F.mse_loss(noise_prediction.float(), noise.float())
 
 
+class TrainingProgress:
+    """The data position (optimiser steps done), registered for checkpointing with accelerate."""
+
+    def __init__(self, step: int = 0):
+        self.step = step
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict):
+        self.step = int(state["step"])
+
+
 @dataclass
 class TrainingState:
     """Everything one optimiser step touches; built by ``build_training_state``."""
@@ -120,10 +141,17 @@ class TrainingState:
     noise_scheduler: DDPMScheduler
     schedule: AblationSchedule
     data_order: "DataOrder"
-    images: np.ndarray                  # (N, channels, S, S) float32 in [-1, 1], host memory
-    label_maps: np.ndarray              # (N, S, S) int64
+    images: object                      # (N, channels, S, S) rows as float32 in [-1, 1]: an array or the cache's
+    label_maps: object                  # (N, S, S) rows as int64 (conditioning maps)
+    loader: StepLoader                  # the batches of consecutive steps (DataLoader)
     num_classes: int
     memory_format: torch.memory_format
+    progress: TrainingProgress = field(default_factory=TrainingProgress)
+
+    def load_checkpoint(self, checkpoint_folder):
+        """Restore model, optimiser, LR schedule, EMA, step and RNG states saved by ``save_checkpoint``."""
+        self.accelerator.load_state(str(checkpoint_folder))
+        self.ema.to(self.accelerator.device)        # accelerate loads custom states on the CPU
 
 
 def new_ema(unet, settings: TrainingSettings) -> EMAModel:
@@ -132,18 +160,13 @@ def new_ema(unet, settings: TrainingSettings) -> EMAModel:
 
 
 def build_training_state(settings: TrainingSettings, images, label_maps, num_classes: int,
-                         schedule: AblationSchedule, accelerator: Accelerator, resume_folder=None) -> TrainingState:
-    """UNet, EMA, AdamW, LR schedule (fresh from ``settings.seed`` or loaded from ``resume_folder``) on the
+                         schedule: AblationSchedule, accelerator: Accelerator) -> TrainingState:
+    """UNet, EMA, AdamW, LR schedule (fresh from ``settings.seed``; ``TrainingState.load_checkpoint`` resumes) on the
     accelerator's device, with channels_last and fused AdamW on CUDA and optional torch.compile."""
     device = accelerator.device
     torch.manual_seed(settings.seed)
     unet = build_unet(settings, num_classes, images.shape[1])
     ema = new_ema(unet, settings)
-    training_state = None
-    if resume_folder is not None:
-        unet = UNet2DModel.from_pretrained(resume_folder / "unet")
-        ema = load_ema(resume_folder / "unet_ema")
-        training_state = torch.load(resume_folder / "training_state.pt", map_location="cpu", weights_only=False)
     ema.to(device)
     on_cuda = device.type == "cuda"
     memory_format = torch.channels_last if (on_cuda and settings.channels_last) else torch.contiguous_format
@@ -152,20 +175,20 @@ def build_training_state(settings: TrainingSettings, images, label_maps, num_cla
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.learning_rate, betas=settings.adam_betas,
                                   weight_decay=settings.weight_decay, fused=on_cuda)
     # The LR schedule is stepped by hand once per optimiser step (not passed to accelerator.prepare, which would
-    # step it once per process).
+    # step it once per process); it is registered for checkpointing instead.
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.max_steps)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    if training_state is not None:
-        optimizer.load_state_dict(training_state["optimizer"])
-        lr_scheduler.load_state_dict(training_state["lr_scheduler"])
-        _restore_rng_states(training_state["rng_states"])
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(lr_scheduler, ema, progress)
     training_unet = torch.compile(unet) if settings.compile else unet
     noise_scheduler = build_noise_scheduler()
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     data_order = DataOrder(len(images), settings.batch_size, settings.seed, accelerator.num_processes,
                            accelerator.process_index)
+    workers = settings.data_workers if settings.data_workers is not None else (4 if on_cuda else 0)
+    loader = StepLoader(images, label_maps, data_order, workers, pin_memory=on_cuda)
     return TrainingState(settings, accelerator, unet, training_unet, optimizer, lr_scheduler, ema, noise_scheduler,
-                         schedule, data_order, images, label_maps, num_classes, memory_format)
+                         schedule, data_order, images, label_maps, loader, num_classes, memory_format, progress)
 
 
 def _to_device(array_or_tensor, device: torch.device) -> torch.Tensor:
@@ -174,7 +197,7 @@ def _to_device(array_or_tensor, device: torch.device) -> torch.Tensor:
     tensor = torch.as_tensor(array_or_tensor)
     if device.type != "cuda":
         return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
 
 
 def training_step(state: TrainingState, step: int) -> torch.Tensor:
@@ -187,11 +210,11 @@ def training_step(state: TrainingState, step: int) -> torch.Tensor:
     settings, accelerator = state.settings, state.accelerator
     device = accelerator.device
     generator = step_generator(settings.seed, step, accelerator.process_index)
-    batch = state.data_order.batch_indices(step)
-    batch_images = _to_device(state.images[batch], device)
-    batch_label_maps = _to_device(state.label_maps[batch], device)
-    noise, timesteps, ablated_classes = draw_step_randomness(len(batch), settings.image_size, step, state.schedule,
-                                                             settings.offset_noise, generator, state.images.shape[1])
+    batch_images, batch_label_maps = state.loader.batch(step)       # pinned on CUDA by the DataLoader
+    batch_images, batch_label_maps = _to_device(batch_images, device), _to_device(batch_label_maps, device)
+    noise, timesteps, ablated_classes = draw_step_randomness(len(batch_images), settings.image_size, step,
+                                                             state.schedule, settings.offset_noise, generator,
+                                                             batch_images.shape[1])
     loss = denoising_loss(state.training_unet, state.noise_scheduler, batch_images, batch_label_maps,
                           _to_device(noise, device), _to_device(timesteps, device), ablated_classes,
                           state.num_classes, state.memory_format)
@@ -202,6 +225,7 @@ def training_step(state: TrainingState, step: int) -> torch.Tensor:
     state.lr_scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.ema.step(accelerator.unwrap_model(state.unet).parameters())
+    state.progress.step = step + 1
     return accelerator.gather(loss.detach()[None]).mean()
 
 
@@ -260,57 +284,61 @@ def _jsonable(value):
     return value
 
 
-def _check_resumable(saved: GeneratorConfig, new: GeneratorConfig, run_folder: Path):
+def _differences(saved: dict, new: dict, keys) -> list:
+    return [f"{key} {saved.get(key)!r} -> {new.get(key)!r}" for key in keys if saved.get(key) != new.get(key)]
+
+
+def check_resumable(saved: GeneratorConfig, new: GeneratorConfig, run_folder: Path):
+    """Refuse to continue the run in ``run_folder`` (saved config) with other data or settings (new config)."""
     saved_dict, new_dict = _jsonable(saved.to_dict()), _jsonable(new.to_dict())
     differing = [key for key in RESUME_KEYS if saved_dict[key] != new_dict[key]]
-    if saved_dict["ablation"]["mode"] != new_dict["ablation"]["mode"]:
-        differing.append("ablation mode")
     if saved_dict["ablation"].get("delta_c", new_dict["ablation"]["delta_c"]) != new_dict["ablation"]["delta_c"]:
-        differing.append("CBMAT delta_c (frequency definition or reading)")
+        differing.append("CBMAT delta_c")
+    settings = sorted(set(saved_dict["training"]) | set(new_dict["training"]))
+    differing += _differences(saved_dict["training"], new_dict["training"],
+                              [key for key in settings if key not in CHANGEABLE_ON_RESUME])
+    if "num_processes" in saved_dict["extra"]:     # the data order depends on it
+        differing += _differences(saved_dict["extra"], new_dict["extra"], ["num_processes"])
     if differing:
-        raise NnsynthError(f"{run_folder} holds a run with different {', '.join(differing)}: give another --output "
-                           f"folder or delete that one to start over")
+        raise NnsynthError(f"{run_folder} holds a run with other settings ({'; '.join(differing)}): rerun with the "
+                           f"run's settings to resume it, or give another --output folder (or delete {run_folder}) "
+                           f"to start a new run")
 
 
-def _rng_states():
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+def _project_configuration(run_folder: Path, settings: TrainingSettings) -> ProjectConfiguration:
+    if settings.keep_checkpoints < 2:
+        raise NnsynthError(f"--keep-checkpoints must be at least 2, got {settings.keep_checkpoints} (accelerate "
+                           f"deletes the oldest checkpoint before writing the next one)")
+    return ProjectConfiguration(project_dir=str(run_folder), automatic_checkpoint_naming=True,
+                                total_limit=settings.keep_checkpoints)
 
 
-def _restore_rng_states(states):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+def resume_checkpoint(run_folder: Path, accelerator: Accelerator):
+    """The newest complete checkpoint (or None); sets accelerate's save iteration after it and, on the main
+    process, removes checkpoints a killed run left incomplete."""
+    check_no_old_checkpoints(run_folder)
+    complete = list_checkpoints(run_folder)
+    newest = complete[-1] if complete else None
+    newest_iteration = checkpoint_iteration(newest) if newest is not None else -1
+    if accelerator.is_main_process:
+        for folder in checkpoint_folders(run_folder):
+            if checkpoint_iteration(folder) > newest_iteration:
+                shutil.rmtree(folder)
+    accelerator.wait_for_everyone()
+    accelerator.project_configuration.iteration = newest_iteration + 1
+    return newest
 
 
-def save_checkpoint(run_folder: Path, step: int, unet, ema: EMAModel, optimizer, lr_scheduler,
-                    noise_scheduler, config: GeneratorConfig, keep: int):
-    """Write ``checkpoint-<step>/`` atomically and keep only the ``keep`` newest checkpoints."""
-    final_folder = run_folder / f"checkpoint-{step}"
-    temp_folder = fresh_temp_folder(final_folder)
-    unet.save_pretrained(temp_folder / "unet")
-    ema.save_pretrained(temp_folder / "unet_ema")
-    noise_scheduler.save_pretrained(temp_folder / "scheduler")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "rng_states": _rng_states()}, temp_folder / "training_state.pt")
-    write_generator_config(dataclasses.replace(config, trained_steps=step), temp_folder)
-    replace_folder(temp_folder, final_folder)
-    for old in list_checkpoints(run_folder)[:-max(1, keep)]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_ema(folder) -> EMAModel:
-    """EMAModel.from_pretrained without its deprecated ``from_config(path)`` call: weights plus EMA counters."""
-    model = UNet2DModel.from_pretrained(folder)
-    ema = EMAModel(model.parameters(), model_cls=UNet2DModel, model_config=model.config, foreach=True)
-    ema_keys = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
-    saved = UNet2DModel.load_config(folder)
-    ema.load_state_dict({key: saved[key] for key in ema_keys if key in saved})
-    return ema
+def save_checkpoint(state: TrainingState, config: GeneratorConfig, step: int):
+    """accelerate ``save_state`` (on every process), then generator_config.json with the step: from then on the
+    checkpoint counts. accelerate removes the oldest beyond ``keep_checkpoints`` before saving."""
+    accelerator = state.accelerator
+    accelerator.save_state()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        checkpoint_folder = checkpoint_folders(accelerator.project_dir)[-1]
+        write_generator_config(dataclasses.replace(config, trained_steps=step), checkpoint_folder)
+    accelerator.wait_for_everyone()
 
 
 def ema_unet(ema: EMAModel, unet_config) -> UNet2DModel:
@@ -330,12 +358,13 @@ def write_preview(path, ema: EMAModel, config: GeneratorConfig, images, label_ma
                        title=f"{config.dataset_name} step {step} ({config.ablation['mode']})")
 
 
-def write_final(run_folder: Path, ema: EMAModel, noise_scheduler, config: GeneratorConfig, preview_file=None) -> Path:
-    """``final/``: EMA model, scheduler, generator_config.json and the last preview, renamed into place when done."""
+def write_final(run_folder: Path, ema: EMAModel, config: GeneratorConfig, preview_file=None) -> Path:
+    """``final/``: the NnsynthPipeline of the EMA model (loads with ``DiffusionPipeline.from_pretrained``),
+    generator_config.json and the last preview, renamed into place when done."""
+    from nnunet_synth.sampling import generator_pipeline
     final_folder = run_folder / FINAL_FOLDER
     temp_folder = fresh_temp_folder(final_folder)
-    ema_unet(ema, config.unet_config).save_pretrained(temp_folder / "unet")
-    noise_scheduler.save_pretrained(temp_folder / "scheduler")
+    save_pipeline_folder(generator_pipeline(ema_unet(ema, config.unet_config), config), temp_folder)
     write_generator_config(config, temp_folder)
     if preview_file is not None and Path(preview_file).is_file():
         shutil.copyfile(preview_file, temp_folder / "preview.png")
@@ -347,42 +376,48 @@ def train_generator(dataset: RawDataset, run_folder, settings: TrainingSettings,
                     progress=True, step_callback=None) -> TrainingResult:
     """Train (or resume) a generator on the training cases of ``fold`` (or on ``case_ids``) into ``run_folder``.
 
-    Resumes from the newest ``checkpoint-*`` in ``run_folder``. ``step_callback(step, loss)`` is called after every
-    optimiser step (1-based ``step``). Returns the final folder, config and the losses of this call.
+    Resumes from the newest complete checkpoint in ``run_folder`` when the settings agree (else NnsynthError).
+    ``step_callback(step, loss)`` is called after every optimiser step (1-based ``step``). Returns the final
+    folder, config and the losses of this call.
     """
     settings = settings.resolved()
     run_folder = Path(run_folder)
     case_ids = fold_training_cases(dataset, fold) if case_ids is None else sorted(case_ids)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(settings.mixed_precision, PartialState().device))
+    launched = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))   # accelerate launch --cpu: gloo processes
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(settings.mixed_precision, launched.device),
+                              project_config=_project_configuration(run_folder, settings))
     device = accelerator.device
     is_main = accelerator.is_main_process
     config = prepare_generator_config(dataset, settings, case_ids, fold)
+    config = dataclasses.replace(config, extra={**config.extra, "num_processes": accelerator.num_processes})
 
-    checkpoints = list_checkpoints(run_folder)
-    resume_folder = checkpoints[-1] if checkpoints else None
+    final_folder = run_folder / FINAL_FOLDER
+    if (final_folder / "generator_config.json").is_file():
+        final_config = read_generator_config(final_folder)
+        check_resumable(final_config, config, run_folder)
+        if final_config.trained_steps >= settings.max_steps:
+            if is_main:
+                print(f"{run_folder} is already trained for {final_config.trained_steps} steps")
+            return TrainingResult(run_folder, final_folder, final_config, resumed_from_step=final_config.trained_steps)
+    resume_folder = resume_checkpoint(run_folder, accelerator)
     if resume_folder is not None:
-        _check_resumable(read_generator_config(resume_folder), config, run_folder)
-        start_step = checkpoint_step(resume_folder)
-    else:
-        start_step = 0
-    if start_step >= settings.max_steps and (run_folder / FINAL_FOLDER).is_dir():
-        if is_main:
-            print(f"{run_folder} is already trained for {start_step} steps (max_steps {settings.max_steps})")
-        return TrainingResult(run_folder, run_folder / FINAL_FOLDER, read_generator_config(run_folder / FINAL_FOLDER),
-                              resumed_from_step=start_step)
+        check_resumable(read_generator_config(resume_folder), config, run_folder)
 
     region_values = [dataset.labels[name] for name in config.region_classes] if config.region_classes else None
-    images, label_maps, _ = load_model_slices(dataset, case_ids, ImageWindows.from_dict(config.window),
-                                              settings.image_size, region_values, progress=progress and is_main)
-    label_maps = mark_unannotated(label_maps, dataset.ignore_label)
+    with accelerator.main_process_first():        # the main process builds the slice cache, the others read it
+        cache = open_slice_cache(dataset, case_ids, ImageWindows.from_dict(config.window), settings.image_size,
+                                 slice_cache_root(dataset, run_folder), region_values, progress=progress and is_main)
+    images, label_maps = cache.images, cache.label_maps     # ignore label already "unknown" (0) in the cache
     schedule = make_ablation_schedule(settings.ablation_mode,
                                       list((config.ablation.get("frequencies") or config.class_frequencies).values()),
                                       [dataset.labels[n] for n in config.ablation["protected_classes"]],
                                       settings.delta_0, settings.max_steps, settings.probability_reading,
                                       dataset.ignore_label)
 
-    state = build_training_state(settings, images, label_maps, dataset.num_classes, schedule, accelerator,
-                                 resume_folder)
+    state = build_training_state(settings, images, label_maps, dataset.num_classes, schedule, accelerator)
+    if resume_folder is not None:
+        state.load_checkpoint(resume_folder)
+    start_step = state.progress.step
     preview_indices = np.linspace(0, len(images) - 1, min(settings.preview_count, len(images))).astype(int)
     previews_folder = run_folder / "previews"
     last_preview = None
@@ -421,21 +456,17 @@ def train_generator(dataset: RawDataset, run_folder, settings: TrainingSettings,
             write_preview(last_preview, state.ema, config, images[preview_indices], label_maps[preview_indices],
                           device, settings.preview_inference_steps, done)
         if is_checkpoint:
-            if is_main:
-                save_checkpoint(run_folder, done, accelerator.unwrap_model(state.unet), state.ema, state.optimizer,
-                                state.lr_scheduler, state.noise_scheduler, config, settings.keep_checkpoints)
-            accelerator.wait_for_everyone()
+            save_checkpoint(state, config, done)
         if step_callback is not None:
             step_callback(done, losses[-1][1])
     bar.close()
 
     final_config = dataclasses.replace(config, trained_steps=settings.max_steps)
-    final_folder = run_folder / FINAL_FOLDER
     if is_main:
         if last_preview is None:
             existing = sorted(previews_folder.glob("step-*.png"))
             last_preview = existing[-1] if existing else None
-        write_final(run_folder, state.ema, state.noise_scheduler, final_config, last_preview)
+        write_final(run_folder, state.ema, final_config, last_preview)
         print(f"generator written to {final_folder}")
     accelerator.wait_for_everyone()
     return TrainingResult(run_folder, final_folder, final_config, losses, start_step)

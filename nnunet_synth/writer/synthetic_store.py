@@ -10,11 +10,18 @@ Layout (inside the raw dataset folder, beside imagesTr/labelsTr, which are never
                                                    "folds": {fold: settings and reports of that fold's run},
                                                    "cases": {id: record}}
     synthetic_preview_fold0.png                   the preview grid of fold 0's cases
-    synthetic.lock                                held by the one process writing the store
+    synthetic.lock                                held shared by every generating process (shards, other folds)
+                                                  and exclusively by clean / score / --overwrite
+    synthetic.index.lock                          held while ``synthetic.json`` is compiled
+    synthetic.writers.lock                        held shared by every generating process (alone: may clean up)
 
 Each case's record is written once, after both of its files (fsynced), so writing N cases costs O(N); the
 records are the truth, and ``synthetic.json`` is the index compiled from them (and the fold records) at the end of
 every writing command, rebuilt atomically. Readers take the records, so an interrupted run's cases count.
+Several generating processes may write one store at once (shards of one fold, other folds): each writes only its
+own cases, and the index is compiled under its own lock from the records on disk and the fold records (a
+process's changed fold records merged into those on disk). Temporary files an interrupted run left are removed
+only by a process that finds itself alone (the other processes' temporary files are in flight).
 
 The cases of several nnU-Net folds live side by side: ``synth_f<fold>_<index>`` was made for fold ``<fold>``
 (``0``-``4`` or ``all``) by a generator trained on that fold's training cases only, and its entry lists every
@@ -25,13 +32,14 @@ written atomically, so an interrupted run leaves no partial file and a rerun rew
 Stock nnU-Net commands read imagesTr/labelsTr only, so the raw dataset stays real-only for them.
 """
 import contextlib
+import copy
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from nnunet_synth.atomic import remove_stale_temp_files, write_json_atomic
+from nnunet_synth.atomic import TEMP_PREFIX, remove_stale_temp_files, write_json_atomic
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.dataset.writing import write_volume
 from nnunet_synth.errors import NnsynthError
@@ -41,6 +49,8 @@ SYNTH_LABELS_FOLDER = "labelsSynth"
 SYNTH_RECORDS_FOLDER = "recordsSynth"
 MANIFEST_NAME = "synthetic.json"
 LOCK_NAME = "synthetic.lock"
+INDEX_LOCK_NAME = "synthetic.index.lock"
+WRITERS_LOCK_NAME = "synthetic.writers.lock"
 PREVIEW_PREFIX = "synthetic_preview"
 FORMAT_VERSION = 2
 
@@ -64,6 +74,15 @@ class SyntheticStore:
         self.records_folder = dataset.folder / SYNTH_RECORDS_FOLDER
         self.manifest_file = dataset.folder / MANIFEST_NAME
         self.manifest = self._read_manifest()
+
+    @property
+    def manifest(self) -> dict:
+        return self._manifest
+
+    @manifest.setter
+    def manifest(self, manifest: dict):
+        self._manifest = manifest
+        self._folds_as_read = copy.deepcopy(manifest["folds"])     # to tell this process's fold changes apart
 
     def _read_manifest(self) -> dict:
         if not self.manifest_file.is_file():
@@ -89,6 +108,8 @@ class SyntheticStore:
         records = {}
         if self.records_folder.is_dir():
             for path in sorted(self.records_folder.glob("*.json")):
+                if path.name.startswith(TEMP_PREFIX):        # another process's record being written
+                    continue
                 try:
                     records[path.stem] = json.loads(path.read_text())
                 except json.JSONDecodeError as error:
@@ -131,12 +152,12 @@ class SyntheticStore:
 
     @contextlib.contextmanager
     def exclusive_writer(self):
-        """Hold the store's lock while writing: a second writer (e.g. another fold's nnsynth_generate started at
-        the same time) stops with a clear message instead of losing the other's manifest updates."""
+        """Hold the store's lock alone (removing or rewriting cases: clean, score, --overwrite): refused with a
+        clear message while another process writes the store."""
         try:
             import fcntl
         except ImportError:          # no advisory locks on this platform (as in the synthetic pool): run unlocked
-            self.manifest = self._read_manifest()
+            self._enter_alone()
             yield self
             return
         with open(self.dataset.folder / LOCK_NAME, "a") as handle:
@@ -144,20 +165,60 @@ class SyntheticStore:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise NnsynthError(f"{self.dataset.folder / LOCK_NAME}: another process is writing synthetic cases "
-                                   f"of {self.dataset.name}: wait for it to finish, or make several folds in one "
-                                   f"command (nnsynth_generate {self.dataset.name} --folds 0 1 2 3 4)") from None
+                                   f"of {self.dataset.name}: wait for it to finish, then run this command "
+                                   f"again") from None
             try:
-                self.manifest = self._read_manifest()     # what the previous writer left
+                self._enter_alone()
                 yield self
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def shared_writer(self):
+        """Hold the store's lock shared while adding cases: several generating processes (shards, other folds)
+        may, each writing only its own cases. Refused while clean / score / --overwrite holds it alone."""
+        try:
+            import fcntl
+        except ImportError:
+            self._enter_alone()
+            yield self
+            return
+        with open(self.dataset.folder / LOCK_NAME, "a") as handle, \
+                open(self.dataset.folder / WRITERS_LOCK_NAME, "a") as writers:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise NnsynthError(f"{self.dataset.folder / LOCK_NAME}: another process is removing or rescoring "
+                                   f"synthetic cases of {self.dataset.name} (nnsynth_clean, nnsynth_score or "
+                                   f"--overwrite): wait for it to finish, then run this command again") from None
+            try:
+                # every generating process holds the writers' lock shared; the one that gets it alone may drop
+                # what interrupted runs left (no other process has temporary files in flight)
+                try:
+                    fcntl.flock(writers, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self._remove_stale_temp_files()
+                except BlockingIOError:
+                    pass
+                fcntl.flock(writers, fcntl.LOCK_SH)     # blocks only while another process is alone (briefly)
+                self.manifest = self._read_manifest()
+                yield self
+            finally:
+                fcntl.flock(writers, fcntl.LOCK_UN)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _enter_alone(self):
+        """No other process writes the store: drop what an interrupted run left, read the current state."""
+        self._remove_stale_temp_files()
+        self.manifest = self._read_manifest()
+
+    def _remove_stale_temp_files(self):
+        for folder in (self.images_folder, self.labels_folder, self.records_folder, self.dataset.folder):
+            remove_stale_temp_files(folder)
+
     def prepare(self):
-        """Create the folders and drop temporary files of an interrupted run."""
+        """Create the folders."""
         for folder in (self.images_folder, self.labels_folder, self.records_folder):
             folder.mkdir(exist_ok=True)
-            remove_stale_temp_files(folder)      # safe: the caller holds the store's lock (exclusive_writer)
-        remove_stale_temp_files(self.dataset.folder)
 
     def write_case(self, case_id: str, channel_images, label_map: np.ndarray, reference_properties: dict,
                    image_dtypes, entry: dict):
@@ -203,8 +264,34 @@ class SyntheticStore:
         self.save_manifest()
 
     def save_manifest(self):
-        """Compile ``synthetic.json`` (fold records + every case record) atomically."""
-        write_json_atomic(self.manifest, self.manifest_file)
+        """Compile ``synthetic.json`` atomically from every case record on disk and the fold records: those this
+        process changed, the others as the file on disk has them (another process may have written them)."""
+        with self._index_lock():
+            on_disk = self._read_manifest() if self.manifest_file.is_file() else {"folds": {}}
+            folds = on_disk["folds"]
+            for fold in set(self._folds_as_read) | set(self.manifest["folds"]):
+                mine, as_read = self.manifest["folds"].get(fold), self._folds_as_read.get(fold)
+                if mine != as_read:
+                    if mine is None:
+                        folds.pop(fold, None)
+                    else:
+                        folds[fold] = mine
+            self.manifest = dict(self.manifest, folds=folds, cases=self._read_records())
+            write_json_atomic(self.manifest, self.manifest_file)
+
+    @contextlib.contextmanager
+    def _index_lock(self):
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        with open(self.dataset.folder / INDEX_LOCK_NAME, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)          # short: the time to compile the index
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def remove_fold(self, fold) -> int:
         """Delete the cases made for ``fold`` (entries first, then files) and its preview; return the count."""
@@ -226,6 +313,8 @@ class SyntheticStore:
         count = len(self.cases)
         self.manifest_file.unlink(missing_ok=True)
         (self.dataset.folder / LOCK_NAME).unlink(missing_ok=True)
+        (self.dataset.folder / INDEX_LOCK_NAME).unlink(missing_ok=True)
+        (self.dataset.folder / WRITERS_LOCK_NAME).unlink(missing_ok=True)
         for folder in (self.records_folder, self.images_folder, self.labels_folder):
             if folder.is_dir():
                 shutil.rmtree(folder)
