@@ -38,7 +38,7 @@ from nnunet_synth.errors import NnsynthError
 from nnunet_synth.evaluation.arm_generators import ArmGeneratorSettings, train_arm_generator
 from nnunet_synth.evaluation.nnunet_runs import plan_and_preprocess, predict_and_score, train
 from nnunet_synth.evaluation.patients import PatientSplit, split_patients
-from nnunet_synth.evaluation.statistics import DICE_FILE, load_runs, markdown_summary, summarize_runs
+from nnunet_synth.evaluation.statistics import DICE_FILE, arm_order, load_runs, markdown_summary, summarize_runs
 
 BUDGET_TRAINERS = {"smoke": "nnUNetTrainerSynthMix_smoke",   # 10 iterations: does the pipeline run
                    "debug": "nnUNetTrainerSynthMix_debug",   # 100 iterations
@@ -236,6 +236,10 @@ def run_setting(dataset: RawDataset, settings: DownstreamSettings, setting: str,
         if split is not None:   # one fold: the setting's training patients, validated on its validation patient
             write_json_atomic([{"train": list(split.training), "val": list(split.validation)}],
                               preprocessed_root / arm_dataset.name / "splits_final.json")
+        run_folders = [output_folder / "runs" / setting / arm.label / f"repeat{r}" for r in range(settings.repeats)]
+        if all((folder / DICE_FILE).is_file() for folder in run_folders):       # a finished arm of a rerun
+            runs += [json.loads((folder / DICE_FILE).read_text()) for folder in run_folders]
+            continue
         print(f"[downstream] {setting} arm {arm.label}: {arm_dataset.name}, synthetic ratio {arm.ratio:.3f}, "
               f"rare-class oversampling {arm.rare_oversampling(settings.amounts):.3f}", flush=True)
         if arm.synthetic:
@@ -249,8 +253,7 @@ def run_setting(dataset: RawDataset, settings: DownstreamSettings, setting: str,
                                                 training, arm.name, settings.generator)
             make_synthetic_cases(arm, arm_dataset, settings, generator)
         plans = plan_and_preprocess(arm_dataset, preprocessed_root, settings.cpu_plans)
-        for repeat in range(settings.repeats):
-            run_folder = output_folder / "runs" / setting / arm.label / f"repeat{repeat}"
+        for repeat, run_folder in enumerate(run_folders):
             if (run_folder / DICE_FILE).is_file():
                 runs.append(json.loads((run_folder / DICE_FILE).read_text()))
                 continue
@@ -305,6 +308,7 @@ def write_outputs(output_folder: Path) -> list:
     runs = load_runs(output_folder / "runs")
     if not runs:
         return []
+    runs.sort(key=lambda run: (run["setting"], arm_order(run), run["repeat"]))
     rows = [{key: run[key] for key in ("setting", "arm", "label", "amount", "ratio", "rare_oversampling", "repeat",
                                        "seed", "dataset", "fold", "evaluated_on")}
             | {f"dice_{name}": round(value, 4) for name, value in run["mean"].items()} for run in runs]

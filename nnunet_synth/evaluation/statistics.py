@@ -73,7 +73,7 @@ def summarize_runs(runs: list, seed: int = 0, samples=BOOTSTRAP_SAMPLES) -> list
     for run in runs:
         groups.setdefault((run["setting"], run["label"]), []).append(run)
     rows = []
-    for (setting, label), arm_runs in sorted(groups.items(), key=lambda item: (item[0][0], _arm_order(item[1][0]))):
+    for (setting, label), arm_runs in sorted(groups.items(), key=lambda item: (item[0][0], arm_order(item[1][0]))):
         reference = groups.get((setting, REFERENCE_ARM))
         for class_name in classes:
             rng = np.random.default_rng([seed, len(rows)])
@@ -100,7 +100,7 @@ def summarize_runs(runs: list, seed: int = 0, samples=BOOTSTRAP_SAMPLES) -> list
 ARM_ORDER = ("real_only", "oversample", "copy_paste", "mat", "cbmat")
 
 
-def _arm_order(run: dict):
+def arm_order(run: dict):
     arm = run["arm"]
     return (ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER), run["label"])
 
