@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "patients (generators trained on the same K only); several values: a data-efficiency sweep")
     downstream.add_argument("--no-tta", action="store_true", help="predict the test set without nnU-Net's "
                             "mirroring test-time augmentation (4x faster on a CPU; the same for every arm)")
+    downstream.add_argument("--test-slice-step", type=int, default=1, help="with --test-patients: test on every "
+                            "n-th slice of each test patient (a smaller test of the same patients, for CPU runs)")
     downstream.add_argument("--split-seed", type=int, default=0, help="seed of the choice of test/validation/"
                             "training patients")
     downstream.add_argument("--generator-preset", default="tiny", help="preset of the generators trained here")
@@ -136,6 +138,7 @@ def run_downstream_command(args, dataset: RawDataset, folder: Path):
                                   device=args.device, arms=args.arms, repeats=args.repeats,
                                   test_patients=args.test_patients, real_cases=args.real_cases,
                                   split_seed=args.split_seed, tta=not args.no_tta,
+                                  test_slice_step=args.test_slice_step,
                                   generator=ArmGeneratorSettings(args.generator_preset, args.generator_steps,
                                                                  args.generator_lr, args.seed))
     run_downstream(dataset, settings, dataset.folder.parent, os.environ.get("nnUNet_preprocessed"), folder,

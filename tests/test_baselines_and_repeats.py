@@ -20,7 +20,9 @@ DOWNSTREAM_ID = 992
 
 
 def environment():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0"}
+    # one thread per nnU-Net run: the runs share a small machine (nnUNetv2_train would use every core)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0",
+            "nnsynth_cpu_threads": "1"}
 
 
 def read(path):

@@ -67,6 +67,9 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
             np.random.seed(self.synth_seed)
             torch.manual_seed(self.synth_seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.device.type == "cpu" and os.environ.get("nnsynth_cpu_threads"):
+            # nnUNetv2_train uses every core on a CPU; on a shared machine one thread per run stalls far less
+            torch.set_num_threads(int(os.environ["nnsynth_cpu_threads"]))
         # FROM_ENVIRONMENT: read nnsynth_ratio / nnsynth_min_quality / nnsynth_quality_key (or the default)
         self.synth_ratio = FROM_ENVIRONMENT
         self.synth_min_quality = FROM_ENVIRONMENT
@@ -346,11 +349,11 @@ class nnUNetTrainerSynthMix_smoke(nnUNetTrainerSynthMix):
 class nnUNetTrainerSynthMix_short(nnUNetTrainerSynthMix):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
-        """10 epochs of 25 training and 2 validation iterations, and no prediction of the fold's validation cases
+        """4 epochs of 25 training and 2 validation iterations, and no prediction of the fold's validation cases
         at the end: for repeated downstream runs on a CPU, which score their own test set; settings from the
         environment"""
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 10
+        self.num_epochs = 4
         self.num_iterations_per_epoch = 25
         self.num_val_iterations_per_epoch = 2
 

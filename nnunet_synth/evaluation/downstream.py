@@ -42,7 +42,7 @@ from nnunet_synth.evaluation.statistics import DICE_FILE, arm_order, load_runs, 
 
 BUDGET_TRAINERS = {"smoke": "nnUNetTrainerSynthMix_smoke",   # 10 iterations: does the pipeline run
                    "debug": "nnUNetTrainerSynthMix_debug",   # 100 iterations
-                   "short": "nnUNetTrainerSynthMix_short",   # 250 iterations, no final validation
+                   "short": "nnUNetTrainerSynthMix_short",   # 100 iterations, no final validation
                    "demo": "nnUNetTrainerSynthMix_demo",     # 500 iterations
                    "full": "nnUNetTrainerSynthMix"}          # nnU-Net's 1000 epochs
 REAL_ONLY, OVERSAMPLE, COPY_PASTE = "real_only", "oversample", "copy_paste"
@@ -68,6 +68,7 @@ class DownstreamSettings:
     split_seed: int = 0
     generator: ArmGeneratorSettings = field(default_factory=ArmGeneratorSettings)
     tta: bool = True                        # nnUNetv2_predict's mirroring test-time augmentation
+    test_slice_step: int = 1                # --test-patients: keep every n-th slice of each test patient
 
     @property
     def chooses_patients(self) -> bool:
@@ -162,13 +163,29 @@ def copy_real_dataset(dataset: RawDataset, raw_root: Path, dataset_id: int, arm:
     return RawDataset(target)
 
 
-def write_test_set(dataset: RawDataset, case_ids, folder: Path):
-    """Copies of the test patients' images and labels (imagesTs/, labelsTs/) in the evaluation folder."""
+def write_test_set(dataset: RawDataset, case_ids, folder: Path, slice_step: int = 1):
+    """The test patients' images and labels (imagesTs/, labelsTs/) in the evaluation folder: copies, or every
+    ``slice_step``-th slice (2d models predict slice by slice, so a subset of slices is a smaller test of the same
+    patients)."""
     for case_id in case_ids:
-        for image in map(Path, dataset.cases[case_id]["images"]):
-            copy_file_atomic(image, folder / "imagesTs" / image.name)
-        label = Path(dataset.cases[case_id]["label"])
-        copy_file_atomic(label, folder / "labelsTs" / label.name)
+        images, label = list(map(Path, dataset.cases[case_id]["images"])), Path(dataset.cases[case_id]["label"])
+        if slice_step == 1:
+            for image in images:
+                copy_file_atomic(image, folder / "imagesTs" / image.name)
+            copy_file_atomic(label, folder / "labelsTs" / label.name)
+            continue
+        if len(images) != 1 or dataset.file_ending != ".nii.gz":
+            raise NnsynthError(f"{dataset.json_file}: --test-slice-step needs single-channel .nii.gz volumes: "
+                               f"leave it out")
+        import SimpleITK as sitk
+        from nnunet_synth.dataset.writing import write_volume
+        for source, target in ((images[0], folder / "imagesTs" / images[0].name),
+                               (label, folder / "labelsTs" / label.name)):
+            volume = sitk.ReadImage(str(source))
+            array = sitk.GetArrayFromImage(volume)[::slice_step]
+            spacing = list(volume.GetSpacing())
+            spacing[2] *= slice_step
+            write_volume(array, target, spacing_xyz=spacing, origin=volume.GetOrigin(), direction=volume.GetDirection())
     return folder / "imagesTs", folder / "labelsTs"
 
 
@@ -295,7 +312,8 @@ def run_downstream(dataset: RawDataset, settings: DownstreamSettings, raw_root, 
         write_json_atomic({name: split.to_json() for name, split in splits.items()}, output_folder / "patients.json")
         test_cases = next(iter(splits.values())).test
         if test_cases:
-            test_images, test_labels = write_test_set(dataset, test_cases, output_folder / "test_set")
+            test_images, test_labels = write_test_set(dataset, test_cases, output_folder / "test_set",
+                                                      settings.test_slice_step)
         for index, (setting, split) in enumerate(splits.items()):
             first_id = settings.first_dataset_id + index * len(plan_arms(settings))
             run_setting(dataset, settings, setting, split, first_id, raw_root, preprocessed_root, output_folder,
