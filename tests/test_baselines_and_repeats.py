@@ -187,3 +187,17 @@ def test_bootstrap_interval_resamples_runs_and_cases():
     assert wide[1] - wide[0] > 2 * (narrow[1] - narrow[0]) > 0
     assert bootstrap_interval(spread, np.random.default_rng(0)) == wide
     assert bootstrap_interval(np.full((3, 2), 0.4), np.random.default_rng(1)) == pytest.approx((0.4, 0.4))
+
+
+def test_patient_split_keeps_test_patients_out_and_nests_the_sweep(covid_dataset_folder):
+    from nnunet_synth.errors import NnsynthError
+    from nnunet_synth.evaluation.patients import split_patients
+    cases = RawDataset(covid_dataset_folder).case_ids
+    four, eight, every = (split_patients(cases, 4, k, seed=0) for k in (4, 8, None))
+    assert four.test == eight.test == every.test and len(four.test) == 4
+    assert four.validation == eight.validation and len(every.training) == 15 - 4 - 1
+    assert set(four.training) < set(eight.training) < set(every.training)
+    assert not set(every.training) & (set(every.test) | set(every.validation))
+    assert split_patients(cases, 4, 4, seed=1).test != four.test
+    with pytest.raises(NnsynthError, match="--real-cases 11"):
+        split_patients(cases, 4, 11)

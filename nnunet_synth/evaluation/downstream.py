@@ -142,7 +142,7 @@ def copy_real_dataset(dataset: RawDataset, raw_root: Path, dataset_id: int, arm:
                       setting: str = "") -> RawDataset:
     """The real cases (all, or ``case_ids``) under a new id (copies; reused when a previous run made the same)."""
     source_name = dataset.name.split("_", 1)[1]
-    tag = (setting + arm.label).replace("_", "").replace(".", "p")
+    tag = (("" if setting == "all" else setting) + arm.label).replace("_", "").replace(".", "p")
     name = f"Dataset{dataset_id:03d}_{source_name}Eval{tag}"
     existing = [p for p in raw_root.glob(f"Dataset{dataset_id:03d}_*") if p.name != name]
     if existing:
