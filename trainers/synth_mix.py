@@ -339,11 +339,15 @@ class nnUNetTrainerSynthMix_demo(nnUNetTrainerSynthMix):
 class nnUNetTrainerSynthMix_smoke(nnUNetTrainerSynthMix):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
-        """1 epoch of 10 training and 1 validation iteration: checks that a pipeline runs, nothing more"""
+        """1 epoch of 10 training and 1 validation iteration, no prediction of the fold's validation cases at the
+        end: checks that a pipeline runs, nothing more"""
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 1
         self.num_iterations_per_epoch = 10
         self.num_val_iterations_per_epoch = 1
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("nnUNetTrainerSynthMix_smoke: the fold's validation cases are not predicted")
 
 
 class nnUNetTrainerSynthMix_short(nnUNetTrainerSynthMix):
