@@ -2,6 +2,8 @@
 
   nnsynth_evaluate fidelity D --generator cbmat=RUN_FOLDER --generator mat=RUN_FOLDER [--feature-model MODEL]
   nnsynth_evaluate downstream D --generator mat=RUN_FOLDER --generator cbmat=RUN_FOLDER [--amounts 0.5 1 2 3]
+  nnsynth_evaluate downstream D --arms real_only oversample copy_paste mat cbmat --repeats 3 --test-patients 4 \
+      --real-cases 4 8 --generator-preset tiny --generator-steps 400
   nnsynth_evaluate report D
 """
 import argparse
@@ -34,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("-o", "--output", help=f"evaluation folder (default $nnUNet_results/<D>/{EVALUATION_FOLDER})")
         if name == "report":
             continue
-        sub.add_argument("--generator", type=named_generator, action="append", required=True,
-                         metavar="NAME=FOLDER", help="a trained generator (run folder or final/); repeat to compare")
+        sub.add_argument("--generator", type=named_generator, action="append", required=name == "fidelity",
+                         default=[], metavar="NAME=FOLDER",
+                         help="a trained generator (run folder or final/); repeat to compare")
         sub.add_argument("--inference-steps", type=int, default=50, help="DDIM steps")
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     fidelity = commands.choices["fidelity"]
@@ -47,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     downstream = commands.choices["downstream"]
     downstream.add_argument("--amounts", type=float, nargs="+", default=[1.0],
                             help="synthetic slices per real training slice (one arm per generator and amount)")
-    downstream.add_argument("--budget", choices=("debug", "demo", "full"), default="demo",
-                            help="SynthMix trainer: debug 100 iterations, demo 500, full nnU-Net's 1000 epochs")
+    downstream.add_argument("--budget", choices=("smoke", "debug", "short", "demo", "full"), default="demo",
+                            help="SynthMix trainer: smoke 10 iterations, debug 100, short 250 (no final validation "
+                            "of the fold), demo 500, full nnU-Net's 1000 epochs")
     downstream.add_argument("--plans", choices=("cpu", "default"), default="cpu",
                             help="cpu = small network for CPU runs; default = nnU-Net's own plans")
     downstream.add_argument("--fold", type=int, default=0)
@@ -57,6 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     downstream.add_argument("--test-images", help="evaluate on this folder (e.g. imagesTs) instead of the fold's "
                             "validation cases")
     downstream.add_argument("--test-labels", help="labels of --test-images (e.g. labelsTs)")
+    downstream.add_argument("--arms", nargs="+", metavar="ARM", help="real_only, oversample (rare-class "
+                            "oversampling in the trainer), copy_paste (real pixels, no generator), mat, cbmat (a "
+                            "generator of that ablation: --generator NAME=FOLDER, else trained here) or another "
+                            "--generator name (default: real_only and every --generator)")
+    downstream.add_argument("--repeats", type=int, default=1, help="train every arm this many times, with "
+                            "nnU-Net training seeds seed, seed+1, ...; the summary gives mean, sd and 95 %% intervals")
+    downstream.add_argument("--test-patients", type=int, help="keep this many patients (seeded choice) out of "
+                            "everything (generators, label maps, nnU-Net) and test on them")
+    downstream.add_argument("--real-cases", type=int, nargs="+", metavar="K", help="train with K real training "
+                            "patients (generators trained on the same K only); several values: a data-efficiency sweep")
+    downstream.add_argument("--no-tta", action="store_true", help="predict the test set without nnU-Net's "
+                            "mirroring test-time augmentation (4x faster on a CPU; the same for every arm)")
+    downstream.add_argument("--test-slice-step", type=int, default=1, help="with --test-patients: test on every "
+                            "n-th slice of each test patient (a smaller test of the same patients, for CPU runs)")
+    downstream.add_argument("--split-seed", type=int, default=0, help="seed of the choice of test/validation/"
+                            "training patients")
+    downstream.add_argument("--generator-preset", default="tiny", help="preset of the generators trained here")
+    downstream.add_argument("--generator-steps", type=int, default=400, help="steps of the generators trained here")
+    downstream.add_argument("--generator-lr", type=float, default=1e-3, help="learning rate of the generators "
+                            "trained here")
     return parser
 
 
@@ -103,18 +127,25 @@ def run_fidelity(args, dataset: RawDataset, folder: Path):
 
 
 def run_downstream_command(args, dataset: RawDataset, folder: Path):
-    from nnunet_synth.evaluation.downstream import DownstreamSettings, run_downstream
+    from nnunet_synth.evaluation.arm_generators import ArmGeneratorSettings
+    from nnunet_synth.evaluation.downstream import SUMMARY_MD, DownstreamSettings, run_downstream
+    if not args.generator and not args.arms:
+        raise NnsynthError("downstream needs arms: pass --arms (e.g. real_only oversample copy_paste mat cbmat) or "
+                           "--generator NAME=FOLDER")
     settings = DownstreamSettings(generators=dict(args.generator), amounts=args.amounts, budget=args.budget,
                                   cpu_plans=args.plans == "cpu", fold=args.fold, seed=args.seed,
                                   inference_steps=args.inference_steps, first_dataset_id=args.first_id,
-                                  device=args.device)
-    rows = run_downstream(dataset, settings, dataset.folder.parent, os.environ.get("nnUNet_preprocessed"), folder,
-                          args.test_images, args.test_labels)
-    dice_columns = [key for key in rows[0] if key.startswith("dice_")]
-    print("\n" + "arm".ljust(16) + "amount".rjust(8) + "".join(c.replace("dice_", "").rjust(12) for c in dice_columns))
-    for row in rows:
-        print(str(row["arm"]).ljust(16) + f"{row['amount']:8g}" + "".join(f"{row[c]:12.3f}" for c in dice_columns))
-    print(f"downstream: {folder / DOWNSTREAM_CSV}, plot {folder / 'downstream.png'}")
+                                  device=args.device, arms=args.arms, repeats=args.repeats,
+                                  test_patients=args.test_patients, real_cases=args.real_cases,
+                                  split_seed=args.split_seed, tta=not args.no_tta,
+                                  test_slice_step=args.test_slice_step,
+                                  generator=ArmGeneratorSettings(args.generator_preset, args.generator_steps,
+                                                                 args.generator_lr, args.seed))
+    run_downstream(dataset, settings, dataset.folder.parent, os.environ.get("nnUNet_preprocessed"), folder,
+                   args.test_images, args.test_labels)
+    print((folder / SUMMARY_MD).read_text())
+    print(f"downstream: {folder / DOWNSTREAM_CSV} (one row per run), {folder / SUMMARY_MD}, plot "
+          f"{folder / 'downstream.png'}")
 
 
 @command_entry_point

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     folds.add_argument("-f", "--fold", help="nnU-Net fold (0-4 or all) to make cases for: the generator and the label "
                        "maps see only its training cases (default 0, or the fold of --generator)")
     folds.add_argument("--folds", nargs="+", help="several folds, one after the other (e.g. --folds 0 1 2 3 4)")
+    parser.add_argument("--image-source", choices=("generator", "copy-paste"), default="generator",
+                        help="generator: sample images with the diffusion generator; copy-paste: no generator, each "
+                        "image is the target's real slice with the donors' real pixels pasted where the label map "
+                        "was pasted (blended at the edge)")
     parser.add_argument("--generator", help="a trained generator folder (default: train or reuse "
                         "$nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
@@ -139,6 +143,8 @@ def main(argv=None):
     dataset = RawDataset.from_name(args.dataset)
     # without --fold: the generator's own fold with --generator, else fold 0
     folds = args.folds or [args.fold if args.fold is not None or args.generator is not None else "0"]
+    if args.image_source == "copy-paste" and args.noise_seeding is not None:
+        raise NnsynthError("--noise-seeding needs a generator: leave it out with --image-source copy-paste")
     if args.generator is not None and len(folds) > 1:
         raise NnsynthError(f"--generator serves one fold (a generator sees one fold's training cases), got folds "
                            f"{' '.join(folds)}: leave out --generator to train one per fold")
@@ -157,6 +163,8 @@ def main(argv=None):
 
 
 def generate_for_fold(dataset: RawDataset, args, fold):
+    if args.image_source == "copy-paste":
+        return copy_paste_for_fold(dataset, args, fold)
     generator_folder = generator_for_fold(dataset, args, fold)
     if args.num_cases is not None:
         num_cases = args.num_cases
@@ -170,8 +178,27 @@ def generate_for_fold(dataset: RawDataset, args, fold):
     summary = generate_synthetic_cases(dataset, generator_folder, settings, fold=fold, device=args.device,
                                        overwrite=args.overwrite, num_shards=args.num_shards,
                                        shard_index=args.shard_index)
-    fold = summary["fold"]
     shard = f"shard {args.shard_index} of {args.num_shards}: " if args.num_shards > 1 else ""
+    print_summary(dataset, summary, shard)
+
+
+def copy_paste_for_fold(dataset: RawDataset, args, fold):
+    from nnunet_synth.copy_paste import CopyPasteSettings, generate_copy_paste_cases, num_copy_paste_cases
+    if args.generator is not None:
+        raise NnsynthError("--image-source copy-paste uses no generator: leave out --generator")
+    if args.num_shards > 1:
+        raise NnsynthError("--image-source copy-paste runs in one process (no sampling to spread): leave out "
+                           "--num-shards")
+    num_cases = args.num_cases if args.num_cases is not None else num_copy_paste_cases(dataset, fold, args.ratio)
+    if num_cases < 1:
+        raise NnsynthError(f"--num-cases must be at least 1, got {num_cases}")
+    settings = CopyPasteSettings(num_cases=num_cases, seed=args.seed, target_share=args.target_share,
+                                 balancing=balancing_from_args(args))
+    print_summary(dataset, generate_copy_paste_cases(dataset, settings, fold=fold, overwrite=args.overwrite))
+
+
+def print_summary(dataset: RawDataset, summary: dict, shard: str = ""):
+    fold = summary["fold"]
     print(f"fold {fold}: {shard}{summary['total']} synthetic cases in {dataset.folder} ({summary['written']} written "
           f"now, {summary['skipped']} already there); model-free quality gate passed by {summary['model_free_passed']}")
     print(format_share_table(summary["label_map_report"], dataset.class_names))

@@ -137,7 +137,7 @@ def test_downstream_arms_run_stock_nnunet_and_their_dice_is_recomputed(evaluatio
     # Dice recomputed from the prediction files
     for row in rows:
         label = "real_only" if row["arm"] == "real_only" else f"{row['arm']}_x1"
-        predictions = sorted((output / "predictions" / label).glob("*.nii.gz"))
+        predictions = sorted((output / "runs" / "all" / label / "repeat0" / "predictions").glob("*.nii.gz"))
         assert len(predictions) == 1
         prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions[0])))
         reference = sitk.GetArrayFromImage(sitk.ReadImage(str(evaluation_dataset.folder / "labelsTr" /

@@ -28,6 +28,8 @@ from nnunet_synth.errors import NnsynthError
 ENV_RATIO = "nnsynth_ratio"
 ENV_MIN_QUALITY = "nnsynth_min_quality"
 ENV_QUALITY_KEY = "nnsynth_quality_key"
+ENV_RARE_OVERSAMPLING = "nnsynth_rare_oversampling"   # share of real draws centred on the rarest class
+ENV_SEED = "nnsynth_seed"                             # seeds python, numpy and torch at the start of training
 
 # quality key -> (group in the manifest entry's "quality" dict, field holding the score)
 # pathology_iou: DiffAug's gate (003 §3.3), the lowest IoU over the pathology classes (nnsynth_score)
@@ -232,6 +234,32 @@ class SynthMixDataset(nnUNetBaseDataset):
         raise NotImplementedError("SynthMixDataset spans two folders; use .identifiers")
 
 
+def parse_rare_oversampling(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise NnsynthError(f"{ENV_RARE_OVERSAMPLING}='{text}' must be a probability in [0, 1]: the share of real "
+                           f"training draws centred on the rarest class, e.g. {ENV_RARE_OVERSAMPLING}=0.5")
+    return value
+
+
+def parse_seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise NnsynthError(f"{ENV_SEED}='{text}' is not an integer: give the training seed, e.g. {ENV_SEED}=1") from None
+
+
+def rarest_class(label_counts: Dict[int, int]) -> int:
+    """The foreground class with the fewest pixels among those present (ties: the lower label)."""
+    present = {c: n for c, n in label_counts.items() if c > 0 and n > 0}
+    if not present:
+        raise NnsynthError("rare-class oversampling needs a foreground class in the real training cases; found none")
+    return min(present, key=lambda c: (present[c], c))
+
+
 def synthetic_count(ratio: float, batch_size: int, uniform_draw: float) -> int:
     """``floor(r*B)`` plus one when ``uniform_draw`` falls below the fractional part (stochastic rounding)."""
     expected = round(ratio * batch_size, 9)      # 0.3 * 10 is 3.0000000000000004 in floating point
@@ -258,6 +286,21 @@ class SynthMixDataLoader(nnUNetDataLoader):
         if synthetic_ratio < 1 and not self.real_keys:
             raise ValueError("synthetic_ratio < 1 needs at least one real key")
         self.synthetic_ratio = synthetic_ratio
+
+    def enable_rare_oversampling(self, rare_class: int, probability: float):
+        """Centre ``probability`` of the real draws on a pixel of ``rare_class`` (2d: a slice that contains it),
+        when the case has one; the other draws stay nnU-Net's own."""
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"rare-class oversampling probability must lie in [0, 1], got {probability}")
+        self.rare_class, self.rare_probability = int(rare_class), float(probability)
+
+    def get_bbox(self, data_shape, force_fg, class_locations, overwrite_class=None, verbose=False):
+        probability = getattr(self, "rare_probability", 0.0)
+        if (probability > 0 and class_locations is not None and len(class_locations.get(self.rare_class, ())) > 0
+                and np.random.uniform() < probability):
+            return super().get_bbox(data_shape, True, class_locations, overwrite_class=self.rare_class,
+                                    verbose=verbose)
+        return super().get_bbox(data_shape, force_fg, class_locations, overwrite_class, verbose)
 
     def get_indices(self):
         n_synthetic = synthetic_count(self.synthetic_ratio, self.batch_size, np.random.uniform())

@@ -16,6 +16,10 @@ Settings (``mixing.py``)::
     nnsynth_ratio        synthetic fraction of each training batch, 0..1 (default 0.5)
     nnsynth_min_quality  lowest quality score a synthetic case needs; unset/'none' = no filter (default)
     nnsynth_quality_key  model_free (quality.model_free.score) | segmentation (quality.segmentation.mean_dice)
+    nnsynth_rare_oversampling  share of the real draws centred on a pixel of the rarest class (a slice that
+                         contains it), 0..1 (default 0: nnU-Net's own sampling); same iterations, same batches
+    nnsynth_seed         seeds python, numpy and torch when the trainer is built (network initialisation, the
+                         main process's draws); nnU-Net itself does not seed training
 
 ``nnUNetTrainerSynthMix`` and ``nnUNetTrainerSynthMix_debug`` read all three from the environment. The ratio
 variants (``_r0`` ... ``_r100``) fix the ratio in the class, so their results folders never mix ratios; they
@@ -25,9 +29,12 @@ their name. The effective settings and the counts of used and filtered synthetic
 settings is refused.
 """
 import json
+import os
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
@@ -41,8 +48,10 @@ from nnunet_synth.atomic import write_json_atomic
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.provenance import select_for_fold
-from nnunet_synth.trainers.mixing import (EXPOSURE_WARNING_FACTOR, FROM_ENVIRONMENT, SynthMixDataLoader,
-                                          SynthMixDataset, exposure, resolve_settings, select_synthetic_cases)
+from nnunet_synth.trainers.mixing import (ENV_RARE_OVERSAMPLING, ENV_SEED, EXPOSURE_WARNING_FACTOR,
+                                          FROM_ENVIRONMENT, SynthMixDataLoader, SynthMixDataset, exposure,
+                                          parse_rare_oversampling, parse_seed, rarest_class, resolve_settings,
+                                          select_synthetic_cases)
 from nnunet_synth.trainers.synthetic_pool import update_synthetic_pool
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
@@ -52,7 +61,15 @@ SETTINGS_FILE_NAME = "synthmix.json"
 class nnUNetTrainerSynthMix(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
+        self.synth_seed = parse_seed(os.environ[ENV_SEED]) if ENV_SEED in os.environ else None
+        if self.synth_seed is not None:     # before nnU-Net builds anything random
+            random.seed(self.synth_seed)
+            np.random.seed(self.synth_seed)
+            torch.manual_seed(self.synth_seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.device.type == "cpu" and os.environ.get("nnsynth_cpu_threads"):
+            # nnUNetv2_train uses every core on a CPU; on a shared machine one thread per run stalls far less
+            torch.set_num_threads(int(os.environ["nnsynth_cpu_threads"]))
         # FROM_ENVIRONMENT: read nnsynth_ratio / nnsynth_min_quality / nnsynth_quality_key (or the default)
         self.synth_ratio = FROM_ENVIRONMENT
         self.synth_min_quality = FROM_ENVIRONMENT
@@ -84,11 +101,27 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
         else:
             summary.update(synthetic_cases={"available": 0, "used": 0, "below_threshold": 0, "unscored": 0},
                            note="ratio 0: real-only baseline, the synthetic pool is not read")
+        summary["seed"] = self.synth_seed
+        summary["rare_oversampling"] = self._rare_oversampling(dataset_tr)
         if self.synth_settings.ratio < 1 and len(dataset_tr.identifiers) == 0:
             raise NnsynthError(f"fold {self.fold} has no real training case; a ratio below 1 needs some")
         self.synth_summary = summary
         self._report(summary)
         return SynthMixDataset(dataset_tr, synthetic_dataset), dataset_val
+
+    def _rare_oversampling(self, dataset_tr) -> dict:
+        """{"probability", "class", "pixels_per_class"} of ``nnsynth_rare_oversampling`` (probability 0: off)."""
+        probability = parse_rare_oversampling(os.environ.get(ENV_RARE_OVERSAMPLING, "0"))
+        if probability == 0:
+            return {"probability": 0.0, "class": None}
+        counts = {}
+        for identifier in dataset_tr.identifiers:
+            seg = dataset_tr.load_case(identifier)[1]
+            values, numbers = np.unique(np.asarray(seg), return_counts=True)
+            for value, number in zip(values.tolist(), numbers.tolist()):
+                counts[int(value)] = counts.get(int(value), 0) + int(number)
+        rare = rarest_class(counts)
+        return {"probability": probability, "class": rare, "pixels_per_class": counts}
 
     @staticmethod
     def _count_slices(dataset) -> int:
@@ -214,6 +247,11 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
                                    oversample_foreground_percent=self.oversample_foreground_percent,
                                    sampling_probabilities=None, pad_sides=None, transforms=tr_transforms,
                                    probabilistic_oversampling=self.probabilistic_oversampling)
+        rare = self.synth_summary["rare_oversampling"]
+        if rare["probability"] > 0:
+            dl_tr.enable_rare_oversampling(rare["class"], rare["probability"])
+            self.print_to_log_file(f"SynthMix: {rare['probability']:.2f} of the real draws are centred on the rarest "
+                                   f"class {rare['class']} (pixels per class {rare['pixels_per_class']})")
         dl_val = nnUNetDataLoader(dataset_val, self.batch_size, self.configuration_manager.patch_size,
                                   self.configuration_manager.patch_size, self.label_manager,
                                   oversample_foreground_percent=self.oversample_foreground_percent,
@@ -296,3 +334,33 @@ class nnUNetTrainerSynthMix_demo(nnUNetTrainerSynthMix):
         self.num_epochs = 20
         self.num_iterations_per_epoch = 25
         self.num_val_iterations_per_epoch = 2
+
+
+class nnUNetTrainerSynthMix_smoke(nnUNetTrainerSynthMix):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        """1 epoch of 10 training and 1 validation iteration, no prediction of the fold's validation cases at the
+        end: checks that a pipeline runs, nothing more"""
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 1
+        self.num_iterations_per_epoch = 10
+        self.num_val_iterations_per_epoch = 1
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("nnUNetTrainerSynthMix_smoke: the fold's validation cases are not predicted")
+
+
+class nnUNetTrainerSynthMix_short(nnUNetTrainerSynthMix):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        """4 epochs of 25 training and 2 validation iterations, and no prediction of the fold's validation cases
+        at the end: for repeated downstream runs on a CPU, which score their own test set; settings from the
+        environment"""
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 4
+        self.num_iterations_per_epoch = 25
+        self.num_val_iterations_per_epoch = 2
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("nnUNetTrainerSynthMix_short: the fold's validation cases are not predicted (the "
+                               "downstream evaluation predicts its test set with nnUNetv2_predict)")

@@ -1,31 +1,53 @@
-"""Downstream evaluation (method.md §5, 000 Table 2) on nnU-Net: real-only vs real + synthetic arms.
+"""Downstream evaluation (method.md §5, 000 Table 2) on nnU-Net: real-only, the cheap baselines and generator arms.
 
-Every arm is a copy of the real dataset (imagesTr/labelsTr/dataset.json copied, the user's dataset is never
-written to) under its own dataset id, so each arm has its own synthetic store, preprocessed folder and results
-folder. The stock planner gives every copy the same plans (same real data, same fingerprint) and nnU-Net's
-seeded split gives the same folds; an arm's synthetic cases only ever enter training (SynthMix pool). Each arm
-trains the same SynthMix trainer (same budget) with ``nnsynth_ratio`` = amount / (1 + amount): the share of
-synthetic slices a pooled training set with ``amount`` synthetic slices per real slice would have. The
-real-only arm uses ratio 0 (the same code path, the pool is not read).
+Arms (``--arms``; every arm of a setting gets the same plans, split, budget and test set):
 
-Every generator must be one of the evaluated fold (trained on its training cases only, see
-``check_generator_for_fold``): checked for all arms before anything is trained, and the synthetic cases are made
-for that fold, so the trainer's leakage check passes them.
+    real_only    nnU-Net on the real training cases (SynthMix ratio 0: the same code path, no pool)
+    oversample   real only, with a share of the real draws centred on the rarest class (a slice that contains it;
+                 ``nnsynth_rare_oversampling``, in the trainer, same iterations and batches)
+    copy_paste   + synthetic cases from the balanced label maps with real donor pixels (no generator)
+    mat, cbmat   + synthetic cases from a generator of that ablation mode (``--generator NAME=FOLDER``, or
+                 trained here on the setting's training patients); any other ``--generator`` name is an arm too
+
+Every arm is a copy of the real dataset (files copied, the user's dataset is never written to) under its own
+dataset id, so each arm has its own synthetic store, preprocessed folder and results folder. The synthetic arms
+train with ``nnsynth_ratio`` = amount / (1 + amount) (amount = synthetic slices per real training slice);
+``oversample`` centres the same share of its draws on the rarest class.
+
+Patients: by default the arms train on nnU-Net's fold ``fold`` of the whole dataset and are scored on its
+validation cases (or on ``--test-images``). With ``test_patients`` / ``real_cases`` (``patients.py``) the copies
+hold only the setting's training patients plus one validation patient (a one-fold ``splits_final.json``), the
+test patients are scored and never seen by anything, and the generators are trained on the training patients
+only. ``real_cases`` may list several values: a data-efficiency sweep, one setting per value.
+
+Repeats: every arm trains ``repeats`` times with ``nnsynth_seed`` = seed + repeat (synthetic cases are made once
+per arm); each run's Dice per test case goes to ``runs/<setting>/<arm>/repeat<r>/dice.json`` and the summary
+(``statistics.py``) to ``summary.csv`` / ``summary.md``. Each run's model is moved beside its Dice file, except
+the last repeat's, which stays where stock ``nnUNetv2_predict`` finds it.
 """
 import csv
+import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nnunet_synth.atomic import atomic_path, copy_file_atomic
+from nnunet_synth.atomic import atomic_path, copy_file_atomic, write_json_atomic
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.dataset.splits import real_crossval_split
 from nnunet_synth.errors import NnsynthError
+from nnunet_synth.evaluation.arm_generators import ArmGeneratorSettings, train_arm_generator
 from nnunet_synth.evaluation.nnunet_runs import plan_and_preprocess, predict_and_score, train
+from nnunet_synth.evaluation.patients import PatientSplit, split_patients
+from nnunet_synth.evaluation.statistics import DICE_FILE, arm_order, load_runs, markdown_summary, summarize_runs
 
-BUDGET_TRAINERS = {"debug": "nnUNetTrainerSynthMix_debug",   # 100 iterations
+BUDGET_TRAINERS = {"smoke": "nnUNetTrainerSynthMix_smoke",   # 10 iterations: does the pipeline run
+                   "debug": "nnUNetTrainerSynthMix_debug",   # 100 iterations
+                   "short": "nnUNetTrainerSynthMix_short",   # 100 iterations, no final validation
                    "demo": "nnUNetTrainerSynthMix_demo",     # 500 iterations
                    "full": "nnUNetTrainerSynthMix"}          # nnU-Net's 1000 epochs
-REAL_ONLY = "real_only"
+REAL_ONLY, OVERSAMPLE, COPY_PASTE = "real_only", "oversample", "copy_paste"
+TRAINABLE_GENERATORS = ("mat", "cbmat", "none")     # ablation modes an arm may train its generator with
+SUMMARY_CSV, SUMMARY_MD = "summary.csv", "summary.md"
 
 
 @dataclass
@@ -39,6 +61,18 @@ class DownstreamSettings:
     inference_steps: int = 50
     first_dataset_id: int = 700
     device: str = "cpu"
+    arms: list = None                       # arm names; None = real_only + every generator
+    repeats: int = 1
+    test_patients: int = None               # keep this many patients out of everything and test on them
+    real_cases: list = None                 # training patients per setting (a sweep); None = all
+    split_seed: int = 0
+    generator: ArmGeneratorSettings = field(default_factory=ArmGeneratorSettings)
+    tta: bool = True                        # nnUNetv2_predict's mirroring test-time augmentation
+    test_slice_step: int = 1                # --test-patients: keep every n-th slice of each test patient
+
+    @property
+    def chooses_patients(self) -> bool:
+        return self.test_patients is not None or self.real_cases is not None
 
 
 @dataclass
@@ -48,21 +82,38 @@ class Arm:
     amount: float = 0.0
 
     @property
+    def synthetic(self) -> bool:
+        return self.name not in (REAL_ONLY, OVERSAMPLE)
+
+    @property
     def label(self) -> str:
-        return self.name if self.generator is None else f"{self.name}_x{self.amount:g}"
+        return self.name if not self.synthetic else f"{self.name}_x{self.amount:g}"
 
     @property
     def ratio(self) -> float:
-        return self.amount / (1.0 + self.amount)
+        return self.amount / (1.0 + self.amount) if self.synthetic else 0.0
+
+    def rare_oversampling(self, amounts) -> float:
+        """oversample: the share of the batch the synthetic arms give to balanced slices (first amount)."""
+        return amounts[0] / (1.0 + amounts[0]) if self.name == OVERSAMPLE else 0.0
 
 
 def plan_arms(settings: DownstreamSettings) -> list:
-    arms = [Arm(REAL_ONLY)]
-    for name, generator in settings.generators.items():
+    names = settings.arms or [REAL_ONLY] + list(settings.generators)
+    for amount in settings.amounts:
+        if amount <= 0:
+            raise NnsynthError(f"synthetic amounts must be positive, got {amount}")
+    arms = []
+    for name in dict.fromkeys(names):
+        if name in (REAL_ONLY, OVERSAMPLE):
+            arms.append(Arm(name))
+            continue
+        if name != COPY_PASTE and name not in settings.generators and name not in TRAINABLE_GENERATORS:
+            raise NnsynthError(f"arm '{name}' has no generator: pass --generator {name}=FOLDER, or use one of "
+                               f"{REAL_ONLY}, {OVERSAMPLE}, {COPY_PASTE}, {', '.join(TRAINABLE_GENERATORS)}")
+        generator = settings.generators.get(name)
         for amount in settings.amounts:
-            if amount <= 0:
-                raise NnsynthError(f"synthetic amounts must be positive, got {amount}")
-            arms.append(Arm(name, Path(generator), float(amount)))
+            arms.append(Arm(name, None if generator is None else Path(generator), float(amount)))
     return arms
 
 
@@ -75,21 +126,67 @@ def check_generators_for_fold(dataset: RawDataset, settings: DownstreamSettings)
         check_generator_for_fold(dataset, read_generator_config(folder), folder, settings.fold)
 
 
-def copy_real_dataset(dataset: RawDataset, raw_root: Path, dataset_id: int, arm: Arm) -> RawDataset:
-    """The real cases under a new id (copies; reused when a previous run made the same copy)."""
+def check_generators_for_patients(settings: DownstreamSettings, split: PatientSplit):
+    """Refuse a given generator that saw a patient outside the setting's training patients."""
+    from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
+    for generator in settings.generators.values():
+        folder = resolve_generator_folder(generator)
+        outside = sorted(set(read_generator_config(folder).training_cases) - set(split.training))
+        if outside:
+            raise NnsynthError(f"{folder} was trained on {', '.join(outside[:3])}, which this setting keeps out of "
+                               f"training (test, validation or left-out patients): leave out --generator and let "
+                               f"the evaluation train it on the setting's training patients")
+
+
+def copy_real_dataset(dataset: RawDataset, raw_root: Path, dataset_id: int, arm: Arm, case_ids=None,
+                      setting: str = "") -> RawDataset:
+    """The real cases (all, or ``case_ids``) under a new id (copies; reused when a previous run made the same)."""
     source_name = dataset.name.split("_", 1)[1]
-    name = f"Dataset{dataset_id:03d}_{source_name}Eval{arm.label.replace('_', '').replace('.', 'p')}"
+    tag = (("" if setting == "all" else setting) + arm.label).replace("_", "").replace(".", "p")
+    name = f"Dataset{dataset_id:03d}_{source_name}Eval{tag}"
     existing = [p for p in raw_root.glob(f"Dataset{dataset_id:03d}_*") if p.name != name]
     if existing:
         raise NnsynthError(f"dataset id {dataset_id} is taken by {existing[0]}: pass another --first-id")
     target = raw_root / name
-    for sub in ("imagesTr", "labelsTr"):
-        for source in sorted((dataset.folder / sub).iterdir()):
-            destination = target / sub / source.name
+    keep = None if case_ids is None else set(case_ids)
+    for case_id in dataset.case_ids:
+        if keep is not None and case_id not in keep:
+            continue
+        sources = list(dataset.cases[case_id]["images"]) + [dataset.cases[case_id]["label"]]
+        for source in map(Path, sources):
+            destination = target / source.parent.name / source.name
             if not destination.is_file() or destination.stat().st_size != source.stat().st_size:
                 copy_file_atomic(source, destination)
-    copy_file_atomic(dataset.json_file, target / "dataset.json")
+    description = json.loads(Path(dataset.json_file).read_text())
+    description["numTraining"] = len(dataset.case_ids) if keep is None else len(keep)
+    write_json_atomic(description, target / "dataset.json")
     return RawDataset(target)
+
+
+def write_test_set(dataset: RawDataset, case_ids, folder: Path, slice_step: int = 1):
+    """The test patients' images and labels (imagesTs/, labelsTs/) in the evaluation folder: copies, or every
+    ``slice_step``-th slice (2d models predict slice by slice, so a subset of slices is a smaller test of the same
+    patients)."""
+    for case_id in case_ids:
+        images, label = list(map(Path, dataset.cases[case_id]["images"])), Path(dataset.cases[case_id]["label"])
+        if slice_step == 1:
+            for image in images:
+                copy_file_atomic(image, folder / "imagesTs" / image.name)
+            copy_file_atomic(label, folder / "labelsTs" / label.name)
+            continue
+        if len(images) != 1 or dataset.file_ending != ".nii.gz":
+            raise NnsynthError(f"{dataset.json_file}: --test-slice-step needs single-channel .nii.gz volumes: "
+                               f"leave it out")
+        import SimpleITK as sitk
+        from nnunet_synth.dataset.writing import write_volume
+        for source, target in ((images[0], folder / "imagesTs" / images[0].name),
+                               (label, folder / "labelsTs" / label.name)):
+            volume = sitk.ReadImage(str(source))
+            array = sitk.GetArrayFromImage(volume)[::slice_step]
+            spacing = list(volume.GetSpacing())
+            spacing[2] *= slice_step
+            write_volume(array, target, spacing_xyz=spacing, origin=volume.GetOrigin(), direction=volume.GetDirection())
+    return folder / "imagesTs", folder / "labelsTs"
 
 
 def evaluation_cases(dataset: RawDataset, fold: int, test_images=None, test_labels=None):
@@ -105,41 +202,141 @@ def evaluation_cases(dataset: RawDataset, fold: int, test_images=None, test_labe
     return images, dataset.folder / "labelsTr", f"fold {fold} validation cases {cases}"
 
 
-def run_arm(dataset: RawDataset, arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, raw_root: Path,
-            preprocessed_root: Path, output_folder: Path, test_images=None, test_labels=None) -> dict:
+def make_synthetic_cases(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, generator_folder):
+    from nnunet_synth.copy_paste import CopyPasteSettings, generate_copy_paste_cases, num_copy_paste_cases
     from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases, num_cases_for_ratio
-    if arm.generator is not None:
-        num_cases = num_cases_for_ratio(arm_dataset, arm.generator, arm.amount)
-        generate_synthetic_cases(arm_dataset, arm.generator, GenerationSettings(
-            num_cases=num_cases, seed=settings.seed, num_inference_steps=settings.inference_steps),
-            fold=settings.fold, device=settings.device)
-    plans = plan_and_preprocess(arm_dataset, preprocessed_root, settings.cpu_plans)
+    if arm.name == COPY_PASTE:
+        num_cases = num_copy_paste_cases(arm_dataset, settings.fold, arm.amount)
+        return generate_copy_paste_cases(arm_dataset, CopyPasteSettings(num_cases=num_cases, seed=settings.seed),
+                                         fold=settings.fold)
+    num_cases = num_cases_for_ratio(arm_dataset, generator_folder, arm.amount)
+    return generate_synthetic_cases(arm_dataset, generator_folder, GenerationSettings(
+        num_cases=num_cases, seed=settings.seed, num_inference_steps=settings.inference_steps),
+        fold=settings.fold, device=settings.device)
+
+
+def run_repeat(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, plans: str, repeat: int,
+               run_folder: Path, setting: str, preprocessed_root: Path, test_images, test_labels) -> dict:
+    """Train one run of an arm, predict the test set with stock nnU-Net, write its ``dice.json``."""
     trainer = BUDGET_TRAINERS[settings.budget]
+    seed = settings.seed + repeat
     train(arm_dataset, trainer, plans, settings.fold, settings.device, nnsynth_ratio=str(arm.ratio),
-          nnsynth_min_quality="none")
+          nnsynth_min_quality="none", nnsynth_seed=str(seed),
+          nnsynth_rare_oversampling=str(arm.rare_oversampling(settings.amounts)))
     images, labels, description = evaluation_cases(arm_dataset, settings.fold, test_images, test_labels)
-    dice = predict_and_score(arm_dataset, images, labels, output_folder / "predictions" / arm.label, trainer, plans,
-                             settings.fold, settings.device)
-    return {"arm": arm.name, "amount": arm.amount, "ratio": round(arm.ratio, 4), "dataset": arm_dataset.name,
-            "fold": settings.fold, "evaluated_on": description, **{f"dice_{name}": round(value, 4) for name, value in dice.items()}}
+    means, cases = predict_and_score(arm_dataset, images, labels, run_folder / "predictions", trainer, plans,
+                                     settings.fold, settings.device, per_case=True, tta=settings.tta)
+    run = {"setting": setting, "arm": arm.name, "label": arm.label, "amount": arm.amount,
+           "ratio": round(arm.ratio, 4), "rare_oversampling": round(arm.rare_oversampling(settings.amounts), 4),
+           "repeat": repeat, "seed": seed, "dataset": arm_dataset.name, "fold": settings.fold,
+           "trainer": trainer, "plans": plans, "tta": settings.tta, "evaluated_on": description, "mean": means, "cases": cases}
+    write_json_atomic(run, run_folder / DICE_FILE)
+    return run
+
+
+def _model_folder(arm_dataset: RawDataset, settings: DownstreamSettings, plans: str) -> Path:
+    import os
+    return (Path(os.environ["nnUNet_results"]) / arm_dataset.name /
+            f"{BUDGET_TRAINERS[settings.budget]}__{plans}__2d" / f"fold_{settings.fold}")
+
+
+def run_setting(dataset: RawDataset, settings: DownstreamSettings, setting: str, split, first_id: int, raw_root: Path,
+                preprocessed_root: Path, output_folder: Path, test_images, test_labels) -> list:
+    """All arms and repeats of one setting (one set of training patients); returns the runs."""
+    arms = plan_arms(settings)
+    if split is not None:
+        check_generators_for_patients(settings, split)
+    runs = []
+    for index, arm in enumerate(arms):
+        case_ids = None if split is None else split.training + split.validation
+        arm_dataset = copy_real_dataset(dataset, raw_root, first_id + index, arm, case_ids, setting)
+        if split is not None:   # one fold: the setting's training patients, validated on its validation patient
+            write_json_atomic([{"train": list(split.training), "val": list(split.validation)}],
+                              preprocessed_root / arm_dataset.name / "splits_final.json")
+        run_folders = [output_folder / "runs" / setting / arm.label / f"repeat{r}" for r in range(settings.repeats)]
+        if all((folder / DICE_FILE).is_file() for folder in run_folders):       # a finished arm of a rerun
+            runs += [json.loads((folder / DICE_FILE).read_text()) for folder in run_folders]
+            continue
+        print(f"[downstream] {setting} arm {arm.label}: {arm_dataset.name}, synthetic ratio {arm.ratio:.3f}, "
+              f"rare-class oversampling {arm.rare_oversampling(settings.amounts):.3f}", flush=True)
+        if arm.synthetic:
+            generator = arm.generator
+            if generator is None and arm.name != COPY_PASTE:
+                training = split.training if split is not None else None
+                if training is None:
+                    from nnunet_synth.dataset.splits import fold_training_cases
+                    training = fold_training_cases(dataset, settings.fold)
+                generator = train_arm_generator(dataset, output_folder / "generators" / f"{setting}_{arm.name}",
+                                                training, arm.name, settings.generator)
+            make_synthetic_cases(arm, arm_dataset, settings, generator)
+        plans = plan_and_preprocess(arm_dataset, preprocessed_root, settings.cpu_plans)
+        for repeat, run_folder in enumerate(run_folders):
+            if (run_folder / DICE_FILE).is_file():
+                runs.append(json.loads((run_folder / DICE_FILE).read_text()))
+                continue
+            print(f"[downstream] {setting} {arm.label} repeat {repeat + 1}/{settings.repeats} "
+                  f"(seed {settings.seed + repeat})", flush=True)
+            runs.append(run_repeat(arm, arm_dataset, settings, plans, repeat, run_folder, setting,
+                                   preprocessed_root, test_images, test_labels))
+            model = _model_folder(arm_dataset, settings, plans)
+            if repeat < settings.repeats - 1 and model.is_dir():     # the next run starts from an empty folder
+                shutil.rmtree(run_folder / "model", ignore_errors=True)
+                shutil.move(str(model), str(run_folder / "model"))
+            write_outputs(output_folder)
+    return runs
 
 
 def run_downstream(dataset: RawDataset, settings: DownstreamSettings, raw_root, preprocessed_root, output_folder,
                    test_images=None, test_labels=None) -> list:
-    """Run every arm; write ``downstream.csv`` and ``downstream.png`` into ``output_folder``; return the rows."""
+    """Run every setting, arm and repeat; write ``downstream.csv`` (one row per run), ``summary.csv/md`` and
+    ``downstream.png`` into ``output_folder``; return the per-run rows."""
     if settings.budget not in BUDGET_TRAINERS:
         raise NnsynthError(f"unknown budget '{settings.budget}': choose one of {', '.join(BUDGET_TRAINERS)}")
-    raw_root, output_folder = Path(raw_root), Path(output_folder)
-    check_generators_for_fold(dataset, settings)
+    if settings.repeats < 1:
+        raise NnsynthError(f"--repeats must be at least 1, got {settings.repeats}")
+    raw_root, output_folder, preprocessed_root = Path(raw_root), Path(output_folder), Path(preprocessed_root)
+    plan_arms(settings)     # unknown arm names stop here
     output_folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for index, arm in enumerate(plan_arms(settings)):
-        arm_dataset = copy_real_dataset(dataset, raw_root, settings.first_dataset_id + index, arm)
-        print(f"[downstream] arm {arm.label}: {arm_dataset.name}, synthetic ratio {arm.ratio:.3f}", flush=True)
-        rows.append(run_arm(dataset, arm, arm_dataset, settings, raw_root, Path(preprocessed_root), output_folder,
-                            test_images, test_labels))
-        write_rows_csv(rows, output_folder / "downstream.csv")
-    plot_downstream(rows, output_folder / "downstream.png")
+    if not settings.chooses_patients:
+        check_generators_for_fold(dataset, settings)
+        run_setting(dataset, settings, "all", None, settings.first_dataset_id, raw_root, preprocessed_root,
+                    output_folder, test_images, test_labels)
+    else:
+        if test_images is not None:
+            raise NnsynthError("--test-patients keeps its own test patients: leave out --test-images/--test-labels")
+        splits = {}
+        for real_cases in settings.real_cases or [None]:
+            split = split_patients(dataset.case_ids, settings.test_patients or 0, real_cases, settings.split_seed,
+                                   source=str(dataset.json_file))
+            splits[f"real{len(split.training)}"] = split
+        write_json_atomic({name: split.to_json() for name, split in splits.items()}, output_folder / "patients.json")
+        test_cases = next(iter(splits.values())).test
+        if test_cases:
+            test_images, test_labels = write_test_set(dataset, test_cases, output_folder / "test_set",
+                                                      settings.test_slice_step)
+        for index, (setting, split) in enumerate(splits.items()):
+            first_id = settings.first_dataset_id + index * len(plan_arms(settings))
+            run_setting(dataset, settings, setting, split, first_id, raw_root, preprocessed_root, output_folder,
+                        test_images, test_labels)
+    return write_outputs(output_folder)
+
+
+def write_outputs(output_folder: Path) -> list:
+    """downstream.csv (one row per run), summary.csv / summary.md and downstream.png from the runs' Dice files."""
+    runs = load_runs(output_folder / "runs")
+    if not runs:
+        return []
+    runs.sort(key=lambda run: (run["setting"], arm_order(run), run["repeat"]))
+    rows = [{key: run[key] for key in ("setting", "arm", "label", "amount", "ratio", "rare_oversampling", "repeat",
+                                       "seed", "dataset", "fold", "evaluated_on")}
+            | {f"dice_{name}": round(value, 4) for name, value in run["mean"].items()} for run in runs]
+    write_rows_csv(rows, output_folder / "downstream.csv")
+    summary = summarize_runs(runs)
+    write_rows_csv([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in summary],
+                   output_folder / SUMMARY_CSV)
+    with atomic_path(output_folder / SUMMARY_MD, suffix=".md") as temp_name:
+        Path(temp_name).write_text(markdown_summary(summary) + "\n")
+    plot_downstream(runs, summary, output_folder / "downstream.png")
     return rows
 
 
@@ -152,22 +349,25 @@ def write_rows_csv(rows, path):
             writer.writerows(rows)
 
 
-def plot_downstream(rows, path):
-    """Grouped bars: Dice per class (groups) for every arm (bars)."""
+def plot_downstream(runs, summary, path):
+    """Per setting and class: every run's mean Dice (dots) and the arm's mean with its 95 % interval (bar)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    classes = [key[len("dice_"):] for key in rows[0] if key.startswith("dice_")]
-    labels = [row["arm"] if row["arm"] == REAL_ONLY else f"{row['arm']} x{row['amount']:g}" for row in rows]
-    width = 0.8 / len(rows)
-    figure, axis = plt.subplots(figsize=(1.5 + 1.6 * len(classes), 3.2))
-    for index, (row, label) in enumerate(zip(rows, labels)):
-        axis.bar(np.arange(len(classes)) + index * width, [row[f"dice_{c}"] for c in classes], width, label=label)
-    axis.set_xticks(np.arange(len(classes)) + width * (len(rows) - 1) / 2, classes)
-    axis.set_ylabel("Dice")
-    axis.set_ylim(0, 1)
-    axis.legend(fontsize=7)
+    panels = list(dict.fromkeys((row["setting"], row["class"]) for row in summary))
+    figure, axes = plt.subplots(1, len(panels), figsize=(0.6 + 3.2 * len(panels), 3.4), squeeze=False)
+    for axis, (setting, class_name) in zip(axes[0], panels):
+        rows = [row for row in summary if row["setting"] == setting and row["class"] == class_name]
+        for x, row in enumerate(rows):
+            values = [run["mean"][class_name] for run in runs if run["setting"] == setting and run["label"] == row["label"]]
+            axis.scatter(x + np.linspace(-0.12, 0.12, len(values)), values, s=12, color="grey", zorder=2)
+            axis.errorbar(x, row["mean"], yerr=[[row["mean"] - row["ci_low"]], [row["ci_high"] - row["mean"]]],
+                          fmt="o", color="C0", capsize=4, zorder=3)
+        axis.set_xticks(range(len(rows)), [row["label"] for row in rows], rotation=45, ha="right", fontsize=7)
+        axis.set_title(f"{setting}: {class_name}", fontsize=9)
+        axis.set_ylim(0, 1)
+        axis.set_ylabel("Dice")
     figure.tight_layout()
     with atomic_path(path, suffix=".png") as temp_name:
         figure.savefig(temp_name, dpi=90)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.trainers.discovery import ext_trainer_value
 from nnunet_synth.errors import NnsynthError
@@ -47,10 +49,11 @@ def train(dataset: RawDataset, trainer: str, plans: str, fold, device: str, **en
 
 
 def predict_and_score(dataset: RawDataset, image_files, label_folder, output_folder, trainer: str, plans: str,
-                      fold, device: str) -> dict:
+                      fold, device: str, per_case: bool = False, tta: bool = True):
     """Stock nnUNetv2_predict on ``image_files``, then nnU-Net's own evaluation against ``label_folder``.
 
-    Returns ``{label name: mean Dice}`` over the predicted cases.
+    Returns ``{label name: mean Dice}`` over the predicted cases; with ``per_case`` also
+    ``{case id: {label name: Dice or None}}`` (None: the class is in neither reference nor prediction).
     """
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     output_folder = Path(output_folder)
@@ -61,10 +64,18 @@ def predict_and_score(dataset: RawDataset, image_files, label_folder, output_fol
         shutil.copy(image_file, input_folder)
     run_stock_command(["nnUNetv2_predict", "-i", str(input_folder), "-o", str(output_folder), "-d", dataset.name,
                        "-c", "2d", "-p", plans, "-tr", trainer, "-f", str(fold), "-device", device,
-                       "-npp", "1", "-nps", "1"])
+                       "-npp", "1", "-nps", "1"] + ([] if tta else ["--disable_tta"]))
     labels = [value for value in dataset.labels.values() if value != 0]
     metrics = compute_metrics_on_folder(str(label_folder), str(output_folder), str(output_folder / "summary.json"),
                                         dataset.reader_writer(), dataset.file_ending, labels, num_processes=1,
                                         chill=True)
     names = {value: name for name, value in dataset.labels.items()}
-    return {names[int(value)]: float(scores["Dice"]) for value, scores in metrics["mean"].items()}
+    means = {names[int(value)]: float(scores["Dice"]) for value, scores in metrics["mean"].items()}
+    if not per_case:
+        return means
+    cases = {}
+    for entry in metrics["metric_per_case"]:
+        case_id = Path(entry["reference_file"]).name[:-len(dataset.file_ending)]
+        cases[case_id] = {names[int(value)]: None if np.isnan(scores["Dice"]) else float(scores["Dice"])
+                          for value, scores in entry["metrics"].items()}
+    return means, cases

@@ -12,6 +12,7 @@ FIDELITY_JSON = "fidelity.json"
 FIDELITY_PREVIEW = "fidelity_preview.png"
 DOWNSTREAM_CSV = "downstream.csv"
 DOWNSTREAM_PNG = "downstream.png"
+SUMMARY_MD = "summary.md"
 COMMANDS_JSON = "commands.json"
 REPORT_NAME = "report.md"
 
@@ -60,19 +61,26 @@ def downstream_section(folder: Path, raw_root: Path = None) -> str:
     with open(folder / DOWNSTREAM_CSV) as handle:
         rows = list(csv.DictReader(handle))
     dice_columns = [key for key in rows[0] if key.startswith("dice_")]
-    header = ["arm", "synthetic per real slice", "batch ratio"] + [c.replace("dice_", "Dice ") for c in dice_columns]
-    table = [[row["arm"], row["amount"], row["ratio"]] + [row[c] for c in dice_columns] for row in rows]
-    text = ["## Downstream", "", f"nnU-Net 2d, same plans and folds for every arm; evaluated on "
-            f"{rows[0]['evaluated_on']}.", "", _markdown_table(header, table), "", f"![downstream]({DOWNSTREAM_PNG})"]
+    header = ["setting", "arm", "synthetic per real slice", "batch ratio", "rare-class oversampling", "repeat",
+              "seed"] + [c.replace("dice_", "Dice ") for c in dice_columns]
+    table = [[row["setting"], row["label"], row["amount"], row["ratio"], row["rare_oversampling"], row["repeat"],
+              row["seed"]] + [row[c] for c in dice_columns] for row in rows]
+    text = ["## Downstream", "", f"nnU-Net 2d, same plans, split, budget and test set for every arm of a setting; "
+            f"evaluated on {rows[0]['evaluated_on']}."]
+    if (folder / SUMMARY_MD).is_file():
+        text += ["", "Mean Dice over runs and test cases; sd over the runs' means; 95 % intervals by bootstrap over "
+                 "runs and test cases; differences paired by seed and test case.", "",
+                 (folder / SUMMARY_MD).read_text().strip()]
+    text += ["", "Every run:", "", _markdown_table(header, table), "", f"![downstream]({DOWNSTREAM_PNG})"]
     # each synthetic arm's own preview grid (it lives in the arm's copy of the raw dataset)
-    for row in rows:
-        arm_fold = row.get("fold", 0)
-        arm_preview = Path(raw_root) / row["dataset"] / preview_name(arm_fold) if raw_root is not None else None
+    for row in {row["dataset"]: row for row in rows}.values():
+        arm_preview = Path(raw_root) / row["dataset"] / preview_name(row.get("fold", 0)) if raw_root is not None else None
         if arm_preview is not None and arm_preview.is_file():
-            name = f"synthetic_preview_{row['arm']}_x{float(row['amount']):g}.png"
+            name = f"synthetic_preview_{row['setting']}_{row['label']}.png".replace("synthetic_preview_all_",
+                                                                                    "synthetic_preview_")
             copy_file_atomic(arm_preview, folder / name)
-            text += ["", f"Synthetic cases of arm {row['arm']} x{float(row['amount']):g} (real target slice with "
-                     f"labels | new label map | synthetic | synthetic with labels):", "", f"![{name}]({name})"]
+            text += ["", f"Synthetic cases of arm {row['label']} ({row['setting']}; real target slice with labels | "
+                     f"new label map | synthetic | synthetic with labels):", "", f"![{name}]({name})"]
     return "\n".join(text)
 
 
