@@ -12,6 +12,7 @@ The cases go through the same store, quality gate, preview and trainer as genera
 training cases the label maps and the quality gate were built from (no generator saw anything: the list says
 which cases shaped the fold's cases, so ``provenance.select_for_fold`` applies unchanged).
 """
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -119,6 +120,11 @@ def replay_pastes(target_image, target_map, provenance: dict, slices: dict, host
     return image, working, exact
 
 
+def _placement_mask(placement: Placement, working, pathology_class, target_index):
+    """Where ``pathology_class`` may land in ``working``, a map made from real map ``target_index``."""
+    return placement.mask(working, pathology_class, target_index)
+
+
 def _to_dtype(image: np.ndarray, dtype) -> np.ndarray:
     """One channel in the file's pixel type (rounded and clipped for integer types)."""
     dtype = np.dtype(dtype)
@@ -191,10 +197,8 @@ def generate_copy_paste_cases(dataset: RawDataset, settings: CopyPasteSettings, 
         for index in tqdm(todo, desc="pasting real pixels", unit="case"):
             provenance = new_maps[index].provenance
             target = (provenance["target"]["case_id"], provenance["target"]["slice_index"])
-            allowed = None
-            if placement is not None:
-                def allowed(working, pathology_class, target_index=position[target]):
-                    return placement.mask(working, pathology_class, target_index)
+            allowed = None if placement is None else functools.partial(_placement_mask, placement,
+                                                                        target_index=position[target])
             image, label_map, _ = replay_pastes(real.images[position[target]], real.label_maps[position[target]],
                                                 provenance, slices, host, allowed, settings.feather)
             if not np.array_equal(label_map, new_maps[index].label_map):
