@@ -1,7 +1,7 @@
 """nnU-Net features other datasets use, on copies of the real data: the ignore label, region-based labels and
 several input channels. Each dataset gets synthetic cases through the stock ``nnsynth_generate`` and passes
 ``nnUNetv2_plan_and_preprocess --verify_dataset_integrity`` with them present; the region-based and the
-two-channel dataset are trained for a few iterations with SynthMix through the stock ``nnUNetv2_train``. The
+two-channel dataset are trained for a few (10) iterations with SynthMix through the stock ``nnUNetv2_train``. The
 standalone export of each (real and synthetic cases together in imagesTr) passes nnU-Net's integrity check too.
 
 - Dataset940: the embedded example with the right 30 % of every slice unannotated (``"ignore": 3``).
@@ -25,7 +25,9 @@ from nnunet_synth.generator.training import train_generator
 from nnunet_synth.sampling import sample_images
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
-from test_five_folds import CPU_PLANS, TRAINER, environment, run
+from test_five_folds import CPU_PLANS, environment, run
+
+TRAINER = "nnUNetTrainerSynthMix_smoke"      # 10 iterations: the pipeline runs, nothing more
 
 IGNORE_ID, REGION_ID, TWO_CHANNEL_ID = 940, 941, 942
 EXPORT_IDS = {IGNORE_ID: 943, REGION_ID: 944, TWO_CHANNEL_ID: 945}
@@ -87,7 +89,7 @@ def check_export_integrity(dataset):
 
 
 def train_synthmix(dataset, nnunet_folders):
-    """The stock nnUNetv2_train, debug budget, CPU plans, half of every batch synthetic; returns synthmix.json."""
+    """The stock nnUNetv2_train, smoke budget, CPU plans, half of every batch synthetic; returns synthmix.json."""
     from nnunet_synth.trainers.cpu_plans import write_cpu_plans
     write_cpu_plans(nnunet_folders["nnUNet_preprocessed"] / dataset.name, "2d", "nnUNetPlans", CPU_PLANS)
     env = dict(environment(nnunet_folders), nnUNet_n_proc_DA="0", nnsynth_ratio="0.5")
