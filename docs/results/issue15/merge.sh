@@ -2,7 +2,7 @@
 # Merge the real8 stream (run in parallel into exp/eval8) into exp/eval and resume the full command, which finds
 # every run finished and writes patients.json, downstream.csv, summary.csv/md, downstream.png and report.md.
 set -e
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../../.."   # the repository root; outputs go to exp/ (ignored by git)
 .venv/bin/python - <<'PY'
 import numpy as np, SimpleITK as sitk
 from pathlib import Path
@@ -15,4 +15,4 @@ PY
 mkdir -p exp/eval/runs exp/eval/generators
 cp -rn exp/eval8/runs/real8 exp/eval/runs/
 cp -rn exp/eval8/generators/real8_* exp/eval/generators/
-exp/run_experiment.sh
+docs/results/issue15/run_experiment.sh
