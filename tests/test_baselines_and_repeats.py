@@ -30,16 +30,21 @@ def read(path):
 
 
 def test_copy_paste_cases_hold_the_donors_real_pixels(covid_dataset_folder, nnunet_folders):
-    """nnsynth_generate --image-source copy-paste on Dataset501: no generator; inside each shift-only paste (away
+    """nnsynth_generate --image-source copy-paste on a copy of Dataset501: no generator; inside each shift-only paste (away
     from the blended edge) the image is the donor's pixels moved by the recorded offset; the label is the new map."""
+    import shutil
+    folder = nnunet_folders["nnUNet_raw"] / "Dataset993_Covid19CopyPaste"     # the session's Dataset501 stays real
+    shutil.copytree(covid_dataset_folder, folder)
+    description = json.loads((folder / "dataset.json").read_text())
+    (folder / "dataset.json").write_text(json.dumps({**description, "name": folder.name}))
     results_before = sorted(p.name for p in nnunet_folders["nnUNet_results"].glob("*/*"))
-    result = subprocess.run([str(BIN / "nnsynth_generate"), str(covid_dataset_folder), "--image-source", "copy-paste",
+    result = subprocess.run([str(BIN / "nnsynth_generate"), str(folder), "--image-source", "copy-paste",
                              "-n", "12", "--p-rotate", "0", "--p-dilate", "0", "--seed", "3"],
                             capture_output=True, text=True, env=environment(), timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "fold 0: 12 synthetic cases" in result.stdout and "preview grid" in result.stdout
     assert sorted(p.name for p in nnunet_folders["nnUNet_results"].glob("*/*")) == results_before   # no generator
-    dataset = RawDataset(covid_dataset_folder)
+    dataset = RawDataset(folder)
     manifest = json.loads((dataset.folder / "synthetic.json").read_text())
     validation = {"case_00", "case_10", "case_14"}          # fold 0 of nnU-Net's seeded split
     assert set(manifest["folds"]["0"]["generator_training_cases"]) == set(dataset.case_ids) - validation

@@ -261,6 +261,28 @@ def test_mixed_batches_load_real_and_synthetic_cases(mixed_dataset):
     assert sum(data.is_synthetic(key) for key in batch["keys"]) == 2
 
 
+def test_rare_class_oversampling_draws_slices_that_contain_the_rarest_class(mixed_dataset):
+    """With the lesion's locations of a real case cut down to one slice, oversampling with probability 1 always draws
+    that slice; without it, on the same seed, other slices are drawn."""
+    data, label_manager = mixed_dataset
+    case = data.real_identifiers[0]
+    image, _, _, properties = data.load_case(case)
+    locations = {key: np.asarray(value) for key, value in properties["class_locations"].items()}
+    one_slice = int(locations[2][0][1])
+    locations[2] = locations[2][locations[2][:, 1] == one_slice]
+
+    def drawn_slices(probability):
+        loader = SynthMixDataLoader(data, 2, (256, 256), (256, 256), label_manager, synthetic_ratio=0.0,
+                                    oversample_foreground_percent=0.0)
+        if probability:
+            loader.enable_rare_oversampling(2, probability)
+        np.random.seed(7)
+        return {int(loader.get_bbox(image.shape[1:], False, locations)[0][0]) for _ in range(200)}
+
+    assert drawn_slices(1.0) == {one_slice}
+    assert len(drawn_slices(0.0)) > 1
+
+
 def test_mixing_loader_works_in_a_spawned_worker(mixed_dataset):
     """Data-augmentation workers unpickle the loader; under spawn they import it from the installed package."""
     import multiprocessing

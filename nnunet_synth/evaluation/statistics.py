@@ -68,7 +68,7 @@ def _nanmean(values) -> float:
 def summarize_runs(runs: list, seed: int = 0, samples=BOOTSTRAP_SAMPLES) -> list:
     """One row per (setting, arm label, class): runs, cases, mean, sd, interval, and the paired difference to the
     setting's real-only arm with its interval. Deterministic for a seed."""
-    classes = sorted({name for run in runs for case in run["cases"].values() for name in case})
+    classes = list(dict.fromkeys(name for run in runs for name in run["mean"]))     # label order
     groups = {}
     for run in runs:
         groups.setdefault((run["setting"], run["label"]), []).append(run)
