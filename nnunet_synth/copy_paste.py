@@ -21,12 +21,11 @@ from tqdm import tqdm
 
 from nnunet_synth.dataset import ImageWindows, RawDataset, choose_intensity_window
 from nnunet_synth.dataset.splits import fold_training_cases
-from nnunet_synth.masks import (MaskGenerationConfig, body_mask, check_rarest_class_raised, generate_label_maps)
 from nnunet_synth.masks.balance import Placement
 from nnunet_synth.masks.paste import paste_region
 from nnunet_synth.masks.regions import dilate_region, find_regions, rotate_region, shift_region
-from nnunet_synth.provenance import GENERATOR_TRAINING_CASES, SOURCE_CASES, label_map_source_cases
-from nnunet_synth.quality.model_free import channel_gates_to_dict, fit_channel_gates, model_free_channel_score
+from nnunet_synth.provenance import SOURCE_CASES, label_map_source_cases
+from nnunet_synth.quality.model_free import model_free_channel_score
 from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
 
 IMAGE_SOURCE = "copy-paste"
@@ -158,37 +157,24 @@ def num_copy_paste_cases(dataset: RawDataset, fold, ratio: float) -> int:
 def generate_copy_paste_cases(dataset: RawDataset, settings: CopyPasteSettings, fold="0", overwrite=False) -> dict:
     """Make and write ``settings.num_cases`` copy-paste cases for nnU-Net fold ``fold`` from its training cases
     only; returns the same summary as ``generation.generate_synthetic_cases``."""
-    from nnunet_synth.generation import (_check_recipe, class_roles, read_training_slices,
+    from nnunet_synth.generation import (_check_recipe, check_role_names, prepare_fold_maps,
                                          write_generation_preview)
     fold = str(fold)
     training_cases = fold_training_cases(dataset, fold)
     store = SyntheticStore(dataset)
     with store.exclusive_writer():
         if overwrite:
+            check_role_names(dataset, settings.balancing)      # bad names fail before anything is removed
             store.remove_fold(fold)
         recipe = settings.recipe()
         _check_recipe(store, fold, recipe)
-        store.prepare()
-        fold_record = store.fold_record(fold)
-        fold_record["settings"] = recipe
-        fold_record[GENERATOR_TRAINING_CASES] = sorted(training_cases)    # no generator: the cases maps came from
-
-        real = read_training_slices(dataset, training_cases)
-        host, pathology = class_roles(dataset, real.label_maps, settings.balancing)
-        mask_config = MaskGenerationConfig(**{k: v for k, v in (settings.balancing or {}).items() if "classes" not in k})
-        bodies = None if host else [body_mask(image[0]) for image in real.images]     # first channel
-        new_maps, mask_report = generate_label_maps(
-            real.label_maps, real.map_ids, host_classes=host, pathology_classes=pathology,
-            target_share=settings.target_share, max_new_maps=settings.num_cases, seed=settings.seed,
-            num_classes=dataset.num_classes, config=mask_config, body_masks=bodies,
-            stop_at_target=settings.target_share is not None)
-        check_rarest_class_raised(mask_report, dataset.json_file)
-        quality_gates = fit_channel_gates(zip(real.images, real.label_maps))
-        fold_record["label_map_report"] = mask_report
-        fold_record["model_free_gate"] = channel_gates_to_dict(quality_gates)
-        store.save_manifest()
-
-        placement = None if host else Placement(real.label_maps, real.map_ids, [], pathology, mask_config, bodies)
+        # no generator: generator_training_cases lists the cases the maps and the gate came from
+        fold_maps = prepare_fold_maps(dataset, store, fold, recipe, training_cases, settings)
+        real, new_maps, mask_report, quality_gates = (fold_maps.real, fold_maps.new_maps, fold_maps.report,
+                                                      fold_maps.gates)
+        host = fold_maps.host
+        placement = None if host else Placement(real.label_maps, real.map_ids, [], fold_maps.pathology,
+                                                fold_maps.mask_config, fold_maps.body_masks)
         position = {map_id: index for index, map_id in enumerate(real.map_ids)}
         slices = {map_id: (real.images[i], real.label_maps[i]) for map_id, i in position.items()}
         dtypes = {case_id: [dataset.source_dtype(case_id, channel) for channel in range(dataset.num_channels)]

@@ -113,6 +113,48 @@ def class_roles(dataset: RawDataset, label_maps, balancing=None):
                                source=str(dataset.json_file))
 
 
+@dataclass
+class FoldMaps:
+    """A fold's balanced label maps and what they were made from (``prepare_fold_maps``)."""
+
+    real: RealTrainingSlices
+    new_maps: list                      # NewLabelMap, in case index order
+    report: dict                        # the label-map report
+    gates: list                         # model-free gate per image channel
+    host: list                          # host class values
+    pathology: list                     # pathology class values
+    mask_config: MaskGenerationConfig
+    body_masks: list                    # per real slice (datasets without a host class), else None
+
+
+def prepare_fold_maps(dataset: RawDataset, store: SyntheticStore, fold, recipe: dict, training_cases,
+                      settings) -> FoldMaps:
+    """Record the fold's recipe and training cases, make its balanced label maps from those cases only and fit
+    its model-free gates on their slices; the fold record is saved. Shared by generated and copy-paste cases
+    (``settings``: num_cases, seed, target_share, balancing)."""
+    store.prepare()
+    fold_record = store.fold_record(fold)
+    fold_record["settings"] = recipe
+    # targets and donors of the new maps come from these cases only (provenance.py)
+    fold_record[GENERATOR_TRAINING_CASES] = sorted(training_cases)
+
+    real = read_training_slices(dataset, training_cases)
+    host, pathology = class_roles(dataset, real.label_maps, settings.balancing)
+    mask_config = MaskGenerationConfig(**{k: v for k, v in (settings.balancing or {}).items() if "classes" not in k})
+    body_masks = None if host else [body_mask(image[0]) for image in real.images]     # first channel
+    new_maps, mask_report = generate_label_maps(
+        real.label_maps, real.map_ids, host_classes=host, pathology_classes=pathology,
+        target_share=settings.target_share, max_new_maps=settings.num_cases, seed=settings.seed,
+        num_classes=dataset.num_classes, config=mask_config, body_masks=body_masks,
+        stop_at_target=settings.target_share is not None)   # without a share target the budget decides
+    check_rarest_class_raised(mask_report, dataset.json_file)
+    quality_gates = fit_channel_gates(zip(real.images, real.label_maps))    # on the fold's training slices
+    fold_record["label_map_report"] = mask_report
+    fold_record["model_free_gate"] = channel_gates_to_dict(quality_gates)
+    store.save_manifest()
+    return FoldMaps(real, new_maps, mask_report, quality_gates, host, pathology, mask_config, body_masks)
+
+
 def _check_recipe(store: SyntheticStore, fold, recipe: dict):
     previous = store.fold_record(fold).get("settings")
     if store.complete_case_ids(fold) and previous is not None and previous != recipe:
@@ -181,26 +223,9 @@ def _generate_into_store(dataset, store, unet, config, generator_folder, setting
     window = ImageWindows.from_dict(config.window)
     recipe = settings.recipe(generator_folder)
     _check_recipe(store, fold, recipe)
-    store.prepare()
-    fold_record = store.fold_record(fold)
-    fold_record["settings"] = recipe
-    # targets and donors of the new maps come from these cases only (provenance.py)
-    fold_record[GENERATOR_TRAINING_CASES] = sorted(config.training_cases)
-
-    real = read_training_slices(dataset, config.training_cases)
-    host, pathology = class_roles(dataset, real.label_maps, settings.balancing)
-    mask_config = MaskGenerationConfig(**{k: v for k, v in (settings.balancing or {}).items() if "classes" not in k})
-    new_maps, mask_report = generate_label_maps(
-        real.label_maps, real.map_ids, host_classes=host, pathology_classes=pathology,
-        target_share=settings.target_share, max_new_maps=settings.num_cases, seed=settings.seed,
-        num_classes=dataset.num_classes, config=mask_config,
-        body_masks=None if host else [body_mask(image[0]) for image in real.images],   # first channel
-        stop_at_target=settings.target_share is not None)   # without a share target the budget decides
-    check_rarest_class_raised(mask_report, dataset.json_file)
-    quality_gates = fit_channel_gates(zip(real.images, real.label_maps))    # on the fold's training slices
-    fold_record["label_map_report"] = mask_report
-    fold_record["model_free_gate"] = channel_gates_to_dict(quality_gates)
-    store.save_manifest()
+    fold_maps = prepare_fold_maps(dataset, store, fold, recipe, config.training_cases, settings)
+    real, new_maps, mask_report, quality_gates = (fold_maps.real, fold_maps.new_maps, fold_maps.report,
+                                                  fold_maps.gates)
 
     slice_position = {map_id: index for index, map_id in enumerate(real.map_ids)}
     image_dtypes = {case_id: [dataset.source_dtype(case_id, channel) for channel in range(dataset.num_channels)]
