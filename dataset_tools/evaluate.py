@@ -14,6 +14,7 @@ import torch
 
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
+from nnunet_synth.evaluation.downstream import BUDGET_TRAINERS
 from nnunet_synth.evaluation.report import (DOWNSTREAM_CSV, FIDELITY_JSON, FIDELITY_PREVIEW, record_command,
                                             write_report)
 
@@ -50,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     downstream = commands.choices["downstream"]
     downstream.add_argument("--amounts", type=float, nargs="+", default=[1.0],
                             help="synthetic slices per real training slice (one arm per generator and amount)")
-    downstream.add_argument("--budget", choices=("smoke", "debug", "short", "demo", "full"), default="demo",
-                            help="SynthMix trainer: smoke 10 iterations, debug 100, short 250 (no final validation "
-                            "of the fold), demo 500, full nnU-Net's 1000 epochs")
+    downstream.add_argument("--budget", choices=tuple(BUDGET_TRAINERS), default="demo",
+                            help="SynthMix trainer: smoke 10 iterations, debug 100, short 100 and medium 500 (both "
+                            "without the final validation of the fold), demo 500, full nnU-Net's 1000 epochs")
     downstream.add_argument("--plans", choices=("cpu", "default"), default="cpu",
                             help="cpu = small network for CPU runs; default = nnU-Net's own plans")
     downstream.add_argument("--fold", type=int, default=0)

@@ -364,3 +364,12 @@ class nnUNetTrainerSynthMix_short(nnUNetTrainerSynthMix):
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file("nnUNetTrainerSynthMix_short: the fold's validation cases are not predicted (the "
                                "downstream evaluation predicts its test set with nnUNetv2_predict)")
+
+
+class nnUNetTrainerSynthMix_medium(nnUNetTrainerSynthMix_short):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        """20 epochs of 25 training and 2 validation iterations (the demo's 500), and no prediction of the fold's
+        validation cases at the end: for repeated downstream runs on a CPU; settings from the environment"""
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 20

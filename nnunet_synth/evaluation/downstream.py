@@ -43,6 +43,7 @@ from nnunet_synth.evaluation.statistics import DICE_FILE, arm_order, load_runs, 
 BUDGET_TRAINERS = {"smoke": "nnUNetTrainerSynthMix_smoke",   # 10 iterations: does the pipeline run
                    "debug": "nnUNetTrainerSynthMix_debug",   # 100 iterations
                    "short": "nnUNetTrainerSynthMix_short",   # 100 iterations, no final validation
+                   "medium": "nnUNetTrainerSynthMix_medium", # 500 iterations, no final validation
                    "demo": "nnUNetTrainerSynthMix_demo",     # 500 iterations
                    "full": "nnUNetTrainerSynthMix"}          # nnU-Net's 1000 epochs
 REAL_ONLY, OVERSAMPLE, COPY_PASTE = "real_only", "oversample", "copy_paste"

@@ -13,11 +13,12 @@ __all__ = []
 try:
     from nnunet_synth.trainers.synth_mix import (nnUNetTrainerSynthMix, nnUNetTrainerSynthMix_debug,
                                                  nnUNetTrainerSynthMix_demo, nnUNetTrainerSynthMix_smoke, nnUNetTrainerSynthMix_short,
+                                                 nnUNetTrainerSynthMix_medium,
                                                  nnUNetTrainerSynthMix_r0, nnUNetTrainerSynthMix_r25,
                                                  nnUNetTrainerSynthMix_r50, nnUNetTrainerSynthMix_r75,
                                                  nnUNetTrainerSynthMix_r100)
     __all__ += ["nnUNetTrainerSynthMix", "nnUNetTrainerSynthMix_debug", "nnUNetTrainerSynthMix_demo", "nnUNetTrainerSynthMix_smoke",
-                "nnUNetTrainerSynthMix_short",
+                "nnUNetTrainerSynthMix_short", "nnUNetTrainerSynthMix_medium",
                 "nnUNetTrainerSynthMix_r0",
                 "nnUNetTrainerSynthMix_r25", "nnUNetTrainerSynthMix_r50", "nnUNetTrainerSynthMix_r75",
                 "nnUNetTrainerSynthMix_r100"]
