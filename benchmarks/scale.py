@@ -4,10 +4,13 @@ Builds a base dataset from the real COVID-19 CT slices (``nnsynth_convert_covid1
 256 x 256), then 1x / 4x / 16x versions whose cases are symbolic links to the base cases (no extra disk; 16x =
 20128 slices), and for each, in a fresh process:
 
-- ``cache``: the slice cache build (one pass over the raw cases) and its time, after the intensity window;
+- ``cache``: the slice cache build (one pass over the raw cases) and its time, after the intensity window; then
+  the store of real slices at their own size that generation reads (``dataset/native_slices.py``), its time and
+  size;
 - ``train``: a short ``train_generator`` run (tiny preset), which reads from that cache: peak RSS;
-- ``generate``: a short ``generate_synthetic_cases`` run with the generator just trained: peak RSS, and bytes
-  written per synthetic case (``wchar`` of /proc/self/io over the run, divided by the cases written).
+- ``generate``: a short ``generate_synthetic_cases`` run with the generator just trained, reading the store the
+  cache stage built: peak RSS, and bytes written per synthetic case (``wchar`` of /proc/self/io over the run,
+  divided by the cases written).
 
 Targets of the issue: peak RSS grows < 1.3x from 1x to 16x; bytes written per case constant.
 
@@ -79,6 +82,11 @@ def child(stage: str, dataset_folder: str, args) -> dict:
                                  slice_cache_root(dataset, run_folder))
         result.update(cache_build_s=time.perf_counter() - started, slices=len(cache),
                       cache_bytes=sum(p.stat().st_size for p in cache.folder.iterdir()))
+        from nnunet_synth.dataset.native_slices import open_native_slices
+        started = time.perf_counter()
+        native = open_native_slices(dataset, dataset.case_ids, progress=False)
+        result.update(native_store_build_s=time.perf_counter() - started,
+                      native_store_bytes=sum(p.stat().st_size for p in native.folder.iterdir()))
     elif stage == "train":
         settings = TrainingSettings(preset="tiny", image_size=args.image_size, batch_size=args.batch_size,
                                     max_steps=args.train_steps, warmup_steps=1, checkpoint_every=args.train_steps,

@@ -20,6 +20,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from nnunet_synth.dataset import ImageWindows, RawDataset, choose_intensity_window
+from nnunet_synth.dataset.native_slices import evenly_spread
 from nnunet_synth.dataset.splits import fold_training_cases
 from nnunet_synth.masks.balance import Placement
 from nnunet_synth.masks.paste import paste_region
@@ -176,7 +177,7 @@ def generate_copy_paste_cases(dataset: RawDataset, settings: CopyPasteSettings, 
         placement = None if host else Placement(real.label_maps, real.map_ids, [], fold_maps.pathology,
                                                 fold_maps.mask_config, fold_maps.body_masks)
         position = {map_id: index for index, map_id in enumerate(real.map_ids)}
-        slices = {map_id: (real.images[i], real.label_maps[i]) for map_id, i in position.items()}
+        slices = RealSliceLookup(real, position)
         dtypes = {case_id: [dataset.source_dtype(case_id, channel) for channel in range(dataset.num_channels)]
                   for case_id in training_cases}
         todo = [i for i in range(len(new_maps)) if not store.is_complete(synthetic_case_id(i, fold))]
@@ -206,10 +207,22 @@ def generate_copy_paste_cases(dataset: RawDataset, settings: CopyPasteSettings, 
             "store": str(store.manifest_file)}
 
 
-def display_windows(dataset: RawDataset, images) -> ImageWindows:
-    """The preview grid's grey scale per channel, chosen as a generator's window would be (a sample of the real
-    slices)."""
+class RealSliceLookup:
+    """``lookup[(case_id, slice_index)]`` = (image, label map) of a real slice, read when asked."""
+
+    def __init__(self, real, position: dict):
+        self.real, self.position = real, position
+
+    def __getitem__(self, map_id):
+        index = self.position[tuple(map_id)]
+        return self.real.images[index], self.real.label_maps[index]
+
+
+def display_windows(dataset: RawDataset, images, max_slices: int = 2000) -> ImageWindows:
+    """The preview grid's grey scale per channel, chosen as a generator's window would be (a sample of at most
+    ``max_slices`` real slices, evenly spread)."""
+    chosen = [images[i] for i in evenly_spread(len(images), max_slices)]
     return ImageWindows(tuple(
         choose_intensity_window(np.concatenate([np.asarray(image[channel], dtype=np.float32).ravel()[::97]
-                                                for image in images]), name)
+                                                for image in chosen]), name)
         for channel, name in enumerate(dataset.channel_list)))

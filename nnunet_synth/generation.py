@@ -22,11 +22,12 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_synth.dataset import ImageWindows, RawDataset, fit_slice, restore_slice
+from nnunet_synth.dataset.native_slices import DerivedRows, NativeSlices, open_native_slices
 from nnunet_synth.dataset.splits import fold_validation_cases
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator.checkpoints import load_generator, read_generator_config, resolve_generator_folder
-from nnunet_synth.masks import (MaskGenerationConfig, body_mask, check_rarest_class_raised, generate_label_maps,
-                                pixel_counts, resolve_class_roles)
+from nnunet_synth.masks import (MaskGenerationConfig, NewLabelMapsOnDisk, body_mask, check_rarest_class_raised,
+                                generate_label_maps, pixel_counts, resolve_class_roles)
 from nnunet_synth.provenance import GENERATOR_TRAINING_CASES, SOURCE_CASES, label_map_source_cases
 from nnunet_synth.quality.model_free import channel_gates_to_dict, fit_channel_gates, model_free_channel_score
 from nnunet_synth.quality.preview import save_preview_grid
@@ -56,26 +57,14 @@ class GenerationSettings:
         return recipe
 
 
-@dataclass
-class RealTrainingSlices:
-    """The generator's real training slices at their original size, with what writing back needs."""
-
-    images: list            # (C, H, W) arrays, dataset units
-    label_maps: list        # 2D int arrays
-    map_ids: list           # (case_id, slice_index)
-    properties: dict        # case_id -> nnU-Net reader properties (geometry)
+def read_training_slices(dataset: RawDataset, case_ids) -> NativeSlices:
+    """The generator's real training slices at their original size, read on demand from the on-disk store
+    (``dataset/native_slices.py``, built on first use)."""
+    return open_native_slices(dataset, case_ids)
 
 
-def read_training_slices(dataset: RawDataset, case_ids) -> RealTrainingSlices:
-    images, label_maps, map_ids, properties = [], [], [], {}
-    for case_id in tqdm(case_ids, desc="reading real training cases", unit="case"):
-        image, label_map, case_properties = dataset.read_case(case_id)
-        properties[case_id] = case_properties
-        for slice_index in range(image.shape[1]):
-            images.append(image[:, slice_index])
-            label_maps.append(label_map[slice_index])
-            map_ids.append((case_id, slice_index))
-    return RealTrainingSlices(images, label_maps, map_ids, properties)
+def first_channel_body_mask(image: np.ndarray) -> np.ndarray:
+    return body_mask(image[0])
 
 
 def num_cases_for_ratio(dataset: RawDataset, generator_folder, ratio: float) -> int:
@@ -117,14 +106,14 @@ def class_roles(dataset: RawDataset, label_maps, balancing=None):
 class FoldMaps:
     """A fold's balanced label maps and what they were made from (``prepare_fold_maps``)."""
 
-    real: RealTrainingSlices
-    new_maps: list                      # NewLabelMap, in case index order
+    real: NativeSlices
+    new_maps: NewLabelMapsOnDisk        # NewLabelMap, in case index order
     report: dict                        # the label-map report
     gates: list                         # model-free gate per image channel
     host: list                          # host class values
     pathology: list                     # pathology class values
     mask_config: MaskGenerationConfig
-    body_masks: list                    # per real slice (datasets without a host class), else None
+    body_masks: DerivedRows             # per real slice (datasets without a host class), else None
 
 
 def prepare_fold_maps(dataset: RawDataset, store: SyntheticStore, fold, recipe: dict, training_cases,
@@ -141,14 +130,15 @@ def prepare_fold_maps(dataset: RawDataset, store: SyntheticStore, fold, recipe: 
     real = read_training_slices(dataset, training_cases)
     host, pathology = class_roles(dataset, real.label_maps, settings.balancing)
     mask_config = MaskGenerationConfig(**{k: v for k, v in (settings.balancing or {}).items() if "classes" not in k})
-    body_masks = None if host else [body_mask(image[0]) for image in real.images]     # first channel
+    body_masks = None if host else DerivedRows(real.images, first_channel_body_mask, "body masks")
     new_maps, mask_report = generate_label_maps(
         real.label_maps, real.map_ids, host_classes=host, pathology_classes=pathology,
         target_share=settings.target_share, max_new_maps=settings.num_cases, seed=settings.seed,
         num_classes=dataset.num_classes, config=mask_config, body_masks=body_masks,
-        stop_at_target=settings.target_share is not None)   # without a share target the budget decides
+        stop_at_target=settings.target_share is not None,   # without a share target the budget decides
+        new_maps=NewLabelMapsOnDisk())
     check_rarest_class_raised(mask_report, dataset.json_file)
-    quality_gates = fit_channel_gates(zip(real.images, real.label_maps))    # on the fold's training slices
+    quality_gates = fit_channel_gates(real.images, real.label_maps)    # on the fold's training slices
     fold_record["label_map_report"] = mask_report
     fold_record["model_free_gate"] = channel_gates_to_dict(quality_gates)
     store.save_manifest()
@@ -288,7 +278,7 @@ def _generate_into_store(dataset, store, unet, config, generator_folder, setting
             "store": str(store.manifest_file)}
 
 
-def write_generation_preview(dataset: RawDataset, store: SyntheticStore, fold, real: RealTrainingSlices,
+def write_generation_preview(dataset: RawDataset, store: SyntheticStore, fold, real: NativeSlices,
                              window: ImageWindows, num_rows=PREVIEW_ROWS):
     """Grid: target real slice with its label | new label map | synthetic image | synthetic with overlay.
     Images are shown in model space (each channel through its own window), channels side by side."""

@@ -19,6 +19,7 @@ import numpy as np
 
 from nnunet_synth.atomic import write_json_atomic
 from nnunet_synth.dataset import ImageWindows, RawDataset, fit_slice, iter_slices
+from nnunet_synth.dataset.native_slices import case_files_key, dataset_cache_root
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator.ablation import mark_unannotated
 from nnunet_synth.generator.data import MODEL_MINIMUM, mask_outside_region
@@ -31,21 +32,13 @@ TEMP_SUFFIX = ".incomplete"
 
 def slice_cache_root(dataset: RawDataset, run_folder) -> Path:
     """``$nnUNet_preprocessed/<Dataset>/nnsynth_slice_cache`` (shared by runs), else ``<run_folder>/slice_cache``."""
-    preprocessed = os.environ.get("nnUNet_preprocessed")
-    if preprocessed:
-        return Path(preprocessed) / dataset.name / "nnsynth_slice_cache"
-    return Path(run_folder) / "slice_cache"
+    return dataset_cache_root(dataset) or Path(run_folder) / "slice_cache"
 
 
 def cache_key(dataset: RawDataset, case_ids, window: ImageWindows, image_size: int, region_values=None) -> dict:
     """What a cache depends on; its hash names the cache folder."""
-    files = []
-    for case_id in case_ids:
-        for path in [*dataset.cases[case_id]["images"], dataset.cases[case_id]["label"]]:
-            stat = os.stat(path)
-            files.append([os.path.basename(path), stat.st_size, stat.st_mtime_ns])
     return {"format": CACHE_FORMAT, "dataset": dataset.name, "labels": dict(dataset.labels), "cases": list(case_ids),
-            "files": files, "window": window.to_dict(), "image_size": int(image_size),
+            "files": case_files_key(dataset, case_ids), "window": window.to_dict(), "image_size": int(image_size),
             "region_values": None if region_values is None else [int(v) for v in region_values]}
 
 
@@ -100,18 +93,19 @@ class SliceCache:
 
 
 def open_slice_cache(dataset: RawDataset, case_ids, window: ImageWindows, image_size: int, root,
-                     region_values=None, progress=False) -> SliceCache:
-    """The cache of these slices under ``root``, built now (one pass over the raw cases) when missing."""
+                     region_values=None, progress=False, store=None) -> SliceCache:
+    """The cache of these slices under ``root``, built now when missing (one pass over ``store``, the cases'
+    ``NativeSlices``, when given; else over the raw cases)."""
     key = cache_key(dataset, case_ids, window, image_size, region_values)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     folder = Path(root) / digest
     if not (folder / META_NAME).is_file():
-        build_slice_cache(dataset, key, window, folder, region_values, progress)
+        build_slice_cache(dataset, key, window, folder, region_values, progress, store)
     return SliceCache(folder)
 
 
 def build_slice_cache(dataset: RawDataset, key: dict, window: ImageWindows, folder: Path, region_values=None,
-                      progress=False):
+                      progress=False, store=None):
     """Stream every slice (window, ``fit_slice`` to the model size, region masking) into ``folder``: one slice in
     memory at a time."""
     temp = folder.with_name(folder.name + TEMP_SUFFIX)
@@ -120,7 +114,7 @@ def build_slice_cache(dataset: RawDataset, key: dict, window: ImageWindows, fold
     label_dtype = np.uint8 if dataset.num_classes <= 256 else np.uint16
     count = 0
     with open(temp / "images.bin", "wb") as images, open(temp / "label_maps.bin", "wb") as label_maps:
-        for labelled in iter_slices(dataset, key["cases"], progress=progress):
+        for labelled in iter_slices(dataset, key["cases"], progress=progress, store=store):
             image, label_map, _ = fit_slice(window.to_model(labelled.image), labelled.label_map, key["image_size"],
                                             image_pad_value=MODEL_MINIMUM)
             if region_values is not None:

@@ -37,6 +37,7 @@ from nnunet_synth.generator.config import (NUM_TRAIN_TIMESTEPS, GeneratorConfig,
                                            build_noise_scheduler, build_unet)
 from nnunet_synth.dataset.splits import fold_training_cases
 from nnunet_synth.generator.batches import StepLoader
+from nnunet_synth.dataset.native_slices import open_native_slices
 from nnunet_synth.generator.slice_cache import open_slice_cache, slice_cache_root
 from nnunet_synth.generator.preview import write_preview_grid
 
@@ -236,9 +237,11 @@ def _names_to_values(names, dataset: RawDataset, what: str):
     return sorted(dataset.labels[name] for name in names)
 
 
-def prepare_generator_config(dataset: RawDataset, settings: TrainingSettings, case_ids, fold) -> GeneratorConfig:
-    """Frequencies, window, ablation schedule and UNet config of a run, before any training."""
-    frequencies = class_pixel_frequencies(dataset, case_ids)
+def prepare_generator_config(dataset: RawDataset, settings: TrainingSettings, case_ids, fold,
+                             store=None) -> GeneratorConfig:
+    """Frequencies, window, ablation schedule and UNet config of a run, before any training; read from ``store``
+    (the cases' ``NativeSlices``) when given, else from the raw cases."""
+    frequencies = class_pixel_frequencies(dataset, case_ids, store)
     if settings.protected_classes is None:
         # the surrounding tissue of 000 = the host class of the label maps (masks.default_class_roles): the most
         # frequent class only if it is most of the foreground; ground glass beside consolidation is no host
@@ -255,7 +258,7 @@ def prepare_generator_config(dataset: RawDataset, settings: TrainingSettings, ca
     cbmat_frequencies = cbmat_class_frequencies(frequencies, settings.frequency_definition, protected_values)
     schedule = make_ablation_schedule(settings.ablation_mode, cbmat_frequencies, protected_values, settings.delta_0,
                                       settings.max_steps, settings.probability_reading, dataset.ignore_label)
-    window = dataset_intensity_window(dataset, case_ids, override=settings.window)
+    window = dataset_intensity_window(dataset, case_ids, override=settings.window, store=store)
     unet = build_unet(settings, dataset.num_classes, dataset.num_channels)
     ablation = {**schedule.to_dict(), "delta_0": settings.delta_0,
                 "frequency_definition": settings.frequency_definition,
@@ -388,7 +391,9 @@ def train_generator(dataset: RawDataset, run_folder, settings: TrainingSettings,
                               project_config=_project_configuration(run_folder, settings))
     device = accelerator.device
     is_main = accelerator.is_main_process
-    config = prepare_generator_config(dataset, settings, case_ids, fold)
+    with accelerator.main_process_first():   # the raw cases are decoded once, into the store generation reads too
+        store = open_native_slices(dataset, case_ids, progress=progress and is_main)
+    config = prepare_generator_config(dataset, settings, case_ids, fold, store)
     config = dataclasses.replace(config, extra={**config.extra, "num_processes": accelerator.num_processes})
 
     final_folder = run_folder / FINAL_FOLDER
@@ -406,7 +411,8 @@ def train_generator(dataset: RawDataset, run_folder, settings: TrainingSettings,
     region_values = [dataset.labels[name] for name in config.region_classes] if config.region_classes else None
     with accelerator.main_process_first():        # the main process builds the slice cache, the others read it
         cache = open_slice_cache(dataset, case_ids, ImageWindows.from_dict(config.window), settings.image_size,
-                                 slice_cache_root(dataset, run_folder), region_values, progress=progress and is_main)
+                                 slice_cache_root(dataset, run_folder), region_values, progress=progress and is_main,
+                                 store=store)
     images, label_maps = cache.images, cache.label_maps     # ignore label already "unknown" (0) in the cache
     schedule = make_ablation_schedule(settings.ablation_mode,
                                       list((config.ablation.get("frequencies") or config.class_frequencies).values()),

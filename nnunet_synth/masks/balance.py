@@ -43,10 +43,14 @@ Provenance replays (with a host class): crop the donor's component (``bbox``, ``
 ``paste_region`` onto the target map as modified by the pastes before it. Without a host class, each paste also
 records the cases whose maps formed the occurrence prior (``placement``).
 """
+import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from nnunet_synth.dataset.native_slices import PackedRows
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.masks.paste import host_mask, paste_region
 from nnunet_synth.masks.regions import Region, dilate_region, find_regions, rotate_region, shift_region
@@ -100,6 +104,27 @@ class NewLabelMap:
 
     label_map: np.ndarray
     provenance: dict = field(default_factory=dict)
+
+
+class NewLabelMapsOnDisk(Sequence):
+    """New label maps kept in a temporary file (blosc2-compressed) and their provenance in memory: what
+    ``generate_label_maps`` fills when the number of new maps grows with the dataset. ``maps[i]`` is a
+    ``NewLabelMap``; the file goes with the object."""
+
+    def __init__(self):
+        self._folder = tempfile.TemporaryDirectory(prefix="nnsynth_new_maps_")
+        self._label_maps = PackedRows(Path(self._folder.name) / "label_maps.bin")
+        self._provenance = []
+
+    def append(self, new_map: NewLabelMap):
+        self._label_maps.append(new_map.label_map)
+        self._provenance.append(new_map.provenance)
+
+    def __len__(self) -> int:
+        return len(self._provenance)
+
+    def __getitem__(self, index: int) -> NewLabelMap:
+        return NewLabelMap(self._label_maps[index], self._provenance[index])
 
 
 def pixel_counts(label_maps, num_classes: int) -> np.ndarray:
@@ -373,15 +398,17 @@ def check_rarest_class_raised(report: dict, source) -> None:
 
 def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classes=None, target_share=None,
                         max_new_maps=500, seed=0, num_classes=None, config=None, body_masks=None,
-                        stop_at_target=True):
+                        stop_at_target=True, new_maps=None):
     """New label maps that raise the rarest pathology class's share of the region (see the module docstring).
 
-    label_maps: real 2D integer maps; map_ids: their (case_id, slice_index), same order.
+    label_maps: real 2D integer maps (a list, or a sequence read on demand such as ``NativeSlices.label_maps``:
+    the loop takes one map at a time); map_ids: their (case_id, slice_index), same order.
     host_classes / pathology_classes: label values (default: ``default_class_roles``; ``[]`` = no host class).
     target_share: None (the default goal), one share of the region for all pathology classes, or {class: share}.
     body_masks: optional boolean body mask per real map; without a host class pastes stay inside it.
     stop_at_target: stop once every target is reached; otherwise make ``max_new_maps`` maps, each pasted until
     the running share is back at the target.
+    new_maps: where the new maps go (``append``; e.g. ``NewLabelMapsOnDisk``); default a list.
     Return (list of ``NewLabelMap``, report dict with the region shares before and after and why the loop stopped).
     """
     config = config or MaskGenerationConfig()
@@ -411,7 +438,7 @@ def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classe
 
     rng = np.random.default_rng(seed)
     seed = int(seed) if isinstance(seed, (int, np.integer)) else None   # recorded only when it replays the run
-    counts, new_maps = real_counts.copy(), []
+    counts, new_maps = real_counts.copy(), ([] if new_maps is None else new_maps)
     rejected = discarded = discarded_in_row = 0
     stopped_because = "target_reached" if stop_at_target else "budget"
 

@@ -20,11 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from nnunet_synth.dataset.native_slices import evenly_spread
+
 STATISTICS = ("p10", "p50", "p90", "laplacian", "gradient")
 MIN_CLASS_PIXELS = 64          # a class with fewer pixels in a slice is not scored in that slice
 CALIBRATION_PERCENTILE = 99.0
 MARGIN = 1.0
 TEXTURE = ("laplacian", "gradient")
+GATE_MAX_SLICES = 2000         # real slices a gate is fitted on, at most (evenly spread)
 
 
 def slice_statistics(image: np.ndarray, label_map: np.ndarray) -> dict:
@@ -120,12 +123,14 @@ def model_free_score(image: np.ndarray, label_map: np.ndarray, gate: ModelFreeGa
             "class_medians": {str(v): values["p50"] for v, values in statistics.items()}, "worst": worst}
 
 
-def fit_channel_gates(slices) -> list:
-    """One gate per image channel, fitted on real (image (C, H, W), label_map) pairs: multi-channel data (MRI
-    sequences, CT windows) is judged channel by channel, each against its own real statistics."""
-    slices = list(slices)
-    num_channels = slices[0][0].shape[0]
-    return [fit_model_free_gate((image[channel], label_map) for image, label_map in slices)
+def fit_channel_gates(images, label_maps, max_slices: int = GATE_MAX_SLICES) -> list:
+    """One gate per image channel, fitted on real pairs (``images[i]`` (C, H, W), ``label_maps[i]``; lists or
+    on-disk sequences): multi-channel data (MRI sequences, CT windows) is judged channel by channel, each against
+    its own real statistics. At most ``max_slices`` pairs, evenly spread, are used: the robust medians and scales
+    are settled long before that, and time and memory stay bounded on large datasets."""
+    chosen = evenly_spread(len(images), max_slices)
+    num_channels = images[chosen[0]].shape[0]
+    return [fit_model_free_gate((images[i][channel], label_maps[i]) for i in chosen)
             for channel in range(num_channels)]
 
 
