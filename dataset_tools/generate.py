@@ -117,7 +117,8 @@ def format_share_table(report: dict, class_names) -> str:
 
 
 def launched_state() -> PartialState:
-    """The processes of ``accelerate launch`` (also ``--cpu``, where accelerate asks for it explicitly)."""
+    """The processes of ``accelerate launch`` (on GPUs), or of ``torchrun`` with ``ACCELERATE_USE_CPU=true`` (CPU
+    processes, gloo: accelerate makes CPU processes distributed only when asked explicitly)."""
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 

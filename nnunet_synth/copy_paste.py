@@ -20,7 +20,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from nnunet_synth.dataset import ImageWindows, RawDataset, choose_intensity_window
-from nnunet_synth.dataset.native_slices import evenly_spread
+from nnunet_synth.dataset.native_slices import evenly_spread, open_native_slices
 from nnunet_synth.dataset.splits import fold_training_cases
 from nnunet_synth.masks.balance import Placement
 from nnunet_synth.masks.paste import paste_region
@@ -152,7 +152,7 @@ class CopyPasteSettings:
 
 def num_copy_paste_cases(dataset: RawDataset, fold, ratio: float) -> int:
     """``ratio`` cases per real slice of the fold's training cases (at least 1)."""
-    return max(1, round(ratio * sum(dataset.read_case(c)[1].shape[0] for c in fold_training_cases(dataset, fold))))
+    return max(1, round(ratio * len(open_native_slices(dataset, fold_training_cases(dataset, fold)))))
 
 
 def generate_copy_paste_cases(dataset: RawDataset, settings: CopyPasteSettings, fold="0", overwrite=False) -> dict:

@@ -70,8 +70,7 @@ def first_channel_body_mask(image: np.ndarray) -> np.ndarray:
 def num_cases_for_ratio(dataset: RawDataset, generator_folder, ratio: float) -> int:
     """``ratio`` synthetic cases per real slice of the generator's training cases (at least 1)."""
     config = read_generator_config(resolve_generator_folder(generator_folder))
-    real_slices = sum(dataset.read_case(case_id)[1].shape[0] for case_id in config.training_cases)
-    return max(1, round(ratio * real_slices))
+    return max(1, round(ratio * len(read_training_slices(dataset, config.training_cases))))
 
 
 def check_role_names(dataset: RawDataset, balancing=None):

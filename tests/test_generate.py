@@ -311,7 +311,8 @@ def synthetic_outputs(dataset_folder: Path) -> dict:
             if name.startswith(("imagesSynth", "labelsSynth", "recordsSynth"))}
 
 
-def test_two_shards_one_killed_and_rerun_give_the_files_of_one_process(nnunet_folders, tiny_generator):
+def test_two_shards_one_killed_and_rerun_and_launched_processes_give_the_files_of_one_process(
+        nnunet_folders, tiny_generator):
     batch = ["--batch-size", "3"]        # blocks of 3 cases: shard 0 makes cases 0-2 and 6-8, shard 1 3-5 and 9-11
     single = convert_example(nnunet_folders, 960, "GenerateOneProcess")
     one_process = subprocess.run(generate_command(960, tiny_generator, *batch), capture_output=True, text=True,
@@ -348,6 +349,17 @@ def test_two_shards_one_killed_and_rerun_give_the_files_of_one_process(nnunet_fo
     index, single_index = (json.loads((f / MANIFEST_NAME).read_text()) for f in (folder, single))
     assert sorted(index["cases"]) == [synthetic_case_id(i, 0) for i in range(NUM_CASES)]
     assert index["cases"] == single_index["cases"] and index["folds"] == single_index["folds"]
+
+    # the same shards as the processes of a launcher: 2 CPU processes of torchrun, which accelerate runs with gloo
+    # when ACCELERATE_USE_CPU is set (the README's command for machines without GPUs)
+    launched = convert_example(nnunet_folders, 962, "GenerateLaunched")
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "nnsynth_generate"),
+               *generate_command(962, tiny_generator, *batch)[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                            env={**one_thread_environment(), "ACCELERATE_USE_CPU": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shard 0 of 2" in result.stdout and "shard 1 of 2" in result.stdout
+    assert synthetic_outputs(launched) == synthetic_outputs(single)
 
 
 def test_shard_options_that_would_lose_cases_are_refused(generated, tiny_generator):
