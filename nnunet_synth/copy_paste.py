@@ -80,11 +80,11 @@ def feather_weights(pasted: np.ndarray, may_blend: np.ndarray, width: float = FE
     return np.where(pasted | may_blend, weights, 0.0)
 
 
-def replay_pastes(target_image, target_map, provenance: dict, slices: dict, host_classes, where_allowed=None,
+def replay_pastes(target_image, target_map, provenance: dict, read_slice, host_classes, where_allowed=None,
                   feather: float = FEATHER_PIXELS):
     """(image, label map, donor-pixel mask): the target slice (C, H, W) with every paste of ``provenance``
-    replayed on the map and on the pixels of every channel. ``slices[(case_id, slice_index)] = (image, label
-    map)``; ``where_allowed(map, class)`` is where a paste could land (datasets without a host class:
+    replayed on the map and on the pixels of every channel. ``read_slice(case_id, slice_index)`` = (image, label
+    map) of a real slice (``NativeSlices.slice``); ``where_allowed(map, class)`` is where a paste could land (datasets without a host class:
     ``balance.Placement.mask``), default host tissue. The donor-pixel mask marks the pixels that are the donor's
     unblended."""
     image = np.asarray(target_image, dtype=np.float64).copy()
@@ -92,7 +92,7 @@ def replay_pastes(target_image, target_map, provenance: dict, slices: dict, host
     exact = np.zeros(working.shape, dtype=bool)
     for paste in provenance["pastes"]:
         donor = paste["donor"]
-        donor_image, donor_map = slices[(donor["case_id"], donor["slice_index"])]
+        donor_image, donor_map = read_slice(donor["case_id"], donor["slice_index"])
         region = next(r.region for r in find_regions(np.asarray(donor_map), donor["class"])
                       if r.component_index == donor["component_index"])
         dilation = sum(op.get("iterations", 0) for op in paste["operations"])
@@ -176,8 +176,6 @@ def generate_copy_paste_cases(dataset: RawDataset, settings: CopyPasteSettings, 
         host = fold_maps.host
         placement = None if host else Placement(real.label_maps, real.map_ids, [], fold_maps.pathology,
                                                 fold_maps.mask_config, fold_maps.body_masks)
-        position = {map_id: index for index, map_id in enumerate(real.map_ids)}
-        slices = RealSliceLookup(real, position)
         dtypes = {case_id: [dataset.source_dtype(case_id, channel) for channel in range(dataset.num_channels)]
                   for case_id in training_cases}
         todo = [i for i in range(len(new_maps)) if not store.is_complete(synthetic_case_id(i, fold))]
@@ -185,9 +183,9 @@ def generate_copy_paste_cases(dataset: RawDataset, settings: CopyPasteSettings, 
             provenance = new_maps[index].provenance
             target = (provenance["target"]["case_id"], provenance["target"]["slice_index"])
             allowed = None if placement is None else functools.partial(_placement_mask, placement,
-                                                                        target_index=position[target])
-            image, label_map, _ = replay_pastes(real.images[position[target]], real.label_maps[position[target]],
-                                                provenance, slices, host, allowed, settings.feather)
+                                                                        target_index=real.row(*target))
+            image, label_map, _ = replay_pastes(*real.slice(*target), provenance, real.slice, host, allowed,
+                                                settings.feather)
             if not np.array_equal(label_map, new_maps[index].label_map):
                 raise RuntimeError(f"replaying the pastes of new map {index} did not give the map (a bug)")
             channel_images = [_to_dtype(channel, dtype) for channel, dtype in zip(image, dtypes[target[0]])]
@@ -205,17 +203,6 @@ def generate_copy_paste_cases(dataset: RawDataset, settings: CopyPasteSettings, 
     return {"fold": fold, "written": len(todo), "skipped": len(new_maps) - len(todo), "total": len(fold_cases),
             "label_map_report": mask_report, "model_free_passed": len(passed), "preview": str(preview),
             "store": str(store.manifest_file)}
-
-
-class RealSliceLookup:
-    """``lookup[(case_id, slice_index)]`` = (image, label map) of a real slice, read when asked."""
-
-    def __init__(self, real, position: dict):
-        self.real, self.position = real, position
-
-    def __getitem__(self, map_id):
-        index = self.position[tuple(map_id)]
-        return self.real.images[index], self.real.label_maps[index]
 
 
 def display_windows(dataset: RawDataset, images, max_slices: int = 2000) -> ImageWindows:

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_synth.dataset import ImageWindows, RawDataset, fit_slice, restore_slice
-from nnunet_synth.dataset.native_slices import DerivedRows, NativeSlices, open_native_slices
+from nnunet_synth.dataset.native_slices import NativeSlices, PackedRows, derived_rows, open_native_slices
 from nnunet_synth.dataset.splits import fold_validation_cases
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator.checkpoints import load_generator, read_generator_config, resolve_generator_folder
@@ -57,12 +57,6 @@ class GenerationSettings:
         return recipe
 
 
-def read_training_slices(dataset: RawDataset, case_ids) -> NativeSlices:
-    """The generator's real training slices at their original size, read on demand from the on-disk store
-    (``dataset/native_slices.py``, built on first use)."""
-    return open_native_slices(dataset, case_ids)
-
-
 def first_channel_body_mask(image: np.ndarray) -> np.ndarray:
     return body_mask(image[0])
 
@@ -70,7 +64,7 @@ def first_channel_body_mask(image: np.ndarray) -> np.ndarray:
 def num_cases_for_ratio(dataset: RawDataset, generator_folder, ratio: float) -> int:
     """``ratio`` synthetic cases per real slice of the generator's training cases (at least 1)."""
     config = read_generator_config(resolve_generator_folder(generator_folder))
-    return max(1, round(ratio * len(read_training_slices(dataset, config.training_cases))))
+    return max(1, round(ratio * len(open_native_slices(dataset, config.training_cases))))
 
 
 def check_role_names(dataset: RawDataset, balancing=None):
@@ -112,7 +106,7 @@ class FoldMaps:
     host: list                          # host class values
     pathology: list                     # pathology class values
     mask_config: MaskGenerationConfig
-    body_masks: DerivedRows             # per real slice (datasets without a host class), else None
+    body_masks: PackedRows              # per real slice (datasets without a host class), else None
 
 
 def prepare_fold_maps(dataset: RawDataset, store: SyntheticStore, fold, recipe: dict, training_cases,
@@ -126,10 +120,10 @@ def prepare_fold_maps(dataset: RawDataset, store: SyntheticStore, fold, recipe: 
     # targets and donors of the new maps come from these cases only (provenance.py)
     fold_record[GENERATOR_TRAINING_CASES] = sorted(training_cases)
 
-    real = read_training_slices(dataset, training_cases)
+    real = open_native_slices(dataset, training_cases)      # read on demand from the on-disk store
     host, pathology = class_roles(dataset, real.label_maps, settings.balancing)
     mask_config = MaskGenerationConfig(**{k: v for k, v in (settings.balancing or {}).items() if "classes" not in k})
-    body_masks = None if host else DerivedRows(real.images, first_channel_body_mask, "body masks")
+    body_masks = None if host else derived_rows(real.images, first_channel_body_mask, "body masks")
     new_maps, mask_report = generate_label_maps(
         real.label_maps, real.map_ids, host_classes=host, pathology_classes=pathology,
         target_share=settings.target_share, max_new_maps=settings.num_cases, seed=settings.seed,
@@ -216,7 +210,6 @@ def _generate_into_store(dataset, store, unet, config, generator_folder, setting
     real, new_maps, mask_report, quality_gates = (fold_maps.real, fold_maps.new_maps, fold_maps.report,
                                                   fold_maps.gates)
 
-    slice_position = {map_id: index for index, map_id in enumerate(real.map_ids)}
     image_dtypes = {case_id: [dataset.source_dtype(case_id, channel) for channel in range(dataset.num_channels)]
                     for case_id in config.training_cases}
     blocks = shard_blocks(len(new_maps), settings.batch_size, num_shards, shard_index)
@@ -227,8 +220,8 @@ def _generate_into_store(dataset, store, unet, config, generator_folder, setting
         model_label_maps, references, fits = [], [], []
         for index in batch:
             target = new_maps[index].provenance["target"]
-            real_position = slice_position[(target["case_id"], target["slice_index"])]
-            reference, model_map, fit = fit_slice(window.to_model(real.images[real_position]),
+            real_image, _ = real.slice(target["case_id"], target["slice_index"])
+            reference, model_map, fit = fit_slice(window.to_model(real_image),
                                                   new_maps[index].label_map, config.image_size, MODEL_MINIMUM)
             model_label_maps.append(model_map)
             references.append(reference)
@@ -282,14 +275,13 @@ def write_generation_preview(dataset: RawDataset, store: SyntheticStore, fold, r
     """Grid: target real slice with its label | new label map | synthetic image | synthetic with overlay.
     Images are shown in model space (each channel through its own window), channels side by side."""
     reader = dataset.reader_writer()
-    slice_position = {map_id: index for index, map_id in enumerate(real.map_ids)}
     rows = []
     for case_id in store.complete_case_ids(fold)[:num_rows]:
         target = store.cases[case_id]["source"]["target"]
-        real_index = slice_position[(target["case_id"], target["slice_index"])]
+        real_image, real_label_map = real.slice(target["case_id"], target["slice_index"])
         synthetic_image = window.to_model(reader.read_images([str(p) for p in store.image_files(case_id)])[0][:, 0])
         synthetic_label = reader.read_seg(str(store.label_file(case_id)))[0][0, 0].astype(int)
-        rows.append([(window.to_model(real.images[real_index]), real.label_maps[real_index]), (None, synthetic_label),
+        rows.append([(window.to_model(real_image), real_label_map), (None, synthetic_label),
                      (synthetic_image, None), (synthetic_image, synthetic_label)])
     path = store.preview_file(fold)
     if rows:

@@ -8,7 +8,7 @@ import tracemalloc
 import numpy as np
 
 from nnunet_synth.dataset import RawDataset, class_pixel_frequencies, dataset_intensity_window, iter_slices
-from nnunet_synth.dataset.native_slices import (META_NAME, DerivedRows, build_native_slices, evenly_spread,
+from nnunet_synth.dataset.native_slices import (META_NAME, build_native_slices, derived_rows, evenly_spread,
                                                 open_native_slices)
 from nnunet_synth.dataset.splits import fold_training_cases
 from nnunet_synth.generation import GenerationSettings, prepare_fold_maps
@@ -76,7 +76,7 @@ def test_new_maps_kept_on_disk_equal_those_kept_in_a_list(covid_dataset_folder, 
     assert report_disk == report_list
     for kept, stored in zip(in_list, on_disk):
         assert np.array_equal(kept.label_map, stored.label_map) and kept.provenance == stored.provenance
-    bodies = DerivedRows(real.images, lambda image: body_mask(image[0]))
+    bodies = derived_rows(real.images, lambda image: body_mask(image[0]))
     assert all(np.array_equal(bodies[i], body_mask(real.images[i][0])) for i in (0, 7, len(real) - 1))
 
 

@@ -64,6 +64,7 @@ class PackedRows(Sequence):
         self.offsets, self.sizes = [int(v) for v in offsets], [int(v) for v in sizes]
         self.shapes = [tuple(int(n) for n in shape) for shape in shapes]
         self._fd, self._fd_pid = None, None
+        self._keep_alive = None            # the TemporaryDirectory of ``temporary`` rows
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -107,8 +108,16 @@ class PackedRows(Sequence):
     def from_index(cls, path, dtype, index, prefix: str) -> "PackedRows":
         return cls(path, dtype, index[f"{prefix}_offsets"], index[f"{prefix}_sizes"], index[f"{prefix}_shapes"])
 
+    @classmethod
+    def temporary(cls, prefix: str) -> "PackedRows":
+        """Empty rows in a temporary folder that is removed with the object."""
+        folder = tempfile.TemporaryDirectory(prefix=prefix)
+        rows = cls(Path(folder.name) / "rows.bin")
+        rows._keep_alive = folder
+        return rows
+
     def __getstate__(self):
-        return {**self.__dict__, "_fd": None, "_fd_pid": None}
+        return {**self.__dict__, "_fd": None, "_fd_pid": None, "_keep_alive": None}
 
 
 class NativeSlices:
@@ -124,11 +133,21 @@ class NativeSlices:
         self.images = PackedRows.from_index(self.folder / "images.bin", IMAGE_DTYPE, index, "image")
         self.label_maps = PackedRows.from_index(self.folder / "label_maps.bin", LABEL_DTYPE, index, "label")
         self.map_ids = [(case_ids[case], int(slice_index)) for case, slice_index in zip(index["case"], index["slice"])]
+        self._rows = {map_id: row for row, map_id in enumerate(self.map_ids)}
         with open(self.folder / "properties.pkl", "rb") as handle:
             self.properties = pickle.load(handle)
 
     def __len__(self) -> int:
         return len(self.map_ids)
+
+    def row(self, case_id: str, slice_index: int) -> int:
+        """The row of slice ``slice_index`` of ``case_id``."""
+        return self._rows[(case_id, int(slice_index))]
+
+    def slice(self, case_id: str, slice_index: int):
+        """(image, label map) of slice ``slice_index`` of ``case_id``."""
+        row = self.row(case_id, slice_index)
+        return self.images[row], self.label_maps[row]
 
     def case_rows(self) -> dict:
         """{case_id: its rows, in slice order}."""
@@ -194,21 +213,13 @@ def build_native_slices(dataset: RawDataset, key: dict, folder: Path, progress=T
         shutil.rmtree(temp, ignore_errors=True)     # another process finished the same store first
 
 
-class DerivedRows(Sequence):
-    """``fn(rows[i])`` for every row, computed once in one pass and kept blosc2-compressed in a temporary file that
-    goes with the object (e.g. the body mask of every real slice)."""
-
-    def __init__(self, rows: Sequence, fn, description: str = None):
-        self._folder = tempfile.TemporaryDirectory(prefix="nnsynth_derived_")
-        self._rows = PackedRows(Path(self._folder.name) / "rows.bin")
-        for row in tqdm(rows, desc=description, unit="slice", disable=description is None):
-            self._rows.append(fn(row))
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __getitem__(self, index: int):
-        return self._rows[index]
+def derived_rows(rows: Sequence, fn, description: str = None) -> PackedRows:
+    """``fn(rows[i])`` for every row, computed once in one pass and kept in a temporary ``PackedRows`` (e.g. the
+    body mask of every real slice)."""
+    derived = PackedRows.temporary("nnsynth_derived_")
+    for row in tqdm(rows, desc=description, unit="slice", disable=description is None):
+        derived.append(fn(row))
+    return derived
 
 
 def evenly_spread(count: int, at_most: int) -> list:

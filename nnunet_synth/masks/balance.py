@@ -43,10 +43,8 @@ Provenance replays (with a host class): crop the donor's component (``bbox``, ``
 ``paste_region`` onto the target map as modified by the pastes before it. Without a host class, each paste also
 records the cases whose maps formed the occurrence prior (``placement``).
 """
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -112,8 +110,7 @@ class NewLabelMapsOnDisk(Sequence):
     ``NewLabelMap``; the file goes with the object."""
 
     def __init__(self):
-        self._folder = tempfile.TemporaryDirectory(prefix="nnsynth_new_maps_")
-        self._label_maps = PackedRows(Path(self._folder.name) / "label_maps.bin")
+        self._label_maps = PackedRows.temporary("nnsynth_new_maps_")
         self._provenance = []
 
     def append(self, new_map: NewLabelMap):
