@@ -26,7 +26,7 @@ from nnunet_synth.dataset.native_slices import NativeSlices, PackedRows, derived
 from nnunet_synth.dataset.splits import fold_validation_cases
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator.checkpoints import load_generator, read_generator_config, resolve_generator_folder
-from nnunet_synth.masks import (MaskGenerationConfig, NewLabelMapsOnDisk, body_mask, check_rarest_class_raised,
+from nnunet_synth.masks import (MaskGenerationConfig, NewLabelMapsOnDisk, body_mask, check_goals_raised,
                                 generate_label_maps, pixel_counts, resolve_class_roles)
 from nnunet_synth.provenance import GENERATOR_TRAINING_CASES, SOURCE_CASES, label_map_source_cases
 from nnunet_synth.quality.model_free import channel_gates_to_dict, fit_channel_gates, model_free_channel_score
@@ -129,8 +129,8 @@ def prepare_fold_maps(dataset: RawDataset, store: SyntheticStore, fold, recipe: 
         target_share=settings.target_share, max_new_maps=settings.num_cases, seed=settings.seed,
         num_classes=dataset.num_classes, config=mask_config, body_masks=body_masks,
         stop_at_target=settings.target_share is not None,   # without a share target the budget decides
-        new_maps=NewLabelMapsOnDisk())
-    check_rarest_class_raised(mask_report, dataset.json_file)
+        new_maps=NewLabelMapsOnDisk(), ignore_label=dataset.ignore_label)
+    check_goals_raised(mask_report, dataset.json_file)
     quality_gates = fit_channel_gates(real.images, real.label_maps)    # on the fold's training slices
     fold_record["label_map_report"] = mask_report
     fold_record["model_free_gate"] = channel_gates_to_dict(quality_gates)

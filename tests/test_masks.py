@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from nnunet_synth.dataset import RawDataset, class_pixel_frequencies
 from nnunet_synth.errors import NnsynthError
-from nnunet_synth.masks import (MaskGenerationConfig, Region, body_mask, check_rarest_class_raised,
+from nnunet_synth.masks import (MaskGenerationConfig, Region, body_mask, check_goals_raised,
                                 default_class_roles, dilate_region, find_regions, generate_label_maps,
                                 load_label_maps, paste_region, pixel_counts, region_footprint, region_shares,
                                 resolve_class_roles, rotate_region, shift_region)
@@ -247,7 +247,7 @@ def test_default_goal_raises_the_rarest_class_1_5x_inside_the_region_and_caps_ea
     before, after = report["shares_before"][str(LESION)], report["shares_after"][str(LESION)]
     target = report["classes"][1]["target_share"]
     assert target == pytest.approx(3 * before) and after >= 1.5 * before and report["rarest_share_factor"] >= 1.5
-    check_rarest_class_raised(report, "test")
+    check_goals_raised(report, "test")
     map_shares = [region_shares(pixel_counts([m.label_map], 3), [LUNG, LESION])[LESION] for m in new_maps]
     # the cap is checked before each paste, so one region may overshoot it
     assert np.median(map_shares) <= max(config.map_class_share_cap, target) + 0.1
@@ -267,41 +267,39 @@ def test_without_a_host_class_pastes_land_on_background_inside_the_body_where_th
     assert default_class_roles(counts) == ([], [1, 2])          # ground glass is no host: 75 % of the foreground
     assert resolve_class_roles(dataset.labels, counts, ["ground_glass"]) == ([1], [2])
     bodies = [body_mask(image) for image in images]
-    new_maps, report = generate_label_maps(label_maps, map_ids, max_new_maps=len(label_maps), seed=0,
+    new_maps, report = generate_label_maps(label_maps, map_ids, max_new_maps=len(label_maps) // 2, seed=0,
                                            body_masks=bodies, stop_at_target=False)
-    dense = str(report["rarest_class"])
-    assert dense == "2" and report["shares_after"][dense] >= 1.5 * report["shares_before"][dense]
-    occurrence = np.zeros((256, 256), dtype=int)
-    for label_map in label_maps:
-        occurrence += label_map == 2
+    assert report["region"].startswith("the body")
+    for c in ("1", "2"):       # both lesion types are rare in the body: both raised, neither only traded
+        assert report["shares_after"][c] >= 1.5 * report["shares_before"][c], (c, report["classes"])
     for new_map in new_maps:
         target = new_map.provenance["target"]
         index = map_ids.index((target["case_id"], target["slice_index"]))
         changed = new_map.label_map != label_maps[index]
-        assert np.all(label_maps[index][changed] == 0) and np.all(new_map.label_map[changed] == 2)
+        assert np.all(label_maps[index][changed] == 0) and np.all(np.isin(new_map.label_map[changed], [1, 2]))
         assert not np.any(changed & ~bodies[index])                     # never off the body
+        assert np.all(new_map.label_map[label_maps[index] > 0] == label_maps[index][label_maps[index] > 0])
         for paste in new_map.provenance["pastes"]:
             assert paste["placement"]["prior_case_ids"] and paste["donor"]["case_id"] in dataset.case_ids
-    # ground glass is never overwritten
     targets = [label_maps[map_ids.index((m.provenance["target"]["case_id"], m.provenance["target"]["slice_index"]))]
                for m in new_maps]
-    assert pixel_counts([m.label_map for m in new_maps], 3)[1] == pixel_counts(targets, 3)[1]
-    # pastes land where dense lesions occur: inside the lung fields (Dataset501's lung + lesion labels)
+    # pastes land where the lesions occur: inside the lung fields (Dataset501's lung + lesion labels)
     lung_source = RawDataset(covid_dataset_folder)
     lung_fields = {case_id: lung_source.read_case(case_id)[1] > 0 for case_id in lung_source.case_ids}
     inside = total = 0
     for new_map, target in zip(new_maps, targets):
-        pasted = (new_map.label_map == 2) & (target != 2)
+        pasted = new_map.label_map != target
         field = lung_fields[new_map.provenance["target"]["case_id"]][new_map.provenance["target"]["slice_index"]]
         inside, total = inside + (pasted & field).sum(), total + pasted.sum()
     assert inside >= 0.5 * total, inside / total   # measured 0.58; the rest: chest wall, mediastinum near the lungs
 
 
-def test_a_balancing_that_cannot_raise_the_rarest_class_is_a_one_line_error(real_maps):
+def test_a_goal_that_cannot_be_reached_is_a_one_line_error(real_maps):
+    """Every paste is rejected (no donor covers 5000 pixels): the lesion's goal is impossible."""
     label_maps, map_ids = real_maps
-    config = MaskGenerationConfig(max_target_share=0.01, max_discarded_maps=3)
+    config = MaskGenerationConfig(min_pasted_pixels=5000, max_discarded_maps=3)
     new_maps, report = generate_label_maps(label_maps, map_ids, max_new_maps=10, config=config, stop_at_target=False)
     assert new_maps == [] and report["stopped_because"] == "no_placement"
-    with pytest.raises(NnsynthError, match="could not raise the rarest pathology class 2") as error:
-        check_rarest_class_raised(report, "dataset.json")
+    with pytest.raises(NnsynthError, match="could not raise pathology class 2") as error:
+        check_goals_raised(report, "dataset.json")
     assert "\n" not in str(error.value)

@@ -1,41 +1,52 @@
-"""Class balancing by copy-paste of real pathology regions into real label maps (000 §2.3, method.md §3).
+"""Class balancing by copy-paste of real pathology regions into real label maps (Diff-Lung §2.3, method.md §3).
 
-Shares are measured inside the region of interest, as 000 reports them (emphysema 1.8 % -> 6 % *of the lung*):
-the region is the host classes plus the pathology classes (normal lung + lesion for the COVID data; the labelled
-foreground for a dataset without a host class). The share of class c is its pixel count over the region's pixel
-count, summed over the real maps plus the new maps kept so far.
+**The region.** Shares are measured inside a region of interest, as Diff-Lung reports them (emphysema 1.8 % -> 6 %
+*of the lung*): with a host class, the region is the host classes plus the pathology classes (normal lung +
+lesion for the COVID data); without one, it is the body of each map (``body_masks``: the image above Otsu's
+threshold, holes filled) plus its pathology pixels, or the whole map when no body masks are given. nnU-Net's
+ignore label is never part of it. The share of class c is its pixel count over the region's pixel count, summed
+over the real maps plus the new maps kept so far. So without a host class a lesion's share is its fraction of
+the body, and raising one pathology class never lowers another's share by definition.
 
-Default goal (000 roughly tripled the rarest class and left the common pathology alone): raise the rarest
-pathology class to ``target_factor`` x its real share of the region, at most ``max_target_share``; the other
-pathology classes are not pasted, so with a host class their shares stay exactly where they were. A
-``target_share`` (one value for every pathology class, or {class: share}) replaces the default goal.
+**Goals, one per pathology class.** Default: a *rare* class (at most ``common_share`` of the region; every lesion
+class of a typical dataset) has the goal ``target_factor`` x its real share, at most ``max_target_share``; a
+*common* class (above ``common_share``, like ILD at 23 % of the lung in Diff-Lung) keeps its real share as its
+goal, so it is pasted only to hold that share, never raised. Diff-Lung roughly tripled the rarest class and left
+the common pathology about where it was. A ``target_share`` (one value for every pathology class, or
+{class: share}) replaces the default goals; a class is never given a goal below its real share.
+
+**Targets.** A new map starts as a copy of a real target map, drawn among the maps with room for a paste with a
+probability proportional to the free fraction of its region (host tissue, or background body): lesion-free maps
+weigh most, a map whose region is half lesion weighs half. Adding lesions to healthy tissue is the main use.
 
 Host classes: where pathology may be pasted (normal lung). By default the most frequent non-background class is
 the host only when it holds at least ``HOST_MIN_FOREGROUND_SHARE`` of the labelled foreground (normal lung: 88 %
 of the COVID foreground); otherwise there is no host (e.g. ground glass + consolidation on unlabelled background,
 where making ground glass the host would only trade one lesion type for another). Without a host, a class is
 pasted onto background pixels where that class occurs in the real maps (``placement.class_occurrence_prior``,
-relative to the map's size) and, when body masks are given, inside the body of the target slice: never off the
+relative to the body's box) and, when body masks are given, inside the body of the target map: never off the
 body, never over another class.
+
+Maps may be 2D slices or 3D volumes: a 3D donor is a 3D connected component, rotated in-plane, shifted and dilated
+in 3D.
 
 The loop, with a seeded ``numpy.random.Generator`` (same inputs and seed -> identical maps):
 
-1. While new maps are wanted (``stop_at_target``: until every target is reached; otherwise until the budget
-   ``max_new_maps``), draw a target map among the real maps with room for a paste and start a new map as its copy.
-2. Up to ``max_pastes_per_map`` times: pick the pathology class furthest below its target (running share = real +
-   kept + this map) that covers less than ``max(map_class_share_cap, target)`` of this map's region; draw one of
-   its connected regions (uniformly among all regions of at least ``min_donor_area`` pixels in all real maps);
-   transform it with cascading probabilities, in this order, each with its own random parameter:
-   rotation (p_rotate, angle uniform in +-max_angle_deg, about the region's box centre, nearest neighbour),
-   copy-paste to another place (p_shift; the region's centroid is moved onto a random pixel where the class may be
-   pasted), dilation (p_dilate, 1..max_dilation_iterations steps). Without the shift the region keeps its place
-   from the donor map (slices of one anatomy are roughly aligned).
-3. Paste: pasted pixels = transformed region AND where the class may be pasted (host tissue; without a host,
-   background inside the class's occurrence prior and the body). A paste is rejected when it covers fewer than
-   ``min_pasted_pixels`` pixels or less than ``min_pasted_fraction`` of the transformed region; another donor and
-   placement are then drawn, up to ``max_attempts_per_map`` rejections per map.
-4. A map with at least one paste is kept; one without is discarded (at most ``max_discarded_maps`` in a row,
-   then the loop stops and reports ``no_placement``).
+1. While new maps are wanted (``stop_at_target``: until every goal is reached; otherwise until the budget
+   ``max_new_maps``), draw a target map (weighted as above) and start a new map as its copy.
+2. Up to ``max_pastes_per_map`` times: pick the class to paste: first any class whose running share (real + kept +
+   this map) fell below its real share, then the class furthest below its goal, among those covering less than
+   ``max(map_class_share_cap, goal)`` of this map's region; draw one of its connected regions (uniformly among
+   all regions of at least ``min_donor_area`` pixels in all real maps); transform it with cascading
+   probabilities, in this order, each with its own random parameter: rotation (p_rotate, angle uniform in
+   +-max_angle_deg, about the region's box centre, nearest neighbour), copy-paste to another place (p_shift; the
+   region's centroid is moved onto a random pixel where the class may be pasted), dilation (p_dilate,
+   1..max_dilation_iterations steps). Without the shift the region keeps its place from the donor map.
+3. Paste: pasted pixels = transformed region AND where the class may be pasted. A paste is rejected when it covers
+   fewer than ``min_pasted_pixels`` pixels or less than ``min_pasted_fraction`` of the transformed region; another
+   donor and placement are then drawn, up to ``max_attempts_per_map`` rejections per map.
+4. A map with at least one paste is kept; one without is discarded (at most ``max_discarded_maps`` in a row, then
+   the loop stops and reports ``no_placement``).
 
 Provenance replays (with a host class): crop the donor's component (``bbox``, ``component_index`` of
 ``scipy.ndimage.label`` of the donor map == class), apply the operations in order with ``rotate_region`` /
@@ -55,14 +66,15 @@ from nnunet_synth.masks.regions import Region, dilate_region, find_regions, rota
 
 from nnunet_synth.masks.placement import class_occurrence_prior, mask_box, prior_on_map
 
-SHARE_DEFINITION = ("pixel share of each class inside the region of interest (host + pathology classes) over the "
-                    "real label maps plus the new maps")
+SHARE_DEFINITION = ("pixel share of each class inside the region of interest (host + pathology classes; without a "
+                    "host class, the body plus the pathology pixels) over the real label maps plus the new maps")
 HOST_MIN_FOREGROUND_SHARE = 0.8   # the most frequent class is a host by default only if it is this much of the foreground
+TARGET_WEIGHTING = "free fraction of the target's region (host tissue or background body), maps with room only"
 
 
 @dataclass
 class MaskGenerationConfig:
-    """Transform probabilities and paste limits of the copy-paste balancing; saved in every report."""
+    """Transform probabilities, goals and paste limits of the copy-paste balancing; saved in every report."""
 
     p_rotate: float = 0.5
     max_angle_deg: float = 180.0
@@ -73,26 +85,27 @@ class MaskGenerationConfig:
     min_pasted_pixels: int = 20         # a paste covering fewer host pixels is rejected
     min_pasted_fraction: float = 0.3    # ... or covering less than this fraction of the transformed region
     max_pastes_per_map: int = 20
-    target_factor: float = 3.0          # default goal: the rarest pathology class at this multiple of its real share
+    target_factor: float = 3.0          # default goal of a rare pathology class: this multiple of its real share
     max_target_share: float = 0.5       # ... but at most this share of the region
-    map_class_share_cap: float = 0.3    # stop pasting a class into a map once it covers max(this, its target) of
-                                        # the map's region (000 did not fill maps with disease)
+    common_share: float = 0.15          # a pathology class holding more of the region is common: kept, not raised
+    map_class_share_cap: float = 0.3    # stop pasting a class into a map once it covers max(this, its goal) of
+                                        # the map's region (Diff-Lung did not fill maps with disease)
     max_attempts_per_map: int = 60      # rejected pastes allowed per new map
     max_discarded_maps: int = 50        # new maps in a row without any accepted paste before giving up
     targets_need_host: bool = True      # draw target maps only among maps with room to paste
     prior_min_maps: int = 10            # no host class: paste where the class occurs in at least this many real maps
-    prior_dilation: int = 2             # ... grown by this many pixels of the prior's 128x128 grid
+    prior_dilation: int = 2             # ... grown by this many pixels of the prior's grid
 
     def validate(self):
         for name in ("p_rotate", "p_shift", "p_dilate", "min_pasted_fraction", "map_class_share_cap",
-                     "max_target_share"):
+                     "max_target_share", "common_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise NnsynthError(f"mask generation: {name}={getattr(self, name)} must lie in [0, 1]")
         for name in ("max_dilation_iterations", "min_donor_area", "prior_min_maps", "min_pasted_pixels", "max_pastes_per_map",
                      "max_attempts_per_map", "max_discarded_maps"):
             if getattr(self, name) < 1:
                 raise NnsynthError(f"mask generation: {name}={getattr(self, name)} must be at least 1")
-        if self.target_factor <= 1.0:
+        if not self.target_factor > 1.0:
             raise NnsynthError(f"mask generation: target_factor={self.target_factor} must be above 1")
 
 
@@ -147,7 +160,9 @@ def default_class_roles(counts: np.ndarray):
 
 def resolve_class_roles(labels: dict, counts, host_names=None, pathology_names=None, source="mask generation"):
     """(host values, pathology values) from label names (``labels`` name -> value); a missing list takes the
-    default of ``default_class_roles``, the other list is respected. ``host_names=[]`` means no host class."""
+    default of ``default_class_roles``, the other list is respected. ``host_names=[]`` means no host class.
+    Naming only the pathology classes never makes the region those classes alone: without a host the region is
+    the body (module docstring)."""
     def values(names, what):
         unknown = [name for name in names if name not in labels]
         if unknown:
@@ -164,12 +179,42 @@ def resolve_class_roles(labels: dict, counts, host_names=None, pathology_names=N
     return host, pathology
 
 
-def region_shares(counts: np.ndarray, region_classes) -> np.ndarray:
-    """Share of each class inside the region (0 for classes outside it)."""
+def region_shares(counts: np.ndarray, region_classes, region_pixels=None) -> np.ndarray:
+    """Share of each class inside the region (0 for classes outside it). The region's size is
+    ``region_pixels`` when given (a region that is not a set of classes: the body), else the pixels of
+    ``region_classes``."""
     region = np.zeros(len(counts), dtype=bool)
     region[list(region_classes)] = True
-    total = counts[region].sum()
+    total = counts[region].sum() if region_pixels is None else region_pixels
     return np.where(region, counts / total, 0.0) if total > 0 else np.zeros(len(counts))
+
+
+class BalanceRegion:
+    """The region shares are measured in (module docstring), map by map: host + pathology pixels; without a host
+    class, the body (``body_masks``) plus the pathology pixels, or the whole map; never the ignore label."""
+
+    def __init__(self, host_classes, pathology_classes, body_masks=None, ignore_label=None):
+        self.host_classes, self.pathology_classes = list(host_classes), list(pathology_classes)
+        self.body_masks, self.ignore_label = body_masks, ignore_label
+
+    @property
+    def description(self) -> str:
+        if self.host_classes:
+            return "host + pathology classes"
+        if self.body_masks is not None:
+            return "the body (image above Otsu's threshold, holes filled) plus the pathology pixels"
+        return "the whole map (no host class and no body masks)"
+
+    def pixels(self, label_map, real_index) -> int:
+        """Region pixels of ``label_map``, a real map or a new map made from real map ``real_index``."""
+        label_map = np.asarray(label_map)
+        if self.host_classes:
+            return int(np.isin(label_map, self.host_classes + self.pathology_classes).sum())
+        region = (np.ones(label_map.shape, dtype=bool) if self.body_masks is None
+                  else np.asarray(self.body_masks[real_index], dtype=bool) | np.isin(label_map, self.pathology_classes))
+        if self.ignore_label is not None:
+            region &= label_map != self.ignore_label
+        return int(region.sum())
 
 
 def transform_region(region: Region, config: MaskGenerationConfig, rng: np.random.Generator, anchor_mask):
@@ -188,7 +233,7 @@ def transform_region(region: Region, config: MaskGenerationConfig, rng: np.rando
             anchor = np.unravel_index(anchors[rng.integers(anchors.size)], anchor_mask.shape)
             offset = np.round(np.asarray(anchor) - region.centroid).astype(int)
             region = shift_region(region, offset)
-            operations.append({"op": "shift", "offset": [int(offset[0]), int(offset[1])]})
+            operations.append({"op": "shift", "offset": [int(o) for o in offset]})
     if rng.random() < config.p_dilate:
         iterations = int(rng.integers(1, config.max_dilation_iterations + 1))
         region = dilate_region(region, iterations)
@@ -198,16 +243,62 @@ def transform_region(region: Region, config: MaskGenerationConfig, rng: np.rando
 
 def _map_id(map_id) -> dict:
     case_id, slice_index = map_id
-    return {"case_id": str(case_id), "slice_index": int(slice_index)}
+    return {"case_id": str(case_id), "slice_index": None if slice_index is None else int(slice_index)}
 
 
-def _classes_to_paste(counts, map_counts, targets, cap, region_classes):
-    """Pathology classes still below target (over real + kept + this map) and under the per-map cap (a share of
-    this map's region), furthest below target first."""
-    running = region_shares(counts + map_counts, region_classes)
-    map_shares = region_shares(map_counts, region_classes)
-    open_classes = [c for c, target in targets.items() if running[c] < target and map_shares[c] < max(cap, target)]
-    return sorted(open_classes, key=lambda c: (running[c] / targets[c], c))
+@dataclass
+class Goals:
+    """Per pathology class: its real share of the region (the floor no class goes below) and its goal share."""
+
+    real: dict       # class -> real share
+    goal: dict       # class -> goal share (>= real); classes absent from the real maps have none
+    rule: dict       # class -> how the goal was chosen
+
+    def classes_to_paste(self, running, map_shares, cap) -> list:
+        """Classes that may be pasted now, most urgent first: below their real share (a common class diluted by
+        the new maps), then below their goal, furthest first; none that covers max(cap, goal) of this map."""
+        may = [c for c in self.goal if map_shares[c] < max(cap, self.goal[c])]
+        below_floor = sorted((c for c in may if running[c] < self.real[c]), key=lambda c: (running[c] / self.real[c], c))
+        below_goal = sorted((c for c in may if c not in below_floor and running[c] < self.goal[c]),
+                            key=lambda c: (running[c] / self.goal[c], c))
+        return below_floor + below_goal
+
+    def open(self, shares) -> bool:
+        return any(shares[c] < goal for c, goal in self.goal.items())
+
+
+def resolve_goals(target_share, pathology_classes, real_shares, config: MaskGenerationConfig) -> Goals:
+    """The goal of every pathology class (module docstring): default rare x target_factor / common kept; or the
+    given ``target_share`` (one value, or {class: share}); never below the real share."""
+    real = {c: float(real_shares[c]) for c in pathology_classes}
+    goal, rule = {}, {}
+    if isinstance(target_share, dict):
+        given = {int(c): float(v) for c, v in target_share.items()}
+        unknown = set(given) - set(pathology_classes)
+        if unknown:
+            raise NnsynthError(f"mask generation: target shares for classes {sorted(unknown)} that are not pathology "
+                               f"classes {list(pathology_classes)}")
+    elif target_share is not None:
+        given = {c: float(target_share) for c in pathology_classes}
+    else:
+        given = None
+    for c, share in (given or {}).items():
+        if not 0.0 < share < 1.0:
+            raise NnsynthError(f"mask generation: target share {share} of class {c} must lie in (0, 1)")
+    for c in pathology_classes:
+        if real[c] <= 0:
+            rule[c] = "absent from the real maps: no goal"
+            continue
+        if given is not None:
+            goal[c] = max(given.get(c, real[c]), real[c])
+            rule[c] = "given target share" if c in given else "kept at its real share"
+        elif real[c] <= config.common_share:
+            goal[c] = max(real[c], min(config.target_factor * real[c], config.max_target_share))
+            rule[c] = f"rare (<= {config.common_share:g} of the region): {config.target_factor:g} x its real share"
+        else:
+            goal[c] = real[c]
+            rule[c] = f"common (> {config.common_share:g} of the region): kept at its real share"
+    return Goals(real, goal, rule)
 
 
 class Placement:
@@ -264,15 +355,30 @@ def _try_paste(working, target_index, pathology_class, donors, placement, config
     return new_map, record
 
 
-def _make_new_map(label_maps, map_ids, target_index, counts, targets, donors, placement, region_classes, config,
-                  rng):
-    """Paste regions into a copy of one real map; return (NewLabelMap or None, rejected paste count)."""
-    num_classes = len(counts)
+@dataclass
+class _Running:
+    """Pixel counts per class and region pixels over the real maps plus the new maps kept so far."""
+
+    counts: np.ndarray
+    region_pixels: int
+
+    def shares(self, extra_counts=None, extra_region=0) -> np.ndarray:
+        counts = self.counts if extra_counts is None else self.counts + extra_counts
+        total = self.region_pixels + extra_region
+        return counts / total if total > 0 else np.zeros(len(counts))
+
+
+def _make_new_map(label_maps, map_ids, target_index, running, goals, donors, placement, region, config, rng):
+    """Paste regions into a copy of one real map; return (NewLabelMap or None, its region pixels, rejected)."""
+    num_classes = len(running.counts)
     working = np.array(label_maps[target_index], copy=True)
+    map_region = region.pixels(working, target_index)   # pastes stay inside the region: it does not change
     pastes, rejected = [], 0
     while len(pastes) < config.max_pastes_per_map and rejected < config.max_attempts_per_map:
         map_counts = np.bincount(working.ravel(), minlength=num_classes)[:num_classes]
-        open_classes = _classes_to_paste(counts, map_counts, targets, config.map_class_share_cap, region_classes)
+        map_shares = map_counts / max(1, map_region)
+        open_classes = goals.classes_to_paste(running.shares(map_counts, map_region), map_shares,
+                                              config.map_class_share_cap)
         if not open_classes:
             break
         new_map, record = _try_paste(working, target_index, open_classes[0], donors, placement, config, rng,
@@ -283,7 +389,7 @@ def _make_new_map(label_maps, map_ids, target_index, counts, targets, donors, pl
         working = new_map
         pastes.append(record)
     if not pastes:
-        return None, rejected
+        return None, map_region, rejected
     per_class = {}
     for record in pastes:
         per_class[record["class"]] = per_class.get(record["class"], 0) + record["pasted_pixels"]
@@ -294,39 +400,43 @@ def _make_new_map(label_maps, map_ids, target_index, counts, targets, donors, pl
         "pasted_pixels_per_class": {str(c): int(n) for c, n in sorted(per_class.items())},
         "rejected_pastes": rejected,
     }
-    return NewLabelMap(working, provenance), rejected
+    return NewLabelMap(working, provenance), map_region, rejected
 
 
-def _resolve_targets(target_share, pathology_classes, real_shares, config) -> dict:
-    """{class: target share of the region}. Default: only the rarest pathology class, at target_factor x its real
-    share (at most max_target_share)."""
-    if target_share is None:
-        rarest = min(pathology_classes, key=lambda c: (real_shares[c], c))
-        return {rarest: float(min(config.target_factor * real_shares[rarest], config.max_target_share))}
-    if isinstance(target_share, dict):
-        targets = {int(c): float(target_share[c]) for c in target_share}
-        unknown = set(targets) - set(pathology_classes)
-        if unknown:
-            raise NnsynthError(f"mask generation: target shares for classes {sorted(unknown)} that are not pathology "
-                               f"classes {list(pathology_classes)}")
-    else:
-        targets = {int(c): float(target_share) for c in pathology_classes}
-    for c, share in targets.items():
-        if not 0.0 < share < 1.0:
-            raise NnsynthError(f"mask generation: target share {share} of class {c} must lie in (0, 1)")
-    return {c: targets[c] for c in pathology_classes if c in targets}
-
-
-def _collect_donors(label_maps, pathology_classes, min_area) -> dict:
+def _collect_donors(label_maps, goals: Goals, min_area) -> dict:
+    """Donor regions of every class with a goal; a class that must be raised but has none is a one-line error."""
+    if not goals.goal:
+        raise NnsynthError(f"mask generation: none of the pathology classes {sorted(goals.real)} occurs in the real "
+                           f"maps, so there is nothing to copy: check the labels, or name the classes to balance "
+                           f"with --pathology-classes")
     donors = {}
-    for c in pathology_classes:
+    for c in goals.goal:
         donors[c] = [donor for index, label_map in enumerate(label_maps)
-                     for donor in find_regions(label_map, c, index, min_area)]
-        if not donors[c]:
-            raise NnsynthError(f"mask generation: class {c} has no connected region of at least {min_area} pixels "
-                               f"in the real maps, so there is nothing to copy: lower min_donor_area or drop the "
-                               f"class from pathology_classes")
-    return donors
+                     for donor in find_regions(np.asarray(label_map), c, index, min_area)]
+        if not donors[c] and goals.goal[c] > goals.real[c]:
+            raise NnsynthError(f"mask generation: the goal of class {c} cannot be reached: it has no connected region "
+                               f"of at least {min_area} pixels in the real maps, so there is nothing to copy: lower "
+                               f"--min-donor-area or leave the class out of --pathology-classes")
+    return {c: found for c, found in donors.items() if found}
+
+
+def _target_weights(label_maps, goals, donors, placement, region, config):
+    """(indices, probabilities) of the real maps a new map may start from (module docstring: weighted by the free
+    fraction of the map's region, among maps with room for a paste of a class that has donors)."""
+    indices, weights = [], []
+    for index, label_map in enumerate(label_maps):
+        label_map = np.asarray(label_map)
+        if config.targets_need_host and not any(placement.mask(label_map, c, index).sum() >= config.min_pasted_pixels
+                                                for c in donors):
+            continue
+        region_pixels = region.pixels(label_map, index)
+        if region_pixels == 0:
+            continue
+        pathology_pixels = int(np.isin(label_map, list(goals.real)).sum())
+        indices.append(index)
+        weights.append(max(region_pixels - pathology_pixels, 0) / region_pixels + 1e-3)
+    weights = np.asarray(weights)
+    return indices, weights / weights.sum() if len(weights) else weights
 
 
 def _check_inputs(label_maps, map_ids, host_classes, pathology_classes, num_classes, max_new_maps):
@@ -348,16 +458,22 @@ def _check_inputs(label_maps, map_ids, host_classes, pathology_classes, num_clas
             raise NnsynthError(f"mask generation: class {c} is outside 0..{num_classes - 1}")
 
 
-def _report(real_counts, counts, targets, host_classes, pathology_classes, new_maps, max_new_maps, seed,
+def _report(real, running, goals, region, host_classes, pathology_classes, new_maps, max_new_maps, seed,
             stopped_because, rejected, discarded, config, num_real_maps, placement) -> dict:
     region_classes = sorted(host_classes + pathology_classes)
-    before, after = region_shares(real_counts, region_classes), region_shares(counts, region_classes)
+    before, after = real.shares(), running.shares()
     rarest = min(pathology_classes, key=lambda c: (before[c], c))
-    classes = [{"class": c, "role": "host" if c in host_classes else "pathology", "target_share": targets.get(c),
-                "share_before": float(before[c]), "share_after": float(after[c]),
-                "reached": None if c not in targets else bool(after[c] >= targets[c])} for c in region_classes]
+    classes = []
+    for c in region_classes:
+        goal = goals.goal.get(c)
+        classes.append({"class": c, "role": "host" if c in host_classes else "pathology", "target_share": goal,
+                        "goal_rule": goals.rule.get(c), "share_before": float(before[c]),
+                        "share_after": float(after[c]),
+                        "factor": float(after[c] / before[c]) if before[c] > 0 else None,
+                        "reached": None if goal is None else bool(after[c] >= goal)})
     return {
         "share_definition": SHARE_DEFINITION,
+        "region": region.description,
         "num_real_maps": num_real_maps,
         "num_new_maps": len(new_maps),
         "max_new_maps": int(max_new_maps),
@@ -365,16 +481,19 @@ def _report(real_counts, counts, targets, host_classes, pathology_classes, new_m
         "host_classes": [int(c) for c in host_classes],
         "pathology_classes": [int(c) for c in pathology_classes],
         "region_classes": region_classes,
+        "region_pixels_before": int(real.region_pixels),
+        "region_pixels_after": int(running.region_pixels),
+        "target_weighting": TARGET_WEIGHTING,
         "rarest_class": int(rarest),
         "rarest_share_factor": float(after[rarest] / before[rarest]) if before[rarest] > 0 else None,
         "placement": ("host tissue" if host_classes else
                       {str(c): placement.prior_case_ids[c] for c in pathology_classes}),
         "shares_before": {str(c): float(before[c]) for c in region_classes},
         "shares_after": {str(c): float(after[c]) for c in region_classes},
-        "pixel_counts_before": [int(n) for n in real_counts],
-        "pixel_counts_after": [int(n) for n in counts],
+        "pixel_counts_before": [int(n) for n in real.counts],
+        "pixel_counts_after": [int(n) for n in running.counts],
         "classes": classes,
-        "target_reached": all(after[c] >= t for c, t in targets.items()),
+        "target_reached": not goals.open(after),
         "stopped_because": stopped_because,
         "rejected_pastes": int(rejected),
         "discarded_maps": int(discarded),
@@ -382,30 +501,36 @@ def _report(real_counts, counts, targets, host_classes, pathology_classes, new_m
     }
 
 
-def check_rarest_class_raised(report: dict, source) -> None:
-    """Raise a one-line error when balancing did not raise the rarest pathology class's share of the region."""
-    rarest = str(report["rarest_class"])
-    before, after = report["shares_before"][rarest], report["shares_after"][rarest]
-    if not after > before:
-        raise NnsynthError(f"{source}: balancing could not raise the rarest pathology class {rarest} "
-                           f"({100 * before:.2f} % -> {100 * after:.2f} % of the region, stopped: "
+def check_goals_raised(report: dict, source) -> None:
+    """Raise a one-line error when balancing raised none of the pathology classes that were below their goal
+    (the goal was impossible: no room to paste, or no donor that fits); say which and why."""
+    failed = [entry for entry in report["classes"] if entry["role"] == "pathology" and entry["target_share"] is not None
+              and entry["target_share"] > entry["share_before"] and not entry["share_after"] > entry["share_before"]]
+    if failed:
+        entry = failed[0]
+        raise NnsynthError(f"{source}: balancing could not raise pathology class {entry['class']} "
+                           f"({100 * entry['share_before']:.2f} % -> {100 * entry['share_after']:.2f} % of the region "
+                           f"({report['region']}), goal {100 * entry['target_share']:.2f} %, stopped: "
                            f"{report['stopped_because']}): name the classes with --host-classes / "
                            f"--pathology-classes or raise --target-factor / --map-cap")
 
 
 def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classes=None, target_share=None,
                         max_new_maps=500, seed=0, num_classes=None, config=None, body_masks=None,
-                        stop_at_target=True, new_maps=None):
-    """New label maps that raise the rarest pathology class's share of the region (see the module docstring).
+                        stop_at_target=True, new_maps=None, ignore_label=None):
+    """New label maps that raise every rare pathology class's share of the region (see the module docstring).
 
-    label_maps: real 2D integer maps (a list, or a sequence read on demand such as ``NativeSlices.label_maps``:
-    the loop takes one map at a time); map_ids: their (case_id, slice_index), same order.
+    label_maps: real integer maps, 2D slices or 3D volumes (a list, or a sequence read on demand such as
+    ``NativeSlices.label_maps``: the loop takes one map at a time); map_ids: their (case_id, slice_index or None),
+    same order.
     host_classes / pathology_classes: label values (default: ``default_class_roles``; ``[]`` = no host class).
-    target_share: None (the default goal), one share of the region for all pathology classes, or {class: share}.
-    body_masks: optional boolean body mask per real map; without a host class pastes stay inside it.
-    stop_at_target: stop once every target is reached; otherwise make ``max_new_maps`` maps, each pasted until
-    the running share is back at the target.
+    target_share: None (the default goals), one share of the region for all pathology classes, or {class: share}.
+    body_masks: optional boolean body mask per real map; without a host class pastes stay inside it and it is
+    the region.
+    stop_at_target: stop once every goal is reached; otherwise make ``max_new_maps`` maps, each pasted until the
+    running shares are back at the goals.
     new_maps: where the new maps go (``append``; e.g. ``NewLabelMapsOnDisk``); default a list.
+    ignore_label: nnU-Net's ignore label (never part of the region, never pasted over).
     Return (list of ``NewLabelMap``, report dict with the region shares before and after and why the loop stopped).
     """
     config = config or MaskGenerationConfig()
@@ -416,43 +541,44 @@ def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classe
         num_classes = int(max(int(np.max(m)) for m in label_maps)) + 1
     real_counts = pixel_counts(label_maps, num_classes)
     if host_classes is None or pathology_classes is None:
-        default_host, default_pathology = default_class_roles(real_counts)
+        role_counts = real_counts.copy()
+        if ignore_label is not None:
+            role_counts[ignore_label] = 0
+        default_host, default_pathology = default_class_roles(role_counts)
         if host_classes is None:
             host_classes = [c for c in default_host if pathology_classes is None or c not in pathology_classes]
         if pathology_classes is None:
             pathology_classes = [c for c in set(default_pathology) | set(default_host) if c not in host_classes]
     host_classes, pathology_classes = [int(c) for c in host_classes], sorted(int(c) for c in pathology_classes)
     _check_inputs(label_maps, map_ids, host_classes, pathology_classes, num_classes, max_new_maps)
-    region_classes = sorted(host_classes + pathology_classes)
-    targets = _resolve_targets(target_share, pathology_classes, region_shares(real_counts, region_classes), config)
-    donors = _collect_donors(label_maps, list(targets), config.min_donor_area)
+    region = BalanceRegion(host_classes, pathology_classes, body_masks, ignore_label)
+    real = _Running(real_counts, sum(region.pixels(m, i) for i, m in enumerate(label_maps)))
+    goals = resolve_goals(target_share, pathology_classes, real.shares(), config)
+    donors = _collect_donors(label_maps, goals, config.min_donor_area)
     placement = Placement(label_maps, map_ids, host_classes, pathology_classes, config, body_masks)
-    target_indices = [i for i, m in enumerate(label_maps) if not config.targets_need_host or
-                      any(placement.mask(np.asarray(m), c, i).sum() >= config.min_pasted_pixels for c in targets)]
+    target_indices, target_probabilities = _target_weights(label_maps, goals, donors, placement, region, config)
     if not target_indices:
         raise NnsynthError(f"mask generation: no real map has {config.min_pasted_pixels} pixels where classes "
-                           f"{list(targets)} may be pasted (host classes {host_classes})")
+                           f"{list(donors)} may be pasted (host classes {host_classes})")
+    goals.goal = {c: g for c, g in goals.goal.items() if c in donors}   # a kept class without donors is left as is
 
     rng = np.random.default_rng(seed)
     seed = int(seed) if isinstance(seed, (int, np.integer)) else None   # recorded only when it replays the run
-    counts, new_maps = real_counts.copy(), ([] if new_maps is None else new_maps)
+    running = _Running(real.counts.copy(), real.region_pixels)
+    new_maps = [] if new_maps is None else new_maps
     rejected = discarded = discarded_in_row = 0
     stopped_because = "target_reached" if stop_at_target else "budget"
 
-    def below_target():
-        shares = region_shares(counts, region_classes)
-        return any(shares[c] < t for c, t in targets.items())
-
-    while not stop_at_target or below_target():
+    while not stop_at_target or goals.open(running.shares()):
         if len(new_maps) >= max_new_maps:
             stopped_because = "budget"
             break
         if discarded_in_row >= config.max_discarded_maps:
             stopped_because = "no_placement"
             break
-        target_index = target_indices[rng.integers(len(target_indices))]
-        new_map, map_rejected = _make_new_map(label_maps, map_ids, target_index, counts, targets, donors, placement,
-                                              region_classes, config, rng)
+        target_index = target_indices[rng.choice(len(target_indices), p=target_probabilities)]
+        new_map, map_region, map_rejected = _make_new_map(label_maps, map_ids, target_index, running, goals, donors,
+                                                          placement, region, config, rng)
         rejected += map_rejected
         if new_map is None:
             discarded += 1
@@ -461,8 +587,9 @@ def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classe
         discarded_in_row = 0
         new_map.provenance["index"] = len(new_maps)
         new_map.provenance["seed"] = seed
-        counts += np.bincount(new_map.label_map.ravel(), minlength=num_classes)[:num_classes]
+        running.counts += np.bincount(new_map.label_map.ravel(), minlength=num_classes)[:num_classes]
+        running.region_pixels += map_region
         new_maps.append(new_map)
-    report = _report(real_counts, counts, targets, host_classes, pathology_classes, new_maps, max_new_maps, seed,
+    report = _report(real, running, goals, region, host_classes, pathology_classes, new_maps, max_new_maps, seed,
                      stopped_because, rejected, discarded, config, len(label_maps), placement)
     return new_maps, report

@@ -1,4 +1,5 @@
-"""Pasting a region into a label map, only onto host tissue (000 §2.3: never over disease, never outside the lung)."""
+"""Pasting a region into a label map, only onto host tissue (Diff-Lung §2.3: never over disease, never outside the
+lung). Maps and regions may be 2D or 3D."""
 import numpy as np
 
 from nnunet_synth.masks.regions import Region
@@ -7,13 +8,12 @@ from nnunet_synth.masks.regions import Region
 def region_footprint(region: Region, shape) -> np.ndarray:
     """The region as a boolean map of ``shape``; the parts outside the map are dropped."""
     footprint = np.zeros(shape, dtype=bool)
-    row, col = region.origin
-    height, width = region.mask.shape
-    row_start, col_start = max(row, 0), max(col, 0)
-    row_stop, col_stop = min(row + height, shape[0]), min(col + width, shape[1])
-    if row_start < row_stop and col_start < col_stop:
-        footprint[row_start:row_stop, col_start:col_stop] = \
-            region.mask[row_start - row:row_stop - row, col_start - col:col_stop - col]
+    starts = [max(o, 0) for o in region.origin]
+    stops = [min(o + size, limit) for o, size, limit in zip(region.origin, region.mask.shape, shape)]
+    if all(start < stop for start, stop in zip(starts, stops)):
+        on_map = tuple(slice(start, stop) for start, stop in zip(starts, stops))
+        on_region = tuple(slice(start - o, stop - o) for start, stop, o in zip(starts, stops, region.origin))
+        footprint[on_map] = region.mask[on_region]
     return footprint
 
 

@@ -1,33 +1,42 @@
 """Where a pathology region may be pasted when the dataset has no host class (lesions drawn on unlabelled
-background, method.md §3): where the class occurs in the real maps, and inside the body of the target slice."""
+background, method.md §3): where the class occurs in the real maps, and inside the body of the target map.
+Maps may be 2D slices or 3D volumes; positions are relative to the body's box, so patients of different size
+and position line up."""
 import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-PRIOR_GRID = 128   # occurrence priors live on this grid, in coordinates relative to the map's size
+PRIOR_GRID = {2: 128, 3: 64}   # occurrence priors live on this grid per axis, relative to the map's frame
 
 
 def _box(shape, box):
-    """(row0, col0, row1, col1) of the frame positions are relative to: the body's box, else the whole map."""
-    return (0, 0, shape[0], shape[1]) if box is None else box
+    """(starts..., stops...) of the frame positions are relative to: the body's box, else the whole map."""
+    return (*([0] * len(shape)), *shape) if box is None else tuple(box)
+
+
+def _grid_positions(coordinates, start, stop, grid):
+    return np.clip(((coordinates - start) * grid) // max(1, stop - start), 0, grid - 1)
 
 
 def class_occurrence_prior(label_maps, class_value: int, dilation: int, boxes=None, min_maps: int = 2,
-                           grid=PRIOR_GRID) -> np.ndarray:
-    """(grid, grid) bool: positions, relative to each map's frame (its body box when ``boxes`` are given, else
-    the map), where ``class_value`` occurs in at least ``min_maps`` real maps, grown by ``dilation`` grid pixels.
-    Relative to the body box, patients of different size and position line up."""
-    hits = np.zeros((grid, grid), dtype=np.int32)
+                           grid=None) -> np.ndarray:
+    """Bool array (grid per axis): positions, relative to each map's frame (its body box when ``boxes`` are
+    given, else the map), where ``class_value`` occurs in at least ``min_maps`` real maps, grown by ``dilation``
+    grid pixels."""
+    hits = None
     for index, label_map in enumerate(label_maps):
         present = np.asarray(label_map) == class_value
+        if hits is None:
+            ndim = present.ndim
+            grid = grid or PRIOR_GRID[ndim]
+            hits = np.zeros((grid,) * ndim, dtype=np.int32)
         if not present.any():
             continue
-        row0, col0, row1, col1 = _box(present.shape, None if boxes is None else boxes[index])
-        rows, cols = np.nonzero(present)
-        rows = np.clip(((rows - row0) * grid) // max(1, row1 - row0), 0, grid - 1)
-        cols = np.clip(((cols - col0) * grid) // max(1, col1 - col0), 0, grid - 1)
-        seen = np.zeros((grid, grid), dtype=bool)
-        seen[rows, cols] = True
+        frame = _box(present.shape, None if boxes is None else boxes[index])
+        positions = tuple(_grid_positions(axis, frame[i], frame[i + ndim], grid)
+                          for i, axis in enumerate(np.nonzero(present)))
+        seen = np.zeros(hits.shape, dtype=bool)
+        seen[positions] = True
         hits += seen
     prior = hits >= min(min_maps, max(1, hits.max()))
     return ndimage.binary_dilation(prior, iterations=dilation) if dilation > 0 else prior
@@ -36,25 +45,29 @@ def class_occurrence_prior(label_maps, class_value: int, dilation: int, boxes=No
 def prior_on_map(prior: np.ndarray, shape, box=None) -> np.ndarray:
     """The occurrence prior resampled (nearest) onto a map of ``shape`` whose frame is ``box`` (None = the map);
     False outside the frame."""
-    grid = prior.shape[0]
-    row0, col0, row1, col1 = _box(shape, box)
-    rows = ((np.arange(shape[0]) - row0) * grid) // max(1, row1 - row0)
-    cols = ((np.arange(shape[1]) - col0) * grid) // max(1, col1 - col0)
-    inside = ((rows >= 0) & (rows < grid))[:, None] & ((cols >= 0) & (cols < grid))[None, :]
-    return inside & prior[np.clip(rows, 0, grid - 1)[:, None], np.clip(cols, 0, grid - 1)[None, :]]
+    grid, ndim = prior.shape[0], len(shape)
+    frame = _box(shape, box)
+    inside, indices = np.ones(shape, dtype=bool), []
+    for axis in range(ndim):
+        positions = ((np.arange(shape[axis]) - frame[axis]) * grid) // max(1, frame[axis + ndim] - frame[axis])
+        along = [1] * ndim
+        along[axis] = shape[axis]
+        inside &= ((positions >= 0) & (positions < grid)).reshape(along)
+        indices.append(np.clip(positions, 0, grid - 1).reshape(along))
+    return inside & prior[tuple(indices)]
 
 
 def mask_box(mask: np.ndarray):
-    """(row0, col0, row1, col1) of a boolean mask (stop exclusive), None if empty."""
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
+    """(starts..., stops...) of a boolean mask (stop exclusive), None if empty: (row0, col0, row1, col1) in 2D."""
+    coordinates = np.nonzero(mask)
+    if coordinates[0].size == 0:
         return None
-    return (int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1)
+    return tuple(int(axis.min()) for axis in coordinates) + tuple(int(axis.max()) + 1 for axis in coordinates)
 
 
 def body_mask(image: np.ndarray) -> np.ndarray:
-    """The body in a real slice: smoothed image above Otsu's threshold, closed, holes (lungs, bowel gas) filled,
-    the largest component (drops the table and noise)."""
+    """The body in a real slice or volume: smoothed image above Otsu's threshold, closed, holes (lungs, bowel gas)
+    filled, the largest component (drops the table and noise)."""
     image = ndimage.gaussian_filter(np.asarray(image, dtype=np.float32), 2)
     if image.max() <= image.min():
         return np.zeros(image.shape, dtype=bool)

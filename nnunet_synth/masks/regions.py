@@ -1,8 +1,10 @@
-"""Connected pathology regions of the real label maps, and the random transforms applied to them (000 §2.3).
+"""Connected pathology regions of the real label maps, and the random transforms applied to them (Diff-Lung §2.3).
 
-A region is a boolean crop plus the map coordinates of the crop's top-left pixel (``origin``); transforms return a
-new region and never touch a label map. Morphology is scipy.ndimage's: ``label`` (default 4-connectivity in 2D),
-``rotate`` (order 0, so the mask stays binary) and ``binary_dilation``.
+A region is a boolean crop plus the map coordinates of the crop's first pixel (``origin``); transforms return a
+new region and never touch a label map. Maps are 2D slices (rows, cols) or 3D volumes (slices, rows, cols): a 3D
+region is a 3D connected component, rotated in-plane (about the slice axis), shifted and dilated in 3D.
+Morphology is scipy.ndimage's: ``label`` (face connectivity: 4 in 2D, 6 in 3D), ``rotate`` (order 0, so the mask
+stays binary) and ``binary_dilation``.
 """
 from dataclasses import dataclass
 
@@ -12,7 +14,7 @@ from scipy import ndimage
 
 @dataclass(frozen=True)
 class Region:
-    """A binary shape placed on a label-map grid: ``mask`` (h, w) bool, top-left pixel at ``origin`` (row, col).
+    """A binary shape placed on a label-map grid: ``mask`` bool ((h, w) or (d, h, w)), first pixel at ``origin``.
 
     The origin may lie outside the map (a region moved or grown past the border); pasting clips it.
     """
@@ -26,7 +28,7 @@ class Region:
 
     @property
     def centroid(self) -> np.ndarray:
-        """Centre of mass (row, col) in map coordinates."""
+        """Centre of mass in map coordinates (one value per axis)."""
         return np.asarray(ndimage.center_of_mass(self.mask)) + np.asarray(self.origin)
 
 
@@ -41,9 +43,9 @@ class DonorRegion:
 
     @property
     def bbox(self) -> list:
-        """[row_start, col_start, row_stop, col_stop] in the donor map (stop exclusive)."""
-        row, col = self.region.origin
-        return [int(row), int(col), int(row + self.region.mask.shape[0]), int(col + self.region.mask.shape[1])]
+        """[starts..., stops...] in the donor map (stop exclusive): [row0, col0, row1, col1] in 2D."""
+        starts = [int(o) for o in self.region.origin]
+        return starts + [start + int(size) for start, size in zip(starts, self.region.mask.shape)]
 
 
 def find_regions(label_map: np.ndarray, pathology_class: int, map_index: int = 0, min_area: int = 1) -> list:
@@ -56,26 +58,29 @@ def find_regions(label_map: np.ndarray, pathology_class: int, map_index: int = 0
         mask = components[box] == component_index
         if mask.sum() < min_area:
             continue
-        region = Region(mask, (box[0].start, box[1].start))
+        region = Region(mask, tuple(int(axis.start) for axis in box))
         regions.append(DonorRegion(map_index, int(pathology_class), component_index, region))
     return regions
 
 
 def rotate_region(region: Region, angle_deg: float) -> Region:
-    """Rotate about the crop centre (nearest neighbour, crop enlarged to hold the result)."""
-    rotated = ndimage.rotate(region.mask.astype(np.uint8), angle_deg, reshape=True, order=0) > 0
+    """Rotate in the plane of the last two axes about the crop centre (nearest neighbour, crop enlarged to hold
+    the result)."""
+    ndim = region.mask.ndim
+    rotated = ndimage.rotate(region.mask.astype(np.uint8), angle_deg, axes=(ndim - 2, ndim - 1), reshape=True,
+                             order=0) > 0
     centre = np.asarray(region.origin) + (np.asarray(region.mask.shape) - 1) / 2
     origin = np.round(centre - (np.asarray(rotated.shape) - 1) / 2).astype(int)
-    return Region(rotated, (int(origin[0]), int(origin[1])))
+    return Region(rotated, tuple(int(o) for o in origin))
 
 
 def shift_region(region: Region, offset) -> Region:
-    """Move by ``offset`` (rows, cols)."""
-    return Region(region.mask, (int(region.origin[0] + offset[0]), int(region.origin[1] + offset[1])))
+    """Move by ``offset`` (one value per axis)."""
+    return Region(region.mask, tuple(int(o + d) for o, d in zip(region.origin, offset)))
 
 
 def dilate_region(region: Region, iterations: int) -> Region:
-    """Grow by ``iterations`` steps of binary dilation (4-connected structuring element); the crop grows with it."""
+    """Grow by ``iterations`` steps of binary dilation (face-connected structuring element); the crop grows."""
     padded = np.pad(region.mask, iterations)
     grown = ndimage.binary_dilation(padded, iterations=iterations)
-    return Region(grown, (region.origin[0] - iterations, region.origin[1] - iterations))
+    return Region(grown, tuple(int(o) - iterations for o in region.origin))
