@@ -1,6 +1,6 @@
 #!/bin/bash
-# The issue-15 experiment (CPU): 5 arms x 5 repeats (REPEATS=N for N) x (4, 8 real training patients), 4 held-out
-# test patients, 500 training iterations (budget medium).
+# The held-out-patient downstream experiment (CPU): 5 arms x 5 repeats (REPEATS=N for N) x (4, 8 real training
+# patients), 4 held-out test patients, 500 training iterations (budget medium).
 cd "$(dirname "$0")/../../.."   # the repository root; outputs go to exp/ (ignored by git)
 export nnUNet_raw=$PWD/exp/raw nnUNet_preprocessed=$PWD/exp/pre nnUNet_results=$PWD/exp/res
 export nnUNet_n_proc_DA=0 nnUNet_def_n_proc=1 nnUNet_compile=f OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nnsynth_cpu_threads=1

@@ -1,6 +1,6 @@
 #!/bin/bash
-# One setting of the issue-15 experiment (CPU): 5 arms x 5 repeats (REPEATS=N for N) with K real training patients,
-# 4 held-out test patients. Usage: run_setting.sh K OUTPUT FIRST_ID [BUDGET]   (e.g. run_setting.sh 4 exp/eval 740 medium)
+# One setting of the held-out-patient downstream experiment (CPU): 5 arms x 5 repeats (REPEATS=N for N) with K real
+# training patients, 4 held-out test patients. Usage: run_setting.sh K OUTPUT FIRST_ID [BUDGET]   (e.g. run_setting.sh 4 exp/eval 740 medium)
 # The settings run as parallel processes (one torch thread each) and merge.sh joins them.
 set -e
 k=$1 output=$2 first_id=$3 budget=${4:-medium}

@@ -15,4 +15,4 @@ PY
 mkdir -p exp/eval/runs exp/eval/generators
 cp -rn exp/eval8/runs/real8 exp/eval/runs/
 cp -rn exp/eval8/generators/real8_* exp/eval/generators/
-docs/results/issue15/run_experiment.sh
+docs/results/downstream-cpu-k4-k8/run_experiment.sh
