@@ -2,8 +2,8 @@
 
 For each requested nnU-Net fold (default 0; ``--folds 0 1 2 3 4`` for five-fold cross-validation, ``--fold all``
 for a final model trained on every case): trains the generator on that fold's real training cases first if
-there is none (or takes --generator), makes new label maps from those cases that over-represent the rarest
-pathology class, samples images with DDIM, scores them with the model-free quality gate, writes them atomically
+there is none (or takes --generator), makes new label maps from those cases that raise every rare pathology
+class (docs/label-maps.md), samples images with DDIM, scores them with the model-free quality gate, writes them atomically
 and saves a preview grid. No case made for fold k depends on a validation case of fold k. Rerunning resumes.
 
 Sharding: `--num-shards N --shard-index i` (one command per machine or GPU, at the same time, on one dataset
@@ -48,21 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--inference-steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--batch-size", type=int, default=16, help="slices sampled at once")
-    balance = parser.add_argument_group("label maps (class balance, 000 §2.3; shares are of the region = host + "
-                                        "pathology classes)")
+    balance = parser.add_argument_group("label maps (class balance, Diff-Lung §2.3; shares are of the region: host + "
+                                        "pathology classes, or without a host class the body plus the pathology)")
     balance.add_argument("--host-classes", nargs="*", metavar="NAME", help="label names pathology may be pasted onto "
                          "(normal tissue); give the option with no name for none (default: the most frequent class "
                          "if it is >= 80 %% of the labelled foreground, else none)")
     balance.add_argument("--pathology-classes", nargs="+", metavar="NAME", help="label names to balance (default: "
                          "every other non-background class)")
-    balance.add_argument("--target-factor", type=float, help="raise the rarest pathology class to this multiple of "
+    balance.add_argument("--target-factor", type=float, help="goal of every rare pathology class: this multiple of "
                          "its real share of the region (default 3)")
     balance.add_argument("--max-target-share", type=float, help="... at most this share of the region (default 0.5)")
+    balance.add_argument("--common-share", type=float, help="a pathology class above this share of the region is "
+                         "common: kept at its real share, not raised (default 0.15)")
     balance.add_argument("--map-cap", type=float, dest="map_class_share_cap", help="in one new map a class covers at "
-                         "most max(this, its target) of the map's region (default 0.3)")
+                         "most max(this, its goal) of the map's region (default 0.3)")
+    balance.add_argument("--min-donor-area", type=int, help="connected regions smaller than this many pixels (voxels) "
+                         "are never copied (default 20)")
     for name, default in (("rotate", 0.5), ("shift", 0.8), ("dilate", 0.3)):
         balance.add_argument(f"--p-{name}", type=float, help=f"probability of the {name} transform (default {default})")
-    balance.add_argument("--target-share", type=float, help="instead of the default goal: stop once every pathology "
+    balance.add_argument("--target-share", type=float, help="instead of the default goals: stop once every pathology "
                          "class has this share of the region over real + new maps")
     parser.add_argument("--noise-seeding", type=float, metavar="STRENGTH", help="start sampling from the target's "
                         "real slice noised to this strength (0-1], 004 §2.5; default: pure noise")
@@ -96,6 +100,7 @@ def balancing_from_args(args) -> dict:
     """Class roles and MaskGenerationConfig overrides given on the command line (None when none was given)."""
     values = {"host_classes": args.host_classes, "pathology_classes": args.pathology_classes,
               "target_factor": args.target_factor, "max_target_share": args.max_target_share,
+              "common_share": args.common_share, "min_donor_area": args.min_donor_area,
               "map_class_share_cap": args.map_class_share_cap, "p_rotate": args.p_rotate, "p_shift": args.p_shift,
               "p_dilate": args.p_dilate}
     given = {key: value for key, value in values.items() if value is not None}
@@ -103,15 +108,18 @@ def balancing_from_args(args) -> dict:
 
 
 def format_share_table(report: dict, class_names) -> str:
-    """Per class of the region: share before -> after (real maps -> real + new maps)."""
-    lines = [f"share of the region ({' + '.join(class_names[c] for c in report['region_classes'])}), real maps -> "
-             f"real + {report['num_new_maps']} new maps:"]
+    """Per class of the region: share before -> after (real maps -> real + new maps), its goal and the factor."""
+    lines = [f"share of the region ({report['region']}), real maps -> real + {report['num_new_maps']} new maps:"]
     for entry in report["classes"]:
         name = class_names[entry["class"]]
-        note = f"  ({entry['role']}" + (f", target {100 * entry['target_share']:.1f} %"
-                                        if entry["target_share"] is not None else "") + ")"
-        if entry["class"] == report["rarest_class"]:
-            note += f"  rarest pathology class: x{entry['share_after'] / entry['share_before']:.2f}"
+        note = f"  ({entry['role']}"
+        if entry["role"] == "pathology":
+            goal = entry["target_share"]
+            note += (f", goal {100 * goal:.2f} %: {entry['goal_rule']}" if goal is not None else
+                     f": {entry['goal_rule']}")
+        note += ")"
+        if entry["factor"] is not None:
+            note = f"  x{entry['factor']:.2f}" + note
         lines.append(f"  {name:<20} {100 * entry['share_before']:6.2f} % -> {100 * entry['share_after']:6.2f} %{note}")
     return "\n".join(lines)
 

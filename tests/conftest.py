@@ -10,10 +10,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 COVID_SOURCE = SHARED_DATA / "covid19_ct_slices"
 REAL_HU_SOURCE = SHARED_DATA / "real_hu_ct"
+MS_SOURCE = SHARED_DATA / "ms_lesions_3d"
 
 
 def pytest_configure(config):
-    if not COVID_SOURCE.is_dir() or not REAL_HU_SOURCE.is_dir():
+    if not COVID_SOURCE.is_dir() or not REAL_HU_SOURCE.is_dir() or not MS_SOURCE.is_dir():
         raise pytest.UsageError(f"the real test data is missing: expected {SHARED_DATA} beside the repository")
     # console scripts (ours and nnU-Net's) live beside the interpreter that runs the tests
     scripts_folder = os.path.dirname(sys.executable)
@@ -88,3 +89,88 @@ def covid_lesion_types_dataset_folder(nnunet_folders, covid_dataset_folder):
     write_dataset_json_atomic(folder, channel_names={0: "CT"}, labels={"background": 0, "ground_glass": 1, "dense": 2},
                               num_training_cases=len(cases), file_ending=".nii.gz", dataset_name=folder.name)
     return folder
+
+
+def write_covid_variant(source_folder, folder, labels: dict, relabel, slice_step: int = 1):
+    """A dataset made from the converted COVID slices: every ``slice_step``-th slice of each case, its label map
+    replaced by ``relabel(image, label)`` (lung 1, lesion 2 in; the new values of ``labels`` out)."""
+    import numpy as np
+    from nnunet_synth.dataset import RawDataset
+    from nnunet_synth.dataset.writing import write_dataset_json_atomic, write_volume
+    source = RawDataset(source_folder)
+    for case_id in source.case_ids:
+        image, label, _ = source.read_case(case_id)
+        image, label = image[0, ::slice_step], label[::slice_step]
+        write_volume(image.astype(np.uint8), folder / "imagesTr" / f"{case_id}_0000.nii.gz")
+        write_volume(relabel(image, label).astype(np.uint8), folder / "labelsTr" / f"{case_id}.nii.gz")
+    write_dataset_json_atomic(folder, channel_names={0: "CT"}, labels=labels, num_training_cases=len(source.case_ids),
+                              file_ending=".nii.gz", dataset_name=folder.name)
+    return folder
+
+
+def lesion_density_thresholds(source_folder, quantiles):
+    """Grey-value thresholds (5x5 mean) of the COVID lesion pixels at ``quantiles`` (over every case)."""
+    import numpy as np
+    from scipy import ndimage
+    from nnunet_synth.dataset import RawDataset
+    source = RawDataset(source_folder)
+    values = []
+    for case_id in source.case_ids:
+        image, label, _ = source.read_case(case_id)
+        values.append(ndimage.uniform_filter(image[0].astype(np.float32), (1, 5, 5))[label == 2])
+    return list(np.quantile(np.concatenate(values), quantiles))
+
+
+def split_lesions_by_density(image, label, thresholds, first_value):
+    """Lesion pixels labelled ``first_value``, ``first_value + 1``, ... by their 5x5 mean grey value."""
+    import numpy as np
+    from scipy import ndimage
+    smoothed = ndimage.uniform_filter(image.astype(np.float32), (1, 5, 5))
+    lesion_types = np.zeros(label.shape, dtype=np.uint8)
+    lesion_types[label == 2] = first_value + np.searchsorted(thresholds, smoothed[label == 2], side="right")
+    return lesion_types
+
+
+@pytest.fixture(scope="session")
+def covid_binary_lesion_dataset_folder(nnunet_folders, covid_dataset_folder):
+    """The most common nnU-Net lesion dataset: background + lesion (the lung merged into background), every 8th
+    real COVID slice. Dataset504_Covid19BinaryLesion, 15 cases."""
+    folder = nnunet_folders["nnUNet_raw"] / "Dataset504_Covid19BinaryLesion"
+    return write_covid_variant(covid_dataset_folder, folder, {"background": 0, "lesion": 1},
+                               lambda image, label: label == 2, slice_step=8)
+
+
+@pytest.fixture(scope="session")
+def covid_two_lesion_types_dataset_folder(nnunet_folders, covid_dataset_folder):
+    """Two pathology classes of similar frequency without a host class: lung merged into background, lesion
+    pixels split at the median density into ``lighter`` / ``denser``, every 8th slice. Dataset506, 15 cases."""
+    folder = nnunet_folders["nnUNet_raw"] / "Dataset506_Covid19TwoLesionTypes"
+    thresholds = lesion_density_thresholds(covid_dataset_folder, [0.5])
+    return write_covid_variant(covid_dataset_folder, folder, {"background": 0, "lighter": 1, "denser": 2},
+                               lambda image, label: split_lesions_by_density(image, label, thresholds, 1),
+                               slice_step=8)
+
+
+@pytest.fixture(scope="session")
+def covid_three_lesion_types_dataset_folder(nnunet_folders, covid_dataset_folder):
+    """Three pathology classes in a host class: normal lung kept, lesion pixels split by density at the 50th and
+    85th percentiles into ``faint`` / ``medium`` / ``dense``, every 8th slice. Dataset507, 15 cases."""
+    folder = nnunet_folders["nnUNet_raw"] / "Dataset507_Covid19ThreeLesionTypes"
+    thresholds = lesion_density_thresholds(covid_dataset_folder, [0.5, 0.85])
+
+    def relabel(image, label):
+        relabelled = split_lesions_by_density(image, label, thresholds, 2)
+        relabelled[label == 1] = 1
+        return relabelled
+
+    return write_covid_variant(covid_dataset_folder, folder,
+                               {"background": 0, "lung": 1, "faint": 2, "medium": 3, "dense": 4}, relabel, slice_step=8)
+
+
+@pytest.fixture(scope="session")
+def ms_lesions_dataset_folder(nnunet_folders):
+    """The real MS volumes (4 MR channels, lesion masks) averaged over 2x2x2 blocks: Dataset505_MSLesions, 3 cases,
+    one fold per patient in splits_final.json. Most slices carry no lesion."""
+    from nnunet_synth.dataset_tools.convert_ms_lesions import convert_ms_lesions
+    return convert_ms_lesions(MS_SOURCE, nnunet_folders["nnUNet_raw"], 505, "MSLesions", downsample=2,
+                              preprocessed_root=nnunet_folders["nnUNet_preprocessed"])

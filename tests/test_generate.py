@@ -276,16 +276,16 @@ def test_the_written_label_is_the_conditioning_map_at_the_slice_geometry(generat
         real_label = dataset.read_case(target["case_id"])[1][target["slice_index"]]
         blocky += not np.array_equal(restore_slice(image, fit_slice(image, real_label, size)[1], fit)[1], real_label)
     assert blocky == len(store.complete_case_ids())
-    assert "rarest pathology class" in result.stdout and "share of the region" in result.stdout
+    assert "goal" in result.stdout and "share of the region" in result.stdout
 
 
-def test_generate_exits_with_one_line_when_balancing_cannot_raise_the_rarest_class(nnunet_folders, tiny_generator):
+def test_generate_exits_with_one_line_when_a_goal_cannot_be_reached(nnunet_folders, tiny_generator):
     folder = convert_example(nnunet_folders, 976, "NoRaiseExample")
-    result = subprocess.run(generate_command(976, tiny_generator, "--max-target-share", "0.01"),
+    result = subprocess.run(generate_command(976, tiny_generator, "--min-donor-area", "100000"),
                             capture_output=True, text=True, env=one_thread_environment(), timeout=600)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("nnsynth: error:")]
-    assert len(lines) == 1 and "could not raise the rarest pathology class" in lines[0]
+    assert len(lines) == 1 and "the goal of class 2 cannot be reached" in lines[0]
     assert not (folder / MANIFEST_NAME).exists()
 
 

@@ -61,7 +61,7 @@ import numpy as np
 
 from nnunet_synth.dataset.native_slices import PackedRows
 from nnunet_synth.errors import NnsynthError
-from nnunet_synth.masks.paste import host_mask, paste_region
+from nnunet_synth.masks.paste import host_mask, region_window
 from nnunet_synth.masks.regions import Region, dilate_region, find_regions, rotate_region, shift_region
 
 from nnunet_synth.masks.placement import class_occurrence_prior, mask_box, prior_on_map
@@ -85,6 +85,7 @@ class MaskGenerationConfig:
     min_pasted_pixels: int = 20         # a paste covering fewer host pixels is rejected
     min_pasted_fraction: float = 0.3    # ... or covering less than this fraction of the transformed region
     max_pastes_per_map: int = 20
+    max_pastes_per_volume: int = 400    # the same limit for a 3D map (a volume holds many slices' worth of room)
     target_factor: float = 3.0          # default goal of a rare pathology class: this multiple of its real share
     max_target_share: float = 0.5       # ... but at most this share of the region
     common_share: float = 0.15          # a pathology class holding more of the region is common: kept, not raised
@@ -94,15 +95,16 @@ class MaskGenerationConfig:
     max_discarded_maps: int = 50        # new maps in a row without any accepted paste before giving up
     targets_need_host: bool = True      # draw target maps only among maps with room to paste
     prior_min_maps: int = 10            # no host class: paste where the class occurs in at least this many real maps
+    prior_min_fraction: float = 0.1     # ... or this fraction of the maps that hold the class, if fewer (few volumes)
     prior_dilation: int = 2             # ... grown by this many pixels of the prior's grid
 
     def validate(self):
         for name in ("p_rotate", "p_shift", "p_dilate", "min_pasted_fraction", "map_class_share_cap",
-                     "max_target_share", "common_share"):
+                     "max_target_share", "common_share", "prior_min_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise NnsynthError(f"mask generation: {name}={getattr(self, name)} must lie in [0, 1]")
         for name in ("max_dilation_iterations", "min_donor_area", "prior_min_maps", "min_pasted_pixels", "max_pastes_per_map",
-                     "max_attempts_per_map", "max_discarded_maps"):
+                     "max_pastes_per_volume", "max_attempts_per_map", "max_discarded_maps"):
             if getattr(self, name) < 1:
                 raise NnsynthError(f"mask generation: {name}={getattr(self, name)} must be at least 1")
         if not self.target_factor > 1.0:
@@ -217,10 +219,12 @@ class BalanceRegion:
         return int(region.sum())
 
 
-def transform_region(region: Region, config: MaskGenerationConfig, rng: np.random.Generator, anchor_mask):
+def transform_region(region: Region, config: MaskGenerationConfig, rng: np.random.Generator, anchor_mask,
+                     anchors=None):
     """Rotation, then shift, then dilation, each applied with its probability; return (region, operations).
 
-    The shift moves the region's centroid onto a pixel drawn from ``anchor_mask`` (where the class may go).
+    The shift moves the region's centroid onto a pixel drawn from ``anchor_mask`` (where the class may go);
+    ``anchors`` = ``np.flatnonzero(anchor_mask)`` when the caller has it already.
     """
     operations = []
     if rng.random() < config.p_rotate:
@@ -228,7 +232,7 @@ def transform_region(region: Region, config: MaskGenerationConfig, rng: np.rando
         region = rotate_region(region, angle)
         operations.append({"op": "rotate", "angle_deg": angle})
     if rng.random() < config.p_shift and region.area > 0:
-        anchors = np.flatnonzero(anchor_mask)
+        anchors = np.flatnonzero(anchor_mask) if anchors is None else anchors
         if anchors.size:
             anchor = np.unravel_index(anchors[rng.integers(anchors.size)], anchor_mask.shape)
             offset = np.round(np.asarray(anchor) - region.centroid).astype(int)
@@ -309,14 +313,16 @@ class Placement:
         self.host_classes = list(host_classes)
         self.body_masks = body_masks
         self.priors, self.prior_case_ids = {}, {}
-        self.min_maps = config.prior_min_maps
         self.boxes = None if body_masks is None else [mask_box(mask) for mask in body_masks]
+        self.min_maps = {}
         if not self.host_classes:
             for c in pathology_classes:
+                holding = [i for i, m in enumerate(label_maps) if np.any(np.asarray(m) == c)]
+                self.min_maps[c] = min(config.prior_min_maps, max(1, int(np.ceil(config.prior_min_fraction *
+                                                                                 len(holding)))))
                 self.priors[c] = class_occurrence_prior(label_maps, c, config.prior_dilation, self.boxes,
-                                                        config.prior_min_maps)
-                self.prior_case_ids[c] = sorted({str(map_ids[i][0]) for i, m in enumerate(label_maps)
-                                                 if np.any(np.asarray(m) == c)})
+                                                        self.min_maps[c])
+                self.prior_case_ids[c] = sorted({str(map_ids[i][0]) for i in holding})
 
     def mask(self, label_map, pathology_class, target_index) -> np.ndarray:
         if self.host_classes:
@@ -331,18 +337,38 @@ class Placement:
         if self.host_classes:
             return {}
         frame = "the body's box, inside the target's body" if self.body_masks is not None else "the map"
-        rule = f"background where the class occurs in >= {self.min_maps} real maps (positions relative to {frame})"
+        rule = (f"background where the class occurs in >= {self.min_maps[pathology_class]} real maps (positions "
+                f"relative to {frame})")
         return {"placement": {"rule": rule, "prior_case_ids": self.prior_case_ids[pathology_class]}}
 
 
-def _try_paste(working, target_index, pathology_class, donors, placement, config, rng, map_ids):
-    """One attempt: draw a donor, transform, paste. Return (new map, paste record) or (None, None) if rejected."""
+@dataclass
+class _Allowed:
+    """Where one class may be pasted in the map being made (``mask``) and its flat indices (``anchors``)."""
+
+    mask: np.ndarray
+    anchors: np.ndarray = None
+
+    def flat(self) -> np.ndarray:
+        if self.anchors is None:
+            self.anchors = np.flatnonzero(self.mask)
+        return self.anchors
+
+    def remove(self, window, pasted_crop):
+        self.mask[window] &= ~pasted_crop
+        self.anchors = None
+
+
+def _try_paste(working, allowed: _Allowed, pathology_class, donors, placement, config, rng, map_ids):
+    """One attempt: draw a donor, transform it, place it where allowed. Return (map window, pasted pixels inside
+    the window, paste record), or None when the paste is rejected; ``working`` is not modified."""
     donor = donors[pathology_class][rng.integers(len(donors[pathology_class]))]
-    allowed = placement.mask(working, pathology_class, target_index)
-    region, operations = transform_region(donor.region, config, rng, allowed)
-    new_map, pasted = paste_region(working, region, pathology_class, placement.host_classes, allowed)
+    region, operations = transform_region(donor.region, config, rng, allowed.mask, allowed.flat())
+    window = region_window(region, working.shape)     # what paste_region writes, computed on the region's box
+    pasted_crop = None if window is None else region.mask[window[1]] & allowed.mask[window[0]]
+    pasted = 0 if pasted_crop is None else int(pasted_crop.sum())
     if pasted < config.min_pasted_pixels or pasted < config.min_pasted_fraction * region.area:
-        return None, None
+        return None
     record = {
         "class": int(pathology_class),
         "donor": {**_map_id(map_ids[donor.map_index]), "class": donor.pathology_class,
@@ -352,7 +378,7 @@ def _try_paste(working, target_index, pathology_class, donors, placement, config
         "pasted_pixels": pasted,
         **placement.record(pathology_class),
     }
-    return new_map, record
+    return window[0], pasted_crop, record
 
 
 @dataclass
@@ -373,20 +399,31 @@ def _make_new_map(label_maps, map_ids, target_index, running, goals, donors, pla
     num_classes = len(running.counts)
     working = np.array(label_maps[target_index], copy=True)
     map_region = region.pixels(working, target_index)   # pastes stay inside the region: it does not change
+    map_counts = np.bincount(working.ravel(), minlength=num_classes)[:num_classes]
+    allowed = {}          # class -> where it may be pasted in ``working`` (kept up to date after each paste)
+    max_pastes = config.max_pastes_per_map if working.ndim == 2 else config.max_pastes_per_volume
+    max_rejected = config.max_attempts_per_map * max_pastes // config.max_pastes_per_map
     pastes, rejected = [], 0
-    while len(pastes) < config.max_pastes_per_map and rejected < config.max_attempts_per_map:
-        map_counts = np.bincount(working.ravel(), minlength=num_classes)[:num_classes]
-        map_shares = map_counts / max(1, map_region)
-        open_classes = goals.classes_to_paste(running.shares(map_counts, map_region), map_shares,
+    while len(pastes) < max_pastes and rejected < max_rejected:
+        open_classes = goals.classes_to_paste(running.shares(map_counts, map_region), map_counts / max(1, map_region),
                                               config.map_class_share_cap)
         if not open_classes:
             break
-        new_map, record = _try_paste(working, target_index, open_classes[0], donors, placement, config, rng,
-                                     map_ids)
-        if new_map is None:
+        pathology_class = open_classes[0]
+        if pathology_class not in allowed:
+            allowed[pathology_class] = _Allowed(placement.mask(working, pathology_class, target_index))
+        attempt = _try_paste(working, allowed[pathology_class], pathology_class, donors, placement, config, rng,
+                             map_ids)
+        if attempt is None:
             rejected += 1
             continue
-        working = new_map
+        window, pasted_crop, record = attempt
+        replaced = working[window][pasted_crop]
+        map_counts -= np.bincount(replaced, minlength=num_classes)[:num_classes]
+        map_counts[pathology_class] += record["pasted_pixels"]
+        working[window][pasted_crop] = pathology_class
+        for mask in allowed.values():       # pasted pixels are pathology now: no longer host or background
+            mask.remove(window, pasted_crop)
         pastes.append(record)
     if not pastes:
         return None, map_region, rejected

@@ -5,15 +5,23 @@ import numpy as np
 from nnunet_synth.masks.regions import Region
 
 
+def region_window(region: Region, shape):
+    """(slices of the map, slices of the region's mask) where the region overlaps a map of ``shape``; None when
+    it lies entirely outside."""
+    starts = [max(o, 0) for o in region.origin]
+    stops = [min(o + size, limit) for o, size, limit in zip(region.origin, region.mask.shape, shape)]
+    if not all(start < stop for start, stop in zip(starts, stops)):
+        return None
+    return (tuple(slice(start, stop) for start, stop in zip(starts, stops)),
+            tuple(slice(start - o, stop - o) for start, stop, o in zip(starts, stops, region.origin)))
+
+
 def region_footprint(region: Region, shape) -> np.ndarray:
     """The region as a boolean map of ``shape``; the parts outside the map are dropped."""
     footprint = np.zeros(shape, dtype=bool)
-    starts = [max(o, 0) for o in region.origin]
-    stops = [min(o + size, limit) for o, size, limit in zip(region.origin, region.mask.shape, shape)]
-    if all(start < stop for start, stop in zip(starts, stops)):
-        on_map = tuple(slice(start, stop) for start, stop in zip(starts, stops))
-        on_region = tuple(slice(start - o, stop - o) for start, stop, o in zip(starts, stops, region.origin))
-        footprint[on_map] = region.mask[on_region]
+    window = region_window(region, shape)
+    if window is not None:
+        footprint[window[0]] = region.mask[window[1]]
     return footprint
 
 

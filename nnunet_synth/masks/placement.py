@@ -22,13 +22,18 @@ def class_occurrence_prior(label_maps, class_value: int, dilation: int, boxes=No
                            grid=None) -> np.ndarray:
     """Bool array (grid per axis): positions, relative to each map's frame (its body box when ``boxes`` are
     given, else the map), where ``class_value`` occurs in at least ``min_maps`` real maps, grown by ``dilation``
-    grid pixels."""
+    grid pixels. The grid is ``PRIOR_GRID``, or the median frame's shortest side when that is smaller, so that a
+    grid pixel is never smaller than a map pixel (a finer grid would leave holes between the pixels seen)."""
     hits = None
+    if grid is None:
+        sides = [min(stop - start for start, stop in zip(box[:len(box) // 2], box[len(box) // 2:]))
+                 for box in boxes if box is not None] if boxes is not None else []
+        sides = sides or [min(np.asarray(label_maps[0]).shape)]
+        grid = max(8, min(PRIOR_GRID[np.asarray(label_maps[0]).ndim], int(np.median(sides))))
     for index, label_map in enumerate(label_maps):
         present = np.asarray(label_map) == class_value
         if hits is None:
             ndim = present.ndim
-            grid = grid or PRIOR_GRID[ndim]
             hits = np.zeros((grid,) * ndim, dtype=np.int32)
         if not present.any():
             continue
