@@ -438,9 +438,10 @@ def test_stock_commands_train_validate_continue_and_predict(planned_dataset, syn
     manifest_file = synthetic_example_dataset / "synthetic.json"
     backup = {path: path.read_bytes() for path in [manifest_file, *(synthetic_example_dataset / "recordsSynth").iterdir()]}
     try:
-        from nnunet_synth.dataset_tools.score import score_synthetic_cases
+        from nnunet_synth.quality.segmentation import calibrate_on_real_validation, score_synthetic_cases
         monkeypatch.setenv("nnUNet_extTrainer", env["nnUNet_extTrainer"])
-        results = score_synthetic_cases(synthetic_example_dataset, model_folder, [0], log=lambda message: None)
+        store = SyntheticStore(RawDataset(synthetic_example_dataset))
+        results = score_synthetic_cases(store, model_folder, [0], log=lambda message: None)
         cases_after = load_json(manifest_file)["cases"]
         for case_id, scores in results.items():
             quality = cases_after[case_id]["quality"]
@@ -450,8 +451,7 @@ def test_stock_commands_train_validate_continue_and_predict(planned_dataset, syn
             assert set(quality["segmentation"]["pathology_iou"]) == {"lesion"} and scores["threshold"] == 0.7
             assert scores["min_pathology_iou"] == scores["iou"]["lesion"]
             assert scores["passed"] == (scores["min_pathology_iou"] > 0.7)
-        from nnunet_synth.dataset_tools.score import calibrate_on_real_validation
-        calibration = calibrate_on_real_validation(synthetic_example_dataset, model_folder, 0, log=lambda m: None)
+        calibration = calibrate_on_real_validation(store, model_folder, 0, log=lambda m: None)
         lesion = calibration["classes"]["lesion"]
         assert sorted(calibration["validation_cases"]) == sorted(splits[0]["val"]) and lesion["slices"] == len(lesion["iou"]) > 0
         assert all(0.0 <= iou <= 1.0 for iou in lesion["iou"])
