@@ -67,6 +67,9 @@ def convert_step(work_folder: Path, raw_root: Path, source, patients: int, slice
         if previous != demo_input:
             raise NnsynthError(f"{input_file}: this demo folder holds the demo of {describe_input(previous)}, not "
                                f"of {describe_input(demo_input)}: pass another -o (or remove the folder)")
+    elif any(raw_root.glob("Dataset*")):
+        raise NnsynthError(f"{raw_root}: this demo folder holds datasets of an earlier nnsynth_demo version: pass "
+                           f"another -o (or remove the folder)")
     write_json_atomic(demo_input, input_file)
     if source is None:
         phantom_folder = write_chest_phantom(work_folder / "chest_phantom")

@@ -14,8 +14,7 @@ from skimage import io
 
 from nnunet_synth.dataset_tools.convert_covid19_ct_slices import (convert_covid19_ct_slices, read_case_table,
                                                                   select_slices)
-from nnunet_synth.example import PhantomSettings, write_chest_phantom
-from nnunet_synth.example.phantom import PHANTOM_ABOUT
+from nnunet_synth.example.phantom import PHANTOM_ABOUT, PhantomSettings, write_chest_phantom
 
 BIN = Path(sys.executable).parent
 SMALL = PhantomSettings(num_patients=2, slices_per_patient=4, lesion_slices=1)

@@ -72,6 +72,13 @@ def test_demo_converts_a_few_patients_of_real_slices_and_refuses_another_input_i
                            capture_output=True, text=True, timeout=600)
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert other.stderr.startswith("nnsynth: error: ") and "pass another -o" in other.stderr, other.stderr
+    # a folder of an earlier demo (its dataset, no record of the input) is refused too: same id, other name
+    earlier = tmp_path / "earlier"
+    (earlier / "nnUNet_raw" / "Dataset990_Covid19Example").mkdir(parents=True)
+    refused = subprocess.run(["nnsynth_demo", "-o", str(earlier), "--stop-after", "convert"],
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "earlier nnsynth_demo version" in refused.stderr, refused.stderr
+    assert not (earlier / "chest_phantom").exists()
 
 
 def test_demo_runs_the_whole_loop_with_stock_nnunet_commands(tmp_path):

@@ -20,6 +20,7 @@ units.
 """
 import argparse
 import csv
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from nnunet_synth.atomic import atomic_path, write_json_atomic
-from nnunet_synth.errors import NnsynthError
+from nnunet_synth.errors import NnsynthError, command_entry_point
 
 SETTINGS_FILE = "phantom.json"
 CASE_TABLE = "cases.csv"
@@ -99,8 +100,9 @@ def ellipse_radius(grid, center, radii, angle=0.0) -> np.ndarray:
     return np.hypot((cos * dy - sin * dx) / radii[0], (sin * dy + cos * dx) / radii[1])
 
 
-def vessel_trees(rng, hilum, side, lung_radii, num_trees=7):
-    """Branching vessel segments from the hilum outwards: a list of (start, end, generation), in pixels."""
+def vessel_trees(rng, side, lung_radii, num_trees=7):
+    """Branching vessel segments from the hilum outwards: a list of (start, end, generation), in pixels from the
+    hilum."""
     segments = []
 
     def grow(start, angle, length, generation):
@@ -116,7 +118,7 @@ def vessel_trees(rng, hilum, side, lung_radii, num_trees=7):
     for angle in np.linspace(-1.3, 1.3, num_trees) + rng.uniform(-0.15, 0.15, num_trees):
         # outward: to the image's left for the left lung (side -1), to its right for the right lung
         direction = angle if side > 0 else np.pi - angle
-        grow(hilum, direction, rng.uniform(0.22, 0.32) * (lung_radii[0] + lung_radii[1]), 0)
+        grow((0.0, 0.0), direction, rng.uniform(0.22, 0.32) * (lung_radii[0] + lung_radii[1]), 0)
     return segments
 
 
@@ -152,7 +154,7 @@ def phantom_patient(rng: np.random.Generator, settings: PhantomSettings):
     lesion_wobble = smooth_noise(rng, (num_slices,) + shape, (1.0, 4, 4))
     rib_angles = np.concatenate([np.linspace(0.35, 1.25, 4), np.linspace(1.9, 2.8, 4)]) + rng.uniform(-0.05, 0.05, 8)
     rib_angles = np.concatenate([rib_angles, -rib_angles])
-    trees = {side: vessel_trees(rng, (0.0, 0.0), side, anatomy.lung_radii) for side in (-1, 1)}
+    trees = {side: vessel_trees(rng, side, anatomy.lung_radii) for side in (-1, 1)}
     segment_depth = {side: rng.uniform(0, 1, len(trees[side])) for side in (-1, 1)}
     images, lung_masks, lesion_masks = [], [], []
     for index in range(num_slices):
@@ -273,7 +275,6 @@ def write_chest_phantom(folder, settings: PhantomSettings = PhantomSettings()) -
     folder = Path(folder)
     settings_file = folder / SETTINGS_FILE
     if (folder / CASE_TABLE).is_file() and settings_file.is_file():
-        import json
         if json.loads(settings_file.read_text()) == asdict(settings):
             return folder
     (folder / CASE_TABLE).unlink(missing_ok=True)
@@ -297,6 +298,7 @@ def write_chest_phantom(folder, settings: PhantomSettings = PhantomSettings()) -
     return folder
 
 
+@command_entry_point
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="where to write cases.csv, ct/, lungs/, covid/")
