@@ -140,119 +140,164 @@ def draw_segments(segments, shape, visible) -> np.ndarray:
     return canvas
 
 
+@dataclass
+class PatientFields:
+    """A patient's smooth random fields, (slices, 256, 256) each, and its vessel trees: drawn once, so that
+    neighbouring slices differ a little, not at random."""
+    body_wobble: np.ndarray
+    lung_wobble: np.ndarray
+    parenchyma: np.ndarray
+    tissue: np.ndarray
+    lesion_wobble: np.ndarray
+    rib_angles: np.ndarray
+    trees: dict                     # side -> vessel segments from the hilum
+    segment_depth: dict             # side -> per segment, the slice position (0..1) where it is in plane
+
+
+def draw_fields(rng, anatomy: PatientAnatomy, num_slices: int) -> PatientFields:
+    volume = (num_slices, IMAGE_SIZE, IMAGE_SIZE)
+    body_wobble = smooth_noise(rng, volume, (1.5, 25, 25))
+    lung_wobble = smooth_noise(rng, volume, (1.5, 14, 14))
+    parenchyma = smooth_noise(rng, volume, (0.8, 2.5, 2.5))
+    tissue = smooth_noise(rng, volume, (0.8, 3, 3))
+    lesion_wobble = smooth_noise(rng, volume, (1.0, 4, 4))
+    rib_angles = np.concatenate([np.linspace(0.35, 1.25, 4), np.linspace(1.9, 2.8, 4)]) + rng.uniform(-0.05, 0.05, 8)
+    trees = {side: vessel_trees(rng, side, anatomy.lung_radii) for side in (-1, 1)}
+    segment_depth = {side: rng.uniform(0, 1, len(trees[side])) for side in (-1, 1)}
+    return PatientFields(body_wobble, lung_wobble, parenchyma, tissue, lesion_wobble,
+                         np.concatenate([rib_angles, -rib_angles]), trees, segment_depth)
+
+
+def draw_body(image, grid, center, body_radii, fat_thickness, wobble, rib_angles) -> np.ndarray:
+    """Table, body (fat layer, skin, muscle) and ribs into ``image``; return the body mask and the mask inside
+    its fat layer."""
+    cy, cx = center
+    # patient table: two thin bright arcs below the body
+    table_top, table_radius = cy + body_radii[0] + 6, 600.0
+    table_distance = np.hypot(grid[0] - (table_top + table_radius), grid[1] - cx) - table_radius
+    table = (np.abs(table_distance) < 1.5) | (np.abs(table_distance - 9) < 2.0)
+    image[table & (np.abs(grid[1] - cx) < 100)] = 150
+    body_r = ellipse_radius(grid, center, body_radii) + 0.03 * wobble
+    body = body_r < 1
+    inner_radii = (body_radii[0] - fat_thickness, body_radii[1] - fat_thickness * 1.3)
+    muscle = (ellipse_radius(grid, center, inner_radii) + 0.03 * wobble) < 1
+    image[body] = 112
+    image[(body_r > 0.985) & body] = 170                      # skin
+    image[muscle] = 165
+    # ribs: small bone ovals along the inner body outline
+    for angle in rib_angles:
+        rib_center = (cy + 0.86 * inner_radii[0] * np.sin(angle), cx + 0.9 * inner_radii[1] * np.cos(angle))
+        image[ellipse_radius(grid, rib_center, (3.0, 5.0), angle=angle + np.pi / 2) < 1] = 225
+    return body, muscle
+
+
+def draw_mediastinum_and_lungs(image, grid, anatomy, body_radii, z, lung_wobble, muscle):
+    """Mediastinum, heart, aorta, trachea and vertebra into ``image``; return the lung mask, each lung's centre
+    (by side) and the lungs' semi-axes in this slice."""
+    cy, cx = anatomy.body_center
+    lung_scale = 0.62 + 0.38 * np.sin(np.pi * (0.12 + 0.7 * z))    # small at the apex, largest low down
+    heart_scale = np.clip((z - 0.25) / 0.55, 0.0, 1.0)             # the heart appears in the lower slices
+    lung_radii = (anatomy.lung_radii[0] * lung_scale, anatomy.lung_radii[1] * (0.8 + 0.2 * lung_scale))
+    lung_centers = {side: (cy - 0.08 * body_radii[0], cx + side * anatomy.lung_offset_x) for side in (-1, 1)}
+    lungs = np.zeros(image.shape, dtype=bool)
+    for center in lung_centers.values():
+        lungs |= (ellipse_radius(grid, center, lung_radii) + 0.12 * lung_wobble) < 1
+    mediastinum = ellipse_radius(grid, (cy - 0.1 * body_radii[0], cx), (body_radii[0], 0.14 * body_radii[1])) < 1
+    heart = np.zeros(image.shape, dtype=bool)
+    if heart_scale > 0:
+        heart_radii = (anatomy.heart_radii[0] * heart_scale, anatomy.heart_radii[1] * heart_scale)
+        heart = ellipse_radius(grid, (cy + 0.12 * body_radii[0], cx + 0.1 * body_radii[1]), heart_radii, 0.5) < 1
+    spine_center = (cy + body_radii[0] - 26, cx)
+    spine = ellipse_radius(grid, spine_center, (14, 15)) < 1
+    # the lungs are what the mediastinum, the heart and the spine leave inside the chest wall
+    lungs &= ~ndimage.binary_dilation(mediastinum | heart | spine, iterations=3) & muscle
+    lungs = ndimage.binary_opening(lungs, iterations=2)
+
+    image[mediastinum & muscle] = 170
+    image[heart] = 190
+    return lungs, lung_centers, lung_radii, spine_center, spine
+
+
+def draw_central_structures(image, grid, anatomy, body_radii, z, spine_center, spine):
+    """Aorta, trachea (upper slices) and vertebra with arch and spinal canal, into ``image``."""
+    cy, cx = anatomy.body_center
+    aorta_center = (spine_center[0] - 20, cx - 16) if z > 0.3 else (cy - 0.25 * body_radii[0], cx - 8)
+    image[ellipse_radius(grid, aorta_center, (9, 9)) < 1] = 196
+    if z < 0.4:
+        image[ellipse_radius(grid, (cy - 0.35 * body_radii[0], cx), (8, 9)) < 1] = 30   # trachea
+    image[spine] = 235
+    image[ellipse_radius(grid, spine_center, (11, 12)) < 1] = 205
+    canal_center = (spine_center[0] + 19, cx)
+    image[ellipse_radius(grid, (canal_center[0] + 3, cx), (9, 12)) < 1] = 220   # vertebral arch
+    image[ellipse_radius(grid, canal_center, (5, 6)) < 1] = 150                 # spinal canal
+
+
+def lung_intensities(rng, grid, fields: PatientFields, index, z, lung_centers, lung_radii) -> np.ndarray:
+    """Grey values of lung tissue in this slice: dark parenchyma with a fine bright network, denser towards the
+    back (gravity-dependent), and vessels (branches in the plane of the slice, dots where they cross it)."""
+    lung_cy = lung_centers[1][0]
+    posterior = np.clip((grid[0] - lung_cy) / lung_radii[0], -1, 1)
+    network = np.clip(1 - np.abs(fields.parenchyma[index]) / 0.25, 0, 1)
+    lung_image = 40 + 6 * posterior + 30 * network
+    shape = lung_image.shape
+    vessels = np.zeros(shape)
+    for side, center in lung_centers.items():
+        hilum = (center[0] + 0.05 * lung_radii[0], center[1] - side * 0.75 * lung_radii[1])
+        visible = np.abs(fields.segment_depth[side] - z) < 0.45
+        shifted = [((s[0] + hilum[0], s[1] + hilum[1]), (e[0] + hilum[0], e[1] + hilum[1]), generation)
+                   for s, e, generation in fields.trees[side]]
+        vessels = np.maximum(vessels, draw_segments(shifted, shape, visible))
+    dots = ndimage.gaussian_filter((rng.uniform(size=shape) < 0.004).astype(float), 0.9)
+    vessels = np.maximum(vessels, np.clip(dots / max(dots.max(), 1e-6), 0, 1) * 0.8)
+    return lung_image + (165 - lung_image) * vessels
+
+
+def ground_glass_lesion(grid, anatomy, settings, fields, index, lungs, lung_centers, lung_radii):
+    """(lesion mask, added grey values) of this slice: a hazy blob inside one lung in ``lesion_slices``
+    consecutive slices, largest at their centre; (None, None) in the other slices."""
+    offset = index - anatomy.first_lesion_slice
+    if not 0 <= offset < settings.lesion_slices:
+        return None, None
+    middle = (settings.lesion_slices - 1) / 2
+    radius = anatomy.lesion_radius * np.sqrt(1 - (abs(offset - middle) / (middle + 1)) ** 2)
+    center = lung_centers[anatomy.lesion_side]
+    lesion_center = (center[0] + anatomy.lesion_position[0] * lung_radii[0],
+                     center[1] + anatomy.lesion_position[1] * lung_radii[1])
+    lesion = ((np.hypot(grid[0] - lesion_center[0], grid[1] - lesion_center[1]) / radius
+               + 0.25 * fields.lesion_wobble[index]) < 1) & lungs
+    haze = ndimage.gaussian_filter(lesion.astype(float), 1.5)
+    return lesion, haze * (60 + 12 * fields.lesion_wobble[index])
+
+
 def phantom_patient(rng: np.random.Generator, settings: PhantomSettings):
     """One patient's slices: (image uint8, lung mask bool, lesion mask bool), each (slices, 256, 256)."""
     num_slices = settings.slices_per_patient
     shape = (IMAGE_SIZE, IMAGE_SIZE)
     grid = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(float)
     anatomy = draw_anatomy(rng, settings)
-    # smooth in z as well: the outlines of neighbouring slices differ a little, not at random
-    body_wobble = smooth_noise(rng, (num_slices,) + shape, (1.5, 25, 25))
-    lung_wobble = smooth_noise(rng, (num_slices,) + shape, (1.5, 14, 14))
-    parenchyma = smooth_noise(rng, (num_slices,) + shape, (0.8, 2.5, 2.5))
-    tissue = smooth_noise(rng, (num_slices,) + shape, (0.8, 3, 3))
-    lesion_wobble = smooth_noise(rng, (num_slices,) + shape, (1.0, 4, 4))
-    rib_angles = np.concatenate([np.linspace(0.35, 1.25, 4), np.linspace(1.9, 2.8, 4)]) + rng.uniform(-0.05, 0.05, 8)
-    rib_angles = np.concatenate([rib_angles, -rib_angles])
-    trees = {side: vessel_trees(rng, side, anatomy.lung_radii) for side in (-1, 1)}
-    segment_depth = {side: rng.uniform(0, 1, len(trees[side])) for side in (-1, 1)}
+    fields = draw_fields(rng, anatomy, num_slices)
+    field_of_view = np.hypot(grid[0] - IMAGE_SIZE / 2 + 0.5, grid[1] - IMAGE_SIZE / 2 + 0.5) < IMAGE_SIZE / 2 - 1
     images, lung_masks, lesion_masks = [], [], []
     for index in range(num_slices):
         z = index / max(num_slices - 1, 1)                       # 0: apex, 1: lung base
         lung_scale = 0.62 + 0.38 * np.sin(np.pi * (0.12 + 0.7 * z))
-        heart_scale = np.clip((z - 0.25) / 0.55, 0.0, 1.0)
-        cy, cx = anatomy.body_center
         body_radii = (anatomy.body_radii[0] * (0.96 + 0.04 * lung_scale), anatomy.body_radii[1])
-        image = np.full(shape, 38.0)
-
-        # patient table: two thin bright arcs below the body
-        table_top = cy + body_radii[0] + 6
-        table_radius = 600.0
-        table_distance = np.hypot(grid[0] - (table_top + table_radius), grid[1] - cx) - table_radius
-        table = (np.abs(table_distance) < 1.5) | (np.abs(table_distance - 9) < 2.0)
-        image[table & (np.abs(grid[1] - cx) < 100)] = 150
-
-        body_r = ellipse_radius(grid, (cy, cx), body_radii) + 0.03 * body_wobble[index]
-        body = body_r < 1
-        inner_radii = (body_radii[0] - anatomy.fat_thickness, body_radii[1] - anatomy.fat_thickness * 1.3)
-        muscle = (ellipse_radius(grid, (cy, cx), inner_radii) + 0.03 * body_wobble[index]) < 1
-        image[body] = 112
-        image[(body_r > 0.985) & body] = 170                      # skin
-        image[muscle] = 165
-
-        # ribs: small bone ovals along the inner body outline
-        for angle in rib_angles:
-            rib_center = (cy + 0.86 * inner_radii[0] * np.sin(angle), cx + 0.9 * inner_radii[1] * np.cos(angle))
-            rib_r = ellipse_radius(grid, rib_center, (3.0, 5.0), angle=angle + np.pi / 2)
-            image[rib_r < 1] = 225
-
-        # lungs: ellipses with a wobbly outline, cut by the mediastinum and the heart
-        lung_radii = (anatomy.lung_radii[0] * lung_scale, anatomy.lung_radii[1] * (0.8 + 0.2 * lung_scale))
-        lung_cy = cy - 0.08 * body_radii[0]
-        lungs = np.zeros(shape, dtype=bool)
-        lung_centers = {}
-        for side in (-1, 1):
-            center = (lung_cy, cx + side * anatomy.lung_offset_x)
-            lung_centers[side] = center
-            lungs |= (ellipse_radius(grid, center, lung_radii) + 0.12 * lung_wobble[index]) < 1
-        mediastinum = ellipse_radius(grid, (cy - 0.1 * body_radii[0], cx), (body_radii[0], 0.14 * body_radii[1])) < 1
-        heart_center = (cy + 0.12 * body_radii[0], cx + 0.1 * body_radii[1])
-        heart = np.zeros(shape, dtype=bool)
-        if heart_scale > 0:
-            heart_radii = (anatomy.heart_radii[0] * heart_scale, anatomy.heart_radii[1] * heart_scale)
-            heart = ellipse_radius(grid, heart_center, heart_radii, angle=0.5) < 1
-        spine_center = (cy + body_radii[0] - 26, cx)
-        spine = ellipse_radius(grid, spine_center, (14, 15)) < 1
-        lungs &= ~ndimage.binary_dilation(mediastinum | heart | spine, iterations=3) & muscle
-        lungs = ndimage.binary_opening(lungs, iterations=2)
-
-        image[mediastinum & muscle] = 170
-        image[heart] = 190
-        image[body] += 6 * tissue[index][body]
-        aorta_center = (spine_center[0] - 20, cx - 16) if z > 0.3 else (cy - 0.25 * body_radii[0], cx - 8)
-        image[ellipse_radius(grid, aorta_center, (9, 9)) < 1] = 196
-        if z < 0.4:
-            image[ellipse_radius(grid, (cy - 0.35 * body_radii[0], cx), (8, 9)) < 1] = 30   # trachea
-        image[spine] = 235
-        image[ellipse_radius(grid, spine_center, (11, 12)) < 1] = 205
-        canal_center = (spine_center[0] + 19, cx)
-        image[ellipse_radius(grid, (canal_center[0] + 3, cx), (9, 12)) < 1] = 220   # vertebral arch
-        image[ellipse_radius(grid, canal_center, (5, 6)) < 1] = 150                 # spinal canal
-
-        # parenchyma: dark, with a fine bright network, denser towards the back (gravity-dependent)
-        posterior = np.clip((grid[0] - lung_cy) / lung_radii[0], -1, 1)
-        network = np.clip(1 - np.abs(parenchyma[index]) / 0.25, 0, 1)
-        lung_image = 40 + 6 * posterior + 30 * network
-        vessels = np.zeros(shape)
-        for side in (-1, 1):
-            center = lung_centers[side]
-            hilum = (center[0] + 0.05 * lung_radii[0], center[1] - side * 0.75 * lung_radii[1])
-            visible = np.abs(segment_depth[side] - z) < 0.45
-            shifted = [((s[0] + hilum[0], s[1] + hilum[1]), (e[0] + hilum[0], e[1] + hilum[1]), g)
-                       for s, e, g in trees[side]]
-            vessels = np.maximum(vessels, draw_segments(shifted, shape, visible))
-        dots = ndimage.gaussian_filter((rng.uniform(size=shape) < 0.004).astype(float), 0.9)
-        vessels = np.maximum(vessels, np.clip(dots / max(dots.max(), 1e-6), 0, 1) * 0.8)
-        lung_image += (165 - lung_image) * vessels
-
-        # ground-glass lesion: a hazy blob inside one lung, in consecutive slices around its centre slice
-        lesion = np.zeros(shape, dtype=bool)
-        offset = index - anatomy.first_lesion_slice
-        if 0 <= offset < settings.lesion_slices:
-            middle = (settings.lesion_slices - 1) / 2
-            radius = anatomy.lesion_radius * np.sqrt(1 - (abs(offset - middle) / (middle + 1)) ** 2)
-            center = lung_centers[anatomy.lesion_side]
-            lesion_center = (center[0] + anatomy.lesion_position[0] * lung_radii[0],
-                             center[1] + anatomy.lesion_position[1] * lung_radii[1])
-            lesion = ((np.hypot(grid[0] - lesion_center[0], grid[1] - lesion_center[1]) / radius
-                       + 0.25 * lesion_wobble[index]) < 1) & lungs
-            haze = ndimage.gaussian_filter(lesion.astype(float), 1.5)
-            lung_image += haze * (60 + 12 * lesion_wobble[index])
+        image = np.full(shape, 38.0)                             # air inside the field of view
+        body, muscle = draw_body(image, grid, anatomy.body_center, body_radii, anatomy.fat_thickness,
+                                 fields.body_wobble[index], fields.rib_angles)
+        lungs, lung_centers, lung_radii, spine_center, spine = draw_mediastinum_and_lungs(
+            image, grid, anatomy, body_radii, z, fields.lung_wobble[index], muscle)
+        image[body] += 6 * fields.tissue[index][body]
+        draw_central_structures(image, grid, anatomy, body_radii, z, spine_center, spine)
+        lung_image = lung_intensities(rng, grid, fields, index, z, lung_centers, lung_radii)
+        lesion, haze = ground_glass_lesion(grid, anatomy, settings, fields, index, lungs, lung_centers, lung_radii)
+        if lesion is None:
+            lesion = np.zeros(shape, dtype=bool)
+        else:
+            lung_image += haze
         image[lungs] = lung_image[lungs]
-
-        # field of view: black outside the scanner's circle; fine grain everywhere inside
+        # fine grain everywhere, black outside the scanner's circular field of view
         image += ndimage.gaussian_filter(rng.normal(0, 10, shape), 0.6)
-        field_of_view = np.hypot(grid[0] - IMAGE_SIZE / 2 + 0.5, grid[1] - IMAGE_SIZE / 2 + 0.5) < IMAGE_SIZE / 2 - 1
         image[~field_of_view] = 0
         images.append(np.clip(np.rint(image), 0, 255).astype(np.uint8))
         lung_masks.append(lungs)
