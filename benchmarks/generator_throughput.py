@@ -4,8 +4,9 @@
 state from ``build_training_state`` (host slices copied per step, mixed precision through accelerate, channels_last
 and fused AdamW on CUDA, optional torch.compile, EMA). "plain fp32" is a diffusers-example loop over the same UNet
 in the same process (one fixed batch on the device, no autocast, no channels_last, default AdamW, no compile).
-Inputs are real slices: by default the embedded example (5 patients of the COVID-19 CT slices, converted with
-``nnsynth_convert_covid19`` into a temporary folder), or ``--dataset`` (an nnU-Net raw dataset folder).
+Inputs are real slices: by default a small real example (5 patients, 37 slices of the COVID-19 CT slices in
+../shared/data or ``--covid-source``, converted with ``nnsynth_convert_covid19`` into a temporary folder), or
+``--dataset`` (an nnU-Net raw dataset folder).
 Utilisation (MFU) is against a peak measured in this process (best large matmul in the training precision).
 
     python benchmarks/generator_throughput.py --preset tiny --device cpu --steps 10
@@ -29,7 +30,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from nnunet_synth.atomic import write_json_atomic
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.dataset.slices import class_pixel_frequencies, dataset_intensity_window
-from nnunet_synth.example import example_source_folder
 from nnunet_synth.generator import training
 from nnunet_synth.generator.ablation import make_ablation_schedule, one_hot_condition
 from nnunet_synth.generator.config import GeneratorConfig, TrainingSettings, build_noise_scheduler, build_unet
@@ -37,6 +37,9 @@ from nnunet_synth.generator.data import load_model_slices
 from nnunet_synth.sampling import sample_images
 
 MATMUL_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHARED_COVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "covid19_ct_slices"
+# the tests' small real example: the five shortest patients, at most 9 slices each (37 slices)
+EXAMPLE_SELECTION = ["--cases", "case_10", "case_14", "case_15", "case_17", "case_18", "--max-slices-per-case", "9"]
 
 
 def measured_peak_tflops(device, dtype, size=None, repeats=10) -> float:
@@ -73,13 +76,16 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def load_real_slices(dataset_folder, image_size):
-    """All slices of the dataset (default: the embedded example) in model space, and its class pixel shares."""
+def load_real_slices(dataset_folder, image_size, covid_source=SHARED_COVID):
+    """All slices of the dataset (default: the small real example) in model space, and its class pixel shares."""
     with tempfile.TemporaryDirectory() as workdir:
         if dataset_folder is None:
+            if not (Path(covid_source) / "cases.csv").is_file():
+                raise SystemExit(f"{covid_source}: the COVID-19 CT slices are missing: pass --covid-source FOLDER "
+                                 f"(cases.csv, ct/, lungs/, covid/) or --dataset")
             # the project's command, not its module: benchmarks stay off the command-line layer's internals
-            subprocess.run([str(Path(sys.executable).parent / "nnsynth_convert_covid19"),
-                            str(example_source_folder()), "-o", workdir, "-d", "983", "-n", "ThroughputBenchmark"],
+            subprocess.run([str(Path(sys.executable).parent / "nnsynth_convert_covid19"), str(covid_source),
+                            *EXAMPLE_SELECTION, "-o", workdir, "-d", "983", "-n", "ThroughputBenchmark"],
                            check=True, capture_output=True)
             dataset_folder = f"{workdir}/Dataset983_ThroughputBenchmark"
         dataset = RawDataset(dataset_folder)
@@ -185,7 +191,9 @@ def main(argv=None):
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--dataset", help="an nnU-Net raw dataset folder (default: the embedded example)")
+    parser.add_argument("--dataset", help="an nnU-Net raw dataset folder (default: the small real example)")
+    parser.add_argument("--covid-source", default=str(SHARED_COVID),
+                        help="the COVID-19 CT slices the default example comes from (default: ../shared/data)")
     parser.add_argument("--precision", choices=("no", "bf16", "fp16"),
                         help="mixed precision of our step (default: bf16 on CUDA, no on CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our step's UNet")
@@ -218,7 +226,8 @@ def main(argv=None):
     print(f"device {device} ({device_name}), preset {settings.preset}, {settings.image_size}x{settings.image_size}, "
           f"batch {settings.batch_size}, precision {precision}, compile {args.compile}")
 
-    images, label_maps, num_classes, frequencies = load_real_slices(args.dataset, settings.image_size)
+    images, label_maps, num_classes, frequencies = load_real_slices(args.dataset, settings.image_size,
+                                                                    args.covid_source)
     flops_per_step = training_flops(settings, images, label_maps, num_classes, device)
     loops = {"ours": lambda: our_training_step_factory(settings, images, label_maps, num_classes, frequencies,
                                                        accelerator)}

@@ -7,10 +7,11 @@ An iteration is what nnUNetTrainer.run_training does per batch: ``train_step(nex
 data loading + augmentation + forward/backward. The two trainers run in alternating blocks (stock, SynthMix,
 SynthMix, stock, ...) after warm-up iterations, so drift of the machine hits both alike. Target: SynthMix within 5 %.
 
-Without --dataset the script builds a private workspace: the embedded example converted to an nnU-Net
-dataset, 13 synthetic cases from a tiny generator (train_generator + generate_synthetic_cases), stock
-nnUNetv2_plan_and_preprocess for 2d, and small CPU plans (nnunet_synth.trainers.cpu_plans) that keep the
-preprocessed data. Data augmentation runs in this process (nnUNet_n_proc_DA=0) unless you set it.
+Without --dataset the script builds a private workspace: a small real example (5 patients, 37 slices of the
+COVID-19 CT slices in ../shared/data, or --covid-source) converted to an nnU-Net dataset, 13 synthetic cases
+from a tiny generator (train_generator + generate_synthetic_cases), stock nnUNetv2_plan_and_preprocess for 2d,
+and small CPU plans (nnunet_synth.trainers.cpu_plans) that keep the preprocessed data. Data augmentation runs in
+this process (nnUNet_n_proc_DA=0) unless you set it.
 """
 import argparse
 import json
@@ -23,23 +24,28 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_COVID = REPO_ROOT.parent / "shared" / "data" / "covid19_ct_slices"
+# the tests' small real example: the five shortest patients, at most 9 slices each (37 slices)
+EXAMPLE_SELECTION = ["--cases", "case_10", "case_14", "case_15", "case_17", "case_18", "--max-slices-per-case", "9"]
 EXAMPLE_ID, EXAMPLE_NAME = 982, "SynthMixBenchmark"
 
 
-def build_example_workspace(workdir: Path) -> str:
+def build_example_workspace(workdir: Path, covid_source: Path) -> str:
     """nnU-Net folders under ``workdir`` with the example dataset, synthetic cases, plans and CPU plans."""
+    if not (covid_source / "cases.csv").is_file():
+        raise SystemExit(f"{covid_source}: the COVID-19 CT slices are missing: pass --covid-source FOLDER "
+                         f"(cases.csv, ct/, lungs/, covid/) or --dataset")
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (workdir / name).mkdir(parents=True, exist_ok=True)
         os.environ[name] = str(workdir / name)
     from nnunet_synth.dataset import RawDataset
-    from nnunet_synth.example import example_source_folder
     from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases
     from nnunet_synth.generator import TrainingSettings, train_generator
     from nnunet_synth.generator.checkpoints import FINAL_FOLDER
     from nnunet_synth.trainers.cpu_plans import write_cpu_plans
     subprocess.run([str(Path(sys.executable).parent / "nnsynth_convert_covid19"),
-                    str(example_source_folder()), "-o", str(workdir / "nnUNet_raw"), "-d", str(EXAMPLE_ID),
-                    "-n", EXAMPLE_NAME], check=True, capture_output=True)
+                    str(covid_source), *EXAMPLE_SELECTION, "-o", str(workdir / "nnUNet_raw"), "-d",
+                    str(EXAMPLE_ID), "-n", EXAMPLE_NAME], check=True, capture_output=True)
     folder = workdir / "nnUNet_raw" / f"Dataset{EXAMPLE_ID}_{EXAMPLE_NAME}"
     dataset = RawDataset(folder)
     settings = TrainingSettings(preset="tiny", image_size=32, batch_size=4, max_steps=3, warmup_steps=1,
@@ -103,6 +109,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, as "
                                                                       "nnUNetv2_train -device cpu)")
     parser.add_argument("--workdir", help="folder for the example workspace (default: a temporary folder)")
+    parser.add_argument("--covid-source", type=Path, default=SHARED_COVID,
+                        help="the COVID-19 CT slices the example comes from (default: ../shared/data beside the repo)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("nnUNet_def_n_proc", "1")
@@ -114,7 +122,7 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as temporary:
         if args.dataset is None:
-            plans = build_example_workspace(Path(args.workdir or temporary))
+            plans = build_example_workspace(Path(args.workdir or temporary), args.covid_source)
             dataset = str(EXAMPLE_ID)
         else:
             plans, dataset = args.plans or "nnUNetPlans", args.dataset

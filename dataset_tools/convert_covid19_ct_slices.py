@@ -5,6 +5,7 @@ infection mask lies outside the lung mask). Intensities stay the source's 8-bit 
 """
 import argparse
 import csv
+import math
 from collections import OrderedDict
 from pathlib import Path
 
@@ -35,6 +36,25 @@ def read_case_table(source_folder: Path) -> "OrderedDict[str, list]":
     return cases
 
 
+def select_slices(source_folder: Path, case_ids=None, max_slices_per_case=None) -> "OrderedDict[str, list]":
+    """Part of the case table of ``source_folder``: only ``case_ids`` (in the table's order; default all) and, per
+    case, every k-th slice from its first, with k = ceil(slices / max_slices_per_case) (default: every slice)."""
+    case_table = read_case_table(source_folder)
+    if case_ids is not None:
+        unknown = sorted(set(case_ids) - set(case_table))
+        if unknown:
+            raise NnsynthError(f"{source_folder / 'cases.csv'}: no case {', '.join(unknown)}: pick from "
+                               f"{', '.join(case_table)}")
+    if max_slices_per_case is not None and max_slices_per_case < 1:
+        raise NnsynthError(f"the number of slices per case must be at least 1, got {max_slices_per_case}")
+    selected = OrderedDict()
+    for case_id, slice_files in case_table.items():
+        if case_ids is None or case_id in case_ids:
+            step = math.ceil(len(slice_files) / max_slices_per_case) if max_slices_per_case else 1
+            selected[case_id] = slice_files[::step]
+    return selected
+
+
 def read_slice(source_folder: Path, slice_file: str):
     """Return (grey image uint8, label map uint8) of one slice."""
     arrays = {}
@@ -51,10 +71,23 @@ def read_slice(source_folder: Path, slice_file: str):
     return arrays["ct"].astype(np.uint8), label_map
 
 
-def convert_covid19_ct_slices(source_folder, output_root, dataset_id=501, dataset_name="Covid19Lung"):
-    """Write ``Dataset{id}_{name}`` under ``output_root``; return its folder. Safe to rerun."""
+COVID19_ABOUT = {
+    "description": "COVID-19 CT slices (CLAHE 8-bit grey values, not HU), slices of a patient stacked in file "
+                   "order; spacing unknown, set to 1.0",
+    "reference": "Ma et al., Medical Physics 2021; resampled by dstaroff/COVID19-CT-Segmentation (MIT)",
+    "license": "CC BY 4.0 (source dataset)",
+}
+
+
+def convert_covid19_ct_slices(source_folder, output_root, dataset_id=501, dataset_name="Covid19Lung", cases=None,
+                              about=None):
+    """Write ``Dataset{id}_{name}`` under ``output_root``; return its folder. Safe to rerun.
+
+    ``cases``: the case table to convert (default: all of cases.csv; see ``select_slices``). ``about``: the
+    dataset.json description, reference and license (default: those of the COVID-19 CT slices).
+    """
     source_folder = Path(source_folder)
-    cases = read_case_table(source_folder)
+    cases = read_case_table(source_folder) if cases is None else cases
     dataset_folder = Path(output_root) / ("Dataset%03d_%s" % (dataset_id, dataset_name))
     for case_id, slice_files in tqdm(cases.items(), desc="converting COVID-19 slices", unit="case"):
         slices = [read_slice(source_folder, name) for name in slice_files]
@@ -65,11 +98,8 @@ def convert_covid19_ct_slices(source_folder, output_root, dataset_id=501, datase
     # dataset.json last: its presence marks a complete conversion.
     write_dataset_json_atomic(
         dataset_folder, channel_names={0: "CT"}, labels=LABELS, num_training_cases=len(cases),
-        file_ending=".nii.gz", dataset_name=dataset_folder.name,
-        description="COVID-19 CT slices (CLAHE 8-bit grey values, not HU), slices of a patient stacked in file "
-                    "order; spacing unknown, set to 1.0",
-        reference="Ma et al., Medical Physics 2021; resampled by dstaroff/COVID19-CT-Segmentation (MIT)",
-        license="CC BY 4.0 (source dataset)", converted_by="nnunet-synth convert_covid19_ct_slices")
+        file_ending=".nii.gz", dataset_name=dataset_folder.name, converted_by="nnunet-synth convert_covid19_ct_slices",
+        **(COVID19_ABOUT if about is None else about))
     return dataset_folder
 
 
@@ -93,9 +123,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("source_folder", help="folder with cases.csv, ct/, lungs/, covid/")
     add_output_arguments(parser, 501, "Covid19Lung")
+    parser.add_argument("--cases", nargs="+", metavar="CASE_ID", help="convert only these cases (default: all)")
+    parser.add_argument("--max-slices-per-case", type=int, metavar="N",
+                        help="keep every k-th slice of a case, k chosen so that at most N remain (default: all)")
     args = parser.parse_args(argv)
+    cases = select_slices(Path(args.source_folder), args.cases, args.max_slices_per_case)
     folder = convert_covid19_ct_slices(args.source_folder, output_root_from_args(args), args.dataset_id,
-                                       args.dataset_name)
+                                       args.dataset_name, cases)
     from nnunet_synth.dataset_tools.check_dataset import print_summary
     print_summary(folder)
 

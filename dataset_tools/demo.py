@@ -1,7 +1,9 @@
-"""The main job on the embedded example, on CPU, inside one demo folder (its own nnUNet_raw,
-nnUNet_preprocessed and nnUNet_results):
+"""The main job on a small example, on CPU, inside one demo folder (its own nnUNet_raw, nnUNet_preprocessed and
+nnUNet_results):
 
-1. convert the shipped COVID-19 subset into Dataset990_Covid19Example (5 patients, 37 slices);
+1. draw the generated chest-CT example (5 patients of 8 slices, see nnunet_synth.example.phantom) into the demo
+   folder and convert it into Dataset990_ChestPhantom; with --source, convert --patients patients of real slices
+   in the COVID-19 layout (cases.csv, ct/, lungs/, covid/) into Dataset991_DemoSlices instead;
 2. nnsynth_generate: train a tiny generator on fold 0's training cases, make class-balanced label maps,
    sample synthetic cases, score them and save the preview grid;
 3. the stock nnUNetv2_plan_and_preprocess (2d) plus small CPU plans that share its preprocessed data;
@@ -12,20 +14,25 @@ A 500-iteration CPU model and a few-hundred-step generator show that the loop ru
 what synthetic data does for a real model (that needs the GPU budgets of the README).
 """
 import argparse
+import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+from nnunet_synth.atomic import write_json_atomic
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.dataset.splits import real_crossval_split
 from nnunet_synth.dataset_tools.check_dataset import print_summary
-from nnunet_synth.dataset_tools.convert_covid19_ct_slices import convert_covid19_ct_slices
+from nnunet_synth.dataset_tools.convert_covid19_ct_slices import (convert_covid19_ct_slices, read_case_table,
+                                                                  select_slices)
 from nnunet_synth.errors import NnsynthError, command_entry_point
 from nnunet_synth.evaluation.nnunet_runs import CPU_PLANS, plan_and_preprocess, predict_and_score, train
-from nnunet_synth.example import example_source_folder
+from nnunet_synth.example.phantom import PHANTOM_ABOUT, PhantomSettings, write_chest_phantom
 
-DEMO_DATASET_ID = 990
-DEMO_DATASET_NAME = "Covid19Example"
+PHANTOM_DATASET = (990, "ChestPhantom")
+SOURCE_DATASET = (991, "DemoSlices")
+DEMO_INPUT_FILE = "demo_input.json"
 DEMO_FOLD = 0
 DEMO_TRAINER = "nnUNetTrainerSynthMix_demo"
 STEPS = ("convert", "generate", "preprocess", "train", "predict")
@@ -38,6 +45,44 @@ def prepare_demo_environment(work_folder: Path) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
         os.environ[name] = str(folder)
     return folders
+
+
+def convert_step(work_folder: Path, raw_root: Path, source, patients: int, slices_per_patient: int) -> Path:
+    """Convert the demo's input (the generated example, or ``source``) into nnU-Net's raw format; return the
+    dataset folder.
+
+    A demo folder belongs to one input: its generator and synthetic cases are reused on a rerun, so a rerun with
+    another input stops instead of mixing them.
+    """
+    if source is None:
+        demo_input = {"source": "generated", **asdict(PhantomSettings())}
+    else:
+        first_patients = list(read_case_table(Path(source)))[:patients]   # checks the folder before any write
+        cases = select_slices(Path(source), first_patients, slices_per_patient or None)
+        demo_input = {"source": str(Path(source).resolve()), "patients": patients,
+                      "slices_per_patient": slices_per_patient}
+    input_file = work_folder / DEMO_INPUT_FILE
+    if input_file.is_file():
+        previous = json.loads(input_file.read_text())
+        if previous != demo_input:
+            raise NnsynthError(f"{input_file}: this demo folder holds the demo of {describe_input(previous)}, not "
+                               f"of {describe_input(demo_input)}: pass another -o (or remove the folder)")
+    elif any(raw_root.glob("Dataset*")):
+        raise NnsynthError(f"{raw_root}: this demo folder holds datasets of an earlier nnsynth_demo version: pass "
+                           f"another -o (or remove the folder)")
+    write_json_atomic(demo_input, input_file)
+    if source is None:
+        phantom_folder = write_chest_phantom(work_folder / "chest_phantom")
+        print(f"generated example (no real data) written to {phantom_folder}")
+        return convert_covid19_ct_slices(phantom_folder, raw_root, *PHANTOM_DATASET, about=PHANTOM_ABOUT)
+    return convert_covid19_ct_slices(source, raw_root, *SOURCE_DATASET, cases=cases)
+
+
+def describe_input(demo_input: dict) -> str:
+    if demo_input["source"] == "generated":
+        return f"the generated example (seed {demo_input.get('seed')})"
+    slices = demo_input["slices_per_patient"] or "all"
+    return f"{demo_input['source']} ({demo_input['patients']} patients, slices per patient: {slices})"
 
 
 def generate_step(dataset: RawDataset, generator_steps: int, ratio: float, inference_steps: int, device: str):
@@ -78,6 +123,12 @@ def predict_step(dataset: RawDataset, work_folder: Path, results_root: Path, dev
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-o", "--work-folder", default="nnsynth_demo", help="where the demo writes everything")
+    parser.add_argument("--source", metavar="FOLDER",
+                        help="real slices in the COVID-19 layout (cases.csv, ct/, lungs/, covid/) instead of the "
+                             "generated example, e.g. ../shared/data/covid19_ct_slices")
+    parser.add_argument("--patients", type=int, default=5, help="with --source: its first N patients (default 5)")
+    parser.add_argument("--slices-per-patient", type=int, default=8,
+                        help="with --source: every k-th slice of a patient, at most this many (0: all; default 8)")
     parser.add_argument("--stop-after", choices=STEPS, default="predict", help="end the demo after this step")
     parser.add_argument("--generator-steps", type=int, default=400, help="tiny-generator training steps")
     parser.add_argument("--ratio", type=float, default=0.5, help="synthetic cases per real training slice")
@@ -86,6 +137,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.generator_steps < 1:
         raise NnsynthError(f"--generator-steps must be at least 1, got {args.generator_steps}")
+    if args.patients < 1 or args.slices_per_patient < 0:
+        raise NnsynthError(f"--patients must be at least 1 and --slices-per-patient at least 0, got {args.patients} "
+                           f"and {args.slices_per_patient}")
     work_folder = Path(args.work_folder).resolve()
     folders = prepare_demo_environment(work_folder)
     timings = {}
@@ -96,8 +150,8 @@ def main(argv=None):
         return name == args.stop_after
 
     started = time.perf_counter()
-    dataset_folder = convert_covid19_ct_slices(example_source_folder(), folders["nnUNet_raw"],
-                                               DEMO_DATASET_ID, DEMO_DATASET_NAME)
+    dataset_folder = convert_step(work_folder, folders["nnUNet_raw"], args.source, args.patients,
+                                  args.slices_per_patient)
     print_summary(dataset_folder)
     print(f"demo dataset written to {dataset_folder}")
     if step_done("convert"):

@@ -11,6 +11,11 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 COVID_SOURCE = SHARED_DATA / "covid19_ct_slices"
 REAL_HU_SOURCE = SHARED_DATA / "real_hu_ct"
 MS_SOURCE = SHARED_DATA / "ms_lesions_3d"
+# The small real example of the tests: the five shortest patients of the COVID-19 slices, every k-th slice of a
+# patient with k chosen so that at most 9 remain (every 2nd slice of case_10 and case_14, every 3rd of case_15,
+# case_17 and case_18): 37 slices.
+EXAMPLE_CASES = ("case_10", "case_14", "case_15", "case_17", "case_18")
+EXAMPLE_MAX_SLICES_PER_CASE = 9
 
 
 def pytest_configure(config):
@@ -57,12 +62,17 @@ def real_hu_dataset_folder(nnunet_folders):
     return convert_real_hu_ct(REAL_HU_SOURCE, nnunet_folders["nnUNet_raw"])
 
 
+def convert_example_subset(output_root, dataset_id, dataset_name) -> Path:
+    """Convert the small real example (EXAMPLE_CASES, 37 slices) into ``Dataset{id}_{name}`` under ``output_root``."""
+    from nnunet_synth.dataset_tools.convert_covid19_ct_slices import convert_covid19_ct_slices, select_slices
+    cases = select_slices(COVID_SOURCE, EXAMPLE_CASES, EXAMPLE_MAX_SLICES_PER_CASE)
+    return convert_covid19_ct_slices(COVID_SOURCE, output_root, dataset_id, dataset_name, cases=cases)
+
+
 @pytest.fixture(scope="session")
 def example_dataset_folder(nnunet_folders):
-    """The embedded example (5 patients, 37 slices) converted to Dataset990_Covid19Example."""
-    from nnunet_synth.dataset_tools.convert_covid19_ct_slices import convert_covid19_ct_slices
-    from nnunet_synth.example import example_source_folder
-    return convert_covid19_ct_slices(example_source_folder(), nnunet_folders["nnUNet_raw"], 990, "Covid19Example")
+    """The small real example (5 patients, 37 slices) converted to Dataset990_Covid19Example."""
+    return convert_example_subset(nnunet_folders["nnUNet_raw"], 990, "Covid19Example")
 
 
 @pytest.fixture(scope="session")

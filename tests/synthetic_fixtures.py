@@ -60,11 +60,9 @@ def write_synthetic_cases(dataset_folder, generator_run_folder) -> SyntheticStor
 
 @pytest.fixture(scope="session")
 def synthetic_example_dataset(nnunet_folders, tmp_path_factory):
-    """The embedded example as Dataset981_SynthMixExample (a private copy: other tests' Dataset990 stays
+    """The small real example as Dataset981_SynthMixExample (a private copy: other tests' Dataset990 stays
     real-only), with synthetic cases from ``write_synthetic_cases``. Returns the raw dataset folder."""
-    from nnunet_synth.dataset_tools.convert_covid19_ct_slices import convert_covid19_ct_slices
-    from nnunet_synth.example import example_source_folder
-    folder = convert_covid19_ct_slices(example_source_folder(), nnunet_folders["nnUNet_raw"],
-                                       SYNTHMIX_DATASET_ID, SYNTHMIX_DATASET_NAME)
+    from conftest import convert_example_subset
+    folder = convert_example_subset(nnunet_folders["nnUNet_raw"], SYNTHMIX_DATASET_ID, SYNTHMIX_DATASET_NAME)
     write_synthetic_cases(folder, tmp_path_factory.mktemp("synthmix_generator") / "run")
     return folder

@@ -4,8 +4,8 @@ several input channels. Each dataset gets synthetic cases through the stock ``nn
 two-channel dataset are trained for a few (10) iterations with SynthMix through the stock ``nnUNetv2_train``. The
 standalone export of each (real and synthetic cases together in imagesTr) passes nnU-Net's integrity check too.
 
-- Dataset940: the embedded example with the right 30 % of every slice unannotated (``"ignore": 3``).
-- Dataset941: the embedded example with region-based labels (``"lung": [1, 2], "lesion": 2``, as BraTS declares
+- Dataset940: the small real example with the right 30 % of every slice unannotated (``"ignore": 3``).
+- Dataset941: the small real example with region-based labels (``"lung": [1, 2], "lesion": 2``, as BraTS declares
   its tumour regions).
 - Dataset942: the real HU CT as two channels, two CT windows (full HU range and soft tissue [-160, 240]).
 """

@@ -94,11 +94,9 @@ def test_copy_paste_cases_hold_the_donors_real_pixels(covid_dataset_folder, nnun
 @pytest.fixture(scope="module")
 def downstream_run(nnunet_folders, tmp_path_factory):
     """real_only, oversample and copy_paste, 2 repeats each, 1 held-out test patient, 3 training patients, on the
-    embedded example (5 patients)."""
-    from nnunet_synth.dataset_tools.convert_covid19_ct_slices import convert_covid19_ct_slices
-    from nnunet_synth.example import example_source_folder
-    dataset = RawDataset(convert_covid19_ct_slices(example_source_folder(), nnunet_folders["nnUNet_raw"],
-                                                   DOWNSTREAM_ID, "BaselinesExample"))
+    small real example (5 patients)."""
+    from conftest import convert_example_subset
+    dataset = RawDataset(convert_example_subset(nnunet_folders["nnUNet_raw"], DOWNSTREAM_ID, "BaselinesExample"))
     output = tmp_path_factory.mktemp("baselines") / "evaluation"
     command = [str(BIN / "nnsynth_evaluate"), "downstream", str(DOWNSTREAM_ID), "-o", str(output),
                "--arms", "real_only", "oversample", "copy_paste", "--repeats", "2", "--test-patients", "1",

@@ -1,4 +1,4 @@
-"""nnsynth_evaluate on the embedded example with tiny budgets: fidelity numbers against scikit-image / numpy,
+"""nnsynth_evaluate on the small real example with tiny budgets: fidelity numbers against scikit-image / numpy,
 the downstream arms with stock nnU-Net runs and Dice recomputed from the prediction files, and the report."""
 import csv
 import json
@@ -28,10 +28,8 @@ def one_thread_environment():
 
 @pytest.fixture(scope="module")
 def evaluation_dataset(nnunet_folders):
-    from nnunet_synth.dataset_tools.convert_covid19_ct_slices import convert_covid19_ct_slices
-    from nnunet_synth.example import example_source_folder
-    return RawDataset(convert_covid19_ct_slices(example_source_folder(), nnunet_folders["nnUNet_raw"], DATASET_ID,
-                                                "EvaluateExample"))
+    from conftest import convert_example_subset
+    return RawDataset(convert_example_subset(nnunet_folders["nnUNet_raw"], DATASET_ID, "EvaluateExample"))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Five-fold cross-validation with synthetic data on the embedded example: ``nnsynth_generate --folds 0 1 2 3 4``
+"""Five-fold cross-validation with synthetic data on the small real example: ``nnsynth_generate --folds 0 1 2 3 4``
 and the stock ``nnUNetv2_plan_and_preprocess``, then per fold the cases nnUNetTrainerSynthMix takes (fast, in
 this process) and the stock ``nnUNetv2_train`` for every fold (debug budget, CPU plans) and
 ``nnUNetv2_find_best_configuration``. Per fold, no synthetic case the trainer uses depends on one of that fold's
@@ -45,11 +45,9 @@ def run(args, env, timeout=1800):      # a safety net for a loaded 2-core machin
 @pytest.fixture(scope="module")
 def five_fold_dataset(nnunet_folders):
     """The example with synthetic cases for all five folds, planned and preprocessed; returns the RawDataset."""
-    from nnunet_synth.dataset_tools.convert_covid19_ct_slices import convert_covid19_ct_slices
-    from nnunet_synth.example import example_source_folder
+    from conftest import convert_example_subset
     from nnunet_synth.trainers.cpu_plans import write_cpu_plans
-    folder = convert_covid19_ct_slices(example_source_folder(), nnunet_folders["nnUNet_raw"], DATASET_ID,
-                                       "FiveFoldExample")
+    folder = convert_example_subset(nnunet_folders["nnUNet_raw"], DATASET_ID, "FiveFoldExample")
     dataset = RawDataset(folder)
     # one small generator per fold, where nnsynth_generate looks for it (a real run trains them itself)
     fast = TrainingSettings(preset="tiny", image_size=32, batch_size=4, max_steps=2, warmup_steps=1,

@@ -1,4 +1,4 @@
-"""nnsynth_generate on the embedded example with a tiny generator trained here (CPU): real files untouched,
+"""nnsynth_generate on the small real example with a tiny generator trained here (CPU): real files untouched,
 kill + rerun resumes without duplicates or partial files, one seed gives identical files, no case depends on a
 validation case of its fold (and a generator of another fold is refused), the exported standalone dataset passes
 nnU-Net's integrity check without leaking, overwrite/clean touch synthetic cases only."""
@@ -35,9 +35,8 @@ def one_thread_environment():
 
 
 def convert_example(nnunet_folders, dataset_id, name):
-    from nnunet_synth.dataset_tools.convert_covid19_ct_slices import convert_covid19_ct_slices
-    from nnunet_synth.example import example_source_folder
-    return convert_covid19_ct_slices(example_source_folder(), nnunet_folders["nnUNet_raw"], dataset_id, name)
+    from conftest import convert_example_subset
+    return convert_example_subset(nnunet_folders["nnUNet_raw"], dataset_id, name)
 
 
 @pytest.fixture(scope="module")
