@@ -246,14 +246,15 @@ class SyntheticStore:
                 if other is None:
                     continue
                 who = f"another nnsynth_generate (pid {other.get('pid')} on {other.get('host')})"
-                if path == mine:
-                    raise NnsynthError(f"{path}: {who} is writing shard {shard_index} of fold {fold}: wait for it "
-                                       f"to finish (a rerun then resumes), or start another --shard-index")
                 changed = claim_differences(other, claim)
                 if changed:
                     raise NnsynthError(f"{path}: {who} is writing fold {fold} of {self.dataset.name} with other "
                                        f"settings ({', '.join(changed)}): wait for it to finish and rerun with its "
                                        f"settings, or write another fold (--fold)")
+                if path == mine:
+                    raise NnsynthError(f"{path}: {who} is writing shard {shard_index} of fold {fold} with the same "
+                                       f"settings: wait for it to finish (a rerun then resumes), or start another "
+                                       f"--shard-index of --num-shards")
             self.manifest = self._read_manifest()       # the fold's cases and recipe as they are on disk now
             self.check_fold_recipe(fold, recipe)
             try:
