@@ -30,6 +30,16 @@ def storage_error(path, error: BaseException, action: str = "write") -> NnsynthE
     return NnsynthError(f"{path}: cannot {action} ({reason}): {fix}")
 
 
+def _close_progress_bars():
+    """End the progress bars a failure interrupted, so that the error starts a line of its own."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def command_entry_point(main_function):
     """Run a command's main function; print NnsynthError as one line on stderr and exit with status 2."""
 
@@ -38,6 +48,7 @@ def command_entry_point(main_function):
         try:
             return main_function(*args, **kwargs)
         except NnsynthError as error:
+            _close_progress_bars()
             message = " ".join(str(error).split())
             print(f"nnsynth: error: {message}", file=sys.stderr)
             sys.exit(2)

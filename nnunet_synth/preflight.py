@@ -170,3 +170,31 @@ def check_training_request(dataset: RawDataset, settings, fold, run_folder, devi
     scan = scan_dataset(dataset, progress)
     check_fold_classes(dataset, scan, fold, fold_training_cases(dataset, fold))
     return resolved
+
+
+def check_evaluation_request(dataset: RawDataset, command: str, options, progress=True):
+    """The checks of ``nnsynth_evaluate`` before it creates its folder, trains or samples: ``options`` is the
+    parsed namespace of the sub-command (fidelity, downstream or report)."""
+    if command == "report":
+        return
+    check_device(options.device)
+    check_inference_steps(options.inference_steps)
+    if command == "fidelity":
+        for seed in options.seeds:
+            check_seed(seed, "--seeds")
+        check_int_range(options.max_slices, "--max-slices", 1)
+        check_int_range(options.feature_fold, "--feature-fold", 0)
+    else:
+        check_seed(options.seed)
+        check_seed(options.split_seed, "--split-seed")
+        for amount in options.amounts:
+            check_number_range(amount, "--amounts", 0, None, low_open=True)
+        check_int_range(options.repeats, "--repeats", 1)
+        check_int_range(options.test_patients, "--test-patients", 1, len(dataset.case_ids) - 1)
+        for count in options.real_cases or []:
+            check_int_range(count, "--real-cases", 1, len(dataset.case_ids))
+        check_int_range(options.test_slice_step, "--test-slice-step", 1)
+        check_int_range(options.generator_steps, "--generator-steps", 1)
+        check_number_range(options.generator_lr, "--generator-lr", 0, 1, low_open=True)
+        check_int_range(options.first_id, "--first-id", 1, 999)
+    scan_dataset(dataset, progress)

@@ -3,7 +3,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -180,11 +182,17 @@ def run_main(main, argv, capsys):
     return code, capsys.readouterr().err
 
 
-def assert_refused(code, stderr, *expected_fragments):
-    """Exit status 2 and exactly one line on stderr, ``nnsynth: error: ...`` with the fragments."""
+PROGRESS_LINE = re.compile(r"^[^:]*: +\d+%\|")      # a tqdm bar, e.g. "sampling synthetic cases:  17%|█▋ |"
+
+
+def assert_refused(code, stderr, *expected_fragments, after_progress=False):
+    """Exit status 2 and exactly one line on stderr, ``nnsynth: error: ...`` with the fragments; with
+    ``after_progress`` (a failure half-way through a run) the progress bars before it are allowed."""
     assert code == 2, stderr
     assert "Traceback" not in stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
+    if after_progress:
+        lines = [line for line in lines if not PROGRESS_LINE.match(line)]
     assert len(lines) == 1, stderr
     assert lines[0].startswith("nnsynth: error: ")
     for fragment in expected_fragments:
@@ -442,7 +450,7 @@ def test_a_damaged_generator_is_refused_in_one_line(generated_copy, tiny_generat
     weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
     _damage(weights, how)
     synthetic_before = synthetic_file_hashes(generated_copy)
-    argv = [str(generated_copy), "--generator", str(copy), "-n", "4", "--seed", "7", *FAST_SAMPLING]
+    argv = [str(generated_copy), "--generator", str(copy), "-n", "4", "--seed", "7", "--overwrite", *FAST_SAMPLING]
     assert_refused(*run_main(generate_command.main, argv, capsys), "diffusion_pytorch_model.safetensors",
                    "truncated or damaged")
     assert synthetic_file_hashes(generated_copy) == synthetic_before
@@ -504,18 +512,38 @@ def _incomplete_synthetic_files(folder: Path) -> list:
     return bad
 
 
+def start_command(*command, **environment) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in environment.items()}}
+    return subprocess.Popen([str(BIN / command[0]), *map(str, command[1:])], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_claim(process: subprocess.Popen, dataset_folder: Path, timeout=600):
+    """Until ``process`` holds its fold's claim: its checks passed, no case is written yet."""
+    claims = dataset_folder / "synthetic.claims"
+    deadline = time.time() + timeout
+    while not (claims.is_dir() and any(claims.glob("fold_0.shard_*.lock"))):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, "the command never claimed its fold"
+        time.sleep(0.02)
+
+
 def test_a_full_disk_while_writing_cases_is_one_line_and_the_rerun_completes(real_hu_dataset_folder, tiny_generator,
                                                                             tmp_path):
     with mounted("tmpfs", tmp_path / "small_raw", size="1m") as raw:
         folder = copy_dataset(real_hu_dataset_folder, raw, 785, "FullDisk")
         real_before = real_file_hashes(folder)
-        filler = raw / "filler.bin"
-        free = shutil.disk_usage(raw).free
-        filler.write_bytes(b"\0" * max(0, free - 190 * 1024))     # room for the checks' budget, not for the run
         command = ["nnsynth_generate", folder, "--generator", tiny_generator / "final", "-n", "6", "--seed", "3",
                    *FAST_SAMPLING]
-        result = run_command(*command, nnUNet_raw=raw)
-        assert_command_refused(result, "No space left on device", "free space")
+        running = start_command(*command, nnUNet_raw=raw)
+        wait_for_claim(running, folder)
+        running.send_signal(signal.SIGSTOP)         # the checks passed; now the disk fills up under it
+        filler = raw / "filler.bin"
+        with open(filler, "wb") as handle:
+            handle.write(b"\0" * max(0, shutil.disk_usage(raw).free - 40 * 1024))   # room for one case or so
+        running.send_signal(signal.SIGCONT)
+        _, stderr = running.communicate(timeout=900)
+        assert_refused(running.returncode, stderr, "No space left on device", "free space", after_progress=True)
         assert _incomplete_synthetic_files(folder) == []           # complete or absent
         filler.unlink()
         result = run_command(*command, nnUNet_raw=raw)
@@ -536,16 +564,16 @@ def test_a_concurrent_run_with_other_settings_is_refused_and_the_first_runs_case
     generator = tiny_generator / "final"
     base = ["nnsynth_generate", folder, "--generator", generator, "-n", "8", "--inference-steps", "2",
             "--device", "cpu"]
-    first = subprocess.Popen([str(BIN / base[0]), *map(str, base[1:]), "--seed", "7", "--batch-size", "2"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    claims = folder / "synthetic.claims"
-    deadline = time.time() + 600
-    while not (claims.is_dir() and any(claims.glob("fold_0.shard_*.lock"))) and time.time() < deadline:
-        assert first.poll() is None, first.communicate()[1][-3000:]
-        time.sleep(0.2)
-    second = run_command(*base, "--seed", "8", "--batch-size", "4")
+    first = start_command(*base, "--seed", "7", "--batch-size", "2")
+    wait_for_claim(first, folder)
+    first.send_signal(signal.SIGSTOP)               # holds its claim, has written no case yet
+    try:
+        second = run_command(*base, "--seed", "8", "--batch-size", "4")
+        same = run_command(*base, "--seed", "7", "--batch-size", "2")
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert_command_refused(second, "another nnsynth_generate", "seed 7 -> 8", "batch_size 2 -> 4")
+    assert_command_refused(same, "another nnsynth_generate", "same settings", "--shard-index")
     stdout, stderr = first.communicate(timeout=900)
     assert first.returncode == 0, stderr[-3000:]
     store = SyntheticStore(RawDataset(folder))
@@ -576,3 +604,16 @@ def test_check_dataset_reports_a_fold_whose_cases_disagree_with_its_recipe(gener
     write_json_atomic(record, record_file)
     assert_refused(*run_main(check_dataset_command.main, [str(folder)], capsys), "fold 0", "1 of fold 0's 4",
                    "seed", "nnsynth_clean")
+
+
+def test_bad_evaluation_options_are_refused_before_the_evaluation_folder_is_made(hu_copy, tmp_path, capsys):
+    from nnunet_synth.dataset_tools import evaluate as evaluate_command
+    output = tmp_path / "evaluation"
+    for argv, fragment in [(["fidelity", str(hu_copy), "--generator", "g=/nowhere", "--inference-steps", "0"],
+                            "--inference-steps"),
+                           (["fidelity", str(hu_copy), "--generator", "g=/nowhere", "--seeds", "-3"], "--seeds"),
+                           (["fidelity", str(hu_copy), "--generator", "g=/nowhere", "--device", "foo"], "--device"),
+                           (["downstream", str(hu_copy), "--arms", "real_only", "--amounts", "nan"], "--amounts"),
+                           (["downstream", str(hu_copy), "--arms", "real_only", "--repeats", "0"], "--repeats")]:
+        assert_refused(*run_main(evaluate_command.main, [*argv, "-o", str(output)], capsys), fragment)
+        assert not output.exists()
