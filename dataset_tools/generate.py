@@ -136,11 +136,15 @@ def resolve_shards(args):
 
 
 def request_from_args(args) -> GenerateRequest:
-    # without --fold: the generator's own fold with --generator, else fold 0
-    folds = args.folds or [args.fold if args.fold is not None or args.generator is not None else "0"]
-    if args.generator is not None and args.fold is None and not args.folds:
+    if args.folds:
+        folds = args.folds
+    elif args.fold is not None:
+        folds = [args.fold]
+    elif args.generator is not None:          # the generator's own fold
         from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
-        folds = [str(read_generator_config(resolve_generator_folder(args.generator)).fold)]
+        folds = [read_generator_config(resolve_generator_folder(args.generator)).fold]
+    else:
+        folds = ["0"]
     return GenerateRequest(
         folds=[str(fold) for fold in folds], image_source=args.image_source, generator=args.generator,
         preset=args.preset, train_steps=args.train_steps, device=args.device, seed=args.seed,

@@ -28,8 +28,10 @@ NIFTI_ENDINGS = (".nii", ".nii.gz")
 MAX_SEED = 2 ** 32 - 1               # numpy's legacy seeding range; case seeds are seed * 1_000_003 + index
 MAX_INFERENCE_STEPS = 1000           # the generator's training timesteps (DDIM cannot take more)
 MAX_BATCH_SIZE = 4096
-RECORD_MEMORY_BYTES = 16 * 1024      # a case's record and label-map provenance held in memory (upper estimate)
-RECORD_FILE_BYTES = 4 * 1024         # a case's record file on disk
+# measured on the real HU data: a record is 2.6 KB on disk (once in recordsSynth/, once in synthetic.json) and
+# 9.3 KB as Python objects, held twice while synthetic.json is compiled
+RECORD_MEMORY_BYTES = 20 * 1024
+RECORD_FILE_BYTES = 8 * 1024
 
 
 # ---- options ----------------------------------------------------------------------------------------------------
