@@ -4,7 +4,8 @@ import argparse
 
 from nnunet_synth.dataset import RawDataset, class_pixel_frequencies, dataset_intensity_window
 from nnunet_synth.dataset.splits import fold_validation_cases, real_crossval_split
-from nnunet_synth.errors import command_entry_point
+from nnunet_synth.dataset.validation import scan_dataset
+from nnunet_synth.errors import NnsynthError, command_entry_point
 from nnunet_synth.provenance import select_for_fold
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
@@ -22,6 +23,21 @@ def dataset_summary(dataset: RawDataset) -> dict:
     }
 
 
+def check_fold_recipes(dataset: RawDataset):
+    """Refuse a store where a fold's cases disagree with the fold's recorded recipe (two runs mixed in one fold)."""
+    from nnunet_synth.writer.synthetic_store import recipe_differences
+    store = SyntheticStore(dataset)
+    for fold in sorted(store.manifest["folds"]):
+        mismatched = store.recipe_mismatches(fold)
+        if mismatched:
+            recorded = store.manifest["folds"][fold].get("settings")
+            changed = recipe_differences(recorded, store.cases[mismatched[0]]["recipe"])
+            raise NnsynthError(f"{store.manifest_file}: {len(mismatched)} of fold {fold}'s "
+                               f"{len(store.complete_case_ids(fold))} synthetic cases were made with other settings "
+                               f"than the fold's recorded recipe ({', '.join(changed)}; e.g. {mismatched[0]}): remove "
+                               f"them with nnsynth_clean {dataset.name} --fold {fold} and generate again")
+
+
 def synthetic_usability(dataset: RawDataset) -> dict:
     """Per fold (0..n-1 of nnU-Net's split, and "all"): the synthetic cases it may use and those it may not."""
     store = SyntheticStore(dataset)
@@ -35,6 +51,8 @@ def synthetic_usability(dataset: RawDataset) -> dict:
 
 def print_summary(dataset_folder):
     dataset = RawDataset(dataset_folder)
+    scan_dataset(dataset)          # every case: truncation, NaN/Inf, geometry, labels, constant images
+    check_fold_recipes(dataset)
     summary = dataset_summary(dataset)
     shares = ", ".join(f"{name} {100 * share:.1f} %" for name, share in summary["class_pixel_share"].items())
     windows = "; ".join(f"{name} [{window['lower']:g}, {window['upper']:g}] ({window['source']})"

@@ -15,6 +15,7 @@ import torch
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
 from nnunet_synth.evaluation.downstream import BUDGET_TRAINERS
+from nnunet_synth.preflight import check_evaluation_request
 from nnunet_synth.evaluation.report import (DOWNSTREAM_CSV, FIDELITY_JSON, FIDELITY_PREVIEW, record_command,
                                             write_report)
 
@@ -153,6 +154,7 @@ def run_downstream_command(args, dataset: RawDataset, folder: Path):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     dataset = RawDataset.from_name(args.dataset)
+    check_evaluation_request(dataset, args.command, args)     # before the folder is made or anything runs
     folder = evaluation_folder(dataset, args.output)
     if args.command == "fidelity":
         run_fidelity(args, dataset, folder)

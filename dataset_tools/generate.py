@@ -18,7 +18,8 @@ from accelerate.utils import parse_flag_from_env
 
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
-from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases, num_cases_for_ratio
+from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases
+from nnunet_synth.preflight import GenerateRequest, check_generate_request
 from nnunet_synth.generator.checkpoints import FINAL_FOLDER, generator_run_folder
 from nnunet_synth.generator.config import PRESETS, TrainingSettings
 from nnunet_synth.generator.training import train_generator
@@ -142,6 +143,25 @@ def resolve_shards(args):
     return args.num_shards, args.shard_index
 
 
+def request_from_args(args) -> GenerateRequest:
+    if args.folds:
+        folds = args.folds
+    elif args.fold is not None:
+        folds = [args.fold]
+    elif args.generator is not None:          # the generator's own fold
+        from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
+        folds = [read_generator_config(resolve_generator_folder(args.generator)).fold]
+    else:
+        folds = ["0"]
+    return GenerateRequest(
+        folds=[str(fold) for fold in folds], image_source=args.image_source, generator=args.generator,
+        preset=args.preset, train_steps=args.train_steps, device=args.device, seed=args.seed,
+        num_inference_steps=args.inference_steps, batch_size=args.batch_size, num_cases=args.num_cases,
+        ratio=args.ratio, target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
+        balancing=balancing_from_args(args), num_shards=args.num_shards, shard_index=args.shard_index,
+        overwrite=args.overwrite, export_id=args.export_standalone)
+
+
 @command_entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -150,15 +170,10 @@ def main(argv=None):
         raise NnsynthError("--export-standalone with --num-shards would export before the other shards are done: "
                            "export after all shards, by one more run without --num-shards")
     dataset = RawDataset.from_name(args.dataset)
-    # without --fold: the generator's own fold with --generator, else fold 0
-    folds = args.folds or [args.fold if args.fold is not None or args.generator is not None else "0"]
-    if args.image_source == "copy-paste" and args.noise_seeding is not None:
-        raise NnsynthError("--noise-seeding needs a generator: leave it out with --image-source copy-paste")
-    if args.generator is not None and len(folds) > 1:
-        raise NnsynthError(f"--generator serves one fold (a generator sees one fold's training cases), got folds "
-                           f"{' '.join(folds)}: leave out --generator to train one per fold")
-    for fold in folds:
-        generate_for_fold(dataset, args, fold)
+    request = request_from_args(args)
+    plan = check_generate_request(dataset, request)       # everything is checked before anything is written
+    for fold in request.folds:
+        generate_for_fold(dataset, args, fold, plan.num_cases[fold])
     if args.export_standalone is not None:
         if launched_state().num_processes > 1:
             launched_state().wait_for_everyone()      # every shard's cases are written
@@ -171,16 +186,10 @@ def main(argv=None):
         print(f"standalone dataset: {folder}")
 
 
-def generate_for_fold(dataset: RawDataset, args, fold):
+def generate_for_fold(dataset: RawDataset, args, fold, num_cases: int):
     if args.image_source == "copy-paste":
-        return copy_paste_for_fold(dataset, args, fold)
+        return copy_paste_for_fold(dataset, args, fold, num_cases)
     generator_folder = generator_for_fold(dataset, args, fold)
-    if args.num_cases is not None:
-        num_cases = args.num_cases
-    else:
-        num_cases = num_cases_for_ratio(dataset, generator_folder, args.ratio)
-    if num_cases < 1:
-        raise NnsynthError(f"--num-cases must be at least 1, got {num_cases}")
     settings = GenerationSettings(num_cases=num_cases, seed=args.seed, num_inference_steps=args.inference_steps,
                                   target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
                                   batch_size=args.batch_size, balancing=balancing_from_args(args))
@@ -191,16 +200,8 @@ def generate_for_fold(dataset: RawDataset, args, fold):
     print_summary(dataset, summary, shard)
 
 
-def copy_paste_for_fold(dataset: RawDataset, args, fold):
-    from nnunet_synth.copy_paste import CopyPasteSettings, generate_copy_paste_cases, num_copy_paste_cases
-    if args.generator is not None:
-        raise NnsynthError("--image-source copy-paste uses no generator: leave out --generator")
-    if args.num_shards > 1:
-        raise NnsynthError("--image-source copy-paste runs in one process (no sampling to spread): leave out "
-                           "--num-shards")
-    num_cases = args.num_cases if args.num_cases is not None else num_copy_paste_cases(dataset, fold, args.ratio)
-    if num_cases < 1:
-        raise NnsynthError(f"--num-cases must be at least 1, got {num_cases}")
+def copy_paste_for_fold(dataset: RawDataset, args, fold, num_cases: int):
+    from nnunet_synth.copy_paste import CopyPasteSettings, generate_copy_paste_cases
     settings = CopyPasteSettings(num_cases=num_cases, seed=args.seed, target_share=args.target_share,
                                  balancing=balancing_from_args(args))
     print_summary(dataset, generate_copy_paste_cases(dataset, settings, fold=fold, overwrite=args.overwrite))

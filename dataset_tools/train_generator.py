@@ -9,11 +9,12 @@ Multi-GPU: accelerate launch -m nnunet_synth.dataset_tools.train_generator ...
 import argparse
 
 from nnunet_synth.dataset import RawDataset
-from nnunet_synth.errors import NnsynthError, command_entry_point
+from nnunet_synth.errors import command_entry_point
 from nnunet_synth.generator.checkpoints import generator_run_folder
 from nnunet_synth.generator.ablation import FREQUENCY_DEFINITIONS, PROBABILITY_READINGS
 from nnunet_synth.generator.config import ABLATION_MODES, PRESETS, TrainingSettings
 from nnunet_synth.generator.training import train_generator
+from nnunet_synth.preflight import check_training_request
 
 
 def _fold(value: str) -> str:
@@ -87,8 +88,7 @@ def main(argv=None):
     dataset = RawDataset.from_name(args.dataset)
     settings = settings_from_args(args)
     run_folder = args.output or generator_run_folder(dataset.name, args.preset, args.fold)
-    if args.preview_inference_steps < 1:
-        raise NnsynthError(f"--preview-inference-steps must be at least 1, got {args.preview_inference_steps}")
+    check_training_request(dataset, settings, args.fold, run_folder)     # before anything is written
     train_generator(dataset, run_folder, settings, fold=args.fold, progress=not args.no_progress)
 
 

@@ -139,12 +139,7 @@ def prepare_fold_maps(dataset: RawDataset, store: SyntheticStore, fold, recipe: 
 
 
 def _check_recipe(store: SyntheticStore, fold, recipe: dict):
-    previous = store.fold_record(fold).get("settings")
-    if store.complete_case_ids(fold) and previous is not None and previous != recipe:
-        changed = sorted(k for k in set(previous) | set(recipe) if previous.get(k) != recipe.get(k))
-        raise NnsynthError(f"{store.manifest_file} holds cases of fold {fold} made with other settings "
-                           f"({', '.join(changed)}): rerun with --overwrite or remove them with nnsynth_clean "
-                           f"{store.dataset.name} --fold {fold}")
+    store.check_fold_recipe(fold, recipe)
 
 
 def check_generator_for_fold(dataset: RawDataset, generator_config, generator_folder, fold):
@@ -196,7 +191,8 @@ def generate_synthetic_cases(dataset: RawDataset, generator_folder, settings: Ge
                                f"start the shards without --overwrite")
         with store.exclusive_writer():
             store.remove_fold(fold)
-    with store.shared_writer():
+    with store.shared_writer(), store.fold_writer(fold, settings.recipe(generator_folder), settings.batch_size,
+                                                  num_shards, shard_index):
         return _generate_into_store(dataset, store, unet, config, generator_folder, settings, fold, device,
                                     num_shards, shard_index)
 
@@ -204,8 +200,7 @@ def generate_synthetic_cases(dataset: RawDataset, generator_folder, settings: Ge
 def _generate_into_store(dataset, store, unet, config, generator_folder, settings, fold, device, num_shards,
                          shard_index) -> dict:
     window = ImageWindows.from_dict(config.window)
-    recipe = settings.recipe(generator_folder)
-    _check_recipe(store, fold, recipe)
+    recipe = settings.recipe(generator_folder)     # claimed by fold_writer, checked against the cases on disk
     fold_maps = prepare_fold_maps(dataset, store, fold, recipe, config.training_cases, settings)
     real, new_maps, mask_report, quality_gates = (fold_maps.real, fold_maps.new_maps, fold_maps.report,
                                                   fold_maps.gates)

@@ -1,12 +1,24 @@
 """Bad input gets one line that names the file and the fix, a non-zero exit, and no traceback."""
+import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
+from nnunet_synth.dataset_tools import check_dataset as check_dataset_command
+from nnunet_synth.dataset_tools import clean as clean_command
+from nnunet_synth.dataset_tools import generate as generate_command
+from nnunet_synth.dataset_tools import train_generator as train_generator_command
 
 
 def run_check(target, nnunet_raw):
@@ -132,3 +144,476 @@ def test_num_training_mismatch(broken_copy):
     dataset_json["numTraining"] = 9
     (broken_copy / "dataset.json").write_text(json.dumps(dataset_json))
     assert_one_line_error(run_check(broken_copy, broken_copy.parent), "numTraining")
+
+
+# ---- every command, every defect: exit 2, one line, no traceback, real files byte-identical --------------------
+#
+# Rows that need no generator run the command in this process (no start-up cost) and are refused before anything
+# is read beyond the dataset; rows that need one share the tiny generator of ``tiny_generator`` (fold 0 of a copy
+# of the real HU data), and rows that need their own file system (a full disk, a read-only folder) mount a small
+# tmpfs or a read-only bind mount, skipped where this machine does not allow it.
+
+BIN = Path(sys.executable).parent
+FAST_SAMPLING = ["--inference-steps", "2", "--batch-size", "2", "--device", "cpu"]
+
+
+def real_file_hashes(dataset_folder) -> dict:
+    """sha256 of every file of imagesTr/labelsTr and of dataset.json."""
+    folder = Path(dataset_folder)
+    files = [folder / "dataset.json", *sorted((folder / "imagesTr").rglob("*")), *sorted((folder / "labelsTr").rglob("*"))]
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in files
+            if path.is_file()}
+
+
+def synthetic_file_hashes(dataset_folder) -> dict:
+    folder = Path(dataset_folder)
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for name in ("imagesSynth", "labelsSynth", "recordsSynth") for path in sorted((folder / name).glob("*"))}
+
+
+def run_main(main, argv, capsys):
+    """Run a command's main in this process; return (exit status, stderr)."""
+    capsys.readouterr()
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+PROGRESS_LINE = re.compile(r"^[^:]*: +\d+%\|")      # a tqdm bar, e.g. "sampling synthetic cases:  17%|█▋ |"
+
+
+def assert_refused(code, stderr, *expected_fragments, after_progress=False):
+    """Exit status 2 and exactly one line on stderr, ``nnsynth: error: ...`` with the fragments; with
+    ``after_progress`` (a failure half-way through a run) the progress bars before it are allowed."""
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    if after_progress:
+        lines = [line for line in lines if not PROGRESS_LINE.match(line)]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("nnsynth: error: ")
+    for fragment in expected_fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def run_command(*command, timeout=900, **environment):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in environment.items()}}
+    return subprocess.run([str(BIN / command[0]), *map(str, command[1:])], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def assert_command_refused(result, *expected_fragments):
+    assert_refused(result.returncode, result.stderr, *expected_fragments)
+
+
+def copy_dataset(source, raw_root, dataset_id: int, name: str) -> Path:
+    folder = Path(raw_root) / f"Dataset{dataset_id}_{name}"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("imagesSynth", "labelsSynth", "recordsSynth",
+                                                                    "synthetic*"))
+    return folder
+
+
+@contextlib.contextmanager
+def mounted(kind: str, target: Path, size: str = None, source: Path = None):
+    """A small tmpfs (``kind='tmpfs'``) or a read-only bind mount of ``source`` (``kind='ro'``) at ``target``;
+    skips the test where mounting is not allowed."""
+    target.mkdir(parents=True, exist_ok=True)
+    if kind == "tmpfs":
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)]
+    else:
+        command = ["mount", "--bind", "-o", "ro", str(source), str(target)]
+    try:
+        mounting = subprocess.run(command, capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command on this machine")
+    if mounting.returncode != 0:
+        pytest.skip(f"cannot mount here ({mounting.stderr.strip()}): needs root and mount permission")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+
+@pytest.fixture(scope="module")
+def hu_copy(real_hu_dataset_folder, nnunet_folders):
+    """A copy of the real HU dataset (Dataset781), the fold-0 source of the module's generator."""
+    return copy_dataset(real_hu_dataset_folder, nnunet_folders["nnUNet_raw"], 781, "BadInput")
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(hu_copy, tmp_path_factory):
+    """A tiny generator (32x32, 4 steps, checkpoints at steps 2 and 4) on fold 0 of ``hu_copy``; its run folder."""
+    from nnunet_synth.dataset import RawDataset
+    from nnunet_synth.generator import TrainingSettings
+    from nnunet_synth.generator.training import train_generator
+    settings = TrainingSettings(preset="tiny", image_size=32, batch_size=2, max_steps=4, warmup_steps=1,
+                                checkpoint_every=2, preview_every=100, preview_inference_steps=2)
+    run_folder = tmp_path_factory.mktemp("bad_input_generator") / "run"
+    train_generator(RawDataset(hu_copy), run_folder, settings, fold=0, progress=False)
+    return run_folder
+
+
+@pytest.fixture(scope="module")
+def generated_copy(hu_copy, tiny_generator):
+    """``hu_copy`` with 4 synthetic cases of fold 0 (seed 7): what the option rows must leave alone."""
+    result = run_command("nnsynth_generate", hu_copy, "--generator", tiny_generator / "final", "-n", "4",
+                         "--seed", "7", *FAST_SAMPLING)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return hu_copy
+
+
+BAD_GENERATE_OPTIONS = [
+    (["--seed", "-1"], "--seed"),
+    (["--inference-steps", "0"], "--inference-steps"),
+    (["--inference-steps", "-5"], "--inference-steps"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["-r", "nan"], "--ratio"),
+    (["-r", "inf"], "--ratio"),
+    (["-r", "-1"], "--ratio"),
+    (["-r", "1e9"], "free"),
+    (["-n", "1000000000"], "free"),
+    (["-n", "0"], "--num-cases"),
+    (["--device", "foo"], "--device 'foo'"),
+    (["--noise-seeding", "5"], "--noise-seeding"),
+    (["--noise-seeding", "0"], "--noise-seeding"),
+    (["--target-share", "1.5"], "--target-share"),
+    (["--target-factor", "inf"], "--target-factor"),
+    (["--p-rotate", "2"], "--p-rotate"),
+    (["--map-cap", "nan"], "--map-cap"),
+    (["--fold", "7"], "fold 7"),
+    (["--num-shards", "2", "--shard-index", "2"], "--shard-index"),
+]
+
+
+@pytest.mark.parametrize("options, fragment", BAD_GENERATE_OPTIONS, ids=[" ".join(o) for o, _ in BAD_GENERATE_OPTIONS])
+def test_bad_generate_options_are_refused_before_anything_is_removed(generated_copy, tiny_generator, capsys,
+                                                                    options, fragment):
+    real_before, synthetic_before = real_file_hashes(generated_copy), synthetic_file_hashes(generated_copy)
+    argv = [str(generated_copy), "--overwrite", "--preset", "tiny", *FAST_SAMPLING, *options]
+    if "--fold" not in options:
+        argv += ["--generator", str(tiny_generator / "final")]
+    assert_refused(*run_main(generate_command.main, argv, capsys), fragment)
+    assert synthetic_file_hashes(generated_copy) == synthetic_before      # --overwrite removed nothing
+    assert real_file_hashes(generated_copy) == real_before
+
+
+def test_a_missing_cuda_device_is_refused(generated_copy, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert_refused(*run_main(generate_command.main, [str(generated_copy), "--device", "cuda", "-n", "2"], capsys),
+                   "--device cuda", "no usable CUDA GPU")
+
+
+def test_bad_training_options_are_refused_before_training(hu_copy, tmp_path, capsys):
+    for options, fragment in [(["--lr", "nan"], "--lr"), (["--steps", "0"], "max_steps"),
+                              (["--seed", "-1"], "--seed"), (["--window", "5", "1"], "--window"),
+                              (["--offset-noise", "inf"], "--offset-noise"), (["--fold", "9"], "fold 9")]:
+        output = tmp_path / "run"
+        argv = [str(hu_copy), "--preset", "tiny", "--output", str(output), *options]
+        assert_refused(*run_main(train_generator_command.main, argv, capsys), fragment)
+        assert not output.exists()
+
+
+def test_clean_refuses_a_fold_that_does_not_exist(generated_copy, capsys):
+    synthetic_before = synthetic_file_hashes(generated_copy)
+    assert_refused(*run_main(clean_command.main, [str(generated_copy), "--fold", "7"], capsys), "fold 7")
+    assert synthetic_file_hashes(generated_copy) == synthetic_before
+
+
+def test_an_export_onto_an_existing_dataset_id_is_refused(generated_copy, tiny_generator, covid_dataset_folder):
+    before = sorted(p.name for p in generated_copy.parent.iterdir())
+    result = run_command("nnsynth_generate", generated_copy, "--generator", tiny_generator / "final", "-n", "4",
+                         "--seed", "7", *FAST_SAMPLING, "--export-standalone", "501")
+    assert_command_refused(result, "501", "Dataset501_Covid19Lung", "free id")
+    assert sorted(p.name for p in generated_copy.parent.iterdir()) == before
+
+
+# -- corrupt cases: refused by nnsynth_check_dataset and by nnsynth_generate (also in a validation case) --------
+
+def _rewrite(path, change, keep_geometry=True):
+    image = sitk.ReadImage(str(path))
+    new_image = change(image)
+    sitk.WriteImage(new_image, str(path), True)
+
+
+def _with_array(change):
+    def apply(image):
+        new_image = sitk.GetImageFromArray(change(sitk.GetArrayFromImage(image)))
+        new_image.CopyInformation(image)
+        return new_image
+    return apply
+
+
+def _with_geometry(setter, transform):
+    def apply(image):
+        setter(image, transform(image))
+        return image
+    return apply
+
+
+def _nan_image(array):
+    array = array.astype(np.float32)
+    array[0, 10, 10], array[0, 11, 11] = np.nan, np.inf
+    return array
+
+
+def _negative_label(array):
+    array = array.astype(np.int16)               # a signed label file
+    array.flat[0] = -1
+    return array
+
+
+CORRUPTIONS = {
+    "truncated image": ("imagesTr/{case}_0000.nii.gz", None, "truncated"),
+    "NaN and Inf in a NIfTI image": ("imagesTr/{case}_0000.nii.gz", _with_array(_nan_image), "NaN"),
+    "label spacing": ("labelsTr/{case}.nii.gz", _with_geometry(sitk.Image.SetSpacing,
+                                                               lambda im: [s * 1.5 for s in im.GetSpacing()]), "spacing"),
+    "label origin": ("labelsTr/{case}.nii.gz", _with_geometry(sitk.Image.SetOrigin,
+                                                             lambda im: [o + 9 for o in im.GetOrigin()]), "origin"),
+    "label direction": ("labelsTr/{case}.nii.gz", _with_geometry(
+        sitk.Image.SetDirection, lambda im: [-d if i == 0 else d for i, d in enumerate(im.GetDirection())]),
+        "direction"),
+    "label -1": ("labelsTr/{case}.nii.gz", _with_array(_negative_label), "[-1]"),
+    "constant image": ("imagesTr/{case}_0000.nii.gz", _with_array(lambda a: np.full_like(a, 40)), "constant"),
+}
+
+
+@pytest.fixture
+def corrupt_copy(real_hu_dataset_folder, nnunet_folders, request):
+    """A copy (Dataset782) with one defect in fold 0's *validation* case, which generation for fold 0 does not
+    otherwise read."""
+    from nnunet_synth.dataset import RawDataset
+    from nnunet_synth.dataset.splits import fold_validation_cases
+    folder = copy_dataset(real_hu_dataset_folder, nnunet_folders["nnUNet_raw"], 782, "Corrupt")
+    case = fold_validation_cases(RawDataset(folder), 0)[0]
+    relative, change, fragment = CORRUPTIONS[request.param]
+    path = folder / relative.format(case=case)
+    if change is None:
+        os.truncate(path, path.stat().st_size // 2)
+    else:
+        _rewrite(path, change)
+    return folder, path, fragment
+
+
+@pytest.mark.parametrize("corrupt_copy", list(CORRUPTIONS), indirect=True)
+def test_a_corrupt_case_is_refused_by_check_and_by_generate_before_training(corrupt_copy, capsys):
+    folder, path, fragment = corrupt_copy
+    real_before = real_file_hashes(folder)
+    assert_refused(*run_main(check_dataset_command.main, [str(folder)], capsys), path.name, fragment)
+    results = Path(os.environ["nnUNet_results"]) / folder.name
+    assert_refused(*run_main(generate_command.main, [str(folder), "--preset", "tiny", "-n", "2", "--device", "cpu"],
+                             capsys), path.name, fragment)
+    assert not results.exists()                     # refused before a generator was trained
+    assert real_file_hashes(folder) == real_before
+
+
+def test_a_class_only_in_the_folds_validation_case_is_refused_before_training(real_hu_dataset_folder,
+                                                                           nnunet_folders, capsys):
+    from nnunet_synth.dataset import RawDataset
+    from nnunet_synth.dataset.splits import fold_training_cases
+    folder = copy_dataset(real_hu_dataset_folder, nnunet_folders["nnUNet_raw"], 783, "ClassInValidation")
+    dataset = RawDataset(folder)
+    stomach = dataset.labels["stomach"]
+    for case in fold_training_cases(dataset, 0):
+        _rewrite(dataset.cases[case]["label"], _with_array(lambda a: np.where(a == stomach, 0, a).astype(a.dtype)))
+    real_before = real_file_hashes(folder)
+    code, stderr = run_main(generate_command.main, [str(folder), "--preset", "tiny", "-n", "2", "--device", "cpu"],
+                            capsys)
+    assert_refused(code, stderr, "stomach", "fold 0")
+    assert not (Path(os.environ["nnUNet_results"]) / folder.name).exists()
+    assert real_file_hashes(folder) == real_before
+
+
+# -- generators and checkpoints ----------------------------------------------------------------------------------
+
+def _damage(path: Path, how: str):
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    else:                                            # garbled: the header and the middle overwritten
+        garbled = bytearray(data)
+        garbled[:64] = b"\xff" * 64
+        garbled[len(data) // 2:len(data) // 2 + 4096] = os.urandom(4096)
+        path.write_bytes(bytes(garbled))
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbled"])
+def test_a_damaged_generator_is_refused_in_one_line(generated_copy, tiny_generator, tmp_path, capsys, how):
+    copy = tmp_path / "generator"
+    shutil.copytree(tiny_generator / "final", copy)
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    _damage(weights, how)
+    synthetic_before = synthetic_file_hashes(generated_copy)
+    argv = [str(generated_copy), "--generator", str(copy), "-n", "4", "--seed", "7", "--overwrite", *FAST_SAMPLING]
+    assert_refused(*run_main(generate_command.main, argv, capsys), "diffusion_pytorch_model.safetensors",
+                   "truncated or damaged")
+    assert synthetic_file_hashes(generated_copy) == synthetic_before
+
+
+def test_a_truncated_checkpoint_on_resume_is_refused_in_one_line(hu_copy, tiny_generator, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_generator, run)
+    shutil.rmtree(run / "final")                    # resume from the newest checkpoint, which is damaged
+    newest = sorted((run / "checkpoints").iterdir())[-1]
+    _damage(newest / "model.safetensors", "truncated")
+    result = run_command("nnsynth_train_generator", hu_copy, "--fold", "0", "--preset", "tiny", "--output", run,
+                         "--image-size", "32", "--batch-size", "2", "--steps", "4", "--warmup-steps", "1",
+                         "--checkpoint-every", "2", "--preview-every", "100", "--preview-inference-steps", "2",
+                         "--no-progress")
+    assert_command_refused(result, newest.name, "cannot be read", "delete")
+
+
+def test_a_full_results_disk_during_training_is_one_line_and_leaves_no_final_model(hu_copy, tmp_path):
+    with mounted("tmpfs", tmp_path / "small_results", size="2m") as results:
+        run = results / "run"
+        result = run_command("nnsynth_train_generator", hu_copy, "--fold", "0", "--preset", "tiny", "--output", run,
+                             "--image-size", "32", "--batch-size", "2", "--steps", "2", "--warmup-steps", "1",
+                             "--checkpoint-every", "2", "--preview-every", "100", "--preview-inference-steps", "2",
+                             "--no-progress")
+        assert_command_refused(result, "No space left on device", "free space")
+        assert not (run / "final").exists()
+
+
+# -- the environment: read-only dataset folder, full disk -----------------------------------------------------
+
+def test_a_read_only_dataset_folder_is_refused_before_training(real_hu_dataset_folder, tmp_path):
+    source = copy_dataset(real_hu_dataset_folder, tmp_path / "writable", 784, "ReadOnly")
+    raw = tmp_path / "raw"
+    real_before = real_file_hashes(source)
+    with mounted("ro", raw, source=source.parent):
+        results = tmp_path / "results"
+        for command in (["nnsynth_generate", raw / source.name, "--preset", "tiny", "-n", "2", "--device", "cpu"],
+                        ["nnsynth_clean", raw / source.name]):
+            result = run_command(*command, nnUNet_raw=raw, nnUNet_results=results)
+            assert_command_refused(result, "Read-only file system", "writable")
+        assert not results.exists()
+    assert real_file_hashes(source) == real_before
+
+
+def _incomplete_synthetic_files(folder: Path) -> list:
+    """Files under a final synthetic name that nibabel cannot decode fully, and temporary files left behind."""
+    import nibabel
+    bad = []
+    for name in ("imagesSynth", "labelsSynth"):
+        for path in sorted((folder / name).glob("*")) if (folder / name).is_dir() else []:
+            if path.name.startswith(".nnsynth_tmp_"):
+                bad.append(path)
+                continue
+            try:
+                np.asanyarray(nibabel.load(str(path)).dataobj)
+            except Exception:
+                bad.append(path)
+    return bad
+
+
+def start_command(*command, **environment) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in environment.items()}}
+    return subprocess.Popen([str(BIN / command[0]), *map(str, command[1:])], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_claim(process: subprocess.Popen, dataset_folder: Path, timeout=600):
+    """Until ``process`` holds its fold's claim: its checks passed, no case is written yet."""
+    claims = dataset_folder / "synthetic.claims"
+    deadline = time.time() + timeout
+    while not (claims.is_dir() and any(claims.glob("fold_0.shard_*.lock"))):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, "the command never claimed its fold"
+        time.sleep(0.02)
+
+
+def test_a_full_disk_while_writing_cases_is_one_line_and_the_rerun_completes(real_hu_dataset_folder, tiny_generator,
+                                                                            tmp_path):
+    with mounted("tmpfs", tmp_path / "small_raw", size="1m") as raw:
+        folder = copy_dataset(real_hu_dataset_folder, raw, 785, "FullDisk")
+        real_before = real_file_hashes(folder)
+        command = ["nnsynth_generate", folder, "--generator", tiny_generator / "final", "-n", "6", "--seed", "3",
+                   *FAST_SAMPLING]
+        running = start_command(*command, nnUNet_raw=raw)
+        wait_for_claim(running, folder)
+        running.send_signal(signal.SIGSTOP)         # the checks passed; now the disk fills up under it
+        filler = raw / "filler.bin"
+        with open(filler, "wb") as handle:
+            handle.write(b"\0" * max(0, shutil.disk_usage(raw).free - 40 * 1024))   # room for one case or so
+        running.send_signal(signal.SIGCONT)
+        _, stderr = running.communicate(timeout=900)
+        assert_refused(running.returncode, stderr, "No space left on device", "free space", after_progress=True)
+        assert _incomplete_synthetic_files(folder) == []           # complete or absent
+        filler.unlink()
+        result = run_command(*command, nnUNet_raw=raw)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "6 synthetic cases" in result.stdout
+        assert _incomplete_synthetic_files(folder) == []
+        assert real_file_hashes(folder) == real_before
+
+
+# -- concurrent runs on one fold --------------------------------------------------------------------------------
+
+def test_a_concurrent_run_with_other_settings_is_refused_and_the_first_runs_cases_stay_intact(
+        real_hu_dataset_folder, nnunet_folders, tiny_generator):
+    from nnunet_synth.dataset import RawDataset
+    from nnunet_synth.writer.synthetic_store import SyntheticStore
+    folder = copy_dataset(real_hu_dataset_folder, nnunet_folders["nnUNet_raw"], 786, "Concurrent")
+    real_before = real_file_hashes(folder)
+    generator = tiny_generator / "final"
+    base = ["nnsynth_generate", folder, "--generator", generator, "-n", "8", "--inference-steps", "2",
+            "--device", "cpu"]
+    first = start_command(*base, "--seed", "7", "--batch-size", "2")
+    wait_for_claim(first, folder)
+    first.send_signal(signal.SIGSTOP)               # holds its claim, has written no case yet
+    try:
+        second = run_command(*base, "--seed", "8", "--batch-size", "4")
+        same = run_command(*base, "--seed", "7", "--batch-size", "2")
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert_command_refused(second, "another nnsynth_generate", "seed 7 -> 8", "batch_size 2 -> 4")
+    assert_command_refused(same, "another nnsynth_generate", "same settings", "--shard-index")
+    stdout, stderr = first.communicate(timeout=900)
+    assert first.returncode == 0, stderr[-3000:]
+    store = SyntheticStore(RawDataset(folder))
+    cases = store.complete_case_ids("0")
+    assert len(cases) == 8
+    assert {store.cases[case]["recipe"]["seed"] for case in cases} == {7}
+    assert store.fold_record("0")["settings"]["seed"] == 7
+    assert store.recipe_mismatches("0") == []
+    # after the first run, another seed is refused up front, and the same one resumes (writes nothing)
+    synthetic_before = synthetic_file_hashes(folder)
+    assert_command_refused(run_command(*base, "--seed", "8", "--batch-size", "2"), "other settings", "seed 7 -> 8")
+    rerun = run_command(*base, "--seed", "7", "--batch-size", "2")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "0 written now, 8 already there" in rerun.stdout
+    assert synthetic_file_hashes(folder) == synthetic_before
+    assert real_file_hashes(folder) == real_before
+
+
+def test_check_dataset_reports_a_fold_whose_cases_disagree_with_its_recipe(generated_copy, tmp_path, capsys):
+    from nnunet_synth.atomic import write_json_atomic
+    folder = copy_dataset(generated_copy, tmp_path / "raw", 787, "MixedRecipes")
+    for name in ("imagesSynth", "labelsSynth", "recordsSynth"):
+        shutil.copytree(generated_copy / name, folder / name)
+    shutil.copyfile(generated_copy / "synthetic.json", folder / "synthetic.json")
+    record_file = sorted((folder / "recordsSynth").glob("*.json"))[-1]
+    record = json.loads(record_file.read_text())
+    record["recipe"] = dict(record["recipe"], seed=8)           # as a second run with --seed 8 would have left it
+    write_json_atomic(record, record_file)
+    assert_refused(*run_main(check_dataset_command.main, [str(folder)], capsys), "fold 0", "1 of fold 0's 4",
+                   "seed", "nnsynth_clean")
+
+
+def test_bad_evaluation_options_are_refused_before_the_evaluation_folder_is_made(hu_copy, tmp_path, capsys):
+    from nnunet_synth.dataset_tools import evaluate as evaluate_command
+    output = tmp_path / "evaluation"
+    for argv, fragment in [(["fidelity", str(hu_copy), "--generator", "g=/nowhere", "--inference-steps", "0"],
+                            "--inference-steps"),
+                           (["fidelity", str(hu_copy), "--generator", "g=/nowhere", "--seeds", "-3"], "--seeds"),
+                           (["fidelity", str(hu_copy), "--generator", "g=/nowhere", "--device", "foo"], "--device"),
+                           (["downstream", str(hu_copy), "--arms", "real_only", "--amounts", "nan"], "--amounts"),
+                           (["downstream", str(hu_copy), "--arms", "real_only", "--repeats", "0"], "--repeats")]:
+        assert_refused(*run_main(evaluate_command.main, [*argv, "-o", str(output)], capsys), fragment)
+        assert not output.exists()

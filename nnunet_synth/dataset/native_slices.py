@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from nnunet_synth.atomic import write_json_atomic
 from nnunet_synth.dataset.raw_dataset import RawDataset
-from nnunet_synth.errors import NnsynthError
+from nnunet_synth.errors import NnsynthError, storage_error
 
 STORE_FORMAT = 1
 IMAGE_DTYPE, LABEL_DTYPE = np.float32, np.int16      # what RawDataset.read_case gives
@@ -173,7 +173,11 @@ def open_native_slices(dataset: RawDataset, case_ids, root=None, progress=True) 
         root = keep_alive.name
     folder = Path(root) / f"native_{digest}"
     if not (folder / META_NAME).is_file():
-        build_native_slices(dataset, key, folder, progress)
+        try:
+            build_native_slices(dataset, key, folder, progress)
+        except OSError as error:         # a full or read-only disk: drop the partial store, say which folder
+            shutil.rmtree(folder.with_name(f"{folder.name}.incomplete.{os.getpid()}"), ignore_errors=True)
+            raise storage_error(folder, error, "write the slice store") from None
     return NativeSlices(folder, keep_alive)
 
 

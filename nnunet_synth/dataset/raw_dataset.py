@@ -105,6 +105,24 @@ def _parse_labels(dataset_json: dict, json_file: Path):
     return integer_labels, ignore, regions
 
 
+def check_same_geometry(image_properties: dict, label_properties: dict, image_file, label_file):
+    """Image and label on one grid, compared as nnU-Net's ``verify_dataset_integrity.check_cases`` does
+    (``np.allclose``): spacing, and for SimpleITK-read files origin and direction (nnU-Net only warns about those;
+    a synthetic case takes the image's geometry, so a label placed elsewhere would be copied misplaced)."""
+    compared = [("spacing", image_properties.get("spacing"), label_properties.get("spacing"))]
+    image_sitk, label_sitk = image_properties.get("sitk_stuff"), label_properties.get("sitk_stuff")
+    if image_sitk is not None and label_sitk is not None:
+        compared += [(name, image_sitk[name], label_sitk[name]) for name in ("origin", "direction")]
+    for name, image_value, label_value in compared:
+        if image_value is None or label_value is None:
+            continue
+        if len(image_value) != len(label_value) or not np.allclose(image_value, label_value):
+            raise NnsynthError(f"{label_file} has {name} {tuple(round(float(v), 6) for v in label_value)} but its "
+                               f"image {image_file} has {tuple(round(float(v), 6) for v in image_value)}: label and "
+                               f"image must share spacing, origin and direction (resample or copy the image's "
+                               f"geometry onto the label)")
+
+
 class RawDataset:
     """A validated nnU-Net raw dataset: its dataset.json, its training cases and a reader for them."""
 
@@ -186,7 +204,7 @@ class RawDataset:
         image_file, label_file = files["images"][0], files["label"]
         try:
             image, properties = reader.read_images(files["images"])
-            label, _ = reader.read_seg(label_file)
+            label, label_properties = reader.read_seg(label_file)
         except (RuntimeError, ValueError, OSError, AssertionError) as error:
             raise NnsynthError(f"cannot read case {case_id} ({image_file}): {str(error).strip() or type(error).__name__}; "
                                f"store images and labels as 2D or 3D {self.file_ending} files, one per channel") from None
@@ -197,12 +215,17 @@ class RawDataset:
         if label.shape[1:] != image.shape[1:]:
             raise NnsynthError(f"{label_file} has shape {label.shape[1:]} but its image {image_file} has "
                                f"{image.shape[1:]}: label and image must lie on the same grid")
+        check_same_geometry(properties, label_properties, image_file, label_file)
         if not np.all(np.isfinite(image)):
             raise NnsynthError(f"{image_file} contains NaN or infinite values: replace them (e.g. with the "
                                f"minimum intensity) before using the dataset")
         label_values = np.unique(label)
-        if not np.all(label_values == np.round(label_values)):
+        if not np.all(np.isfinite(label_values)) or not np.all(label_values == np.round(label_values)):
             raise NnsynthError(f"{label_file} holds non-integer label values: store labels as integers")
+        if label_values[0] < 0:
+            negative = [int(v) for v in label_values if v < 0]
+            raise NnsynthError(f"{label_file} holds negative label values {negative}: labels are 0 (background) .. "
+                               f"{max(self.labels.values())}; remap them")
         undeclared = sorted(set(label_values.astype(int).tolist()) - set(self.labels.values()))
         if undeclared:
             raise NnsynthError(f"{label_file} holds label values {undeclared} that {self.json_file} does not declare: "

@@ -20,9 +20,10 @@ import shutil
 from pathlib import Path
 
 from diffusers import UNet2DModel
+from safetensors import SafetensorError
 
 from nnunet_synth.atomic import copy_file_atomic, write_json_atomic
-from nnunet_synth.errors import NnsynthError
+from nnunet_synth.errors import NnsynthError, first_line
 from nnunet_synth.generator.config import GENERATOR_CONFIG_NAME, GeneratorConfig
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d+)")      # accelerate's automatic checkpoint naming
@@ -145,8 +146,14 @@ def load_generator(folder, dataset=None, device="cpu"):
     if not (weights_folder / "config.json").is_file():
         raise NnsynthError(f"{generator_folder} has no unet/ weights: retrain (nnsynth_train_generator) or copy the "
                            f"folder again")
-    unet = UNet2DModel.from_pretrained(weights_folder)
+    try:
+        unet = UNet2DModel.from_pretrained(weights_folder)
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as error:   # truncated or garbled weights
+        raise NnsynthError(f"{weights_folder}: the generator's weights cannot be read ({first_line(error)}): the "
+                           f"file is truncated or damaged; copy the generator again or retrain it "
+                           f"(nnsynth_train_generator)") from None
     return unet.to(device).eval(), config
+
 
 
 def load_pipeline(folder, dataset=None, device="cpu"):

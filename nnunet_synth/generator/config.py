@@ -120,7 +120,32 @@ class TrainingSettings:
                                f"{', '.join(PROBABILITY_READINGS)}")
         if not 0.0 <= settings.delta_0 <= 1.0:
             raise NnsynthError(f"delta_0 must lie in [0, 1], got {settings.delta_0}")
+        check_training_numbers(settings)
         return settings
+
+
+def check_training_numbers(settings: "TrainingSettings"):
+    """Finite numbers in range for the options ``resolved`` does not check itself."""
+    from nnunet_synth.dataset.validation import (MAX_INFERENCE_STEPS, check_int_range, check_number_range,
+                                                 check_seed)
+    check_seed(settings.seed)
+    check_int_range(settings.image_size, "--image-size", 8)
+    check_int_range(min(settings.block_out_channels), "--block-out-channels", 1)
+    check_int_range(settings.layers_per_block, "--layers-per-block", 1)
+    check_number_range(settings.learning_rate, "--lr", 0, 1, low_open=True)
+    check_int_range(settings.warmup_steps, "--warmup-steps", 0)
+    check_number_range(settings.offset_noise, "--offset-noise", 0, None)
+    check_number_range(settings.ema_max_decay, "--ema-max-decay", 0, 1)
+    check_number_range(settings.max_grad_norm, "--max-grad-norm", 0, None, low_open=True)
+    check_int_range(settings.keep_checkpoints, "--keep-checkpoints", 2)
+    check_int_range(settings.preview_inference_steps, "--preview-inference-steps", 1, MAX_INFERENCE_STEPS)
+    check_int_range(settings.data_workers, "--data-workers", 0)
+    if settings.window is not None:
+        lower, upper = settings.window
+        check_number_range(lower, "--window LOWER", None, None)
+        check_number_range(upper, "--window UPPER", None, None)
+        if not lower < upper:
+            raise NnsynthError(f"--window {lower:g} {upper:g}: LOWER must be below UPPER: give the window as LOWER UPPER")
 
 
 def build_unet(settings: TrainingSettings, num_classes: int, num_channels: int = 1) -> UNet2DModel:

@@ -20,7 +20,7 @@ import numpy as np
 from nnunet_synth.atomic import write_json_atomic
 from nnunet_synth.dataset import ImageWindows, RawDataset, fit_slice, iter_slices
 from nnunet_synth.dataset.native_slices import case_files_key, dataset_cache_root
-from nnunet_synth.errors import NnsynthError
+from nnunet_synth.errors import NnsynthError, storage_error
 from nnunet_synth.generator.ablation import mark_unannotated
 from nnunet_synth.generator.data import MODEL_MINIMUM, mask_outside_region
 
@@ -100,7 +100,11 @@ def open_slice_cache(dataset: RawDataset, case_ids, window: ImageWindows, image_
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     folder = Path(root) / digest
     if not (folder / META_NAME).is_file():
-        build_slice_cache(dataset, key, window, folder, region_values, progress, store)
+        try:
+            build_slice_cache(dataset, key, window, folder, region_values, progress, store)
+        except OSError as error:         # a full or read-only disk: drop the partial cache, say which folder
+            shutil.rmtree(folder.with_name(folder.name + TEMP_SUFFIX), ignore_errors=True)
+            raise storage_error(folder, error, "write the slice cache") from None
     return SliceCache(folder)
 
 

@@ -8,6 +8,8 @@ optimiser, RNG states) with the LR schedule, the EMA and the step registered for
 have the same settings (``check_resumable``).
 """
 import dataclasses
+import errno
+import pickle
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +22,17 @@ from accelerate.utils import ProjectConfiguration, parse_flag_from_env
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 import nnunet_synth
 from nnunet_synth.dataset import ImageWindows, RawDataset, class_pixel_frequencies, dataset_intensity_window
-from nnunet_synth.errors import NnsynthError
+from nnunet_synth.errors import NnsynthError, first_line, storage_error
 from nnunet_synth.generator.ablation import (AblationSchedule, ablate_label_maps, cbmat_class_frequencies,
                                              make_ablation_schedule, one_hot_condition,
                                              training_noise)
 from nnunet_synth.masks.balance import default_class_roles
-from nnunet_synth.generator.checkpoints import (FINAL_FOLDER, check_no_old_checkpoints, checkpoint_folders,
+from nnunet_synth.generator.checkpoints import (CHECKPOINTS_FOLDER, FINAL_FOLDER, check_no_old_checkpoints, checkpoint_folders,
                                                 checkpoint_iteration, fresh_temp_folder, list_checkpoints,
                                                 read_generator_config, replace_folder, save_pipeline_folder,
                                                 write_generator_config)
@@ -151,7 +154,13 @@ class TrainingState:
 
     def load_checkpoint(self, checkpoint_folder):
         """Restore model, optimiser, LR schedule, EMA, step and RNG states saved by ``save_checkpoint``."""
-        self.accelerator.load_state(str(checkpoint_folder))
+        try:
+            self.accelerator.load_state(str(checkpoint_folder))
+        except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError,
+                SafetensorError) as error:          # a truncated or garbled file of the checkpoint
+            raise NnsynthError(f"{checkpoint_folder}: the checkpoint cannot be read ({first_line(error)}): delete "
+                               f"this folder and rerun the same command (it resumes from the checkpoint before, or "
+                               f"starts over)") from None
         self.ema.to(self.accelerator.device)        # accelerate loads custom states on the CPU
 
 
@@ -336,7 +345,11 @@ def save_checkpoint(state: TrainingState, config: GeneratorConfig, step: int):
     """accelerate ``save_state`` (on every process), then generator_config.json with the step: from then on the
     checkpoint counts. accelerate removes the oldest beyond ``keep_checkpoints`` before saving."""
     accelerator = state.accelerator
-    accelerator.save_state()
+    try:
+        accelerator.save_state()
+    except (OSError, RuntimeError, SafetensorError) as error:     # e.g. a full disk (torch / safetensors writers)
+        raise storage_error(Path(accelerator.project_dir) / CHECKPOINTS_FOLDER, _with_errno(error, accelerator.project_dir),
+                            "write a checkpoint") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint_folder = checkpoint_folders(accelerator.project_dir)[-1]
@@ -366,13 +379,27 @@ def write_final(run_folder: Path, ema: EMAModel, config: GeneratorConfig, previe
     generator_config.json and the last preview, renamed into place when done."""
     from nnunet_synth.sampling import generator_pipeline
     final_folder = run_folder / FINAL_FOLDER
-    temp_folder = fresh_temp_folder(final_folder)
-    save_pipeline_folder(generator_pipeline(ema_unet(ema, config.unet_config), config), temp_folder)
-    write_generator_config(config, temp_folder)
-    if preview_file is not None and Path(preview_file).is_file():
-        shutil.copyfile(preview_file, temp_folder / "preview.png")
-    replace_folder(temp_folder, final_folder)
+    try:
+        temp_folder = fresh_temp_folder(final_folder)
+        save_pipeline_folder(generator_pipeline(ema_unet(ema, config.unet_config), config), temp_folder)
+        write_generator_config(config, temp_folder)
+        if preview_file is not None and Path(preview_file).is_file():
+            shutil.copyfile(preview_file, temp_folder / "preview.png")
+        replace_folder(temp_folder, final_folder)
+    except (OSError, RuntimeError, SafetensorError) as error:
+        shutil.rmtree(final_folder.with_name(final_folder.name + ".incomplete"), ignore_errors=True)
+        raise storage_error(final_folder, _with_errno(error, run_folder), "write the trained generator") from None
     return final_folder
+
+
+def _with_errno(error: BaseException, folder) -> BaseException:
+    """Writers other than Python's (torch, safetensors) lose the errno of a full disk: put it back when the disk
+    holding ``folder`` is (nearly) full."""
+    if isinstance(error, OSError) and error.errno:
+        return error
+    free = shutil.disk_usage(Path(folder)).free if Path(folder).exists() else None
+    code = errno.ENOSPC if free is not None and free < 16 * 1024 * 1024 else None
+    return OSError(code, first_line(error)) if code else error
 
 
 def train_generator(dataset: RawDataset, run_folder, settings: TrainingSettings, fold="all", case_ids=None,

@@ -14,10 +14,16 @@ from pathlib import Path
 from nnunet_synth.atomic import copy_file_atomic, write_json_atomic
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.dataset.splits import real_crossval_split
+from nnunet_synth.dataset.validation import check_dataset_id_free
 from nnunet_synth.dataset.writing import write_dataset_json_atomic
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.provenance import select_for_fold
 from nnunet_synth.writer.synthetic_store import SyntheticStore
+
+
+def export_folder_name(dataset: RawDataset, dataset_id: int, dataset_name=None) -> str:
+    """``Dataset{id}_{name}``; the name defaults to the source's with ``Synth`` appended."""
+    return "Dataset%03d_%s" % (dataset_id, dataset_name or (dataset.name.split("_", 1)[1] + "Synth"))
 
 
 def export_standalone(dataset: RawDataset, output_root, preprocessed_root, dataset_id: int, dataset_name=None,
@@ -34,10 +40,10 @@ def export_standalone(dataset: RawDataset, output_root, preprocessed_root, datas
                      if folds is None or str(store.cases[case_id].get("fold")) in {str(f) for f in folds}]
     if not synthetic_ids:
         raise NnsynthError(f"{dataset.folder} has no synthetic cases to export: run nnsynth_generate {dataset.name}")
-    dataset_name = dataset_name or (dataset.name.split("_", 1)[1] + "Synth")
-    export_folder = Path(output_root) / ("Dataset%03d_%s" % (dataset_id, dataset_name))
+    export_folder = Path(output_root) / export_folder_name(dataset, dataset_id, dataset_name)
     if export_folder.resolve() == dataset.folder:
         raise NnsynthError(f"the export target {export_folder} is the source dataset: choose another dataset id")
+    check_dataset_id_free(dataset_id, dataset, export_folder.name)
     ending = dataset.file_ending
     for case_id in dataset.case_ids:
         for channel, image_file in enumerate(dataset.cases[case_id]["images"]):

@@ -14,6 +14,7 @@ Layout (inside the raw dataset folder, beside imagesTr/labelsTr, which are never
                                                   and exclusively by clean / score / --overwrite
     synthetic.index.lock                          held while ``synthetic.json`` is compiled
     synthetic.writers.lock                        held shared by every generating process (alone: may clean up)
+    synthetic.claims/fold_<k>.shard_<i>.lock      held by the process writing shard i of fold k, holding its recipe
 
 Each case's record is written once, after both of its files (fsynced), so writing N cases costs O(N); the
 records are the truth, and ``synthetic.json`` is the index compiled from them (and the fold records) at the end of
@@ -27,6 +28,11 @@ The cases of several nnU-Net folds live side by side: ``synth_f<fold>_<index>`` 
 (``0``-``4`` or ``all``) by a generator trained on that fold's training cases only, and its entry lists every
 real case it depends on (``depends_on``, see ``nnunet_synth/provenance.py``).
 
+One fold, one recipe: before its first case a generating process claims its fold and shard under the index lock
+(``fold_writer``). Processes writing one fold at once must share the recipe, batch size and shard count and write
+different shards; any other is refused in one line, as is a recipe that differs from the fold's cases on disk.
+Each record carries its fold's recipe, so ``recipe_mismatches`` finds a fold whose cases disagree with it.
+
 A case exists once its record is written, which happens after both files are in place; every file is
 written atomically, so an interrupted run leaves no partial file and a rerun rewrites the same names.
 Stock nnU-Net commands read imagesTr/labelsTr only, so the raw dataset stays real-only for them.
@@ -34,7 +40,9 @@ Stock nnU-Net commands read imagesTr/labelsTr only, so the raw dataset stays rea
 import contextlib
 import copy
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +50,7 @@ import numpy as np
 from nnunet_synth.atomic import TEMP_PREFIX, remove_stale_temp_files, write_json_atomic
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.dataset.writing import write_volume
-from nnunet_synth.errors import NnsynthError
+from nnunet_synth.errors import NnsynthError, storage_error
 
 SYNTH_IMAGES_FOLDER = "imagesSynth"
 SYNTH_LABELS_FOLDER = "labelsSynth"
@@ -51,6 +59,7 @@ MANIFEST_NAME = "synthetic.json"
 LOCK_NAME = "synthetic.lock"
 INDEX_LOCK_NAME = "synthetic.index.lock"
 WRITERS_LOCK_NAME = "synthetic.writers.lock"
+CLAIMS_FOLDER = "synthetic.claims"
 PREVIEW_PREFIX = "synthetic_preview"
 FORMAT_VERSION = 2
 
@@ -160,7 +169,7 @@ class SyntheticStore:
             self._enter_alone()
             yield self
             return
-        with open(self.dataset.folder / LOCK_NAME, "a") as handle:
+        with self._open_lock(LOCK_NAME) as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -183,8 +192,7 @@ class SyntheticStore:
             self._enter_alone()
             yield self
             return
-        with open(self.dataset.folder / LOCK_NAME, "a") as handle, \
-                open(self.dataset.folder / WRITERS_LOCK_NAME, "a") as writers:
+        with self._open_lock(LOCK_NAME) as handle, self._open_lock(WRITERS_LOCK_NAME) as writers:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -205,6 +213,87 @@ class SyntheticStore:
             finally:
                 fcntl.flock(writers, fcntl.LOCK_UN)
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _open_lock(self, name: str):
+        path = self.dataset.folder / name
+        try:
+            return open(path, "a")
+        except OSError as error:
+            raise storage_error(path, error, "create the lock file") from None
+
+    @contextlib.contextmanager
+    def fold_writer(self, fold, recipe: dict, batch_size: int, num_shards: int = 1, shard_index: int = 0):
+        """Claim shard ``shard_index`` of fold ``fold`` for this process (inside ``shared_writer``) before its first
+        case is written, and hold the claim until the block ends. Refused in one line when another live process
+        writes the fold with another recipe, batch size or shard count, or this very shard; or when the fold's
+        cases on disk were made with another recipe (or disagree among themselves)."""
+        claim = {"recipe": recipe, "batch_size": batch_size, "num_shards": num_shards}
+        try:
+            import fcntl
+        except ImportError:
+            self.check_fold_recipe(fold, recipe)
+            yield
+            return
+        claims = self.dataset.folder / CLAIMS_FOLDER
+        mine = claims / f"fold_{fold}.shard_{shard_index}.lock"
+        with self._index_lock():
+            try:
+                claims.mkdir(exist_ok=True)
+            except OSError as error:
+                raise storage_error(claims, error, "create the folder") from None
+            for path in sorted(claims.glob(f"fold_{fold}.shard_*.lock")):
+                other = _live_claim(path, fcntl)
+                if other is None:
+                    continue
+                who = f"another nnsynth_generate (pid {other.get('pid')} on {other.get('host')})"
+                changed = claim_differences(other, claim)
+                if changed:
+                    raise NnsynthError(f"{path}: {who} is writing fold {fold} of {self.dataset.name} with other "
+                                       f"settings ({', '.join(changed)}): wait for it to finish and rerun with its "
+                                       f"settings, or write another fold (--fold)")
+                if path == mine:
+                    raise NnsynthError(f"{path}: {who} is writing shard {shard_index} of fold {fold} with the same "
+                                       f"settings: wait for it to finish (a rerun then resumes), or start another "
+                                       f"--shard-index of --num-shards")
+            self.manifest = self._read_manifest()       # the fold's cases and recipe as they are on disk now
+            self.check_fold_recipe(fold, recipe)
+            try:
+                handle = os.open(mine, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as error:
+                raise storage_error(mine, error, "create the claim") from None
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)    # free: live claims were refused above
+            os.ftruncate(handle, 0)
+            os.write(handle, json.dumps({**claim, "shard_index": shard_index, "pid": os.getpid(),
+                                         "host": socket.gethostname()}).encode())
+        try:
+            yield
+        finally:
+            mine.unlink(missing_ok=True)
+            os.close(handle)
+
+    def check_fold_recipe(self, fold, recipe: dict):
+        """Refuse ``recipe`` when fold ``fold`` holds complete cases made with another one (recorded for the fold or
+        in a case's record)."""
+        fold_cases = self.complete_case_ids(fold)
+        if not fold_cases:
+            return
+        previous = self.fold_record(fold).get("settings")
+        changed = recipe_differences(previous, recipe) if previous is not None else []
+        if not changed:
+            mismatched = self.recipe_mismatches(fold)
+            if mismatched:
+                changed = recipe_differences(self.cases[mismatched[0]]["recipe"], recipe) or ["mixed recipes"]
+        if changed:
+            raise NnsynthError(f"{self.manifest_file} holds cases of fold {fold} made with other settings "
+                               f"({', '.join(changed)}): rerun with --overwrite or remove them with nnsynth_clean "
+                               f"{self.dataset.name} --fold {fold}")
+
+    def recipe_mismatches(self, fold) -> list:
+        """Complete cases of ``fold`` whose recorded recipe differs from the fold's (cases written before records
+        carried a recipe are not compared)."""
+        recipe = self.manifest["folds"].get(str(fold), {}).get("settings")
+        return [case_id for case_id in self.complete_case_ids(fold)
+                if "recipe" in self.cases[case_id] and self.cases[case_id]["recipe"] != recipe]
 
     def _enter_alone(self):
         """No other process writes the store: drop what an interrupted run left, read the current state."""
@@ -249,6 +338,9 @@ class SyntheticStore:
         relative_images = [str(path.relative_to(self.dataset.folder)) for path in self.image_files(case_id)]
         record = dict(entry, image=relative_images[0], images=relative_images,
                       label=str(self.label_file(case_id).relative_to(self.dataset.folder)))
+        recipe = self.manifest["folds"].get(str(entry.get("fold")), {}).get("settings")
+        if recipe is not None:
+            record["recipe"] = recipe                   # what recipe_mismatches compares
         write_json_atomic(record, self.record_file(case_id))        # the case counts from here on
         self.cases[case_id] = record
 
@@ -286,7 +378,7 @@ class SyntheticStore:
         except ImportError:
             yield
             return
-        with open(self.dataset.folder / INDEX_LOCK_NAME, "a") as handle:
+        with self._open_lock(INDEX_LOCK_NAME) as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)          # short: the time to compile the index
             try:
                 yield
@@ -315,6 +407,7 @@ class SyntheticStore:
         (self.dataset.folder / LOCK_NAME).unlink(missing_ok=True)
         (self.dataset.folder / INDEX_LOCK_NAME).unlink(missing_ok=True)
         (self.dataset.folder / WRITERS_LOCK_NAME).unlink(missing_ok=True)
+        shutil.rmtree(self.dataset.folder / CLAIMS_FOLDER, ignore_errors=True)   # no writer runs: exclusive lock
         for folder in (self.records_folder, self.images_folder, self.labels_folder):
             if folder.is_dir():
                 shutil.rmtree(folder)
@@ -322,3 +415,38 @@ class SyntheticStore:
             preview.unlink()
         self.manifest = {"format_version": FORMAT_VERSION, "dataset": self.dataset.name, "folds": {}, "cases": {}}
         return count
+
+
+def recipe_differences(previous: dict, recipe: dict) -> list:
+    """The keys whose values differ between two recipes, as ``key old -> new``."""
+    previous, recipe = previous or {}, recipe or {}
+    return [f"{key} {previous.get(key)!r} -> {recipe.get(key)!r}"
+            for key in sorted(set(previous) | set(recipe)) if previous.get(key) != recipe.get(key)]
+
+
+def claim_differences(other: dict, claim: dict) -> list:
+    """What differs between a live writer's claim and ours: recipe keys, batch size, shard count."""
+    changed = recipe_differences(other.get("recipe"), claim["recipe"])
+    changed += [f"{key} {other.get(key)!r} -> {claim[key]!r}" for key in ("batch_size", "num_shards")
+                if other.get(key) != claim[key]]
+    return changed
+
+
+def _live_claim(path: Path, fcntl):
+    """The claim in ``path`` if its process still holds it; a claim whose process ended is removed (None)."""
+    try:
+        handle = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return json.loads(os.pread(handle, 1 << 20, 0).decode() or "{}")
+            except ValueError:
+                return {}                               # being written: live, settings unknown
+        path.unlink(missing_ok=True)                    # its process ended
+        return None
+    finally:
+        os.close(handle)

@@ -1,0 +1,200 @@
+"""Everything ``nnsynth_generate`` checks before it trains, deletes or writes anything: its options, the device,
+every case of the dataset, the folds' classes, the folders it writes, the budget, the export id and the fold's
+recipe. A command calls ``check_generate_request`` first; a bad request then costs a second, not a trained
+generator (``docs/checks.md`` lists the checks)."""
+from dataclasses import dataclass, field
+
+from nnunet_synth.dataset import RawDataset
+from nnunet_synth.dataset.native_slices import dataset_cache_root
+from nnunet_synth.dataset.splits import fold_training_cases
+from nnunet_synth.dataset.validation import (DatasetScan, check_case_budget, check_dataset_id_free, check_device,
+                                             check_fold_classes, check_inference_steps, check_int_range,
+                                             check_number_range, check_seed, check_writable, fold_num_slices,
+                                             scan_dataset, MAX_BATCH_SIZE)
+from nnunet_synth.errors import NnsynthError
+
+
+@dataclass
+class GenerateRequest:
+    """What one ``nnsynth_generate`` command asks for (the parsed options)."""
+
+    folds: list
+    image_source: str = "generator"        # generator | copy-paste
+    generator: str = None                  # a trained generator folder, else the fold's run folder (trained if needed)
+    preset: str = "default"
+    train_steps: int = None
+    device: str = "cpu"
+    seed: int = 0
+    num_inference_steps: int = 50
+    batch_size: int = 16
+    num_cases: int = None
+    ratio: float = 0.5
+    target_share: float = None
+    noise_seeding_strength: float = None
+    balancing: dict = None
+    num_shards: int = 1
+    shard_index: int = 0
+    overwrite: bool = False
+    export_id: int = None
+
+
+@dataclass
+class GeneratePlan:
+    """What the checks found: the dataset scan and, per fold, its training cases and number of cases to make."""
+
+    scan: DatasetScan
+    training_cases: dict = field(default_factory=dict)      # fold -> the cases the generator / label maps see
+    num_cases: dict = field(default_factory=dict)           # fold -> cases to make
+
+
+def check_generation_options(request: GenerateRequest):
+    """Ranges and finite numbers of every option, without reading the dataset."""
+    from nnunet_synth.generation import check_shard
+    from nnunet_synth.masks import MaskGenerationConfig
+    check_shard(request.num_shards, request.shard_index)
+    check_seed(request.seed)
+    check_int_range(request.num_cases, "-n/--num-cases", 1)
+    if request.num_cases is None:
+        check_number_range(request.ratio, "-r/--ratio", 0, None, low_open=True)
+    check_number_range(request.target_share, "--target-share", 0, 1, low_open=True, high_open=True)
+    balancing = dict(request.balancing or {})
+    check_number_range(balancing.get("target_factor"), "--target-factor", 1, None, low_open=True)
+    check_number_range(balancing.get("max_target_share"), "--max-target-share", 0, 1, low_open=True)
+    check_number_range(balancing.get("map_class_share_cap"), "--map-cap", 0, 1, low_open=True)
+    for name in ("p_rotate", "p_shift", "p_dilate"):
+        check_number_range(balancing.get(name), f"--{name.replace('_', '-')}", 0, 1)
+    MaskGenerationConfig(**{k: v for k, v in balancing.items() if "classes" not in k}).validate()
+    if request.image_source == "copy-paste":
+        if request.noise_seeding_strength is not None:
+            raise NnsynthError("--noise-seeding needs a generator: leave it out with --image-source copy-paste")
+        if request.generator is not None:
+            raise NnsynthError("--image-source copy-paste uses no generator: leave out --generator")
+        if request.num_shards > 1:
+            raise NnsynthError("--image-source copy-paste runs in one process (no sampling to spread): leave out "
+                               "--num-shards")
+        return
+    check_device(request.device)
+    check_inference_steps(request.num_inference_steps)
+    check_int_range(request.batch_size, "--batch-size", 1, MAX_BATCH_SIZE)
+    check_number_range(request.noise_seeding_strength, "--noise-seeding", 0, 1, low_open=True)
+    check_int_range(request.train_steps, "--train-steps", 1)
+    if request.generator is not None and len(request.folds) > 1:
+        raise NnsynthError(f"--generator serves one fold (a generator sees one fold's training cases), got folds "
+                           f"{' '.join(request.folds)}: leave out --generator to train one per fold")
+    if request.overwrite and request.num_shards > 1:
+        raise NnsynthError("--overwrite with --num-shards would let each shard remove the others' cases: remove the "
+                           "fold's cases first (nnsynth_clean D --fold F), then start the shards without --overwrite")
+
+
+def _generator_folder(dataset: RawDataset, request: GenerateRequest, fold):
+    """(the generator folder the fold uses, whether it must be trained first)."""
+    from nnunet_synth.generator.checkpoints import FINAL_FOLDER, generator_run_folder
+    if request.generator is not None:
+        return request.generator, False
+    run_folder = generator_run_folder(dataset.name, request.preset, fold)
+    return run_folder / FINAL_FOLDER, not (run_folder / FINAL_FOLDER).is_dir()
+
+
+def check_generate_request(dataset: RawDataset, request: GenerateRequest, progress=True) -> GeneratePlan:
+    """Every check of ``nnsynth_generate`` (see the module docstring); returns what generation needs from them."""
+    from nnunet_synth.generation import GenerationSettings, check_generator_for_fold, check_role_names
+    from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
+    from nnunet_synth.generator.config import TrainingSettings
+    from nnunet_synth.writer.synthetic_store import SyntheticStore
+    check_generation_options(request)
+    check_role_names(dataset, request.balancing)
+    generators = {}
+    for fold in request.folds:
+        fold_training_cases(dataset, fold)                  # the fold exists in the split
+        if request.image_source == "generator":
+            generators[fold] = _generator_folder(dataset, request, fold)
+            if generators[fold][1]:
+                TrainingSettings(preset=request.preset, max_steps=request.train_steps, seed=request.seed).resolved()
+                check_writable(generators[fold][0].parent, "the generator")
+    if request.export_id is not None:
+        import os
+        from nnunet_synth.writer.standalone_export import export_folder_name
+        if not os.environ.get("nnUNet_preprocessed"):
+            raise NnsynthError("exporting a standalone dataset writes its splits_final.json into nnUNet_preprocessed: "
+                               "export nnUNet_preprocessed=/path/to/nnUNet_preprocessed")
+        check_dataset_id_free(request.export_id, dataset, export_folder_name(dataset, request.export_id))
+        check_writable(dataset.folder.parent, "the standalone dataset")
+    check_writable(dataset.folder, "synthetic cases")
+    if dataset_cache_root(dataset) is not None:
+        check_writable(dataset_cache_root(dataset), "the slice store")
+
+    plan = GeneratePlan(scan_dataset(dataset, progress))    # every case, not only the folds'
+    store = SyntheticStore(dataset)
+    for fold in request.folds:
+        training_cases = fold_training_cases(dataset, fold)
+        if request.image_source == "generator" and not generators[fold][1]:
+            folder = resolve_generator_folder(generators[fold][0])
+            config = read_generator_config(folder)
+            check_generator_for_fold(dataset, config, folder, str(fold))
+            training_cases = list(config.training_cases)
+        check_fold_classes(dataset, plan.scan, fold, training_cases)
+        plan.training_cases[fold] = training_cases
+        plan.num_cases[fold] = request.num_cases if request.num_cases is not None else \
+            max(1, round(request.ratio * fold_num_slices(plan.scan, training_cases)))
+        if request.image_source == "generator" and not request.overwrite:
+            settings = GenerationSettings(num_cases=plan.num_cases[fold], seed=request.seed,
+                                          num_inference_steps=request.num_inference_steps,
+                                          target_share=request.target_share,
+                                          noise_seeding_strength=request.noise_seeding_strength,
+                                          batch_size=request.batch_size, balancing=request.balancing)
+            store.check_fold_recipe(str(fold), settings.recipe(resolve_generator_path(generators[fold][0])))
+    check_case_budget(dataset, sum(plan.num_cases.values()))
+    return plan
+
+
+def resolve_generator_path(folder):
+    """The folder a recipe names: ``final/`` of a run folder, or the folder itself (also before it exists)."""
+    from pathlib import Path
+    from nnunet_synth.generator.checkpoints import FINAL_FOLDER, resolve_generator_folder
+    folder = Path(folder)
+    if folder.name != FINAL_FOLDER and (folder / FINAL_FOLDER).is_dir():
+        return resolve_generator_folder(folder)
+    return folder
+
+
+def check_training_request(dataset: RawDataset, settings, fold, run_folder, device=None, progress=True):
+    """Every check of ``nnsynth_train_generator`` before it trains: the settings (``TrainingSettings.resolved``),
+    the device, every case of the dataset, the fold's classes and a writable run folder. Returns the settings
+    resolved."""
+    resolved = settings.resolved()
+    if device is not None:
+        check_device(device)
+    check_writable(run_folder, "the generator run")
+    if dataset_cache_root(dataset) is not None:
+        check_writable(dataset_cache_root(dataset), "the slice store")
+    scan = scan_dataset(dataset, progress)
+    check_fold_classes(dataset, scan, fold, fold_training_cases(dataset, fold))
+    return resolved
+
+
+def check_evaluation_request(dataset: RawDataset, command: str, options, progress=True):
+    """The checks of ``nnsynth_evaluate`` before it creates its folder, trains or samples: ``options`` is the
+    parsed namespace of the sub-command (fidelity, downstream or report)."""
+    if command == "report":
+        return
+    check_device(options.device)
+    check_inference_steps(options.inference_steps)
+    if command == "fidelity":
+        for seed in options.seeds:
+            check_seed(seed, "--seeds")
+        check_int_range(options.max_slices, "--max-slices", 1)
+        check_int_range(options.feature_fold, "--feature-fold", 0)
+    else:
+        check_seed(options.seed)
+        check_seed(options.split_seed, "--split-seed")
+        for amount in options.amounts:
+            check_number_range(amount, "--amounts", 0, None, low_open=True)
+        check_int_range(options.repeats, "--repeats", 1)
+        check_int_range(options.test_patients, "--test-patients", 1, len(dataset.case_ids) - 1)
+        for count in options.real_cases or []:
+            check_int_range(count, "--real-cases", 1, len(dataset.case_ids))
+        check_int_range(options.test_slice_step, "--test-slice-step", 1)
+        check_int_range(options.generator_steps, "--generator-steps", 1)
+        check_number_range(options.generator_lr, "--generator-lr", 0, 1, low_open=True)
+        check_int_range(options.first_id, "--first-id", 1, 999)
+    scan_dataset(dataset, progress)
