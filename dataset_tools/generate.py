@@ -21,6 +21,8 @@ from nnunet_synth.errors import NnsynthError, command_entry_point
 from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases, num_cases_for_ratio
 from nnunet_synth.generator.checkpoints import FINAL_FOLDER, generator_run_folder
 from nnunet_synth.generator.config import PRESETS, TrainingSettings
+from nnunet_synth.generator.inpaint_pipeline import SAMPLERS
+from nnunet_synth.generator.inpaint_training import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER
 from nnunet_synth.generator.training import train_generator
 
 
@@ -35,10 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     folds.add_argument("-f", "--fold", help="nnU-Net fold (0-4 or all) to make cases for: the generator and the label "
                        "maps see only its training cases (default 0, or the fold of --generator)")
     folds.add_argument("--folds", nargs="+", help="several folds, one after the other (e.g. --folds 0 1 2 3 4)")
-    parser.add_argument("--image-source", choices=("generator", "copy-paste"), default="generator",
-                        help="generator: sample images with the diffusion generator; copy-paste: no generator, each "
-                        "image is the target's real slice with the donors' real pixels pasted where the label map "
-                        "was pasted (blended at the edge)")
+    parser.add_argument("--image-source", choices=("generator", "copy-paste", "inpaint"), default="generator",
+                        help="generator: sample whole images with the diffusion generator; copy-paste: no generator, "
+                        "each image is the target's real slice with the donors' real pixels pasted where the label "
+                        "map was pasted (blended at the edge); inpaint: the target's real slice with the new lesions "
+                        "(plus a margin) drawn by the inpainting generator, every other pixel real")
     parser.add_argument("--generator", help="a trained generator folder (default: train or reuse "
                         "$nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
@@ -46,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the preset's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--inference-steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--inference-steps", type=int, help="sampling steps (default: 50 DDIM steps for the "
+                        f"generator, {DEFAULT_INFERENCE_STEPS} for inpaint)")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="--image-source inpaint: the scheduler "
+                        f"(default {DEFAULT_SAMPLER}; the whole-slice generator samples with DDIM)")
     parser.add_argument("--batch-size", type=int, default=16, help="slices sampled at once")
     balance = parser.add_argument_group("label maps (class balance, 000 §2.3; shares are of the region = host + "
                                         "pathology classes)")
@@ -80,16 +86,22 @@ def generator_for_fold(dataset: RawDataset, args, fold):
     """``--generator``, or the fold's generator run folder, trained now if it has no final model."""
     if args.generator is not None:
         return args.generator
-    run_folder = generator_run_folder(dataset.name, args.preset, fold)
+    mode = generator_mode(args)
+    run_folder = generator_run_folder(dataset.name, args.preset, fold, mode)
     if not (run_folder / FINAL_FOLDER).is_dir():
         if args.num_shards > 1 and launched_state().num_processes == 1:
             raise NnsynthError(f"{run_folder} holds no trained generator and shards started as separate commands "
                                f"would each train it: train it first (nnsynth_train_generator {dataset.name} --fold "
                                f"{fold} --preset {args.preset}), then start the shards")
-        print(f"no trained generator in {run_folder}: training one (preset {args.preset}, fold {fold})")
-        settings = TrainingSettings(preset=args.preset, max_steps=args.train_steps, seed=args.seed)
+        print(f"no trained generator in {run_folder}: training one (preset {args.preset}, mode {mode}, fold {fold})")
+        settings = TrainingSettings(preset=args.preset, mode=mode, max_steps=args.train_steps, seed=args.seed)
         train_generator(dataset, run_folder, settings, fold=fold)
     return run_folder / FINAL_FOLDER
+
+
+def generator_mode(args) -> str:
+    """The generator an image source needs: the inpainting generator for inpaint, else the whole-slice one."""
+    return "inpaint" if args.image_source == "inpaint" else "slice"
 
 
 def balancing_from_args(args) -> dict:
@@ -146,6 +158,16 @@ def main(argv=None):
     folds = args.folds or [args.fold if args.fold is not None or args.generator is not None else "0"]
     if args.image_source == "copy-paste" and args.noise_seeding is not None:
         raise NnsynthError("--noise-seeding needs a generator: leave it out with --image-source copy-paste")
+    if args.image_source == "inpaint" and args.noise_seeding is not None:
+        raise NnsynthError("--noise-seeding starts a whole slice from its real image; an inpainting generator keeps "
+                           "the real pixels anyway: leave it out with --image-source inpaint")
+    if args.sampler is not None and args.image_source != "inpaint":
+        raise NnsynthError("--sampler chooses the inpainting generator's scheduler (the whole-slice generator "
+                           "samples with DDIM): use it with --image-source inpaint")
+    if args.inference_steps is None:
+        args.inference_steps = DEFAULT_INFERENCE_STEPS if args.image_source == "inpaint" else 50
+    if args.inference_steps < 1:
+        raise NnsynthError(f"--inference-steps must be at least 1, got {args.inference_steps}")
     if args.generator is not None and len(folds) > 1:
         raise NnsynthError(f"--generator serves one fold (a generator sees one fold's training cases), got folds "
                            f"{' '.join(folds)}: leave out --generator to train one per fold")
@@ -173,14 +195,27 @@ def generate_for_fold(dataset: RawDataset, args, fold):
         num_cases = num_cases_for_ratio(dataset, generator_folder, args.ratio)
     if num_cases < 1:
         raise NnsynthError(f"--num-cases must be at least 1, got {num_cases}")
+    check_generator_mode(generator_folder, generator_mode(args), args.image_source)
     settings = GenerationSettings(num_cases=num_cases, seed=args.seed, num_inference_steps=args.inference_steps,
                                   target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
-                                  batch_size=args.batch_size, balancing=balancing_from_args(args))
+                                  batch_size=args.batch_size, balancing=balancing_from_args(args),
+                                  sampler=args.sampler)
     summary = generate_synthetic_cases(dataset, generator_folder, settings, fold=fold, device=args.device,
                                        overwrite=args.overwrite, num_shards=args.num_shards,
                                        shard_index=args.shard_index)
     shard = f"shard {args.shard_index} of {args.num_shards}: " if args.num_shards > 1 else ""
     print_summary(dataset, summary, shard)
+
+
+def check_generator_mode(generator_folder, mode: str, image_source: str):
+    """Refuse a whole-slice generator for --image-source inpaint and an inpainting one for generator."""
+    from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
+    folder = resolve_generator_folder(generator_folder)
+    found = read_generator_config(folder).mode
+    if found != mode:
+        other = "inpaint" if found == "inpaint" else "generator"
+        raise NnsynthError(f"{folder} holds a {found} generator, --image-source {image_source} needs a {mode} one: "
+                           f"use --image-source {other} with it, or leave out --generator to train one")
 
 
 def copy_paste_for_fold(dataset: RawDataset, args, fold):
