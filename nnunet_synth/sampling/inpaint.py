@@ -2,7 +2,7 @@
 
 The edit region of a new map is where it differs from its target's real map, grown by the generator's
 ``edit_margin``. Each connected part of it is filled in native-resolution crops of the generator's crop size
-(one crop when the part fits inside the crop's inner area, else a grid of crops whose inner areas cover it, filled
+(parts that fit inside a crop's inner area together share one crop; a larger part gets a grid of crops, filled
 one after another so that later crops see the earlier ones' pixels as known), conditioned on the new map and on the
 real pixels around. Everything outside the edit region stays the target's real pixel, bit for bit; the label is
 the new map itself (no resampling).
@@ -34,28 +34,48 @@ class Tile:
 
 
 def plan_tiles(edit: np.ndarray, crop_size: int) -> list:
-    """The crops that fill ``edit`` (H, W) bool: per connected part, one crop centred on it when it fits inside a
-    crop's inner area, else a grid of crops spaced by the inner area's side; every edit pixel is written by the
-    crop whose centre is nearest."""
+    """The crops that fill ``edit`` (H, W) bool. Connected parts that fit inside a crop's inner area together share
+    one crop centred on them (greedily, in scan order); a larger part gets a grid of crops spaced by the inner
+    area's side, each writing the part's pixels nearest its centre."""
     inner = max(1, crop_size - 2 * (crop_size // CONTEXT_FRACTION))
     components, _ = ndimage.label(edit)
-    tiles = []
+    groups, tiles = [], []       # groups: [box (r0, c0, r1, c1), component indices]
     for index, box in enumerate(ndimage.find_objects(components), start=1):
-        part = components == index
-        centres_per_axis = []
-        for axis_slice in box:
-            length = axis_slice.stop - axis_slice.start
-            pieces = int(np.ceil(length / inner))
-            centres_per_axis.append(axis_slice.start + (np.arange(pieces) + 0.5) * length / pieces)
-        centres = np.array([(r, c) for r in centres_per_axis[0] for c in centres_per_axis[1]])
-        rows, cols = np.nonzero(part)
-        nearest = np.argmax(-np.maximum(np.abs(rows[:, None] - centres[None, :, 0]),
-                                        np.abs(cols[:, None] - centres[None, :, 1])), axis=1)
-        for number, centre in enumerate(centres):
-            writes = np.zeros(edit.shape, dtype=bool)
-            writes[rows[nearest == number], cols[nearest == number]] = True
-            if writes.any():
-                tiles.append(Tile(crop_origin(np.round(centre), edit.shape, crop_size), writes))
+        r0, c0, r1, c1 = box[0].start, box[1].start, box[0].stop, box[1].stop
+        if r1 - r0 > inner or c1 - c0 > inner:
+            tiles += _grid_tiles(components == index, box, inner, crop_size)
+            continue
+        for group in groups:
+            joined = (min(group[0][0], r0), min(group[0][1], c0), max(group[0][2], r1), max(group[0][3], c1))
+            if joined[2] - joined[0] <= inner and joined[3] - joined[1] <= inner:
+                group[0] = joined
+                group[1].append(index)
+                break
+        else:
+            groups.append([(r0, c0, r1, c1), [index]])
+    for (r0, c0, r1, c1), indices in groups:
+        centre = ((r0 + r1 - 1) / 2, (c0 + c1 - 1) / 2)
+        tiles.append(Tile(crop_origin(np.round(centre), edit.shape, crop_size), np.isin(components, indices)))
+    return tiles
+
+
+def _grid_tiles(part: np.ndarray, box, inner: int, crop_size: int) -> list:
+    """Crops on a grid over one part larger than the inner area; each pixel is written by the nearest centre."""
+    centres_per_axis = []
+    for axis_slice in box:
+        length = axis_slice.stop - axis_slice.start
+        pieces = int(np.ceil(length / inner))
+        centres_per_axis.append(axis_slice.start + (np.arange(pieces) + 0.5) * length / pieces - 0.5)
+    centres = np.array([(r, c) for r in centres_per_axis[0] for c in centres_per_axis[1]])
+    rows, cols = np.nonzero(part)
+    nearest = np.argmin(np.maximum(np.abs(rows[:, None] - centres[None, :, 0]),
+                                   np.abs(cols[:, None] - centres[None, :, 1])), axis=1)
+    tiles = []
+    for number, centre in enumerate(centres):
+        writes = np.zeros(part.shape, dtype=bool)
+        writes[rows[nearest == number], cols[nearest == number]] = True
+        if writes.any():
+            tiles.append(Tile(crop_origin(np.round(centre), part.shape, crop_size), writes))
     return tiles
 
 
