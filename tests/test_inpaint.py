@@ -315,3 +315,40 @@ def test_lesion_fidelity_compares_samplers_copy_paste_and_writes_the_table(examp
         assert np.isfinite(row["psnr"]) and -1 <= row["ssim"] <= 1 and row["w1"] > 0
     assert "| copy-paste |" in (tmp_path / "lesion_fidelity.md").read_text()
     assert (tmp_path / "lesion_fidelity_preview.png").is_file() and "lesion-region fidelity" in capsys.readouterr().out
+
+
+def test_two_channels_and_the_ignore_label_inpaint_with_real_pixels_kept_in_both_channels(example, nnunet_folders,
+                                                                                         tmp_path):
+    """Dataset977: the example with a second channel (the inverted slice) and the right 30 % of every slice
+    unannotated (nnU-Net's ignore label 3)."""
+    folder = nnunet_folders["nnUNet_raw"] / "Dataset977_InpaintTwoChannelsIgnore"
+    for case_id in example.case_ids:
+        image, label_map, _ = example.read_case(case_id)
+        label_map = label_map.copy()
+        label_map[:, :, int(0.7 * label_map.shape[2]):] = 3
+        write_volume(image[0].astype(np.uint8), folder / "imagesTr" / f"{case_id}_0000.nii.gz")
+        write_volume((255 - image[0]).astype(np.uint8), folder / "imagesTr" / f"{case_id}_0001.nii.gz")
+        write_volume(label_map.astype(np.uint8), folder / "labelsTr" / f"{case_id}.nii.gz")
+    write_dataset_json_atomic(folder, channel_names={0: "CT", 1: "inverted"},
+                              labels={**example.labels, "ignore": 3}, num_training_cases=len(example.case_ids),
+                              file_ending=".nii.gz", dataset_name=folder.name)
+    dataset = RawDataset(folder)
+    run = train_generator(dataset, tmp_path / "run", small_settings(max_steps=2), fold=0, progress=False)
+    assert run.config.num_channels == 2 and run.config.unet_config["in_channels"] == 2 * 2 + 1 + 4
+    from nnunet_synth.dataset_tools.generate import main
+    main([dataset.name, "--image-source", "inpaint", "--generator", str(run.final_folder), "-n", "2",
+          "--inference-steps", "2", "--device", "cpu"])
+    store = SyntheticStore(dataset)
+    reader = dataset.reader_writer()
+    for case_id in store.complete_case_ids("0"):
+        target = store.cases[case_id]["source"]["target"]
+        image, _ = reader.read_images([str(p) for p in store.image_files(case_id)])
+        label = reader.read_seg(str(store.label_file(case_id)))[0][0, 0]
+        raw_image, raw_label, _ = dataset.read_case(target["case_id"])
+        raw_label = raw_label[target["slice_index"]]
+        assert np.array_equal(label == 3, raw_label == 3)           # unannotated pixels stay unannotated
+        edit = map_edit_region(raw_label, label, run.config.training["edit_margin"])
+        assert edit.any()
+        for channel in range(2):
+            real_channel = raw_image[channel, target["slice_index"]].astype(image.dtype)
+            assert np.array_equal(image[channel, 0][~edit], real_channel[~edit])
