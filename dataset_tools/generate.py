@@ -199,7 +199,8 @@ def generate_for_fold(dataset: RawDataset, args, fold):
     settings = GenerationSettings(num_cases=num_cases, seed=args.seed, num_inference_steps=args.inference_steps,
                                   target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
                                   batch_size=args.batch_size, balancing=balancing_from_args(args),
-                                  sampler=args.sampler)
+                                  # named in the recipe, so that a later default never mixes into a fold's cases
+                                  sampler=(args.sampler or DEFAULT_SAMPLER) if args.image_source == "inpaint" else None)
     summary = generate_synthetic_cases(dataset, generator_folder, settings, fold=fold, device=args.device,
                                        overwrite=args.overwrite, num_shards=args.num_shards,
                                        shard_index=args.shard_index)
