@@ -194,6 +194,7 @@ class InpaintStepBatches(Dataset):
     training step ``first_step + k`` (the slices of ``data_order``, crops from ``sampler``)."""
 
     def __init__(self, images, label_maps, data_order, first_step: int, sampler: CropSampler = None):
+        # images and label maps are read through ``sampler``; the arguments keep StepBatches' signature
         self.data_order, self.first_step, self.sampler = data_order, first_step, sampler
 
     def __len__(self) -> int:

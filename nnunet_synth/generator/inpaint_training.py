@@ -53,7 +53,7 @@ class InpaintTrainingData:
     def write_preview(self, path, unet, config: GeneratorConfig, device, num_inference_steps, step):
         """Rows: known crop (edit region blanked) | label map | inpainted | real crop."""
         images, label_maps, edit_masks = self.preview
-        pipeline = inpaint_pipeline(unet, config, "ddim", device)
+        pipeline = inpaint_pipeline(unet, config, DEFAULT_SAMPLER, device)
         drawn = pipeline(images, edit_masks > 0, label_maps, seeds=list(range(len(images))),
                          num_inference_steps=num_inference_steps, progress=False)
         rows = [[(image * (1 - edit), edit.astype(int)), (None, label_map), (result, None), (image, label_map)]
