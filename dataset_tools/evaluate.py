@@ -1,6 +1,8 @@
 """Evaluate generators and synthetic data; results go to $nnUNet_results/<Dataset>/nnsynth_evaluation/.
 
   nnsynth_evaluate fidelity D --generator cbmat=RUN_FOLDER --generator mat=RUN_FOLDER [--feature-model MODEL]
+  nnsynth_evaluate fidelity D --inpaint-generator RUN_FOLDER [--generator slice=RUN_FOLDER] \
+      [--samplers ddim:50 dpmsolver++:10 unipc:20]      (lesion-region fidelity, docs/inpainting.md)
   nnsynth_evaluate downstream D --generator mat=RUN_FOLDER --generator cbmat=RUN_FOLDER [--amounts 0.5 1 2 3]
   nnsynth_evaluate downstream D --arms real_only oversample copy_paste mat cbmat --repeats 3 --test-patients 4 \
       --real-cases 4 8 --generator-preset tiny --generator-steps 400
@@ -20,6 +22,9 @@ from nnunet_synth.evaluation.report import (DOWNSTREAM_CSV, FIDELITY_JSON, FIDEL
                                             write_report)
 
 EVALUATION_FOLDER = "nnsynth_evaluation"
+LESION_FIDELITY_JSON = "lesion_fidelity.json"
+LESION_FIDELITY_MD = "lesion_fidelity.md"
+LESION_FIDELITY_PREVIEW = "lesion_fidelity_preview.png"
 
 
 def named_generator(value: str):
@@ -27,6 +32,15 @@ def named_generator(value: str):
     if not separator or not name or not folder:
         raise argparse.ArgumentTypeError(f"expected NAME=FOLDER (e.g. cbmat=/path/to/run), got '{value}'")
     return name, folder
+
+
+def sampler_steps(value: str):
+    from nnunet_synth.generator.inpaint_pipeline import SAMPLERS
+    sampler, separator, steps = value.partition(":")
+    if not separator or sampler not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
+        raise argparse.ArgumentTypeError(f"expected SAMPLER:STEPS with SAMPLER one of {', '.join(SAMPLERS)} (e.g. "
+                                         f"dpmsolver++:20), got '{value}'")
+    return sampler, int(steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("-o", "--output", help=f"evaluation folder (default $nnUNet_results/<D>/{EVALUATION_FOLDER})")
         if name == "report":
             continue
-        sub.add_argument("--generator", type=named_generator, action="append", required=name == "fidelity",
-                         default=[], metavar="NAME=FOLDER",
+        sub.add_argument("--generator", type=named_generator, action="append", default=[], metavar="NAME=FOLDER",
                          help="a trained generator (run folder or final/); repeat to compare")
         sub.add_argument("--inference-steps", type=int, default=50, help="DDIM steps")
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -49,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     fidelity.add_argument("--feature-model", help="a 2d nnU-Net model folder trained on the real data: adds a "
                           "Frechet distance on its encoder features")
     fidelity.add_argument("--feature-fold", type=int, default=0)
+    fidelity.add_argument("--inpaint-generator", metavar="FOLDER", help="an inpainting generator (--mode inpaint): "
+                          "erase the lesions of its held-out slices, fill them again and compare the region with the "
+                          "real pixels, beside copy-paste and the first --generator (a whole-slice generator)")
+    fidelity.add_argument("--samplers", type=sampler_steps, nargs="+", metavar="SAMPLER:STEPS",
+                          help="with --inpaint-generator: the samplers to compare (default ddim:50 dpmsolver++:10 "
+                          "dpmsolver++:20 unipc:10 unipc:20)")
     downstream = commands.choices["downstream"]
     downstream.add_argument("--amounts", type=float, nargs="+", default=[1.0],
                             help="synthetic slices per real training slice (one arm per generator and amount)")
@@ -96,6 +115,40 @@ def evaluation_folder(dataset: RawDataset, output) -> Path:
         folder = Path(results) / dataset.name / EVALUATION_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def run_lesion_fidelity(args, dataset: RawDataset, folder: Path):
+    from nnunet_synth.atomic import atomic_path, write_json_atomic
+    from nnunet_synth.evaluation.lesion_fidelity import (LesionFidelitySettings, evaluate_lesion_fidelity,
+                                                          format_fidelity_table)
+    from nnunet_synth.quality.preview import save_preview_grid
+    if len(args.generator) > 1:
+        raise NnsynthError("with --inpaint-generator give at most one --generator (the whole-slice generator to "
+                           "compare with)")
+    settings = LesionFidelitySettings(seeds=tuple(args.seeds), max_slices=args.max_slices or 24,
+                                      slice_generator_steps=args.inference_steps)
+    if args.samplers:
+        settings.samplers = tuple(args.samplers)
+    slice_generator = args.generator[0][1] if args.generator else None
+    result = evaluate_lesion_fidelity(dataset, args.inpaint_generator, settings, slice_generator, args.device)
+    table = format_fidelity_table(result)
+    summary = {key: result[key] for key in ("rows", "slices", "held_out_cases", "seeds", "edit_margin", "edit_pixels")}
+    write_json_atomic({"dataset": dataset.name, "inpaint_generator": str(args.inpaint_generator),
+                       "slice_generator": slice_generator, **summary}, folder / LESION_FIDELITY_JSON)
+    with atomic_path(folder / LESION_FIDELITY_MD) as temp_name:
+        Path(temp_name).write_text(table + "\n")
+    lesions, window = result["lesions"], result["window"]
+    rows = []
+    for i in range(min(6, len(lesions.images))):
+        rows.append([(window.to_model(lesions.images[i]), lesions.label_maps[i]),
+                     (window.to_model(lesions.images[i]) * ~lesions.edits[i], lesions.edits[i].astype(int))]
+                    + [(window.to_model(filled[i]), None) for filled in result["previews"].values()])
+    save_preview_grid(rows, ["real (held out) + labels", "edit region"] + list(result["previews"]),
+                      folder / LESION_FIDELITY_PREVIEW, dataset.num_classes, window=(-1.0, 1.0))
+    print(f"lesion-region fidelity over {result['slices']} held-out slices ({result['edit_pixels']} edit pixels, "
+          f"margin {result['edit_margin']}), seeds {list(settings.seeds)}:")
+    print(table)
+    print(f"lesion fidelity: {folder / LESION_FIDELITY_JSON}, preview {folder / LESION_FIDELITY_PREVIEW}")
 
 
 def run_fidelity(args, dataset: RawDataset, folder: Path):
@@ -156,7 +209,12 @@ def main(argv=None):
     dataset = RawDataset.from_name(args.dataset)
     check_evaluation_request(dataset, args.command, args)     # before the folder is made or anything runs
     folder = evaluation_folder(dataset, args.output)
-    if args.command == "fidelity":
+    if args.command == "fidelity" and args.inpaint_generator:
+        run_lesion_fidelity(args, dataset, folder)
+    elif args.command == "fidelity":
+        if not args.generator:
+            raise NnsynthError("fidelity needs --generator NAME=FOLDER (whole-slice generators) or "
+                               "--inpaint-generator FOLDER")
         run_fidelity(args, dataset, folder)
     elif args.command == "downstream":
         if not os.environ.get("nnUNet_preprocessed"):

@@ -22,6 +22,8 @@ from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases
 from nnunet_synth.preflight import GenerateRequest, check_generate_request
 from nnunet_synth.generator.checkpoints import FINAL_FOLDER, generator_run_folder
 from nnunet_synth.generator.config import PRESETS, TrainingSettings
+from nnunet_synth.generator.inpaint_pipeline import SAMPLERS
+from nnunet_synth.generator.inpaint_training import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER
 from nnunet_synth.generator.training import train_generator
 
 
@@ -36,10 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     folds.add_argument("-f", "--fold", help="nnU-Net fold (0-4 or all) to make cases for: the generator and the label "
                        "maps see only its training cases (default 0, or the fold of --generator)")
     folds.add_argument("--folds", nargs="+", help="several folds, one after the other (e.g. --folds 0 1 2 3 4)")
-    parser.add_argument("--image-source", choices=("generator", "copy-paste"), default="generator",
-                        help="generator: sample images with the diffusion generator; copy-paste: no generator, each "
-                        "image is the target's real slice with the donors' real pixels pasted where the label map "
-                        "was pasted (blended at the edge)")
+    parser.add_argument("--image-source", choices=("generator", "copy-paste", "inpaint"), default="generator",
+                        help="generator: sample whole images with the diffusion generator; copy-paste: no generator, "
+                        "each image is the target's real slice with the donors' real pixels pasted where the label "
+                        "map was pasted (blended at the edge); inpaint: the target's real slice with the new lesions "
+                        "(plus a margin) drawn by the inpainting generator, every other pixel real")
     parser.add_argument("--generator", help="a trained generator folder (default: train or reuse "
                         "$nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
@@ -47,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the preset's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--inference-steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--inference-steps", type=int, help="sampling steps (default: 50 DDIM steps for the "
+                        f"generator, {DEFAULT_INFERENCE_STEPS} for inpaint)")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="--image-source inpaint: the scheduler "
+                        f"(default {DEFAULT_SAMPLER}; the whole-slice generator samples with DDIM)")
     parser.add_argument("--batch-size", type=int, default=16, help="slices sampled at once")
     balance = parser.add_argument_group("label maps (class balance, Diff-Lung §2.3; shares are of the region: host + "
                                         "pathology classes, or without a host class the body plus the pathology)")
@@ -85,16 +91,22 @@ def generator_for_fold(dataset: RawDataset, args, fold):
     """``--generator``, or the fold's generator run folder, trained now if it has no final model."""
     if args.generator is not None:
         return args.generator
-    run_folder = generator_run_folder(dataset.name, args.preset, fold)
+    mode = generator_mode(args)
+    run_folder = generator_run_folder(dataset.name, args.preset, fold, mode)
     if not (run_folder / FINAL_FOLDER).is_dir():
         if args.num_shards > 1 and launched_state().num_processes == 1:
             raise NnsynthError(f"{run_folder} holds no trained generator and shards started as separate commands "
                                f"would each train it: train it first (nnsynth_train_generator {dataset.name} --fold "
                                f"{fold} --preset {args.preset}), then start the shards")
-        print(f"no trained generator in {run_folder}: training one (preset {args.preset}, fold {fold})")
-        settings = TrainingSettings(preset=args.preset, max_steps=args.train_steps, seed=args.seed)
+        print(f"no trained generator in {run_folder}: training one (preset {args.preset}, mode {mode}, fold {fold})")
+        settings = TrainingSettings(preset=args.preset, mode=mode, max_steps=args.train_steps, seed=args.seed)
         train_generator(dataset, run_folder, settings, fold=fold)
     return run_folder / FINAL_FOLDER
+
+
+def generator_mode(args) -> str:
+    """The generator an image source needs: the inpainting generator for inpaint, else the whole-slice one."""
+    return "inpaint" if args.image_source == "inpaint" else "slice"
 
 
 def balancing_from_args(args) -> dict:
@@ -159,7 +171,8 @@ def request_from_args(args) -> GenerateRequest:
         num_inference_steps=args.inference_steps, batch_size=args.batch_size, num_cases=args.num_cases,
         ratio=args.ratio, target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
         balancing=balancing_from_args(args), num_shards=args.num_shards, shard_index=args.shard_index,
-        overwrite=args.overwrite, export_id=args.export_standalone)
+        overwrite=args.overwrite, export_id=args.export_standalone,
+        sampler=(args.sampler or DEFAULT_SAMPLER) if args.image_source == "inpaint" else args.sampler)
 
 
 @command_entry_point
@@ -170,6 +183,8 @@ def main(argv=None):
         raise NnsynthError("--export-standalone with --num-shards would export before the other shards are done: "
                            "export after all shards, by one more run without --num-shards")
     dataset = RawDataset.from_name(args.dataset)
+    if args.inference_steps is None:
+        args.inference_steps = DEFAULT_INFERENCE_STEPS if args.image_source == "inpaint" else 50
     request = request_from_args(args)
     plan = check_generate_request(dataset, request)       # everything is checked before anything is written
     for fold in request.folds:
@@ -190,14 +205,28 @@ def generate_for_fold(dataset: RawDataset, args, fold, num_cases: int):
     if args.image_source == "copy-paste":
         return copy_paste_for_fold(dataset, args, fold, num_cases)
     generator_folder = generator_for_fold(dataset, args, fold)
+    check_generator_mode(generator_folder, generator_mode(args), args.image_source)
     settings = GenerationSettings(num_cases=num_cases, seed=args.seed, num_inference_steps=args.inference_steps,
                                   target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
-                                  batch_size=args.batch_size, balancing=balancing_from_args(args))
+                                  batch_size=args.batch_size, balancing=balancing_from_args(args),
+                                  # named in the recipe, so that a later default never mixes into a fold's cases
+                                  sampler=(args.sampler or DEFAULT_SAMPLER) if args.image_source == "inpaint" else None)
     summary = generate_synthetic_cases(dataset, generator_folder, settings, fold=fold, device=args.device,
                                        overwrite=args.overwrite, num_shards=args.num_shards,
                                        shard_index=args.shard_index)
     shard = f"shard {args.shard_index} of {args.num_shards}: " if args.num_shards > 1 else ""
     print_summary(dataset, summary, shard)
+
+
+def check_generator_mode(generator_folder, mode: str, image_source: str):
+    """Refuse a whole-slice generator for --image-source inpaint and an inpainting one for generator."""
+    from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
+    folder = resolve_generator_folder(generator_folder)
+    found = read_generator_config(folder).mode
+    if found != mode:
+        other = "inpaint" if found == "inpaint" else "generator"
+        raise NnsynthError(f"{folder} holds a {found} generator, --image-source {image_source} needs a {mode} one: "
+                           f"use --image-source {other} with it, or leave out --generator to train one")
 
 
 def copy_paste_for_fold(dataset: RawDataset, args, fold, num_cases: int):

@@ -1,6 +1,6 @@
 """Train the mask-conditioned diffusion generator on the real training cases of one nnU-Net fold.
 
-Output: $nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>/ (checkpoints/checkpoint_<i>/, previews/,
+Output: $nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>/ (--mode inpaint: nnsynth_inpaint_<preset>_fold<F>/) (checkpoints/checkpoint_<i>/, previews/,
 final/; final/ loads with diffusers.DiffusionPipeline.from_pretrained(final, trust_remote_code=True)).
 Rerunning the same command resumes exactly from the newest checkpoint (other settings are refused).
 Multi-GPU: accelerate launch -m nnunet_synth.dataset_tools.train_generator ...
@@ -12,7 +12,7 @@ from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import command_entry_point
 from nnunet_synth.generator.checkpoints import generator_run_folder
 from nnunet_synth.generator.ablation import FREQUENCY_DEFINITIONS, PROBABILITY_READINGS
-from nnunet_synth.generator.config import ABLATION_MODES, PRESETS, TrainingSettings
+from nnunet_synth.generator.config import ABLATION_MODES, GENERATOR_MODES, PRESETS, TrainingSettings
 from nnunet_synth.generator.training import train_generator
 from nnunet_synth.preflight import check_training_request
 
@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("dataset", help="dataset folder, name (Dataset501_Covid19Lung), short name or id")
     parser.add_argument("--fold", type=_fold, default="0", help="nnU-Net fold whose training cases are used, or 'all'")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--mode", choices=GENERATOR_MODES, default="slice", help="slice: whole slices from a label "
+                        "map (000's generator); inpaint: lesions drawn inside real slices, trained on native-resolution "
+                        "crops (--image-size is then the crop size; docs/inpainting.md)")
+    parser.add_argument("--edit-margin", type=int, default=3, help="--mode inpaint: pixels added around every edit "
+                        "region")
     parser.add_argument("--output", help="run folder (default: $nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>)")
     overrides = parser.add_argument_group("overrides of the preset")
     overrides.add_argument("--image-size", type=int)
@@ -69,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args) -> TrainingSettings:
     return TrainingSettings(
-        preset=args.preset, image_size=args.image_size,
+        preset=args.preset, mode=args.mode, edit_margin=args.edit_margin, image_size=args.image_size,
         block_out_channels=tuple(args.block_out_channels) if args.block_out_channels else None,
         layers_per_block=args.layers_per_block, batch_size=args.batch_size, learning_rate=args.learning_rate,
         max_steps=args.max_steps, warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every,
@@ -87,7 +92,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     dataset = RawDataset.from_name(args.dataset)
     settings = settings_from_args(args)
-    run_folder = args.output or generator_run_folder(dataset.name, args.preset, args.fold)
+    run_folder = args.output or generator_run_folder(dataset.name, args.preset, args.fold, args.mode)
     check_training_request(dataset, settings, args.fold, run_folder)     # before anything is written
     train_generator(dataset, run_folder, settings, fold=args.fold, progress=not args.no_progress)
 

@@ -49,6 +49,7 @@ class GenerationSettings:
     noise_seeding_strength: float = None  # 004 §2.5: start from the target's real slice noised to this strength
     batch_size: int = 16
     balancing: dict = None              # class roles (label names) and MaskGenerationConfig overrides
+    sampler: str = None                 # inpainting generators: ddim, dpmsolver++ or unipc (None: the default)
 
     def recipe(self, generator_folder) -> dict:
         """The fields that must agree between runs writing into one store (batch size does not matter)."""
@@ -207,62 +208,101 @@ def _generate_into_store(dataset, store, unet, config, generator_folder, setting
 
     image_dtypes = {case_id: [dataset.source_dtype(case_id, channel) for channel in range(dataset.num_channels)]
                     for case_id in config.training_cases}
+    if config.mode == "inpaint":      # lesions drawn inside the target's real slice (inpainting.py)
+        from nnunet_synth.inpainting import InpaintBlocks
+        sample_block = InpaintBlocks(unet, config, settings, real, new_maps, image_dtypes, dataset.ignore_label,
+                                     device)
+    else:
+        sample_block = SliceBlocks(unet, config, settings, real, new_maps, image_dtypes, device)
+    generator_record = {"folder": str(generator_folder), "mode": config.mode, "preset": config.preset,
+                        "trained_steps": config.trained_steps, "ablation_mode": config.ablation.get("mode")}
     blocks = shard_blocks(len(new_maps), settings.batch_size, num_shards, shard_index)
     todo = [block for block in blocks if not all(store.is_complete(synthetic_case_id(i, fold)) for i in block)]
     written = 0
     progress = tqdm(total=sum(len(block) for block in todo), desc="sampling synthetic cases", unit="case")
     for batch in todo:        # a whole block, even when some of its cases are done: its batch never changes
-        model_label_maps, references, fits = [], [], []
-        for index in batch:
-            target = new_maps[index].provenance["target"]
-            real_image, _ = real.slice(target["case_id"], target["slice_index"])
-            reference, model_map, fit = fit_slice(window.to_model(real_image),
-                                                  new_maps[index].label_map, config.image_size, MODEL_MINIMUM)
-            model_label_maps.append(model_map)
-            references.append(reference)
-            fits.append((fit, target["case_id"]))
         seeds = [settings.seed * 1_000_003 + index for index in batch]
-        generated = sample_images(unet, config, np.stack(model_label_maps), seeds,
-                                  num_inference_steps=settings.num_inference_steps, batch_size=len(batch),
-                                  device=device, progress=False,
-                                  reference_images=None if settings.noise_seeding_strength is None else np.stack(references),
-                                  strength=settings.noise_seeding_strength)
-        for index, generated_image, model_map, (fit, target_case) in zip(batch, generated, model_label_maps, fits):
+        for index, seed, made in zip(batch, seeds, sample_block(batch, seeds)):
             if store.is_complete(synthetic_case_id(index, fold)):
                 progress.update(1)
                 continue
-            # The label written is the conditioning map taken back to the slice's geometry (nearest), not the full
-            # resolution map: below the slice size, a small pasted region can vanish when the map is fitted, and
-            # would then be in the written label but not in the image.
-            restored, label_map = restore_slice(generated_image, model_map, fit)
-            channel_images = window.from_model(restored, image_dtypes[target_case])
+            target_case = new_maps[index].provenance["target"]["case_id"]
             entry = {
                 "fold": fold,
                 SOURCE_CASES: label_map_source_cases(new_maps[index].provenance),
                 "source": new_maps[index].provenance,
-                "seed": seeds[batch.index(index)],
-                "generator": {"folder": str(generator_folder), "preset": config.preset,
-                              "trained_steps": config.trained_steps, "ablation_mode": config.ablation.get("mode")},
-                "sampler": {"scheduler": "DDIM", "num_inference_steps": settings.num_inference_steps,
-                            "conditioning_size": config.image_size,
-                            "noise_seeding_strength": settings.noise_seeding_strength},
+                "seed": seed,
+                "generator": generator_record,
+                **made.record,
                 "quality": {"model_free": model_free_channel_score(
-                    np.stack(channel_images).astype(np.float32), label_map, quality_gates)},
+                    np.stack(made.channel_images).astype(np.float32), made.label_map, quality_gates)},
             }
-            store.write_case(synthetic_case_id(index, fold), channel_images, label_map, real.properties[target_case],
-                             image_dtypes[target_case], entry)
+            store.write_case(synthetic_case_id(index, fold), made.channel_images, made.label_map,
+                             real.properties[target_case], image_dtypes[target_case], entry)
             written += 1
             progress.update(1)
     progress.close()
     store.save_manifest()       # the index of every record, compiled once per run
 
-    preview_path = write_generation_preview(dataset, store, fold, real, window)
+    if config.mode == "inpaint":
+        from nnunet_synth.inpainting import write_inpaint_preview
+        preview_path = write_inpaint_preview(dataset, store, fold, real, fold_maps)
+    else:
+        preview_path = write_generation_preview(dataset, store, fold, real, window)
     fold_cases = store.complete_case_ids(fold)
     passed = [c for c in fold_cases if store.cases[c].get("quality", {}).get("model_free", {}).get("passed")]
     shard_cases = sum(len(block) for block in blocks)
     return {"fold": fold, "written": written, "skipped": shard_cases - written, "total": len(fold_cases),
             "label_map_report": mask_report, "model_free_passed": len(passed), "preview": str(preview_path),
             "store": str(store.manifest_file)}
+
+
+@dataclass
+class MadeCase:
+    """One synthetic case of a block: its image channels (dataset units and pixel types), its label map and what
+    the manifest records of how it was made (``sampler`` and the like)."""
+
+    channel_images: list
+    label_map: np.ndarray
+    record: dict
+
+
+class SliceBlocks:
+    """Whole slices drawn by the mask-conditioned generator from the new maps fitted to its size (000)."""
+
+    def __init__(self, unet, config, settings: GenerationSettings, real: NativeSlices, new_maps, image_dtypes,
+                 device):
+        self.unet, self.config, self.settings, self.real, self.new_maps = unet, config, settings, real, new_maps
+        self.window, self.image_dtypes, self.device = ImageWindows.from_dict(config.window), image_dtypes, device
+
+    def __call__(self, batch, seeds) -> list:
+        model_label_maps, references, fits = [], [], []
+        for index in batch:
+            target = self.new_maps[index].provenance["target"]
+            real_image, _ = self.real.slice(target["case_id"], target["slice_index"])
+            reference, model_map, fit = fit_slice(self.window.to_model(real_image), self.new_maps[index].label_map,
+                                                  self.config.image_size, MODEL_MINIMUM)
+            model_label_maps.append(model_map)
+            references.append(reference)
+            fits.append((fit, target["case_id"]))
+        strength = self.settings.noise_seeding_strength
+        generated = sample_images(self.unet, self.config, np.stack(model_label_maps), seeds,
+                                  num_inference_steps=self.settings.num_inference_steps, batch_size=len(batch),
+                                  device=self.device, progress=False,
+                                  reference_images=None if strength is None else np.stack(references),
+                                  strength=strength)
+        made = []
+        for generated_image, model_map, (fit, target_case) in zip(generated, model_label_maps, fits):
+            # The label written is the conditioning map taken back to the slice's geometry (nearest), not the full
+            # resolution map: below the slice size, a small pasted region can vanish when the map is fitted, and
+            # would then be in the written label but not in the image.
+            restored, label_map = restore_slice(generated_image, model_map, fit)
+            made.append(MadeCase(self.window.from_model(restored, self.image_dtypes[target_case]), label_map,
+                                 {"sampler": {"scheduler": "DDIM",
+                                              "num_inference_steps": self.settings.num_inference_steps,
+                                              "conditioning_size": self.config.image_size,
+                                              "noise_seeding_strength": strength}}))
+        return made
 
 
 def write_generation_preview(dataset: RawDataset, store: SyntheticStore, fold, real: NativeSlices,

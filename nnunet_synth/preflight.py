@@ -19,7 +19,7 @@ class GenerateRequest:
     """What one ``nnsynth_generate`` command asks for (the parsed options)."""
 
     folds: list
-    image_source: str = "generator"        # generator | copy-paste
+    image_source: str = "generator"        # generator | copy-paste | inpaint
     generator: str = None                  # a trained generator folder, else the fold's run folder (trained if needed)
     preset: str = "default"
     train_steps: int = None
@@ -36,6 +36,12 @@ class GenerateRequest:
     shard_index: int = 0
     overwrite: bool = False
     export_id: int = None
+    sampler: str = None                    # inpaint only: the scheduler of the inpainting generator
+
+    @property
+    def generator_mode(self) -> str:
+        """The generator the image source needs (none for copy-paste)."""
+        return {"generator": "slice", "inpaint": "inpaint"}.get(self.image_source)
 
 
 @dataclass
@@ -73,6 +79,12 @@ def check_generation_options(request: GenerateRequest):
             raise NnsynthError("--image-source copy-paste runs in one process (no sampling to spread): leave out "
                                "--num-shards")
         return
+    if request.image_source == "inpaint" and request.noise_seeding_strength is not None:
+        raise NnsynthError("--noise-seeding starts a whole slice from its real image; an inpainting generator keeps "
+                           "the real pixels anyway: leave it out with --image-source inpaint")
+    if request.sampler is not None and request.image_source != "inpaint":
+        raise NnsynthError("--sampler chooses the inpainting generator's scheduler (the whole-slice generator "
+                           "samples with DDIM): use it with --image-source inpaint")
     check_device(request.device)
     check_inference_steps(request.num_inference_steps)
     check_int_range(request.batch_size, "--batch-size", 1, MAX_BATCH_SIZE)
@@ -91,7 +103,7 @@ def _generator_folder(dataset: RawDataset, request: GenerateRequest, fold):
     from nnunet_synth.generator.checkpoints import FINAL_FOLDER, generator_run_folder
     if request.generator is not None:
         return request.generator, False
-    run_folder = generator_run_folder(dataset.name, request.preset, fold)
+    run_folder = generator_run_folder(dataset.name, request.preset, fold, request.generator_mode)
     return run_folder / FINAL_FOLDER, not (run_folder / FINAL_FOLDER).is_dir()
 
 
@@ -106,10 +118,11 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
     generators = {}
     for fold in request.folds:
         fold_training_cases(dataset, fold)                  # the fold exists in the split
-        if request.image_source == "generator":
+        if request.generator_mode is not None:
             generators[fold] = _generator_folder(dataset, request, fold)
             if generators[fold][1]:
-                TrainingSettings(preset=request.preset, max_steps=request.train_steps, seed=request.seed).resolved()
+                TrainingSettings(preset=request.preset, mode=request.generator_mode, max_steps=request.train_steps,
+                                 seed=request.seed).resolved()
                 check_writable(generators[fold][0].parent, "the generator")
     if request.export_id is not None:
         import os
@@ -127,7 +140,7 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
     store = SyntheticStore(dataset)
     for fold in request.folds:
         training_cases = fold_training_cases(dataset, fold)
-        if request.image_source == "generator" and not generators[fold][1]:
+        if request.generator_mode is not None and not generators[fold][1]:
             folder = resolve_generator_folder(generators[fold][0])
             config = read_generator_config(folder)
             check_generator_for_fold(dataset, config, folder, str(fold))
@@ -136,12 +149,13 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
         plan.training_cases[fold] = training_cases
         plan.num_cases[fold] = request.num_cases if request.num_cases is not None else \
             max(1, round(request.ratio * fold_num_slices(plan.scan, training_cases)))
-        if request.image_source == "generator" and not request.overwrite:
+        if request.generator_mode is not None and not request.overwrite:
             settings = GenerationSettings(num_cases=plan.num_cases[fold], seed=request.seed,
                                           num_inference_steps=request.num_inference_steps,
                                           target_share=request.target_share,
                                           noise_seeding_strength=request.noise_seeding_strength,
-                                          batch_size=request.batch_size, balancing=request.balancing)
+                                          batch_size=request.batch_size, balancing=request.balancing,
+                                          sampler=request.sampler)
             store.check_fold_recipe(str(fold), settings.recipe(resolve_generator_path(generators[fold][0])))
     check_case_budget(dataset, sum(plan.num_cases.values()))
     return plan

@@ -24,14 +24,16 @@ class StepLoader:
     """``batch(step)``: the batch of ``step``; consecutive steps come from one DataLoader that prefetches ahead,
     another step (a resume, a benchmark restarting at 0) starts a new one there."""
 
-    def __init__(self, images, label_maps, data_order, num_workers: int = 0, pin_memory: bool = False):
+    def __init__(self, images, label_maps, data_order, num_workers: int = 0, pin_memory: bool = False,
+                 step_batches=StepBatches):
         self.images, self.label_maps, self.data_order = images, label_maps, data_order
+        self.step_batches = step_batches      # the Dataset class of the batches (inpainting: crops)
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self._iterator, self._next_step = None, None
 
     def batch(self, step: int):
         if self._iterator is None or step != self._next_step:
-            loader = DataLoader(StepBatches(self.images, self.label_maps, self.data_order, step), batch_size=None,
+            loader = DataLoader(self.step_batches(self.images, self.label_maps, self.data_order, step), batch_size=None,
                                 num_workers=self.num_workers, pin_memory=self.pin_memory,
                                 prefetch_factor=4 if self.num_workers else None)
             self._iterator = iter(loader)

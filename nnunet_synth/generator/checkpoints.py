@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from diffusers import UNet2DModel
@@ -34,13 +35,15 @@ PIPELINE_FILE = "nnsynth_pipeline.py"
 TEMP_SUFFIX = ".incomplete"
 
 
-def generator_run_folder(dataset_name: str, preset: str, fold) -> Path:
-    """``$nnUNet_results/<dataset_name>/nnsynth_generator_<preset>_fold<fold>``."""
+def generator_run_folder(dataset_name: str, preset: str, fold, mode: str = "slice") -> Path:
+    """``$nnUNet_results/<dataset_name>/nnsynth_generator_<preset>_fold<fold>`` (inpainting generators:
+    ``nnsynth_inpaint_<preset>_fold<fold>``)."""
     results = os.environ.get("nnUNet_results")
     if not results:
         raise NnsynthError("the environment variable nnUNet_results is not set: export nnUNet_results=/path/to/results "
                            "or give --output")
-    return Path(results) / dataset_name / f"nnsynth_generator_{preset}_fold{fold}"
+    kind = "inpaint" if mode == "inpaint" else "generator"
+    return Path(results) / dataset_name / f"nnsynth_{kind}_{preset}_fold{fold}"
 
 
 def list_checkpoints(run_folder) -> list:
@@ -163,15 +166,15 @@ def load_pipeline(folder, dataset=None, device="cpu"):
     return generator_pipeline(unet, config, device), config
 
 
-def save_pipeline_folder(pipeline, folder):
-    """Save ``pipeline`` (an NnsynthPipeline) so that ``DiffusionPipeline.from_pretrained(folder,
-    trust_remote_code=True)`` finds its class: diffusers takes a list ``_class_name`` [module, class] as the
+def save_pipeline_folder(pipeline, folder, pipeline_file: str = PIPELINE_FILE):
+    """Save ``pipeline`` (an NnsynthPipeline or NnsynthInpaintPipeline) so that ``DiffusionPipeline.from_pretrained(
+    folder, trust_remote_code=True)`` finds its class: diffusers takes a list ``_class_name`` [module, class] as the
     class in ``<folder>/<module>.py``, so model_index.json names it and the pipeline's source file goes beside."""
-    from nnunet_synth.sampling import pipeline as pipeline_module
+    pipeline_module = sys.modules[type(pipeline).__module__]
     folder = Path(folder)
     pipeline.save_pretrained(folder)
     index_file = folder / "model_index.json"
     index = json.loads(index_file.read_text())
-    index["_class_name"] = [Path(PIPELINE_FILE).stem, type(pipeline).__name__]
+    index["_class_name"] = [Path(pipeline_file).stem, type(pipeline).__name__]
     write_json_atomic(index, index_file)
-    copy_file_atomic(pipeline_module.__file__, folder / PIPELINE_FILE)
+    copy_file_atomic(pipeline_module.__file__, folder / pipeline_file)

@@ -14,6 +14,7 @@ from nnunet_synth.generator.ablation import FREQUENCY_DEFINITIONS, PROBABILITY_R
 
 GENERATOR_CONFIG_NAME = "generator_config.json"
 ABLATION_MODES = ("cbmat", "mat", "none")
+GENERATOR_MODES = ("slice", "inpaint")   # whole slices from a label map (000), or lesions inside real slices
 NUM_TRAIN_TIMESTEPS = 1000
 
 # Architecture and training defaults per preset. ``default`` follows the reference configuration of Konz et al.
@@ -52,13 +53,35 @@ PRESETS = {
     },
 }
 
+# ``--mode inpaint``: ``image_size`` is the side of the native-resolution crops the inpainting generator trains on
+# and fills. ``tiny`` (64 px crops, about 1.5 M parameters) trains on a CPU; ``default`` (160 px crops, five
+# levels) is for a GPU.
+INPAINT_PRESETS = {
+    "tiny": {**PRESETS["tiny"], "image_size": 64, "max_steps": 3000, "learning_rate": 1e-3},
+    "default": {
+        **PRESETS["default"],
+        "image_size": 160,
+        "block_out_channels": (64, 128, 256, 256, 512),
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "batch_size": 32,
+        "max_steps": 30_000,
+    },
+}
+
+
+def preset_values(mode: str, preset: str) -> dict:
+    """The architecture and training defaults of ``preset`` for generator ``mode``."""
+    return (INPAINT_PRESETS if mode == "inpaint" else PRESETS)[preset]
+
 
 @dataclass
 class TrainingSettings:
     """Everything a training run can be told; ``None`` means "take the preset's value"."""
 
     preset: str = "tiny"
-    image_size: int = None
+    mode: str = "slice"                 # slice: whole slices (000); inpaint: lesions inside real slices (crops)
+    image_size: int = None              # slice: the model size; inpaint: the side of the native-resolution crops
     block_out_channels: tuple = None
     layers_per_block: int = None
     batch_size: int = None              # per process
@@ -88,15 +111,24 @@ class TrainingSettings:
     keep_checkpoints: int = 2
     preview_inference_steps: int = 50
     preview_count: int = 4
+    # inpaint mode: where crops are centred and how edit regions are drawn (generator/inpaint_data.py)
+    edit_margin: int = 3                # pixels added around every edit region (training and sampling alike)
+    p_lesion_crop: float = 0.8          # crop centred (with jitter) on a pathology component, else anywhere
+    p_lesion_edit: float = 0.6          # edit region = a pathology component of the crop + margin
+    p_moved_edit: float = 0.2           # ... a pathology component rotated / dilated / moved onto host tissue;
+                                        # otherwise a random blob over host tissue
 
     def resolved(self) -> "TrainingSettings":
         """A copy with every ``None`` preset field filled from the preset, after validation."""
         if self.preset not in PRESETS:
             raise NnsynthError(f"unknown preset '{self.preset}': choose one of {', '.join(PRESETS)}")
+        if self.mode not in GENERATOR_MODES:
+            raise NnsynthError(f"unknown generator mode '{self.mode}': choose one of {', '.join(GENERATOR_MODES)}")
         if self.ablation_mode not in ABLATION_MODES:
             raise NnsynthError(f"unknown ablation mode '{self.ablation_mode}': choose one of {', '.join(ABLATION_MODES)}")
         values = dataclasses.asdict(self)
-        for key, preset_value in PRESETS[self.preset].items():
+        preset = preset_values(self.mode, self.preset)
+        for key, preset_value in preset.items():
             if key in values and values[key] is None:
                 values[key] = preset_value
         settings = TrainingSettings(**values)
@@ -106,8 +138,8 @@ class TrainingSettings:
             raise NnsynthError(f"image size {settings.image_size} must be divisible by "
                                f"{2 ** (len(settings.block_out_channels) - 1)} for {len(settings.block_out_channels)} "
                                f"UNet levels")
-        if len(settings.block_out_channels) != len(PRESETS[self.preset]["block_out_channels"]):
-            raise NnsynthError(f"preset '{self.preset}' has {len(PRESETS[self.preset]['block_out_channels'])} levels; "
+        if len(settings.block_out_channels) != len(preset["block_out_channels"]):
+            raise NnsynthError(f"preset '{self.preset}' has {len(preset['block_out_channels'])} levels; "
                                f"--block-out-channels must give as many")
         for name in ("batch_size", "max_steps", "checkpoint_every", "preview_every"):
             if getattr(settings, name) < 1:
@@ -120,6 +152,17 @@ class TrainingSettings:
                                f"{', '.join(PROBABILITY_READINGS)}")
         if not 0.0 <= settings.delta_0 <= 1.0:
             raise NnsynthError(f"delta_0 must lie in [0, 1], got {settings.delta_0}")
+        if settings.mode == "inpaint":
+            if settings.region_classes:
+                raise NnsynthError("region masking (--region-classes) is for whole-slice generators: an inpainting "
+                                   "generator sees the real pixels around every edit; leave it out with --mode inpaint")
+            if settings.edit_margin < 0:
+                raise NnsynthError(f"edit_margin must be at least 0, got {settings.edit_margin}")
+            for name in ("p_lesion_crop", "p_lesion_edit", "p_moved_edit"):
+                if not 0.0 <= getattr(settings, name) <= 1.0:
+                    raise NnsynthError(f"{name} must lie in [0, 1], got {getattr(settings, name)}")
+            if settings.p_lesion_edit + settings.p_moved_edit > 1.0:
+                raise NnsynthError("p_lesion_edit + p_moved_edit must be at most 1 (the rest are random blobs)")
         check_training_numbers(settings)
         return settings
 
@@ -148,13 +191,21 @@ def check_training_numbers(settings: "TrainingSettings"):
             raise NnsynthError(f"--window {lower:g} {upper:g}: LOWER must be below UPPER: give the window as LOWER UPPER")
 
 
+def unet_input_channels(mode: str, num_channels: int, num_classes: int) -> int:
+    """slice: noisy image + one-hot label map; inpaint: noisy image + known image (edit region blanked) + edit
+    mask + one-hot label map, as diffusers' inpainting UNets take them."""
+    if mode == "inpaint":
+        return 2 * num_channels + 1 + num_classes
+    return num_channels + num_classes
+
+
 def build_unet(settings: TrainingSettings, num_classes: int, num_channels: int = 1) -> UNet2DModel:
     """The denoiser for ``num_channels`` image channels and ``num_classes`` one-hot condition channels (settings
-    must be resolved)."""
-    preset = PRESETS[settings.preset]
+    must be resolved); its inputs depend on ``settings.mode`` (``unet_input_channels``)."""
+    preset = preset_values(settings.mode, settings.preset)
     return UNet2DModel(
         sample_size=settings.image_size,
-        in_channels=num_channels + num_classes,
+        in_channels=unet_input_channels(settings.mode, num_channels, num_classes),
         out_channels=num_channels,
         layers_per_block=settings.layers_per_block,
         block_out_channels=tuple(settings.block_out_channels),
@@ -203,6 +254,11 @@ class GeneratorConfig:
     def num_channels(self) -> int:
         """Image channels the generator draws jointly (the UNet's output channels)."""
         return int(self.unet_config.get("out_channels", 1))
+
+    @property
+    def mode(self) -> str:
+        """slice (whole-slice generator) or inpaint; generators written before inpainting are slice generators."""
+        return self.training.get("mode", "slice")
 
     @property
     def ignore_label(self):

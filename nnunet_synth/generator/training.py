@@ -39,7 +39,10 @@ from nnunet_synth.generator.checkpoints import (CHECKPOINTS_FOLDER, FINAL_FOLDER
 from nnunet_synth.generator.config import (NUM_TRAIN_TIMESTEPS, GeneratorConfig, TrainingSettings,
                                            build_noise_scheduler, build_unet)
 from nnunet_synth.dataset.splits import fold_training_cases
-from nnunet_synth.generator.batches import StepLoader
+from nnunet_synth.generator.batches import StepBatches, StepLoader
+from nnunet_synth.generator.inpaint_pipeline import inpainting_condition
+from nnunet_synth.generator.inpaint_training import (INPAINT_PIPELINE_FILE, inpaint_pipeline,
+                                                     inpaint_training_data)
 from nnunet_synth.dataset.native_slices import open_native_slices
 from nnunet_synth.generator.slice_cache import open_slice_cache, slice_cache_root
 from nnunet_synth.generator.preview import write_preview_grid
@@ -118,6 +121,21 @@ def denoising_loss(unet, noise_scheduler: DDPMScheduler, images, label_maps, noi
     return F.mse_loss(noise_prediction.float(), noise.float())
 
 
+def inpainting_loss(unet, noise_scheduler: DDPMScheduler, images, label_maps, edit_masks, noise, timesteps,
+                    ablated_classes, num_classes: int, memory_format=torch.contiguous_format):
+    """Epsilon-prediction MSE inside the edit region of native-resolution crops. The UNet sees the noisy crop, the
+    known crop (edit region blanked), the edit mask and the (ablated, CBMAT) one-hot label map. Outside the edit
+    region sampling replaces the prediction by the known pixels' exact noise (``NnsynthInpaintPipeline``), so only
+    the edit region's prediction is learnt. ``edit_masks`` (B, S, S) float, 1 = edit."""
+    noisy_images = noise_scheduler.add_noise(images, noise, timesteps)
+    condition = inpainting_condition(images, edit_masks, ablate_label_maps(label_maps, ablated_classes), num_classes)
+    model_input = torch.cat([noisy_images, condition], dim=1).contiguous(memory_format=memory_format)
+    noise_prediction = unet(model_input, timesteps).sample
+    weights = edit_masks[:, None].float().expand_as(noise_prediction)
+    squared_error = (noise_prediction.float() - noise.float()) ** 2
+    return (squared_error * weights).sum() / weights.sum().clamp(min=1.0)
+
+
 class TrainingProgress:
     """The data position (optimiser steps done), registered for checkpointing with accelerate."""
 
@@ -151,6 +169,7 @@ class TrainingState:
     num_classes: int
     memory_format: torch.memory_format
     progress: TrainingProgress = field(default_factory=TrainingProgress)
+    loss: object = denoising_loss       # denoising_loss (whole slices) or inpainting_loss (crops + edit masks)
 
     def load_checkpoint(self, checkpoint_folder):
         """Restore model, optimiser, LR schedule, EMA, step and RNG states saved by ``save_checkpoint``."""
@@ -170,12 +189,14 @@ def new_ema(unet, settings: TrainingSettings) -> EMAModel:
 
 
 def build_training_state(settings: TrainingSettings, images, label_maps, num_classes: int,
-                         schedule: AblationSchedule, accelerator: Accelerator) -> TrainingState:
+                         schedule: AblationSchedule, accelerator: Accelerator, num_channels: int = None,
+                         step_batches=StepBatches, loss=denoising_loss) -> TrainingState:
     """UNet, EMA, AdamW, LR schedule (fresh from ``settings.seed``; ``TrainingState.load_checkpoint`` resumes) on the
-    accelerator's device, with channels_last and fused AdamW on CUDA and optional torch.compile."""
+    accelerator's device, with channels_last and fused AdamW on CUDA and optional torch.compile. ``step_batches``
+    and ``loss`` are those of the generator's mode (inpainting: ``inpaint_step_batches``, ``inpainting_loss``)."""
     device = accelerator.device
     torch.manual_seed(settings.seed)
-    unet = build_unet(settings, num_classes, images.shape[1])
+    unet = build_unet(settings, num_classes, images.shape[1] if num_channels is None else num_channels)
     ema = new_ema(unet, settings)
     ema.to(device)
     on_cuda = device.type == "cuda"
@@ -196,9 +217,9 @@ def build_training_state(settings: TrainingSettings, images, label_maps, num_cla
     data_order = DataOrder(len(images), settings.batch_size, settings.seed, accelerator.num_processes,
                            accelerator.process_index)
     workers = settings.data_workers if settings.data_workers is not None else (4 if on_cuda else 0)
-    loader = StepLoader(images, label_maps, data_order, workers, pin_memory=on_cuda)
+    loader = StepLoader(images, label_maps, data_order, workers, pin_memory=on_cuda, step_batches=step_batches)
     return TrainingState(settings, accelerator, unet, training_unet, optimizer, lr_scheduler, ema, noise_scheduler,
-                         schedule, data_order, images, label_maps, loader, num_classes, memory_format, progress)
+                         schedule, data_order, images, label_maps, loader, num_classes, memory_format, progress, loss)
 
 
 def _to_device(array_or_tensor, device: torch.device) -> torch.Tensor:
@@ -220,14 +241,13 @@ def training_step(state: TrainingState, step: int) -> torch.Tensor:
     settings, accelerator = state.settings, state.accelerator
     device = accelerator.device
     generator = step_generator(settings.seed, step, accelerator.process_index)
-    batch_images, batch_label_maps = state.loader.batch(step)       # pinned on CUDA by the DataLoader
-    batch_images, batch_label_maps = _to_device(batch_images, device), _to_device(batch_label_maps, device)
-    noise, timesteps, ablated_classes = draw_step_randomness(len(batch_images), settings.image_size, step,
+    # images, label maps (and the edit masks of an inpainting run), pinned on CUDA by the DataLoader
+    batch = [_to_device(tensor, device) for tensor in state.loader.batch(step)]
+    noise, timesteps, ablated_classes = draw_step_randomness(len(batch[0]), settings.image_size, step,
                                                              state.schedule, settings.offset_noise, generator,
-                                                             batch_images.shape[1])
-    loss = denoising_loss(state.training_unet, state.noise_scheduler, batch_images, batch_label_maps,
-                          _to_device(noise, device), _to_device(timesteps, device), ablated_classes,
-                          state.num_classes, state.memory_format)
+                                                             batch[0].shape[1])
+    loss = state.loss(state.training_unet, state.noise_scheduler, *batch, _to_device(noise, device),
+                      _to_device(timesteps, device), ablated_classes, state.num_classes, state.memory_format)
     accelerator.backward(loss)
     if accelerator.sync_gradients:
         accelerator.clip_grad_norm_(state.unet.parameters(), settings.max_grad_norm)
@@ -303,6 +323,8 @@ def _differences(saved: dict, new: dict, keys) -> list:
 def check_resumable(saved: GeneratorConfig, new: GeneratorConfig, run_folder: Path):
     """Refuse to continue the run in ``run_folder`` (saved config) with other data or settings (new config)."""
     saved_dict, new_dict = _jsonable(saved.to_dict()), _jsonable(new.to_dict())
+    # settings added after a run was saved take their default there (e.g. ``mode``: slice)
+    saved_dict["training"] = {**_jsonable(dataclasses.asdict(TrainingSettings())), **saved_dict["training"]}
     differing = [key for key in RESUME_KEYS if saved_dict[key] != new_dict[key]]
     if saved_dict["ablation"].get("delta_c", new_dict["ablation"]["delta_c"]) != new_dict["ablation"]["delta_c"]:
         differing.append("CBMAT delta_c")
@@ -375,13 +397,18 @@ def write_preview(path, ema: EMAModel, config: GeneratorConfig, images, label_ma
 
 
 def write_final(run_folder: Path, ema: EMAModel, config: GeneratorConfig, preview_file=None) -> Path:
-    """``final/``: the NnsynthPipeline of the EMA model (loads with ``DiffusionPipeline.from_pretrained``),
-    generator_config.json and the last preview, renamed into place when done."""
-    from nnunet_synth.sampling import generator_pipeline
+    """``final/``: the pipeline of the EMA model (NnsynthPipeline, or NnsynthInpaintPipeline for an inpainting
+    generator; loads with ``DiffusionPipeline.from_pretrained``), generator_config.json and the last preview,
+    renamed into place when done."""
     final_folder = run_folder / FINAL_FOLDER
     try:
         temp_folder = fresh_temp_folder(final_folder)
-        save_pipeline_folder(generator_pipeline(ema_unet(ema, config.unet_config), config), temp_folder)
+        if config.mode == "inpaint":
+            save_pipeline_folder(inpaint_pipeline(ema_unet(ema, config.unet_config), config), temp_folder,
+                                 INPAINT_PIPELINE_FILE)
+        else:
+            from nnunet_synth.sampling import generator_pipeline
+            save_pipeline_folder(generator_pipeline(ema_unet(ema, config.unet_config), config), temp_folder)
         write_generator_config(config, temp_folder)
         if preview_file is not None and Path(preview_file).is_file():
             shutil.copyfile(preview_file, temp_folder / "preview.png")
@@ -436,29 +463,41 @@ def train_generator(dataset: RawDataset, run_folder, settings: TrainingSettings,
         check_resumable(read_generator_config(resume_folder), config, run_folder)
 
     region_values = [dataset.labels[name] for name in config.region_classes] if config.region_classes else None
-    with accelerator.main_process_first():        # the main process builds the slice cache, the others read it
-        cache = open_slice_cache(dataset, case_ids, ImageWindows.from_dict(config.window), settings.image_size,
-                                 slice_cache_root(dataset, run_folder), region_values, progress=progress and is_main,
-                                 store=store)
-    images, label_maps = cache.images, cache.label_maps     # ignore label already "unknown" (0) in the cache
+    if settings.mode == "inpaint":
+        # native-resolution crops drawn from the real slices on demand (inpaint_data.py)
+        inpaint_data = inpaint_training_data(store, config, settings, dataset.ignore_label)
+        images, label_maps = store.images, store.label_maps
+        mode_options = {"num_channels": dataset.num_channels, "step_batches": inpaint_data.step_batches,
+                        "loss": inpainting_loss}
+    else:
+        with accelerator.main_process_first():        # the main process builds the slice cache, the others read it
+            cache = open_slice_cache(dataset, case_ids, ImageWindows.from_dict(config.window), settings.image_size,
+                                     slice_cache_root(dataset, run_folder), region_values,
+                                     progress=progress and is_main, store=store)
+        images, label_maps = cache.images, cache.label_maps     # ignore label already "unknown" (0) in the cache
+        mode_options = {}
     schedule = make_ablation_schedule(settings.ablation_mode,
                                       list((config.ablation.get("frequencies") or config.class_frequencies).values()),
                                       [dataset.labels[n] for n in config.ablation["protected_classes"]],
                                       settings.delta_0, settings.max_steps, settings.probability_reading,
                                       dataset.ignore_label)
 
-    state = build_training_state(settings, images, label_maps, dataset.num_classes, schedule, accelerator)
+    state = build_training_state(settings, images, label_maps, dataset.num_classes, schedule, accelerator,
+                                 **mode_options)
     if resume_folder is not None:
         state.load_checkpoint(resume_folder)
     start_step = state.progress.step
-    preview_indices = np.linspace(0, len(images) - 1, min(settings.preview_count, len(images))).astype(int)
+    preview_indices = np.linspace(0, len(images) - 1, min(settings.preview_count, len(images))).astype(int) \
+        if settings.mode == "slice" else None
     previews_folder = run_folder / "previews"
     last_preview = None
     if is_main:
         run_folder.mkdir(parents=True, exist_ok=True)
         action = f"resuming at step {start_step}" if resume_folder else "starting"
+        size = f"{settings.image_size}px" + (" native-resolution crops (inpainting)" if settings.mode == "inpaint"
+                                              else "")
         print(f"training generator on {len(case_ids)} cases ({len(images)} slices) of {dataset.name}, fold {fold}, "
-              f"preset {settings.preset} {settings.image_size}px, {config.num_parameters / 1e6:.2f} M parameters, "
+              f"preset {settings.preset} {size}, {config.num_parameters / 1e6:.2f} M parameters, "
               f"ablation {settings.ablation_mode}, {accelerator.num_processes} process(es) on {device}, "
               f"mixed precision {accelerator.mixed_precision}; {action} -> {run_folder}")
         if schedule.mode == "cbmat":
@@ -486,8 +525,12 @@ def train_generator(dataset: RawDataset, run_folder, settings: TrainingSettings,
             sync_losses()
         if is_main and (done % settings.preview_every == 0 or is_last):
             last_preview = previews_folder / f"step-{done:07d}.png"
-            write_preview(last_preview, state.ema, config, images[preview_indices], label_maps[preview_indices],
-                          device, settings.preview_inference_steps, done)
+            if settings.mode == "inpaint":
+                inpaint_data.write_preview(last_preview, ema_unet(state.ema, config.unet_config), config, device,
+                                           settings.preview_inference_steps, done)
+            else:
+                write_preview(last_preview, state.ema, config, images[preview_indices], label_maps[preview_indices],
+                              device, settings.preview_inference_steps, done)
         if is_checkpoint:
             save_checkpoint(state, config, done)
         if step_callback is not None:

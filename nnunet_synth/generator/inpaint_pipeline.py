@@ -1,0 +1,137 @@
+"""``NnsynthInpaintPipeline``: the inpainting generator as a diffusers pipeline (UNet + scheduler) that fills the
+edit region of native-resolution crops from a label map, keeping every other pixel.
+
+The UNet's input is, as in diffusers' inpainting UNets, the noisy image concatenated with the known image (the real
+crop with the edit region blanked to 0), the edit mask and the label map as one-hot channels. Known pixels
+(outside the edit mask) follow the real image at every step: their noise prediction is replaced by the noise that
+makes the scheduler's clean-image estimate the real pixel, so every solver (DDIM, DPM-Solver++, UniPC) keeps them on
+the real image's noising path without drawing extra noise (the known-region step of RePaint, made deterministic).
+
+An inpainting generator's ``final/`` folder is saved with this pipeline: ``model_index.json``, ``unet/``,
+``scheduler/`` and a copy of this file as ``nnsynth_inpaint_pipeline.py``, so that
+``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it. This module therefore imports
+torch, numpy, tqdm and diffusers only; training and sampling both import it from here.
+"""
+import contextlib
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
+)
+from tqdm import tqdm
+
+# name -> (scheduler class, options); all are built from the training DDPM scheduler's config
+SAMPLERS = {
+    "ddim": (DDIMScheduler, {}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": (UniPCMultistepScheduler, {"solver_order": 2}),
+}
+
+
+def make_scheduler(sampler: str, scheduler_config):
+    """The scheduler named ``sampler`` (see ``SAMPLERS``) from a DDPM scheduler config."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    scheduler_class, options = SAMPLERS[sampler]
+    return scheduler_class.from_config(dict(scheduler_config), **options)
+
+
+def initial_noise(seeds, image_size: int, num_channels: int = 1) -> torch.Tensor:
+    """(N, channels, S, S) Gaussian noise, each crop drawn from its own CPU generator (its seed alone decides it)."""
+    return torch.stack([torch.randn((num_channels, image_size, image_size),
+                                    generator=torch.Generator("cpu").manual_seed(int(seed))) for seed in seeds])
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def inpainting_condition(known_images: torch.Tensor, edit_masks: torch.Tensor, label_maps: torch.Tensor,
+                         num_classes: int) -> torch.Tensor:
+    """(B, channels + 1 + classes, S, S): known image with the edit region blanked to 0, the edit mask, the one-hot
+    label map. ``known_images`` (B, C, S, S) in [-1, 1], ``edit_masks`` (B, S, S) (1 = edit), ``label_maps``
+    (B, S, S) int."""
+    mask = edit_masks[:, None].to(known_images.dtype)
+    one_hot = torch.nn.functional.one_hot(label_maps.long(), num_classes).permute(0, 3, 1, 2).to(known_images.dtype)
+    return torch.cat([known_images * (1 - mask), mask, one_hot], dim=1)
+
+
+class NnsynthInpaintPipeline(DiffusionPipeline):
+    """(known crop, edit mask, label map) -> crop with the edit region drawn. Label maps hold the dataset's label
+    values with nnU-Net's ignore label already mapped to 0, as in training."""
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @property
+    def num_channels(self) -> int:
+        return self.unet.config.out_channels
+
+    @property
+    def num_classes(self) -> int:
+        return self.unet.config.in_channels - 2 * self.unet.config.out_channels - 1
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.config.sample_size
+
+    def _check_inputs(self, known_images, edit_masks, label_maps, seeds):
+        size, count = self.image_size, len(label_maps)
+        if known_images.shape != (count, self.num_channels, size, size):
+            raise ValueError(f"known_images must have shape ({count}, {self.num_channels}, {size}, {size}), got "
+                             f"{known_images.shape}")
+        if edit_masks.shape != (count, size, size) or label_maps.shape != (count, size, size):
+            raise ValueError(f"edit_masks and label_maps must have shape ({count}, {size}, {size}), got "
+                             f"{edit_masks.shape} and {label_maps.shape}")
+        if len(seeds) != count:
+            raise ValueError(f"need one seed per crop: {len(seeds)} seeds for {count} crops")
+        if label_maps.size and (label_maps.min() < 0 or label_maps.max() >= self.num_classes):
+            raise ValueError(f"label values must lie in [0, {self.num_classes - 1}]")
+
+    @torch.no_grad()
+    def __call__(self, known_images, edit_masks, label_maps, seeds, num_inference_steps: int = 20,
+                 batch_size: int = 16, progress: bool = True) -> np.ndarray:
+        """(N, channels, S, S) float32 in [-1, 1]: the crops with their edit regions drawn; pixels outside the edit
+        mask are ``known_images`` exactly. ``known_images`` (N, C, S, S) in model space, ``edit_masks`` (N, S, S)
+        bool, ``label_maps`` (N, S, S) int, ``seeds`` one int per crop (same seed, same device: same result
+        whatever the batch)."""
+        known_images = np.asarray(known_images, dtype=np.float32)
+        edit_masks = np.asarray(edit_masks, dtype=bool)
+        label_maps = np.asarray(label_maps)
+        seeds = [int(seed) for seed in seeds]
+        self._check_inputs(known_images, edit_masks, label_maps, seeds)
+        unet = self.unet.eval()
+        device, unet_dtype = unet.device, unet.dtype
+        alphas_cumprod = self.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+        outputs = known_images.copy()
+        for start in tqdm(range(0, len(label_maps), batch_size), desc="inpainting", unit="batch",
+                          disable=not progress):
+            stop = min(start + batch_size, len(label_maps))
+            known = torch.from_numpy(known_images[start:stop]).to(device)
+            mask = torch.from_numpy(edit_masks[start:stop]).to(device)
+            condition = inpainting_condition(known, mask, torch.from_numpy(label_maps[start:stop]).to(device),
+                                             self.num_classes)
+            edit = mask[:, None].float()
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            sample = initial_noise(seeds[start:stop], self.image_size, self.num_channels).to(device)
+            sample = sample * self.scheduler.init_noise_sigma
+            for timestep in self.scheduler.timesteps:
+                model_input = torch.cat([self.scheduler.scale_model_input(sample, timestep), condition], dim=1)
+                with _autocast(device):
+                    noise_prediction = unet(model_input.to(unet_dtype), timestep).sample.float()
+                alpha = alphas_cumprod[int(timestep)]
+                known_noise = (sample - alpha.sqrt() * known) / (1 - alpha).sqrt()
+                noise_prediction = edit * noise_prediction + (1 - edit) * known_noise
+                sample = self.scheduler.step(noise_prediction, timestep, sample).prev_sample
+            drawn = sample.clamp(-1.0, 1.0).cpu().numpy()
+            region = edit_masks[start:stop][:, None].repeat(self.num_channels, axis=1)
+            outputs[start:stop][region] = drawn[region]
+        return outputs

@@ -1,0 +1,100 @@
+"""The inpaint image source (``nnsynth_generate D --image-source inpaint``): each balanced label map's new lesions
+drawn by the inpainting generator inside its target's real slice (DiffTumor, LeFusion), at native resolution.
+
+The generate step is generation.py's (fold maps, shards, resume, store, gate); this module adds the block sampler
+(``InpaintBlocks``: edit regions and crops, ``sampling/inpaint.py``) and the preview grid, which sets the same
+edit beside copy-paste's real pixels.
+"""
+import functools
+
+import numpy as np
+from scipy import ndimage
+
+from nnunet_synth.copy_paste import _placement_mask, display_windows, replay_pastes
+from nnunet_synth.dataset import ImageWindows, RawDataset
+from nnunet_synth.dataset.native_slices import NativeSlices
+from nnunet_synth.generator.inpaint_training import DEFAULT_SAMPLER, inpaint_pipeline
+from nnunet_synth.masks.balance import Placement
+from nnunet_synth.quality.preview import save_preview_grid
+from nnunet_synth.sampling.inpaint import inpaint_slices, map_edit_region
+from nnunet_synth.writer.synthetic_store import SyntheticStore
+
+IMAGE_SOURCE = "inpaint"
+PREVIEW_ROWS = 6
+ZOOM_SIZE = 64      # side of the zoomed crop around one edit in the preview
+
+
+class InpaintBlocks:
+    """The cases of a block of new maps: the target's real slice with the map's changes (plus the margin) inpainted;
+    the label written is the new map."""
+
+    def __init__(self, unet, config, settings, real: NativeSlices, new_maps, image_dtypes, ignore_label, device):
+        self.sampler = settings.sampler or DEFAULT_SAMPLER
+        self.pipeline = inpaint_pipeline(unet, config, self.sampler, device)
+        self.config, self.settings, self.real, self.new_maps = config, settings, real, new_maps
+        self.image_dtypes, self.ignore_label = image_dtypes, ignore_label
+        self.margin = int(config.training["edit_margin"])
+        self.window = ImageWindows.from_dict(config.window)
+
+    def __call__(self, batch, seeds) -> list:
+        from nnunet_synth.generation import MadeCase
+        images, label_maps, edits, dtypes = [], [], [], []
+        for index in batch:
+            new_map = self.new_maps[index]
+            target = new_map.provenance["target"]
+            real_image, real_map = self.real.slice(target["case_id"], target["slice_index"])
+            images.append(real_image)
+            label_maps.append(new_map.label_map)
+            edits.append(map_edit_region(real_map, new_map.label_map, self.margin))
+            dtypes.append(self.image_dtypes[target["case_id"]])
+        inpainted = inpaint_slices(self.pipeline, self.window, images, label_maps, edits, seeds, dtypes,
+                                   self.settings.num_inference_steps, self.ignore_label, self.settings.batch_size)
+        return [MadeCase(result.channel_images, np.asarray(label_map),
+                         {"image_source": IMAGE_SOURCE,
+                          "sampler": {"scheduler": self.sampler, "num_inference_steps": self.settings.num_inference_steps,
+                                      "crop_size": self.config.image_size, "edit_margin": self.margin},
+                          "inpaint": result.record()})
+                for result, label_map in zip(inpainted, label_maps)]
+
+
+def _zoom_origin(edit: np.ndarray, size: int):
+    """Top-left pixel of the ``size`` window around the largest connected part of ``edit``."""
+    parts, count = ndimage.label(edit)
+    if count == 0:
+        return 0, 0
+    largest = 1 + int(np.argmax(ndimage.sum_labels(edit, parts, range(1, count + 1))))
+    rows, cols = np.nonzero(parts == largest)
+    centre = ((rows.min() + rows.max()) // 2, (cols.min() + cols.max()) // 2)
+    return tuple(int(np.clip(c - size // 2, 0, max(0, n - size))) for c, n in zip(centre, edit.shape))
+
+
+def write_inpaint_preview(dataset: RawDataset, store: SyntheticStore, fold, real: NativeSlices, fold_maps,
+                          num_rows=PREVIEW_ROWS):
+    """Grid: real target + labels | new label map | copy-paste (real pixels) | inpainted | zoom on one edit:
+    copy-paste, then inpainted. Images in model space, channels side by side."""
+    window = display_windows(dataset, real.images)
+    reader = dataset.reader_writer()
+    placement = None if fold_maps.host else Placement(real.label_maps, real.map_ids, [], fold_maps.pathology,
+                                                       fold_maps.mask_config, fold_maps.body_masks)
+    rows = []
+    for case_id in store.complete_case_ids(fold)[:num_rows]:
+        entry = store.cases[case_id]
+        target = (entry["source"]["target"]["case_id"], entry["source"]["target"]["slice_index"])
+        real_image, real_map = real.slice(*target)
+        inpainted = window.to_model(reader.read_images([str(p) for p in store.image_files(case_id)])[0][:, 0])
+        label_map = reader.read_seg(str(store.label_file(case_id)))[0][0, 0].astype(int)
+        allowed = None if placement is None else functools.partial(_placement_mask, placement,
+                                                                    target_index=real.row(*target))
+        pasted, _, _ = replay_pastes(real_image, real_map, entry["source"], real.slice, fold_maps.host, allowed)
+        pasted = window.to_model(pasted)
+        edit = label_map != real_map
+        row, col = _zoom_origin(edit, ZOOM_SIZE)
+        zoom = (slice(row, row + ZOOM_SIZE), slice(col, col + ZOOM_SIZE))
+        rows.append([(window.to_model(real_image), real_map), (None, label_map), (pasted, None), (inpainted, None),
+                     (pasted[:, zoom[0], zoom[1]], None), (inpainted[:, zoom[0], zoom[1]], None)])
+    path = store.preview_file(fold)
+    if rows:
+        save_preview_grid(rows, ["real target + labels", "new label map", "copy-paste", "inpainted",
+                                 "copy-paste (zoom)", "inpainted (zoom)"], path, dataset.num_classes,
+                          window=(-1.0, 1.0))
+    return path
