@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.trainers.settings import SETTINGS, resolve_settings
 from nnunet_synth.trainers.synthetic_pool import pool_folder
 from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
@@ -173,7 +174,7 @@ def trainer_stops_with(planned_dataset, capsys) -> str:
 def test_a_deleted_raw_file_is_named(planned_dataset, synthetic_example_dataset, restore_afterwards, monkeypatch,
                                      capsys):
     monkeypatch.setenv("nnsynth_ratio", "0.5")
-    store = SyntheticStore(synthetic_example_dataset)
+    store = SyntheticStore(RawDataset(synthetic_example_dataset))
     label_file = restore_afterwards(store.label_file(synthetic_case_id(4, 0)))
     label_file.unlink()
     line = trainer_stops_with(planned_dataset, capsys)
@@ -184,7 +185,7 @@ def test_a_deleted_raw_file_is_named(planned_dataset, synthetic_example_dataset,
 def test_a_truncated_raw_file_is_named_and_never_trained_on(planned_dataset, synthetic_example_dataset,
                                                             restore_afterwards, monkeypatch, capsys):
     monkeypatch.setenv("nnsynth_ratio", "0.5")
-    store = SyntheticStore(synthetic_example_dataset)
+    store = SyntheticStore(RawDataset(synthetic_example_dataset))
     image_file = restore_afterwards(store.image_file(synthetic_case_id(2, 0)))
     image_file.write_bytes(image_file.read_bytes()[:200])
     line = trainer_stops_with(planned_dataset, capsys)

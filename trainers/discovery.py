@@ -10,6 +10,8 @@ TRAINER_MODULES = (
     "nnunet_synth.trainers.synth_mix",
     "nnunet_synth.trainers.variants.ratios",
     "nnunet_synth.trainers.variants.budgets",
+    "nnunet_synth.trainers.lesion_paste",
+    "nnunet_synth.trainers.variants.paste",
 )
 
 
