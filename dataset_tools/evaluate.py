@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "validation cases")
     downstream.add_argument("--test-labels", help="labels of --test-images (e.g. labelsTs)")
     downstream.add_argument("--arms", nargs="+", metavar="ARM", help="real_only, oversample (rare-class "
-                            "oversampling in the trainer), copy_paste (real pixels, no generator), mat, cbmat (a "
+                            "oversampling in the trainer), copy_paste (real pixels, no generator), copy_paste_online "
+                            "(lesions pasted in the data loader, nnUNetTrainerLesionPaste), mat, cbmat (a "
                             "generator of that ablation: --generator NAME=FOLDER, else trained here) or another "
                             "--generator name (default: real_only and every --generator)")
     downstream.add_argument("--repeats", type=int, default=1, help="train every arm this many times, with "

@@ -41,7 +41,7 @@ class DonorPatch:
     origin: tuple
 
 
-def _donor_patch(donor_image, bbox, margin: int) -> DonorPatch:
+def donor_patch(donor_image, bbox, margin: int) -> DonorPatch:
     """The donor's pixels around the region's box, ``margin`` pixels wider on every side (edge-padded)."""
     row0, col0, row1, col1 = bbox
     padded = np.pad(np.asarray(donor_image, dtype=np.float64), ((0, 0), (margin, margin), (margin, margin)),
@@ -49,7 +49,7 @@ def _donor_patch(donor_image, bbox, margin: int) -> DonorPatch:
     return DonorPatch(padded[:, row0:row1 + 2 * margin, col0:col1 + 2 * margin], (row0 - margin, col0 - margin))
 
 
-def _rotate_patch(patch: DonorPatch, angle_deg: float, centre) -> DonorPatch:
+def rotate_patch(patch: DonorPatch, angle_deg: float, centre) -> DonorPatch:
     """Rotate about ``centre`` (map coordinates), as ``rotate_region`` turns the mask (linear interpolation)."""
     rotated = np.stack([ndimage.rotate(channel, angle_deg, reshape=True, order=1, mode="nearest")
                         for channel in patch.image])
@@ -57,7 +57,7 @@ def _rotate_patch(patch: DonorPatch, angle_deg: float, centre) -> DonorPatch:
     return DonorPatch(rotated, (int(origin[0]), int(origin[1])))
 
 
-def _place(patch: DonorPatch, shape):
+def place_patch(patch: DonorPatch, shape):
     """(canvas (C, H, W), valid (H, W)): the patch drawn on a map of ``shape``; pixels it does not cover are not
     valid."""
     canvas, valid = np.zeros((len(patch.image), *shape)), np.zeros(shape, dtype=bool)
@@ -96,12 +96,12 @@ def replay_pastes(target_image, target_map, provenance: dict, read_slice, host_c
         region = next(r.region for r in find_regions(np.asarray(donor_map), donor["class"])
                       if r.component_index == donor["component_index"])
         dilation = sum(op.get("iterations", 0) for op in paste["operations"])
-        patch = _donor_patch(donor_image, donor["bbox"], margin=dilation + int(np.ceil(feather)) + 2)
+        patch = donor_patch(donor_image, donor["bbox"], margin=dilation + int(np.ceil(feather)) + 2)
         for operation in paste["operations"]:
             if operation["op"] == "rotate":
                 centre = np.asarray(region.origin) + (np.asarray(region.mask.shape) - 1) / 2
                 region = rotate_region(region, operation["angle_deg"])
-                patch = _rotate_patch(patch, operation["angle_deg"], centre)
+                patch = rotate_patch(patch, operation["angle_deg"], centre)
             elif operation["op"] == "shift":
                 region = shift_region(region, operation["offset"])
                 patch = DonorPatch(patch.image, (patch.origin[0] + operation["offset"][0],
@@ -111,7 +111,7 @@ def replay_pastes(target_image, target_map, provenance: dict, read_slice, host_c
         allowed = None if where_allowed is None else where_allowed(working, paste["class"])
         new_map, _ = paste_region(working, region, paste["class"], host_classes, allowed)
         pasted = new_map != working
-        canvas, valid = _place(patch, working.shape)
+        canvas, valid = place_patch(patch, working.shape)
         may_blend = np.isin(working, list(host_classes)) if host_classes else (working == 0)
         weights = feather_weights(pasted, may_blend, feather) * valid
         image = weights * canvas + (1 - weights) * image

@@ -6,6 +6,10 @@ from pathlib import Path
 
 import pytest
 
+# the Dataset981 fixtures, registered here once for every module (a fixture imported into several test modules
+# would be a separate session fixture in each, i.e. built once per module)
+from synthetic_fixtures import planned_dataset, synthetic_example_dataset  # noqa: E402, F401
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 COVID_SOURCE = SHARED_DATA / "covid19_ct_slices"

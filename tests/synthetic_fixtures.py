@@ -4,6 +4,12 @@ A tiny generator (32x32, a few steps: fast, not good) is trained on fold 0 of th
 ``generate_synthetic_cases`` writes the pairs. The quality scores are then set here, spread across [0, 1], so
 that a threshold has cases on both sides and the tests know exactly which cases it must drop.
 """
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from nnunet_synth.dataset.raw_dataset import RawDataset
@@ -16,6 +22,9 @@ from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_i
 SYNTHMIX_DATASET_ID = 981
 SYNTHMIX_DATASET_NAME = "SynthMixExample"
 NUM_SCORED_CASES = 12
+PLANS = "nnUNetPlans"
+CPU_PLANS = "nnUNetPlans_cpu"
+VENV_BIN = str(Path(sys.executable).parent)
 
 
 def stand_in_score(index: int) -> float:
@@ -66,3 +75,49 @@ def synthetic_example_dataset(nnunet_folders, tmp_path_factory):
     folder = convert_example_subset(nnunet_folders["nnUNet_raw"], SYNTHMIX_DATASET_ID, SYNTHMIX_DATASET_NAME)
     write_synthetic_cases(folder, tmp_path_factory.mktemp("synthmix_generator") / "run")
     return folder
+
+
+def clean_environment(nnunet_folders, **extra) -> dict:
+    """Only PATH, HOME, the nnU-Net folders, nnUNet_extTrainer, single-process nnU-Net settings and ``extra``."""
+    from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
+    env = {"PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ["HOME"],
+           "nnUNet_extTrainer": str(trainer_directory()), "nnUNet_def_n_proc": "1", "nnUNet_compile": "f"}
+    env.update({name: str(folder) for name, folder in nnunet_folders.items()})
+    env.update(extra)
+    return env
+
+
+def run_command(args, env, timeout=1200):   # a safety net: about 2 minutes on an idle 2-core machine
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def load_plans(preprocessed, plans=PLANS):
+    with open(preprocessed / f"{plans}.json") as handle:
+        return json.load(handle)
+
+
+def load_json(path):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def make_trainer(preprocessed, trainer_class, configuration="2d", plans=None, fold=0):
+    """A trainer built in this process on CPU, as nnUNetv2_train builds it (a new run)."""
+    import torch
+    plans = dict(plans or load_plans(preprocessed, CPU_PLANS), continue_training=False)
+    return trainer_class(plans, configuration, fold, load_json(preprocessed / "dataset.json"), torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def planned_dataset(synthetic_example_dataset, nnunet_folders):
+    """Stock nnUNetv2_plan_and_preprocess (2d) of Dataset981 in a clean subprocess, plus small CPU plans sharing
+    its data. Returns its nnUNet_preprocessed folder."""
+    from nnunet_synth.trainers.cpu_plans import write_cpu_plans
+    # nnUNet_n_proc_DA=0 makes 2.8.1's planner call torch.set_num_threads(0): leave it unset for planning
+    run_command(["nnUNetv2_plan_and_preprocess", "-d", str(SYNTHMIX_DATASET_ID), "-c", "2d", "-np", "1",
+                 "--verify_dataset_integrity"], clean_environment(nnunet_folders))
+    preprocessed = nnunet_folders["nnUNet_preprocessed"] / synthetic_example_dataset.name
+    write_cpu_plans(preprocessed, "2d", PLANS, CPU_PLANS)
+    return preprocessed

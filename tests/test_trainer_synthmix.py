@@ -1,11 +1,9 @@
 """nnUNetTrainerSynthMix: settings, quality filter, synthetic pool, mixing data loader, discovery, and a real
 end-to-end run of the stock nnU-Net commands on the example data (CPU, small plans)."""
-import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,57 +11,17 @@ import SimpleITK as sitk
 
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.errors import NnsynthError
-from nnunet_synth.trainers.mixing import (SynthMixDataLoader, SynthMixDataset, resolve_settings,
-                                          select_synthetic_cases, synthetic_count)
+from nnunet_synth.trainers.mixing import SynthMixDataLoader, SynthMixDataset, select_synthetic_cases, synthetic_count
+from nnunet_synth.trainers.settings import resolve_settings
 from nnunet_synth.trainers.synthetic_pool import (pool_folder, pool_record_file, update_synthetic_pool)
 from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
-from synthetic_fixtures import (NUM_SCORED_CASES, SYNTHMIX_DATASET_ID, stand_in_pathology_iou,  # noqa: F401
-                                stand_in_score, synthetic_example_dataset)
+from synthetic_fixtures import (CPU_PLANS, NUM_SCORED_CASES, PLANS, SYNTHMIX_DATASET_ID, clean_environment,
+                                load_json, load_plans, make_trainer, run_command, stand_in_pathology_iou,
+                                stand_in_score)
 
-PLANS = "nnUNetPlans"
-CPU_PLANS = "nnUNetPlans_cpu"
 TRAINER = "nnUNetTrainerSynthMix_debug"
 MIN_QUALITY = 0.3
-VENV_BIN = str(Path(sys.executable).parent)
 SYNTH_99 = synthetic_case_id(99, 0)
-
-
-def clean_environment(nnunet_folders, **extra) -> dict:
-    """Only PATH, HOME, the nnU-Net folders, nnUNet_extTrainer, single-process nnU-Net settings and ``extra``."""
-    from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
-    env = {"PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ["HOME"],
-           "nnUNet_extTrainer": str(trainer_directory()), "nnUNet_def_n_proc": "1", "nnUNet_compile": "f"}
-    env.update({name: str(folder) for name, folder in nnunet_folders.items()})
-    env.update(extra)
-    return env
-
-
-def run_command(args, env, timeout=1200):   # a safety net: about 2 minutes on an idle 2-core machine
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-@pytest.fixture(scope="module")
-def planned_dataset(synthetic_example_dataset, nnunet_folders):
-    """Stock nnUNetv2_plan_and_preprocess (2d) in a clean subprocess, plus small CPU plans sharing its data."""
-    from nnunet_synth.trainers.cpu_plans import write_cpu_plans
-    # nnUNet_n_proc_DA=0 makes 2.8.1's planner call torch.set_num_threads(0): leave it unset for planning
-    run_command(["nnUNetv2_plan_and_preprocess", "-d", str(SYNTHMIX_DATASET_ID), "-c", "2d", "-np", "1",
-                 "--verify_dataset_integrity"], clean_environment(nnunet_folders))
-    preprocessed = nnunet_folders["nnUNet_preprocessed"] / synthetic_example_dataset.name
-    write_cpu_plans(preprocessed, "2d", PLANS, CPU_PLANS)
-    return preprocessed
-
-
-def load_plans(preprocessed, plans=PLANS):
-    with open(preprocessed / f"{plans}.json") as handle:
-        return json.load(handle)
-
-
-def load_json(path):
-    with open(path) as handle:
-        return json.load(handle)
 
 
 def update_pool(raw_folder, preprocessed, plans=None):
@@ -78,7 +36,9 @@ def test_settings_come_from_environment_or_defaults():
     settings = resolve_settings("nnUNetTrainerSynthMix", {}, environ={
         "nnsynth_ratio": "0.3", "nnsynth_min_quality": "0.7", "nnsynth_quality_key": "segmentation"})
     assert (settings.ratio, settings.min_quality, settings.quality_key) == (0.3, 0.7, "segmentation")
-    assert settings.sources == {"ratio": "environment", "min_quality": "environment", "quality_key": "environment"}
+    assert {name: settings.sources[name] for name in ("ratio", "min_quality", "quality_key")} == {
+        "ratio": "environment", "min_quality": "environment", "quality_key": "environment"}
+    assert settings.sources["seed"] == "default"
     assert resolve_settings("x", {}, environ={"nnsynth_min_quality": "none"}).min_quality is None
 
 
@@ -86,7 +46,7 @@ def test_ratio_variant_refuses_a_contradicting_environment_ratio():
     fixed = {"ratio": 0.25}
     assert resolve_settings("nnUNetTrainerSynthMix_r25", fixed, environ={}).sources["ratio"] == "trainer"
     assert resolve_settings("nnUNetTrainerSynthMix_r25", fixed, environ={"nnsynth_ratio": "0.25"}).ratio == 0.25
-    with pytest.raises(NnsynthError, match="fixes ratio=0.25.*nnsynth_ratio=0.5"):
+    with pytest.raises(NnsynthError, match="nnsynth_ratio=0.5: trainer nnUNetTrainerSynthMix_r25 fixes ratio=0.25"):
         resolve_settings("nnUNetTrainerSynthMix_r25", fixed, environ={"nnsynth_ratio": "0.5"})
 
 
@@ -294,21 +254,26 @@ def test_mixing_loader_works_in_a_spawned_worker(mixed_dataset):
 
 
 # ------------------------------------------------------------------------------------------- trainer
-def make_trainer(preprocessed, trainer_class, configuration="2d", plans=None, fold=0):
-    import torch
-    plans = dict(plans or load_plans(preprocessed, CPU_PLANS), continue_training=False)
-    return trainer_class(plans, configuration, fold, load_json(preprocessed / "dataset.json"), torch.device("cpu"))
+def one_line_exit(capsys, function, *args) -> str:
+    """Call ``function``; it must exit with status 2 and one ``nnsynth: error:`` line on stderr, returned."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        function(*args)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("nnsynth: error: ") and "\n" not in error, error
+    return error
 
 
 def test_a_fold_without_cases_of_its_own_stops_in_one_line_naming_the_command(planned_dataset, nnunet_folders,
-                                                                              monkeypatch):
+                                                                              monkeypatch, capsys):
     """Only fold-0 synthetic cases exist: they depend on fold 1's validation cases, so fold 1 may use none."""
-    from nnunet_synth.trainers.synth_mix import nnUNetTrainerSynthMix_debug
+    from nnunet_synth.trainers.variants.budgets import nnUNetTrainerSynthMix_debug
     monkeypatch.delenv("nnsynth_ratio", raising=False)
     monkeypatch.delenv("nnsynth_min_quality", raising=False)
     expected = f"nnsynth_generate Dataset{SYNTHMIX_DATASET_ID}_SynthMixExample --fold 1"
-    with pytest.raises(NnsynthError, match=expected):
-        make_trainer(planned_dataset, nnUNetTrainerSynthMix_debug, fold=1).get_tr_and_val_datasets()
+    assert expected in one_line_exit(capsys, make_trainer(planned_dataset, nnUNetTrainerSynthMix_debug,
+                                                          fold=1).get_tr_and_val_datasets)
     dataset_tr, _ = make_trainer(planned_dataset, nnUNetTrainerSynthMix_debug, fold=0).get_tr_and_val_datasets()
     assert len(dataset_tr.synthetic_identifiers) == NUM_SCORED_CASES + 1
     # the stock command: exit status 2 and one line, no traceback
@@ -322,21 +287,22 @@ def test_a_fold_without_cases_of_its_own_stops_in_one_line_naming_the_command(pl
     assert last_line.startswith("nnsynth: error:") and expected in last_line
 
 
-def test_variant_trainer_refuses_contradicting_environment(planned_dataset, monkeypatch):
-    from nnunet_synth.trainers.synth_mix import nnUNetTrainerSynthMix_r25
+def test_variant_trainer_refuses_contradicting_environment(planned_dataset, monkeypatch, capsys):
+    from nnunet_synth.trainers.variants.ratios import nnUNetTrainerSynthMix_r25
     monkeypatch.setenv("nnsynth_ratio", "0.5")
-    with pytest.raises(NnsynthError, match="nnUNetTrainerSynthMix_r25 fixes ratio=0.25"):
-        make_trainer(planned_dataset, nnUNetTrainerSynthMix_r25).get_tr_and_val_datasets()
+    error = one_line_exit(capsys, make_trainer, planned_dataset, nnUNetTrainerSynthMix_r25)
+    assert "nnsynth_ratio=0.5: trainer nnUNetTrainerSynthMix_r25 fixes ratio=0.25" in error
 
 
-def test_non_2d_configuration_fails_clearly_unless_real_only(planned_dataset, monkeypatch):
-    from nnunet_synth.trainers.synth_mix import nnUNetTrainerSynthMix, nnUNetTrainerSynthMix_r0
+def test_non_2d_configuration_fails_clearly_unless_real_only(planned_dataset, monkeypatch, capsys):
+    from nnunet_synth.trainers.synth_mix import nnUNetTrainerSynthMix
+    from nnunet_synth.trainers.variants.ratios import nnUNetTrainerSynthMix_r0
     plans = load_plans(planned_dataset, CPU_PLANS)
     pseudo_3d = dict(plans["configurations"]["2d"], patch_size=[4, 128, 128], spacing=[1.0, 1.0, 1.0])
     plans["configurations"]["3d_test"] = pseudo_3d
     monkeypatch.delenv("nnsynth_ratio", raising=False)
-    with pytest.raises(NnsynthError, match="supports 2d configurations only"):
-        make_trainer(planned_dataset, nnUNetTrainerSynthMix, "3d_test", plans).get_tr_and_val_datasets()
+    assert "supports 2d configurations only" in one_line_exit(
+        capsys, make_trainer(planned_dataset, nnUNetTrainerSynthMix, "3d_test", plans).get_tr_and_val_datasets)
     dataset_tr, _ = make_trainer(planned_dataset, nnUNetTrainerSynthMix_r0, "3d_test", plans).get_tr_and_val_datasets()
     assert dataset_tr.synthetic_identifiers == []
 
@@ -344,12 +310,13 @@ def test_non_2d_configuration_fails_clearly_unless_real_only(planned_dataset, mo
 def test_trainers_are_found_through_nnunet_ext_trainer(monkeypatch):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
-    from nnunet_synth.trainers import synth_mix
+    from nnunet_synth.trainers.discovery import TRAINER_MODULES, trainer_classes
     monkeypatch.setenv("nnUNet_extTrainer", str(trainer_directory()))
-    for name in ("nnUNetTrainerSynthMix", "nnUNetTrainerSynthMix_r25", TRAINER):
-        found = recursive_find_trainer_class_by_name(name)
-        assert found is getattr(synth_mix, name)
-        assert found.__module__ == "nnunet_synth.trainers.synth_mix"   # picklable under spawn/forkserver
+    classes = trainer_classes()
+    assert {"nnUNetTrainerSynthMix", "nnUNetTrainerSynthMix_r25", TRAINER, "nnUNetTrainerSynthMix_medium"} <= set(classes)
+    for name, trainer_class in classes.items():
+        assert recursive_find_trainer_class_by_name(name) is trainer_class
+        assert trainer_class.__module__ in TRAINER_MODULES   # defined in the installed package: picklable under spawn
 
 
 def test_a_failing_import_does_not_abort_nnunet_lookup(monkeypatch):

@@ -1,10 +1,7 @@
 """Mixing synthetic cases into nnU-Net training batches: settings, quality filter, dataset and data loader.
 
-The pieces, in the order the trainer uses them:
+The pieces, in the order the trainer uses them (its settings come from ``settings.py``):
 
-- ``resolve_settings``: the effective ratio / quality threshold / quality key of a trainer, from the trainer
-  class (named variants) and the environment (``nnsynth_ratio``, ``nnsynth_min_quality``,
-  ``nnsynth_quality_key``). A variant that fixes a value refuses a different value from the environment.
 - ``select_synthetic_cases``: which synthetic cases of the manifest pass the quality threshold (the leakage rule
   of ``nnunet_synth/provenance.py`` is applied before it, by the trainer).
 - ``exposure``: how often each synthetic case is drawn compared with each real slice (what the ratio means).
@@ -15,8 +12,7 @@ The pieces, in the order the trainer uses them:
   (nnU-Net forces foreground by position in the batch).
 """
 import math
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -24,98 +20,9 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset
 
 from nnunet_synth.errors import NnsynthError
+from nnunet_synth.trainers.settings import QUALITY_SCORES
 
-ENV_RATIO = "nnsynth_ratio"
-ENV_MIN_QUALITY = "nnsynth_min_quality"
-ENV_QUALITY_KEY = "nnsynth_quality_key"
-ENV_RARE_OVERSAMPLING = "nnsynth_rare_oversampling"   # share of real draws centred on the rarest class
-ENV_SEED = "nnsynth_seed"                             # seeds python, numpy and torch at the start of training
-
-# quality key -> (group in the manifest entry's "quality" dict, field holding the score)
-# pathology_iou: DiffAug's gate (003 §3.3), the lowest IoU over the pathology classes (nnsynth_score)
-QUALITY_SCORES = {"model_free": ("model_free", "score"), "segmentation": ("segmentation", "mean_dice"),
-                  "pathology_iou": ("segmentation", "min_pathology_iou")}
-
-DEFAULT_RATIO = 0.5
-DEFAULT_MIN_QUALITY = None          # no quality filter
-DEFAULT_QUALITY_KEY = "model_free"
-
-NO_THRESHOLD_WORDS = ("", "none", "off")
-
-
-@dataclass(frozen=True)
-class SynthMixSettings:
-    """The effective mixing settings of one training run and where each value came from."""
-    ratio: float
-    min_quality: Optional[float]
-    quality_key: str
-    sources: Dict[str, str] = field(default_factory=dict)   # setting -> "trainer" | "environment" | "default"
-
-    def comparable(self) -> dict:
-        return {"ratio": self.ratio, "min_quality": self.min_quality, "quality_key": self.quality_key}
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def _parse_ratio(text: str) -> float:
-    try:
-        ratio = float(text)
-    except ValueError:
-        raise NnsynthError(f"{ENV_RATIO}='{text}' is not a number: give the synthetic fraction of each batch, "
-                           f"e.g. {ENV_RATIO}=0.25") from None
-    if not 0.0 <= ratio <= 1.0:
-        raise NnsynthError(f"{ENV_RATIO}={text} is outside [0, 1]: give the synthetic fraction of each batch")
-    return ratio
-
-
-def _parse_min_quality(text: str) -> Optional[float]:
-    if text.strip().lower() in NO_THRESHOLD_WORDS:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise NnsynthError(f"{ENV_MIN_QUALITY}='{text}' is not a number: give the lowest quality score a "
-                           f"synthetic case needs, or 'none' for no filter") from None
-
-
-def _parse_quality_key(text: str) -> str:
-    if text not in QUALITY_SCORES:
-        raise NnsynthError(f"{ENV_QUALITY_KEY}='{text}' is unknown: use one of {', '.join(QUALITY_SCORES)}")
-    return text
-
-
-_SETTINGS = (  # (name, environment variable, parser, default)
-    ("ratio", ENV_RATIO, _parse_ratio, DEFAULT_RATIO),
-    ("min_quality", ENV_MIN_QUALITY, _parse_min_quality, DEFAULT_MIN_QUALITY),
-    ("quality_key", ENV_QUALITY_KEY, _parse_quality_key, DEFAULT_QUALITY_KEY),
-)
-
-FROM_ENVIRONMENT = None   # a trainer attribute with this value reads the environment (or the default)
-
-
-def resolve_settings(trainer_name: str, trainer_values: dict, environ=None) -> SynthMixSettings:
-    """Merge a trainer's fixed values (``{"ratio": 0.25}``; None = not fixed) with the environment.
-
-    A value fixed by the trainer class wins; the environment may repeat it but not contradict it (the
-    results folder is named after the class, so a silent override would mix settings in one folder).
-    """
-    environ = os.environ if environ is None else environ
-    values, sources = {}, {}
-    for name, variable, parse, default in _SETTINGS:
-        fixed = trainer_values.get(name, FROM_ENVIRONMENT)
-        from_env = parse(environ[variable]) if variable in environ else None
-        if fixed is not FROM_ENVIRONMENT:
-            if variable in environ and from_env != fixed:
-                raise NnsynthError(f"trainer {trainer_name} fixes {name}={fixed} but the environment sets "
-                                   f"{variable}={environ[variable]}: unset {variable}, or train "
-                                   f"nnUNetTrainerSynthMix, which reads it")
-            values[name], sources[name] = fixed, "trainer"
-        elif variable in environ:
-            values[name], sources[name] = from_env, "environment"
-        else:
-            values[name], sources[name] = default, "default"
-    return SynthMixSettings(sources=sources, **values)
+EXPOSURE_WARNING_FACTOR = 4.0
 
 
 def quality_score(entry: dict, quality_key: str) -> Optional[float]:
@@ -177,9 +84,6 @@ def select_synthetic_cases(entries: Dict[str, dict], case_ids, min_quality: Opti
     return SyntheticSelection(used, below, unscored, other_fold)
 
 
-EXPOSURE_WARNING_FACTOR = 4.0
-
-
 def exposure(ratio: float, batch_size: int, num_iterations: int, num_synthetic_cases: int,
              num_real_slices: int) -> dict:
     """How often, in expectation over a training run, each synthetic case and each real slice is drawn.
@@ -220,6 +124,7 @@ class SynthMixDataset(nnUNetBaseDataset):
         return identifier in self._synthetic_set
 
     def load_case(self, identifier):
+        self.last_loaded_case = identifier      # nnU-Net's loader transforms this case next (lesion paste reads it)
         if identifier in self._synthetic_set:
             return self.synthetic_dataset.load_case(identifier)
         return self.real_dataset.load_case(identifier)
@@ -232,24 +137,6 @@ class SynthMixDataset(nnUNetBaseDataset):
     @staticmethod
     def get_identifiers(folder: str) -> List[str]:
         raise NotImplementedError("SynthMixDataset spans two folders; use .identifiers")
-
-
-def parse_rare_oversampling(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise NnsynthError(f"{ENV_RARE_OVERSAMPLING}='{text}' must be a probability in [0, 1]: the share of real "
-                           f"training draws centred on the rarest class, e.g. {ENV_RARE_OVERSAMPLING}=0.5")
-    return value
-
-
-def parse_seed(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise NnsynthError(f"{ENV_SEED}='{text}' is not an integer: give the training seed, e.g. {ENV_SEED}=1") from None
 
 
 def rarest_class(label_counts: Dict[int, int]) -> int:

@@ -16,8 +16,13 @@ drawn into a validation split.
 ``update_synthetic_pool`` brings the pool up to date with the manifest: it is stale when the preprocessing
 part of the plans changed (everything is rebuilt), or when manifest cases were added, changed or removed
 (only those are redone or deleted). Each case is preprocessed into the staging folder and its files are moved
-into the pool with ``os.replace``; the record lists it only afterwards, so an interrupted run leaves no
-half-written case and a rerun resumes where it stopped.
+into the pool with ``os.replace``; the record lists it only afterwards, with the byte size of each of its files, so
+an interrupted run leaves no half-written case and a rerun resumes where it stopped.
+
+Every update also verifies the pool: a case whose pool file is missing or has another size than the one recorded
+(truncated, overwritten) is preprocessed again, and the report names it with the reason (``repaired``). A raw
+synthetic file that cannot be read or preprocessed (truncated, corrupt) stops the update with one line naming the
+case and the command that replaces it: the trainer never trains on such a case.
 """
 import contextlib
 import hashlib
@@ -36,7 +41,7 @@ from nnunet_synth.errors import NnsynthError
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 POOL_SUFFIX = "_synth"
-RECORD_FORMAT_VERSION = 1
+RECORD_FORMAT_VERSION = 2    # 2: per case {"content": hash, "sizes": bytes of each pool file}
 CASE_FILE_SUFFIXES = (".b2nd", "_seg.b2nd", ".pkl")
 
 # configuration keys that do not change a preprocessed case (network, batch and patch are training matters;
@@ -97,7 +102,8 @@ class PoolReport:
     folder: Path
     preprocessed: List[str] = field(default_factory=list)
     reused: List[str] = field(default_factory=list)
-    removed: List[str] = field(default_factory=list)
+    removed: List[str] = field(default_factory=list)       # no longer in the manifest
+    repaired: dict = field(default_factory=dict)            # case id -> why its pool files were redone
     rebuilt: bool = False
 
     @property
@@ -105,9 +111,15 @@ class PoolReport:
         return sorted(self.preprocessed + self.reused)
 
     def summary(self) -> str:
+        named = "".join(f"; {case_id} {reason}" for case_id, reason in sorted(self.repaired.items()))
         return (f"synthetic pool {self.folder}: {len(self.case_ids)} cases ({len(self.preprocessed)} preprocessed, "
-                f"{len(self.reused)} up to date, {len(self.removed)} removed"
-                f"{', rebuilt because the plans changed' if self.rebuilt else ''})")
+                f"{len(self.reused)} up to date, {len(self.removed)} removed as no longer in the manifest"
+                f"{': ' + ', '.join(self.removed) if self.removed else ''}"
+                f"{', rebuilt because the plans changed' if self.rebuilt else ''}){named}")
+
+    def to_json(self) -> dict:
+        return {"folder": str(self.folder), "cases": len(self.case_ids), "preprocessed": self.preprocessed,
+                "removed": self.removed, "repaired": self.repaired, "rebuilt": self.rebuilt}
 
 
 @contextlib.contextmanager
@@ -143,6 +155,34 @@ def _case_files(folder: Path, case_id: str):
 def _remove_case(pool: Path, case_id: str):
     for path in _case_files(pool, case_id):
         path.unlink(missing_ok=True)
+
+
+def _file_sizes(folder: Path, case_id: str) -> list:
+    return [path.stat().st_size for path in _case_files(folder, case_id)]
+
+
+def _damage(pool: Path, case_id: str, expected_sizes) -> str:
+    """Why the pool files of a recorded case cannot be used ('' when they are whole)."""
+    for path, expected in zip(_case_files(pool, case_id), expected_sizes):
+        if not path.is_file():
+            return f"{path.name} was missing"
+        if path.stat().st_size != expected:
+            return f"{path.name} had {path.stat().st_size} bytes instead of {expected} (truncated or overwritten)"
+    return ""
+
+
+def _raw_content_hash(store: SyntheticStore, case_id: str) -> str:
+    try:
+        return case_content_hash(store.image_files(case_id), store.label_file(case_id))
+    except OSError as error:
+        raise NnsynthError(_raw_case_problem(store, case_id, f"cannot be read ({error.strerror or error})")) from None
+
+
+def _raw_case_problem(store: SyntheticStore, case_id: str, problem: str) -> str:
+    fold = store.cases[case_id].get("fold")
+    return (f"{store.label_file(case_id).parent.parent / 'imagesSynth'}/{case_id}_*: synthetic case {case_id} (fold "
+            f"{fold}) {problem}: replace the fold's cases with nnsynth_generate {store.dataset.name} --fold {fold} "
+            f"--overwrite (or remove them with nnsynth_clean {store.dataset.name} --fold {fold})")
 
 
 def _identifier_of(file_name: str) -> str:
@@ -191,16 +231,17 @@ def update_synthetic_pool(raw_dataset_folder, preprocessed_dataset_folder_base, 
 
         in_manifest = set(store.complete_case_ids())
         wanted_ids = in_manifest if case_ids is None else in_manifest & set(case_ids)
-        wanted = {case_id: case_content_hash(store.image_files(case_id), store.label_file(case_id))
-                  for case_id in sorted(wanted_ids)}
+        wanted = {case_id: _raw_content_hash(store, case_id) for case_id in sorted(wanted_ids)}
         for case_id in sorted(done):
-            complete = all(path.is_file() for path in _case_files(pool, case_id))
-            outdated = case_id in wanted and wanted[case_id] != done[case_id]
-            if case_id not in in_manifest or outdated or not complete:
+            damage = _damage(pool, case_id, done[case_id]["sizes"])
+            outdated = case_id in wanted and wanted[case_id] != done[case_id]["content"]
+            if case_id not in in_manifest or outdated or damage:
                 _remove_case(pool, case_id)
                 del done[case_id]
                 if case_id not in in_manifest:
                     report.removed.append(case_id)
+                elif damage and not outdated:
+                    report.repaired[case_id] = f"preprocessed again: {damage}"
         for path in pool.iterdir():       # files the record does not list (e.g. copied in by hand)
             if _identifier_of(path.name) not in done:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -214,11 +255,19 @@ def update_synthetic_pool(raw_dataset_folder, preprocessed_dataset_folder_base, 
                 f"into {pool}")
         for case_id in todo:
             staged = str(staging / case_id)
-            preprocessor.run_case_save(staged, [str(path) for path in store.image_files(case_id)], str(store.label_file(case_id)),
-                                       plans_manager, configuration_manager, dataset_json)
+            try:
+                preprocessor.run_case_save(staged, [str(path) for path in store.image_files(case_id)],
+                                           str(store.label_file(case_id)), plans_manager, configuration_manager,
+                                           dataset_json)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as error:  # noqa: BLE001 - a reader's error on a damaged file, named in one line
+                raise NnsynthError(_raw_case_problem(store, case_id, f"cannot be preprocessed ({type(error).__name__}: "
+                                                                     f"{error})")) from None
+            sizes = _file_sizes(staging, case_id)
             for staged_file, pool_file in zip(_case_files(staging, case_id), _case_files(pool, case_id)):
                 os.replace(staged_file, pool_file)     # each file whole; the record lists the case after all three
-            done[case_id] = wanted[case_id]
+            done[case_id] = {"content": wanted[case_id], "sizes": sizes}
             write_json_atomic(record, record_file)
             report.preprocessed.append(case_id)
         shutil.rmtree(staging)

@@ -6,6 +6,9 @@ Arms (``--arms``; every arm of a setting gets the same plans, split, budget and 
     oversample   real only, with a share of the real draws centred on the rarest class (a slice that contains it;
                  ``nnsynth_rare_oversampling``, in the trainer, same iterations and batches)
     copy_paste   + synthetic cases from the balanced label maps with real donor pixels (no generator)
+    copy_paste_online  real only, lesion components of other training cases pasted into the samples in the data
+                 loader (nnUNetTrainerLesionPaste of the same budget; paste probability = the share of the batch the
+                 synthetic arms give to balanced slices)
     mat, cbmat   + synthetic cases from a generator of that ablation mode (``--generator NAME=FOLDER``, or
                  trained here on the setting's training patients); any other ``--generator`` name is an arm too
 
@@ -46,7 +49,10 @@ BUDGET_TRAINERS = {"smoke": "nnUNetTrainerSynthMix_smoke",   # 10 iterations: do
                    "medium": "nnUNetTrainerSynthMix_medium", # 500 iterations, no final validation
                    "demo": "nnUNetTrainerSynthMix_demo",     # 500 iterations
                    "full": "nnUNetTrainerSynthMix"}          # nnU-Net's 1000 epochs
+PASTE_BUDGET_TRAINERS = {budget: trainer.replace("SynthMix", "LesionPaste") for budget, trainer in BUDGET_TRAINERS.items()}
 REAL_ONLY, OVERSAMPLE, COPY_PASTE = "real_only", "oversample", "copy_paste"
+COPY_PASTE_ONLINE = "copy_paste_online"
+REAL_ARMS = (REAL_ONLY, OVERSAMPLE, COPY_PASTE_ONLINE)     # no synthetic cases
 TRAINABLE_GENERATORS = ("mat", "cbmat", "none")     # ablation modes an arm may train its generator with
 SUMMARY_CSV, SUMMARY_MD = "summary.csv", "summary.md"
 
@@ -84,7 +90,7 @@ class Arm:
 
     @property
     def synthetic(self) -> bool:
-        return self.name not in (REAL_ONLY, OVERSAMPLE)
+        return self.name not in REAL_ARMS
 
     @property
     def label(self) -> str:
@@ -98,6 +104,13 @@ class Arm:
         """oversample: the share of the batch the synthetic arms give to balanced slices (first amount)."""
         return amounts[0] / (1.0 + amounts[0]) if self.name == OVERSAMPLE else 0.0
 
+    def paste_probability(self, amounts) -> float:
+        """copy_paste_online: the same share, as the probability that a sample receives pasted lesions."""
+        return amounts[0] / (1.0 + amounts[0]) if self.name == COPY_PASTE_ONLINE else 0.0
+
+    def trainer(self, budget: str) -> str:
+        return (PASTE_BUDGET_TRAINERS if self.name == COPY_PASTE_ONLINE else BUDGET_TRAINERS)[budget]
+
 
 def plan_arms(settings: DownstreamSettings) -> list:
     names = settings.arms or [REAL_ONLY] + list(settings.generators)
@@ -106,12 +119,12 @@ def plan_arms(settings: DownstreamSettings) -> list:
             raise NnsynthError(f"synthetic amounts must be positive, got {amount}")
     arms = []
     for name in dict.fromkeys(names):
-        if name in (REAL_ONLY, OVERSAMPLE):
+        if name in REAL_ARMS:
             arms.append(Arm(name))
             continue
         if name != COPY_PASTE and name not in settings.generators and name not in TRAINABLE_GENERATORS:
             raise NnsynthError(f"arm '{name}' has no generator: pass --generator {name}=FOLDER, or use one of "
-                               f"{REAL_ONLY}, {OVERSAMPLE}, {COPY_PASTE}, {', '.join(TRAINABLE_GENERATORS)}")
+                               f"{', '.join(REAL_ARMS)}, {COPY_PASTE}, {', '.join(TRAINABLE_GENERATORS)}")
         generator = settings.generators.get(name)
         for amount in settings.amounts:
             arms.append(Arm(name, None if generator is None else Path(generator), float(amount)))
@@ -219,26 +232,28 @@ def make_synthetic_cases(arm: Arm, arm_dataset: RawDataset, settings: Downstream
 def run_repeat(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, plans: str, repeat: int,
                run_folder: Path, setting: str, preprocessed_root: Path, test_images, test_labels) -> dict:
     """Train one run of an arm, predict the test set with stock nnU-Net, write its ``dice.json``."""
-    trainer = BUDGET_TRAINERS[settings.budget]
+    trainer = arm.trainer(settings.budget)
     seed = settings.seed + repeat
     train(arm_dataset, trainer, plans, settings.fold, settings.device, nnsynth_ratio=str(arm.ratio),
           nnsynth_min_quality="none", nnsynth_seed=str(seed),
-          nnsynth_rare_oversampling=str(arm.rare_oversampling(settings.amounts)))
+          nnsynth_rare_oversampling=str(arm.rare_oversampling(settings.amounts)),
+          nnsynth_paste_probability=str(arm.paste_probability(settings.amounts)))
     images, labels, description = evaluation_cases(arm_dataset, settings.fold, test_images, test_labels)
     means, cases = predict_and_score(arm_dataset, images, labels, run_folder / "predictions", trainer, plans,
                                      settings.fold, settings.device, per_case=True, tta=settings.tta)
     run = {"setting": setting, "arm": arm.name, "label": arm.label, "amount": arm.amount,
            "ratio": round(arm.ratio, 4), "rare_oversampling": round(arm.rare_oversampling(settings.amounts), 4),
+           "paste_probability": round(arm.paste_probability(settings.amounts), 4),
            "repeat": repeat, "seed": seed, "dataset": arm_dataset.name, "fold": settings.fold,
            "trainer": trainer, "plans": plans, "tta": settings.tta, "evaluated_on": description, "mean": means, "cases": cases}
     write_json_atomic(run, run_folder / DICE_FILE)
     return run
 
 
-def _model_folder(arm_dataset: RawDataset, settings: DownstreamSettings, plans: str) -> Path:
+def _model_folder(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, plans: str) -> Path:
     import os
     return (Path(os.environ["nnUNet_results"]) / arm_dataset.name /
-            f"{BUDGET_TRAINERS[settings.budget]}__{plans}__2d" / f"fold_{settings.fold}")
+            f"{arm.trainer(settings.budget)}__{plans}__2d" / f"fold_{settings.fold}")
 
 
 def run_setting(dataset: RawDataset, settings: DownstreamSettings, setting: str, split, first_id: int, raw_root: Path,
@@ -279,7 +294,7 @@ def run_setting(dataset: RawDataset, settings: DownstreamSettings, setting: str,
                   f"(seed {settings.seed + repeat})", flush=True)
             runs.append(run_repeat(arm, arm_dataset, settings, plans, repeat, run_folder, setting,
                                    preprocessed_root, test_images, test_labels))
-            model = _model_folder(arm_dataset, settings, plans)
+            model = _model_folder(arm, arm_dataset, settings, plans)
             if repeat < settings.repeats - 1 and model.is_dir():     # the next run starts from an empty folder
                 shutil.rmtree(run_folder / "model", ignore_errors=True)
                 shutil.move(str(model), str(run_folder / "model"))

@@ -97,7 +97,7 @@ def summarize_runs(runs: list, seed: int = 0, samples=BOOTSTRAP_SAMPLES) -> list
     return rows
 
 
-ARM_ORDER = ("real_only", "oversample", "copy_paste", "mat", "cbmat")
+ARM_ORDER = ("real_only", "oversample", "copy_paste_online", "copy_paste", "mat", "cbmat")
 
 
 def arm_order(run: dict):

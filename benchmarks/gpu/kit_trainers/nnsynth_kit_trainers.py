@@ -15,7 +15,7 @@ from nnunet_synth.trainers.synth_mix import nnUNetTrainerSynthMix
 
 
 class nnUNetTrainerKit_r0(nnUNetTrainerSynthMix):
-    kit_ratio = 0.0
+    fixed_settings = {"ratio": 0.0}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -24,17 +24,16 @@ class nnUNetTrainerKit_r0(nnUNetTrainerSynthMix):
         np.random.seed(seed)
         torch.manual_seed(seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.synth_ratio = self.kit_ratio
         self.num_epochs = int(os.environ.get("nnsynth_kit_epochs", "10"))
         self.num_iterations_per_epoch = int(os.environ.get("nnsynth_kit_iterations", "50"))
         self.num_val_iterations_per_epoch = int(os.environ.get("nnsynth_kit_val_iterations", "5"))
 
 
 class nnUNetTrainerKit_r50(nnUNetTrainerKit_r0):
-    kit_ratio = 0.5
+    fixed_settings = {"ratio": 0.5}
 
 
 class nnUNetTrainerKitSmoke_r50(nnUNetTrainerKit_r0):
     """What the CPU rehearsal trains instead of nnUNetTrainerSynthMix_debug (4 x 25 iterations): the same
     SynthMix code path with the rehearsal's tiny budget."""
-    kit_ratio = 0.5
+    fixed_settings = {"ratio": 0.5}

@@ -1,0 +1,41 @@
+"""Short training runs for tests, demos and repeated downstream runs on a CPU; every setting from the
+environment. ``BUDGETS`` is shared with the lesion-paste variants, so the arms of an evaluation train alike."""
+from nnunet_synth.trainers.synth_mix import TrainingBudget, nnUNetTrainerSynthMix
+
+BUDGETS = {
+    "smoke": TrainingBudget(epochs=1, iterations_per_epoch=10, val_iterations_per_epoch=1),
+    "debug": TrainingBudget(epochs=4, iterations_per_epoch=25, val_iterations_per_epoch=2),
+    "short": TrainingBudget(epochs=4, iterations_per_epoch=25, val_iterations_per_epoch=2),
+    "demo": TrainingBudget(epochs=20, iterations_per_epoch=25, val_iterations_per_epoch=2),
+    "medium": TrainingBudget(epochs=20, iterations_per_epoch=25, val_iterations_per_epoch=2),
+}
+# budgets that skip the final prediction of the fold's validation cases (the evaluation scores its own test set)
+WITHOUT_FINAL_VALIDATION = ("smoke", "short", "medium")
+
+
+class nnUNetTrainerSynthMix_smoke(nnUNetTrainerSynthMix):
+    """1 epoch of 10 iterations, no final validation: checks that a pipeline runs, nothing more"""
+    budget = BUDGETS["smoke"]
+    predict_validation_cases = False
+
+
+class nnUNetTrainerSynthMix_debug(nnUNetTrainerSynthMix):
+    """4 epochs of 25 iterations (about 30 s on 2 CPU cores with small plans)"""
+    budget = BUDGETS["debug"]
+
+
+class nnUNetTrainerSynthMix_short(nnUNetTrainerSynthMix):
+    """4 epochs of 25 iterations, no final validation"""
+    budget = BUDGETS["short"]
+    predict_validation_cases = False
+
+
+class nnUNetTrainerSynthMix_demo(nnUNetTrainerSynthMix):
+    """20 epochs of 25 iterations (a few minutes on 2 CPU cores with small plans): what nnsynth_demo trains"""
+    budget = BUDGETS["demo"]
+
+
+class nnUNetTrainerSynthMix_medium(nnUNetTrainerSynthMix):
+    """20 epochs of 25 iterations (the demo's 500), no final validation"""
+    budget = BUDGETS["medium"]
+    predict_validation_cases = False
