@@ -122,7 +122,7 @@ def run_lesion_fidelity(args, dataset: RawDataset, folder: Path):
     from nnunet_synth.atomic import atomic_path, write_json_atomic
     from nnunet_synth.evaluation.lesion_fidelity import (LesionFidelitySettings, evaluate_lesion_fidelity,
                                                           format_fidelity_table)
-    from nnunet_synth.quality.preview import save_preview_grid
+    from nnunet_synth.preview_grid import save_preview_grid
     if len(args.generator) > 1:
         raise NnsynthError("with --inpaint-generator give at most one --generator (the whole-slice generator to "
                            "compare with)")
@@ -155,7 +155,7 @@ def run_lesion_fidelity(args, dataset: RawDataset, folder: Path):
 def run_fidelity(args, dataset: RawDataset, folder: Path):
     from nnunet_synth.atomic import write_json_atomic
     from nnunet_synth.evaluation.fidelity import FidelitySettings, evaluate_generator_fidelity
-    from nnunet_synth.quality.preview import save_preview_grid
+    from nnunet_synth.preview_grid import save_preview_grid
     features = None
     if args.feature_model:
         from nnunet_synth.evaluation.features import FeatureDistance

@@ -30,7 +30,7 @@ from nnunet_synth.masks import (MaskGenerationConfig, NewLabelMapsOnDisk, body_m
                                 generate_label_maps, pixel_counts, resolve_class_roles)
 from nnunet_synth.provenance import GENERATOR_TRAINING_CASES, SOURCE_CASES, label_map_source_cases
 from nnunet_synth.quality.model_free import channel_gates_to_dict, fit_channel_gates, model_free_channel_score
-from nnunet_synth.quality.preview import save_preview_grid
+from nnunet_synth.preview_grid import save_preview_grid
 from nnunet_synth.sampling import sample_images
 from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
 

@@ -15,7 +15,7 @@ from nnunet_synth.dataset import ImageWindows, RawDataset
 from nnunet_synth.dataset.native_slices import NativeSlices
 from nnunet_synth.generator.inpaint_training import DEFAULT_SAMPLER, inpaint_pipeline
 from nnunet_synth.masks.balance import Placement
-from nnunet_synth.quality.preview import save_preview_grid
+from nnunet_synth.preview_grid import save_preview_grid
 from nnunet_synth.sampling.inpaint import inpaint_slices, map_edit_region
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 

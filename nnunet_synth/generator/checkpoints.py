@@ -161,7 +161,7 @@ def load_generator(folder, dataset=None, device="cpu"):
 
 def load_pipeline(folder, dataset=None, device="cpu"):
     """``(NnsynthPipeline, GeneratorConfig)`` of a trained generator (see ``load_generator``)."""
-    from nnunet_synth.sampling import generator_pipeline
+    from nnunet_synth.generator.inference import generator_pipeline
     unet, config = load_generator(folder, dataset, device)
     return generator_pipeline(unet, config, device), config
 

@@ -17,7 +17,7 @@ from nnunet_synth.generator.inpaint_pipeline import (
     make_scheduler,
 )
 from nnunet_synth.masks.balance import default_class_roles
-from nnunet_synth.quality.preview import save_preview_grid
+from nnunet_synth.preview_grid import save_preview_grid
 
 INPAINT_PIPELINE_FILE = "nnsynth_inpaint_pipeline.py"
 DEFAULT_SAMPLER = "unipc"         # the best sampler at <= 20 steps on lesion-region fidelity (docs/inpainting.md)

@@ -1,5 +1,5 @@
 """Preview grid written during training: label map | real slice | generated from that label map."""
-from nnunet_synth.quality.preview import save_preview_grid
+from nnunet_synth.preview_grid import save_preview_grid
 
 MODEL_WINDOW = (-1.0, 1.0)   # training slices are in model space
 

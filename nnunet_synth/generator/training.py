@@ -388,7 +388,7 @@ def ema_unet(ema: EMAModel, unet_config) -> UNet2DModel:
 
 def write_preview(path, ema: EMAModel, config: GeneratorConfig, images, label_maps, device, num_inference_steps,
                   step):
-    from nnunet_synth.sampling import sample_images
+    from nnunet_synth.generator.inference import sample_images
     model = ema_unet(ema, config.unet_config)
     generated = sample_images(model, config, label_maps, seeds=list(range(len(label_maps))),
                               num_inference_steps=num_inference_steps, device=device, progress=False)
@@ -407,7 +407,7 @@ def write_final(run_folder: Path, ema: EMAModel, config: GeneratorConfig, previe
             save_pipeline_folder(inpaint_pipeline(ema_unet(ema, config.unet_config), config), temp_folder,
                                  INPAINT_PIPELINE_FILE)
         else:
-            from nnunet_synth.sampling import generator_pipeline
+            from nnunet_synth.generator.inference import generator_pipeline
             save_pipeline_folder(generator_pipeline(ema_unet(ema, config.unet_config), config), temp_folder)
         write_generator_config(config, temp_folder)
         if preview_file is not None and Path(preview_file).is_file():

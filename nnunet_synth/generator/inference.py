@@ -5,7 +5,7 @@ from diffusers import DDIMScheduler
 
 from nnunet_synth.generator.ablation import mark_unannotated
 from nnunet_synth.generator.config import GeneratorConfig
-from nnunet_synth.sampling.pipeline import NnsynthPipeline
+from nnunet_synth.generator.pipeline import NnsynthPipeline
 
 
 def _as_config(generator_config) -> GeneratorConfig:
