@@ -12,6 +12,7 @@ import numpy as np
 from skimage import io
 from tqdm import tqdm
 
+from nnunet_synth.dataset.raw_dataset import UNIT_KEY
 from nnunet_synth.dataset.writing import write_dataset_json_atomic, write_volume
 from nnunet_synth.errors import NnsynthError, command_entry_point
 
@@ -69,7 +70,8 @@ def convert_covid19_ct_slices(source_folder, output_root, dataset_id=501, datase
         description="COVID-19 CT slices (CLAHE 8-bit grey values, not HU), slices of a patient stacked in file "
                     "order; spacing unknown, set to 1.0",
         reference="Ma et al., Medical Physics 2021; resampled by dstaroff/COVID19-CT-Segmentation (MIT)",
-        license="CC BY 4.0 (source dataset)", converted_by="nnunet-synth convert_covid19_ct_slices")
+        license="CC BY 4.0 (source dataset)", converted_by="nnunet-synth convert_covid19_ct_slices",
+        **{UNIT_KEY: "slice"})      # a case stacks a patient's slices, with gaps: copy-paste works slice by slice
     return dataset_folder
 
 

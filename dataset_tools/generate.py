@@ -28,9 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dataset", help="dataset folder, name (Dataset501_Covid19Lung), short name or id")
     amount = parser.add_mutually_exclusive_group()
-    amount.add_argument("-n", "--num-cases", type=int, help="number of synthetic cases (slices)")
+    amount.add_argument("-n", "--num-cases", type=int, help="number of synthetic cases (slices, or volumes with "
+                        "--unit volume)")
     amount.add_argument("-r", "--ratio", type=float, default=0.5,
-                        help="synthetic cases per real training slice (default 0.5)")
+                        help="synthetic cases per real training slice, or per real "
+                        "training volume with --unit volume (default 0.5)")
     folds = parser.add_mutually_exclusive_group()
     folds.add_argument("-f", "--fold", help="nnU-Net fold (0-4 or all) to make cases for: the generator and the label "
                        "maps see only its training cases (default 0, or the fold of --generator)")
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="generator: sample images with the diffusion generator; copy-paste: no generator, each "
                         "image is the target's real slice with the donors' real pixels pasted where the label map "
                         "was pasted (blended at the edge)")
+    parser.add_argument("--unit", choices=("slice", "volume"), help="with --image-source copy-paste: what one "
+                        "synthetic case is: one slice, or a whole real volume with lesions added (default: volume for "
+                        "3D data, slice for 2D data); the generator makes slices")
     parser.add_argument("--generator", help="a trained generator folder (default: train or reuse "
                         "$nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
@@ -144,6 +149,8 @@ def main(argv=None):
     dataset = RawDataset.from_name(args.dataset)
     # without --fold: the generator's own fold with --generator, else fold 0
     folds = args.folds or [args.fold if args.fold is not None or args.generator is not None else "0"]
+    if args.image_source == "generator" and args.unit == "volume":
+        raise NnsynthError("--unit volume needs --image-source copy-paste: the generator makes slices")
     if args.image_source == "copy-paste" and args.noise_seeding is not None:
         raise NnsynthError("--noise-seeding needs a generator: leave it out with --image-source copy-paste")
     if args.generator is not None and len(folds) > 1:
@@ -190,11 +197,12 @@ def copy_paste_for_fold(dataset: RawDataset, args, fold):
     if args.num_shards > 1:
         raise NnsynthError("--image-source copy-paste runs in one process (no sampling to spread): leave out "
                            "--num-shards")
-    num_cases = args.num_cases if args.num_cases is not None else num_copy_paste_cases(dataset, fold, args.ratio)
+    num_cases = (args.num_cases if args.num_cases is not None
+                 else num_copy_paste_cases(dataset, fold, args.ratio, args.unit))
     if num_cases < 1:
         raise NnsynthError(f"--num-cases must be at least 1, got {num_cases}")
     settings = CopyPasteSettings(num_cases=num_cases, seed=args.seed, target_share=args.target_share,
-                                 balancing=balancing_from_args(args))
+                                 balancing=balancing_from_args(args), unit=args.unit)
     print_summary(dataset, generate_copy_paste_cases(dataset, settings, fold=fold, overwrite=args.overwrite))
 
 

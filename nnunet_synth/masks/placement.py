@@ -21,9 +21,9 @@ def _grid_positions(coordinates, start, stop, grid):
 def class_occurrence_prior(label_maps, class_value: int, dilation: int, boxes=None, min_maps: int = 2,
                            grid=None) -> np.ndarray:
     """Bool array (grid per axis): positions, relative to each map's frame (its body box when ``boxes`` are
-    given, else the map), where ``class_value`` occurs in at least ``min_maps`` real maps, grown by ``dilation``
-    grid pixels."""
-    hits = None
+    given, else the map), where ``class_value`` occurs in at least ``min_maps`` real maps (at least half of the
+    maps holding the class when fewer do), grown by ``dilation`` grid pixels."""
+    hits, maps_with_class = None, 0
     for index, label_map in enumerate(label_maps):
         present = np.asarray(label_map) == class_value
         if hits is None:
@@ -32,13 +32,15 @@ def class_occurrence_prior(label_maps, class_value: int, dilation: int, boxes=No
             hits = np.zeros((grid,) * ndim, dtype=np.int32)
         if not present.any():
             continue
+        maps_with_class += 1
         frame = _box(present.shape, None if boxes is None else boxes[index])
         positions = tuple(_grid_positions(axis, frame[i], frame[i + ndim], grid)
                           for i, axis in enumerate(np.nonzero(present)))
         seen = np.zeros(hits.shape, dtype=bool)
         seen[positions] = True
         hits += seen
-    prior = hits >= min(min_maps, max(1, hits.max()))
+    # few maps hold the class (a handful of 3D volumes): at least half of them, not all (their intersection)
+    prior = hits >= min(min_maps, max(1, (maps_with_class + 1) // 2), max(1, hits.max()))
     return ndimage.binary_dilation(prior, iterations=dilation) if dilation > 0 else prior
 
 
