@@ -43,7 +43,7 @@ from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_i
 
 IMAGE_SOURCE = "copy-paste"
 FEATHER_PIXELS = 2.0    # half-width of the blended seam
-DONOR_CACHE_SIZE = 256  # donors (region and patch) kept between new maps
+DONOR_CACHE_BYTES = 2 ** 29  # donors (region and patch) kept between new maps, at most this many bytes
 PREVIEW_ROWS = 6
 
 
@@ -217,7 +217,8 @@ def replay_pastes(target_image, target_map, provenance: dict, read_slice, host_c
 
 def _donor(donor: dict, margin: int, read_slice, cache: dict):
     """(region as found in the donor map, donor patch ``margin`` pixels wider than its box) of a paste's donor;
-    ``cache`` keeps the last DONOR_CACHE_SIZE, so a donor volume is read once while its regions are pasted."""
+    ``cache`` keeps the latest up to DONOR_CACHE_BYTES, so a donor volume is read once while its regions are
+    pasted."""
     key = (donor["case_id"], donor["slice_index"], donor["class"], donor["component_index"], margin)
     if key not in cache:
         donor_image, donor_map = read_slice(donor["case_id"], donor["slice_index"])
@@ -225,9 +226,10 @@ def _donor(donor: dict, margin: int, read_slice, cache: dict):
         components, _ = ndimage.label(np.asarray(donor_map) == donor["class"])
         box = _box_slices(donor["bbox"])
         region = Region(components[box] == donor["component_index"], tuple(int(s.start) for s in box))
-        if len(cache) >= DONOR_CACHE_SIZE:
-            cache.pop(next(iter(cache)))
         cache[key] = (region, _donor_patch(donor_image, donor["bbox"], margin))
+        while sum(kept[0].mask.nbytes + kept[1].image.nbytes for kept in cache.values()) > DONOR_CACHE_BYTES \
+                and len(cache) > 1:
+            cache.pop(next(iter(cache)))            # the oldest
     return cache[key]
 
 

@@ -69,7 +69,11 @@ def mask_box(mask: np.ndarray):
 
 def body_mask(image: np.ndarray) -> np.ndarray:
     """The body in a real slice or volume: smoothed image above Otsu's threshold, closed, holes (lungs, bowel gas)
-    filled, the largest component (drops the table and noise)."""
+    filled, the largest component (drops the table and noise). A volume is masked slice by slice: lungs or a
+    trachea cut open by the first or last slice are still holes of each slice, and a volume of a few slices is not
+    eroded away from its ends."""
+    if np.ndim(image) == 3:
+        return np.stack([body_mask(plane) for plane in image])
     image = ndimage.gaussian_filter(np.asarray(image, dtype=np.float32), 2)
     if image.max() <= image.min():
         return np.zeros(image.shape, dtype=bool)
