@@ -21,8 +21,8 @@ def _grid_positions(coordinates, start, stop, grid):
 def class_occurrence_prior(label_maps, class_value: int, dilation: int, boxes=None, min_maps: int = 2,
                            grid=None) -> np.ndarray:
     """Bool array (grid per axis): positions, relative to each map's frame (its body box when ``boxes`` are
-    given, else the map), where ``class_value`` occurs in at least ``min_maps`` real maps (at least half of the
-    maps holding the class when fewer do), grown by ``dilation`` grid pixels."""
+    given, else the map), where ``class_value`` occurs in at least ``min_maps`` real maps or in half of the maps
+    that hold it, whichever is fewer, grown by ``dilation`` grid pixels."""
     hits, maps_with_class = None, 0
     for index, label_map in enumerate(label_maps):
         present = np.asarray(label_map) == class_value
@@ -39,7 +39,7 @@ def class_occurrence_prior(label_maps, class_value: int, dilation: int, boxes=No
         seen = np.zeros(hits.shape, dtype=bool)
         seen[positions] = True
         hits += seen
-    # few maps hold the class (a handful of 3D volumes): at least half of them, not all (their intersection)
+    # few maps hold the class (a handful of 3D volumes): half of them, not all of them (their intersection)
     prior = hits >= min(min_maps, max(1, (maps_with_class + 1) // 2), max(1, hits.max()))
     return ndimage.binary_dilation(prior, iterations=dilation) if dilation > 0 else prior
 
