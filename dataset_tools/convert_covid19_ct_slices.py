@@ -13,6 +13,7 @@ import numpy as np
 from skimage import io
 from tqdm import tqdm
 
+from nnunet_synth.dataset.raw_dataset import UNIT_KEY
 from nnunet_synth.dataset.writing import write_dataset_json_atomic, write_volume
 from nnunet_synth.errors import NnsynthError, command_entry_point
 
@@ -99,7 +100,8 @@ def convert_covid19_ct_slices(source_folder, output_root, dataset_id=501, datase
     write_dataset_json_atomic(
         dataset_folder, channel_names={0: "CT"}, labels=LABELS, num_training_cases=len(cases),
         file_ending=".nii.gz", dataset_name=dataset_folder.name, converted_by="nnunet-synth convert_covid19_ct_slices",
-        **(COVID19_ABOUT if about is None else about))
+        **(COVID19_ABOUT if about is None else about),
+        **{UNIT_KEY: "slice"})      # a case stacks a patient's slices, with gaps: copy-paste works slice by slice
     return dataset_folder
 
 

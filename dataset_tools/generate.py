@@ -31,9 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dataset", help="dataset folder, name (Dataset501_Covid19Lung), short name or id")
     amount = parser.add_mutually_exclusive_group()
-    amount.add_argument("-n", "--num-cases", type=int, help="number of synthetic cases (slices)")
+    amount.add_argument("-n", "--num-cases", type=int, help="number of synthetic cases (slices, or volumes with "
+                        "--unit volume)")
     amount.add_argument("-r", "--ratio", type=float, default=0.5,
-                        help="synthetic cases per real training slice (default 0.5)")
+                        help="synthetic cases per real training slice, or per real "
+                        "training volume with --unit volume (default 0.5)")
     folds = parser.add_mutually_exclusive_group()
     folds.add_argument("-f", "--fold", help="nnU-Net fold (0-4 or all) to make cases for: the generator and the label "
                        "maps see only its training cases (default 0, or the fold of --generator)")
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "each image is the target's real slice with the donors' real pixels pasted where the label "
                         "map was pasted (blended at the edge); inpaint: the target's real slice with the new lesions "
                         "(plus a margin) drawn by the inpainting generator, every other pixel real")
+    parser.add_argument("--unit", choices=("slice", "volume"), help="with --image-source copy-paste: what one "
+                        "synthetic case is: one slice, or a whole real volume with lesions added (default: volume for "
+                        "3D data, slice for 2D data); the generator makes slices")
     parser.add_argument("--generator", help="a trained generator folder (default: train or reuse "
                         "$nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
@@ -172,7 +177,8 @@ def request_from_args(args) -> GenerateRequest:
         ratio=args.ratio, target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
         balancing=balancing_from_args(args), num_shards=args.num_shards, shard_index=args.shard_index,
         overwrite=args.overwrite, export_id=args.export_standalone,
-        sampler=(args.sampler or DEFAULT_SAMPLER) if args.image_source == "inpaint" else args.sampler)
+        sampler=(args.sampler or DEFAULT_SAMPLER) if args.image_source == "inpaint" else args.sampler,
+        unit=args.unit)
 
 
 @command_entry_point
@@ -230,9 +236,11 @@ def check_generator_mode(generator_folder, mode: str, image_source: str):
 
 
 def copy_paste_for_fold(dataset: RawDataset, args, fold, num_cases: int):
-    from nnunet_synth.copy_paste import CopyPasteSettings, generate_copy_paste_cases
+    from nnunet_synth.copy_paste import CopyPasteSettings, generate_copy_paste_cases, num_copy_paste_cases
+    if args.num_cases is None:      # per real slice, or per real volume when a case is a whole volume
+        num_cases = num_copy_paste_cases(dataset, fold, args.ratio, args.unit)
     settings = CopyPasteSettings(num_cases=num_cases, seed=args.seed, target_share=args.target_share,
-                                 balancing=balancing_from_args(args))
+                                 balancing=balancing_from_args(args), unit=args.unit)
     print_summary(dataset, generate_copy_paste_cases(dataset, settings, fold=fold, overwrite=args.overwrite))
 
 

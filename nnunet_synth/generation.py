@@ -22,7 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_synth.dataset import ImageWindows, RawDataset, fit_slice, restore_slice
-from nnunet_synth.dataset.native_slices import NativeSlices, PackedRows, derived_rows, open_native_slices
+from nnunet_synth.dataset.native_slices import (NativeSlices, NativeVolumes, PackedRows, derived_rows,
+                                               open_native_slices)
 from nnunet_synth.dataset.splits import fold_validation_cases
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator.checkpoints import load_generator, read_generator_config, resolve_generator_folder
@@ -100,28 +101,30 @@ def class_roles(dataset: RawDataset, label_maps, balancing=None):
 class FoldMaps:
     """A fold's balanced label maps and what they were made from (``prepare_fold_maps``)."""
 
-    real: NativeSlices
+    real: NativeSlices                  # or NativeVolumes (unit "volume")
     new_maps: NewLabelMapsOnDisk        # NewLabelMap, in case index order
     report: dict                        # the label-map report
     gates: list                         # model-free gate per image channel
     host: list                          # host class values
     pathology: list                     # pathology class values
     mask_config: MaskGenerationConfig
-    body_masks: PackedRows              # per real slice (datasets without a host class), else None
+    body_masks: PackedRows              # per real map (datasets without a host class), else None
 
 
 def prepare_fold_maps(dataset: RawDataset, store: SyntheticStore, fold, recipe: dict, training_cases,
-                      settings) -> FoldMaps:
+                      settings, unit: str = "slice") -> FoldMaps:
     """Record the fold's recipe and training cases, make its balanced label maps from those cases only and fit
     its model-free gates on their slices; the fold record is saved. Shared by generated and copy-paste cases
-    (``settings``: num_cases, seed, target_share, balancing)."""
+    (``settings``: num_cases, seed, target_share, balancing). ``unit`` "volume": the maps are the cases' whole
+    volumes (``FoldMaps.real`` is a ``NativeVolumes``)."""
     store.prepare()
     fold_record = store.fold_record(fold)
     fold_record["settings"] = recipe
     # targets and donors of the new maps come from these cases only (provenance.py)
     fold_record[GENERATOR_TRAINING_CASES] = sorted(training_cases)
 
-    real = open_native_slices(dataset, training_cases)      # read on demand from the on-disk store
+    slices = open_native_slices(dataset, training_cases)    # read on demand from the on-disk store
+    real = NativeVolumes(slices) if unit == "volume" else slices
     host, pathology = class_roles(dataset, real.label_maps, settings.balancing)
     mask_config = MaskGenerationConfig(**{k: v for k, v in (settings.balancing or {}).items() if "classes" not in k})
     body_masks = None if host else derived_rows(real.images, first_channel_body_mask, "body masks")
@@ -132,7 +135,7 @@ def prepare_fold_maps(dataset: RawDataset, store: SyntheticStore, fold, recipe: 
         stop_at_target=settings.target_share is not None,   # without a share target the budget decides
         new_maps=NewLabelMapsOnDisk(), ignore_label=dataset.ignore_label)
     check_goals_raised(mask_report, dataset.json_file)
-    quality_gates = fit_channel_gates(real.images, real.label_maps)    # on the fold's training slices
+    quality_gates = fit_channel_gates(slices.images, slices.label_maps)    # on the fold's training slices
     fold_record["label_map_report"] = mask_report
     fold_record["model_free_gate"] = channel_gates_to_dict(quality_gates)
     store.save_manifest()

@@ -37,6 +37,7 @@ class GenerateRequest:
     overwrite: bool = False
     export_id: int = None
     sampler: str = None                    # inpaint only: the scheduler of the inpainting generator
+    unit: str = None                       # copy-paste only: slice | volume (None: volume for 3D data)
 
     @property
     def generator_mode(self) -> str:
@@ -70,6 +71,9 @@ def check_generation_options(request: GenerateRequest):
     for name in ("p_rotate", "p_shift", "p_dilate"):
         check_number_range(balancing.get(name), f"--{name.replace('_', '-')}", 0, 1)
     MaskGenerationConfig(**{k: v for k, v in balancing.items() if "classes" not in k}).validate()
+    if request.unit == "volume" and request.image_source != "copy-paste":
+        raise NnsynthError(f"--unit volume needs --image-source copy-paste: the {request.image_source} source makes "
+                           f"slices")
     if request.image_source == "copy-paste":
         if request.noise_seeding_strength is not None:
             raise NnsynthError("--noise-seeding needs a generator: leave it out with --image-source copy-paste")

@@ -78,3 +78,14 @@ def test_benchmarks_import_neither_tests_nor_the_command_line_layer():
             for name in names:
                 assert not name.startswith(("tests", "synthetic_fixtures", "nnunet_synth.dataset_tools")), \
                     f"{path.relative_to(REPO_ROOT)} imports {name}"
+
+
+def test_volume_generation_benchmark_prints_time_and_peak_rss_of_one_whole_volume():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "volume_generation.py"), "--shape", "24",
+                             "96", "96"], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"one whole synthetic volume 24x96x96 \(copy-paste, unit volume, \d+ voxels pasted\)",
+                     result.stdout), result.stdout
+    assert re.search(r"time [\d.]+ s from scratch; .* \(ratio [\d.]+x\)", result.stdout), result.stdout
+    assert re.search(r"peak RSS [\d.]+ GiB \(target <= 4 GB\)", result.stdout), result.stdout

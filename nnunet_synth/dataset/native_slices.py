@@ -14,6 +14,9 @@ The key is a hash of the cases' files (names, sizes, modification times) and the
 store. One pass over the raw cases builds it (one case in memory at a time) under a temporary name of its own
 process, renamed when complete; when several processes (shards) build it at once, each keeps the first complete
 one. Rows are read with ``os.pread``, so a process holds only the slices it asks for.
+
+``NativeVolumes`` reads the same store case by case: a 3D case is stacked from its slice rows when it is asked for
+(copy-paste of whole volumes), so one store serves both and a volume is never held longer than it is used.
 """
 import hashlib
 import json
@@ -21,6 +24,7 @@ import os
 import pickle
 import shutil
 import tempfile
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -157,6 +161,62 @@ class NativeSlices:
         return rows
 
 
+class CaseStacks(Sequence):
+    """The rows of a store stacked case by case: item ``i`` is case ``i``'s rows (``case_rows[i]``, in slice
+    order) stacked along ``axis``, read on demand; the last ``cache_size`` items are kept (read-only)."""
+
+    def __init__(self, rows: PackedRows, case_rows: list, axis: int, cache_size: int = 1):
+        self.rows, self.case_rows, self.axis, self.cache_size = rows, case_rows, axis, cache_size
+        self._cache = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.case_rows)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = range(len(self))[index]
+        if index not in self._cache:
+            stacked = np.stack([self.rows[row] for row in self.case_rows[index]], axis=self.axis)
+            stacked.flags.writeable = False        # shared by every caller of the cache
+            self._cache[index] = stacked
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(index)
+        return self._cache[index]
+
+
+class NativeVolumes:
+    """The cases of a ``NativeSlices`` store as whole volumes, assembled from their slices when asked for (one
+    volume of each kind kept): ``images`` ((C, D, H, W) float32), ``label_maps`` ((D, H, W) int16), ``map_ids``
+    [(case_id, None)], ``properties`` (the real cases' reader properties). ``slices`` is the store itself.
+
+    ``row`` and ``slice`` take the same arguments as ``NativeSlices``'s (slice index None), so code written for
+    one map at a time (the balancer, the copy-paste replay) takes volumes unchanged."""
+
+    def __init__(self, slices: NativeSlices, cache_size: int = 1):
+        self.slices = slices
+        by_case = slices.case_rows()
+        case_ids = list(by_case)
+        self.map_ids = [(case_id, None) for case_id in case_ids]
+        self._rows = {case_id: row for row, case_id in enumerate(case_ids)}
+        self.images = CaseStacks(slices.images, list(by_case.values()), axis=1, cache_size=cache_size)
+        self.label_maps = CaseStacks(slices.label_maps, list(by_case.values()), axis=0, cache_size=cache_size)
+        self.properties = slices.properties
+
+    def __len__(self) -> int:
+        return len(self.map_ids)
+
+    def row(self, case_id: str, slice_index=None) -> int:
+        """The row of case ``case_id`` (``slice_index`` must be None: a row is a whole case)."""
+        if slice_index is not None:
+            raise ValueError(f"a volume row is a whole case; got slice {slice_index} of {case_id}")
+        return self._rows[case_id]
+
+    def slice(self, case_id: str, slice_index=None):
+        """(image, label map) of the whole volume of ``case_id``."""
+        row = self.row(case_id, slice_index)
+        return self.images[row], self.label_maps[row]
+
+
 def open_native_slices(dataset: RawDataset, case_ids, root=None, progress=True) -> NativeSlices:
     """The store of these cases' slices under ``root`` (default ``dataset_cache_root``; without one a temporary
     folder), built now when missing."""
@@ -221,7 +281,7 @@ def derived_rows(rows: Sequence, fn, description: str = None) -> PackedRows:
     """``fn(rows[i])`` for every row, computed once in one pass and kept in a temporary ``PackedRows`` (e.g. the
     body mask of every real slice)."""
     derived = PackedRows.temporary("nnsynth_derived_")
-    for row in tqdm(rows, desc=description, unit="slice", disable=description is None):
+    for row in tqdm(rows, desc=description, unit="map", disable=description is None):
         derived.append(fn(row))
     return derived
 

@@ -17,6 +17,10 @@ from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 from nnunet_synth.errors import NnsynthError
 
 REQUIRED_KEYS = ("labels", "numTraining", "file_ending")
+# optional dataset.json key (nnU-Net ignores it): "slice" when each case is a stack of independent 2D slices
+# (gaps between them, e.g. the COVID-19 slices), so that whole-volume copy-paste is not the default there
+UNIT_KEY = "nnsynth_unit"
+UNITS = ("slice", "volume")
 
 
 def resolve_dataset_folder(dataset: str) -> Path:
@@ -187,6 +191,15 @@ class RawDataset:
             raise NnsynthError(f"{self.json_file} says numTraining={self.dataset_json['numTraining']} but "
                                f"{len(cases)} cases were found: correct numTraining")
         return cases
+
+    @property
+    def declared_unit(self):
+        """``dataset.json``'s ``nnsynth_unit`` ("slice" or "volume"), or None when it has none."""
+        unit = self.dataset_json.get(UNIT_KEY)
+        if unit is not None and unit not in UNITS:
+            raise NnsynthError(f"{self.json_file}: {UNIT_KEY} is {unit!r}, expected one of {', '.join(UNITS)}: fix "
+                               f"or remove it")
+        return unit
 
     def reader_writer(self):
         return self.reader_writer_class()

@@ -21,10 +21,11 @@ def _grid_positions(coordinates, start, stop, grid):
 def class_occurrence_prior(label_maps, class_value: int, dilation: int, boxes=None, min_maps: int = 2,
                            grid=None) -> np.ndarray:
     """Bool array (grid per axis): positions, relative to each map's frame (its body box when ``boxes`` are
-    given, else the map), where ``class_value`` occurs in at least ``min_maps`` real maps, grown by ``dilation``
-    grid pixels. The grid is ``PRIOR_GRID``, or the median frame's shortest side when that is smaller, so that a
-    grid pixel is never smaller than a map pixel (a finer grid would leave holes between the pixels seen)."""
-    hits = None
+    given, else the map), where ``class_value`` occurs in at least ``min_maps`` real maps or in half of the maps
+    that hold it, whichever is fewer, grown by ``dilation`` grid pixels. The grid is ``PRIOR_GRID``, or the median
+    frame's shortest side when that is smaller, so that a grid pixel is never smaller than a map pixel (a finer
+    grid would leave holes between the pixels seen)."""
+    hits, maps_with_class = None, 0
     if grid is None:
         sides = [min(stop - start for start, stop in zip(box[:len(box) // 2], box[len(box) // 2:]))
                  for box in boxes if box is not None] if boxes is not None else []
@@ -37,13 +38,15 @@ def class_occurrence_prior(label_maps, class_value: int, dilation: int, boxes=No
             hits = np.zeros((grid,) * ndim, dtype=np.int32)
         if not present.any():
             continue
+        maps_with_class += 1
         frame = _box(present.shape, None if boxes is None else boxes[index])
         positions = tuple(_grid_positions(axis, frame[i], frame[i + ndim], grid)
                           for i, axis in enumerate(np.nonzero(present)))
         seen = np.zeros(hits.shape, dtype=bool)
         seen[positions] = True
         hits += seen
-    prior = hits >= min(min_maps, max(1, hits.max()))
+    # few maps hold the class (a handful of 3D volumes): half of them, not all of them (their intersection)
+    prior = hits >= min(min_maps, max(1, (maps_with_class + 1) // 2), max(1, hits.max()))
     return ndimage.binary_dilation(prior, iterations=dilation) if dilation > 0 else prior
 
 
@@ -72,7 +75,11 @@ def mask_box(mask: np.ndarray):
 
 def body_mask(image: np.ndarray) -> np.ndarray:
     """The body in a real slice or volume: smoothed image above Otsu's threshold, closed, holes (lungs, bowel gas)
-    filled, the largest component (drops the table and noise)."""
+    filled, the largest component (drops the table and noise). A volume is masked slice by slice: lungs or a
+    trachea cut open by the first or last slice are still holes of each slice, and a volume of a few slices is not
+    eroded away from its ends."""
+    if np.ndim(image) == 3:
+        return np.stack([body_mask(plane) for plane in image])
     image = ndimage.gaussian_filter(np.asarray(image, dtype=np.float32), 2)
     if image.max() <= image.min():
         return np.zeros(image.shape, dtype=bool)

@@ -1,4 +1,5 @@
 """Model-free quality gate (method.md §4): does a synthetic slice look like the real slices, class by class?
+A synthetic volume is scored slice by slice where it was edited (``model_free_volume_score``).
 
 In the spirit of MAISI's organ intensity ranges, but per-class medians alone pass pure noise (issue 12: 20 of 20
 noise images passed). So each class present in the slice is described by its intensity histogram (the 10th,
@@ -148,3 +149,16 @@ def model_free_channel_score(image: np.ndarray, label_map: np.ndarray, gates) ->
     worst = min(per_channel, key=lambda result: result["score"])
     return {"score": worst["score"], "passed": all(result["passed"] for result in per_channel),
             "worst_channel": per_channel.index(worst), "channels": per_channel}
+
+
+def model_free_volume_score(image: np.ndarray, label_map: np.ndarray, edited: np.ndarray, gates) -> dict:
+    """Score a (C, D, H, W) volume with the per-slice gates of ``fit_channel_gates``, slice by slice over the
+    slices that hold ``edited`` voxels (the rest is the real case): the lowest slice score, passed only when
+    every scored slice passes; ``worst_slice`` is that slice's index and result."""
+    scored = [int(z) for z in np.flatnonzero(np.asarray(edited).reshape(len(edited), -1).any(axis=1))]
+    if not scored:
+        return {"score": 1.0, "passed": True, "scored_slices": 0, "worst_slice": None}
+    results = {z: model_free_channel_score(image[:, z], label_map[z], gates) for z in scored}
+    worst = min(scored, key=lambda z: results[z]["score"])
+    return {"score": results[worst]["score"], "passed": all(result["passed"] for result in results.values()),
+            "scored_slices": len(scored), "worst_slice": {"index": worst, **results[worst]}}

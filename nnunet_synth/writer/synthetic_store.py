@@ -311,17 +311,19 @@ class SyntheticStore:
 
     def write_case(self, case_id: str, channel_images, label_map: np.ndarray, reference_properties: dict,
                    image_dtypes, entry: dict):
-        """Write one synthetic case (one 2D array per input channel in dataset units, a 2D label map) and record
-        ``entry``; ``image_dtypes`` gives each channel's pixel type.
+        """Write one synthetic case (one array per input channel in dataset units, a label map of the same shape:
+        2D slices, or 3D volumes of a 3D dataset) and record ``entry``; ``image_dtypes`` gives each channel's pixel
+        type.
 
         ``reference_properties`` are the nnU-Net reader properties of the real case the pair derives from;
-        its geometry (spacing, direction, origin) is reused so the pair matches the real data.
+        its geometry (spacing, direction, origin) is reused so the pair matches the real data: a slice of a 3D
+        dataset is written as a one-slice volume, a whole volume with the real case's own geometry.
         """
         if len(channel_images) != self.dataset.num_channels or len(image_dtypes) != len(channel_images):
             raise ValueError(f"expected {self.dataset.num_channels} channel images and pixel types, got "
                              f"{len(channel_images)} and {len(image_dtypes)}")
-        if any(image.ndim != 2 or image.shape != label_map.shape for image in channel_images):
-            raise ValueError(f"expected 2D images and label of one shape, got "
+        if any(image.ndim not in (2, 3) or image.shape != label_map.shape for image in channel_images):
+            raise ValueError(f"expected 2D or 3D images and label of one shape, got "
                              f"{[image.shape for image in channel_images]} and {label_map.shape}")
         channel_images = [image.astype(dtype) for image, dtype in zip(channel_images, image_dtypes)]
         label_map = label_map.astype(np.uint8 if label_map.max() < 255 else np.uint16)
@@ -330,7 +332,7 @@ class SyntheticStore:
         if sitk_geometry is not None:
             geometry = dict(spacing_xyz=sitk_geometry["spacing"], origin=sitk_geometry["origin"],
                             direction=sitk_geometry["direction"])
-            if len(sitk_geometry["spacing"]) == 3:      # a 3D dataset: the pair is a one-slice volume
+            if len(sitk_geometry["spacing"]) == 3 and label_map.ndim == 2:    # a slice of a 3D dataset
                 channel_images, label_map = [image[None] for image in channel_images], label_map[None]
         for channel, image in enumerate(channel_images):
             write_volume(image, self.image_file(case_id, channel), **geometry)

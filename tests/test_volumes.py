@@ -1,0 +1,269 @@
+"""Whole synthetic volumes for 3D datasets (copy-paste): the MS lesion MRI (4 channels, no host class, 3D lesions)
+at half resolution and the real Hounsfield-unit CT. Each synthetic case is its target's whole volume with the
+donors' voxels pasted in: the real voxels elsewhere bit for bit, the real geometry, every channel; nnU-Net's
+integrity check passes on the standalone export; a killed run resumes; adjacent slices inside the pasted regions
+differ as they do inside real lesions."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from nnunet_synth.atomic import TEMP_PREFIX
+from nnunet_synth.copy_paste import FEATHER_PIXELS, replay_pastes
+from nnunet_synth.dataset import RawDataset
+from nnunet_synth.dataset.native_slices import NativeVolumes, open_native_slices
+from nnunet_synth.evaluation.through_plane import (
+    adjacent_slice_difference,
+    format_through_plane,
+    through_plane_consistency,
+)
+from nnunet_synth.masks.regions import find_regions
+from nnunet_synth.writer.synthetic_store import SyntheticStore
+
+BIN = Path(sys.executable).parent
+MS_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ms_lesions_3d"
+MS_ID, MS_EXPORT_ID, MS_RESUME_ID, MS_REFERENCE_ID, HU_COPY_ID = 515, 516, 517, 518, 519
+RESUME_CASES = 3
+
+
+def environment():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "nnUNet_n_proc_DA": "0",
+            "nnsynth_cpu_threads": "1", "nnUNet_def_n_proc": "1"}
+
+
+def run(command, timeout=900, **extra_environment):
+    return subprocess.run([str(command[0]), *map(str, command[1:])], capture_output=True, text=True,
+                          env={**environment(), **extra_environment}, timeout=timeout)
+
+
+def read(path):
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), image
+
+
+def copy_dataset(folder: Path, dataset_id: int, name: str) -> Path:
+    """A copy of a converted dataset's real files under another id (its splits file too)."""
+    target = folder.parent / f"Dataset{dataset_id:03d}_{name}"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir()
+    for part in ("imagesTr", "labelsTr", "dataset.json"):
+        (shutil.copytree if (folder / part).is_dir() else shutil.copy)(folder / part, target / part)
+    splits = Path(os.environ["nnUNet_preprocessed"]) / folder.name / "splits_final.json"
+    if splits.is_file():
+        (Path(os.environ["nnUNet_preprocessed"]) / target.name).mkdir(exist_ok=True)
+        shutil.copy(splits, Path(os.environ["nnUNet_preprocessed"]) / target.name / "splits_final.json")
+    return target
+
+
+@pytest.fixture(scope="session")
+def ms_volumes_dataset_folder(nnunet_folders):
+    """The MS lesion MRI at half resolution (91 x 109 x 91 voxels of 2 mm, 4 channels), Dataset515, with one
+    fold per patient in splits_final.json."""
+    from nnunet_synth.dataset_tools.convert_ms_lesions import convert_ms_lesions
+    return convert_ms_lesions(MS_SOURCE, nnunet_folders["nnUNet_raw"], MS_ID, "MSLesionsHalf", downsample=2)
+
+
+@pytest.fixture(scope="module")
+def ms_generated(ms_volumes_dataset_folder):
+    """``nnsynth_generate 515 --image-source copy-paste -r 0.5 --export-standalone 516`` (fold 0)."""
+    real_before = {path.name: path.read_bytes() for path in sorted(ms_volumes_dataset_folder.rglob("*Tr/*"))}
+    result = run([BIN / "nnsynth_generate", ms_volumes_dataset_folder, "--image-source", "copy-paste", "-r", "0.5",
+                  "--export-standalone", MS_EXPORT_ID])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return RawDataset(ms_volumes_dataset_folder), result, real_before
+
+
+def check_whole_volumes(dataset: RawDataset, store: SyntheticStore, fold="0"):
+    """Every case of ``fold``: the target's shape, geometry and pixel type in every channel; the target's voxels
+    outside the pasted region's feathered edge and outside the recorded edit box, bit for bit; the label is the
+    target's plus the pasted voxels, as many as the record reports. Returns the cases checked."""
+    case_ids = store.complete_case_ids(fold)
+    for case_id in case_ids:
+        entry = store.cases[case_id]
+        assert entry["copy_paste"]["unit"] == "volume"
+        target = dataset.cases[entry["source"]["target"]["case_id"]]
+        label, label_image = read(store.label_file(case_id))
+        target_label, _ = read(target["label"])
+        assert label.shape == target_label.shape and label.shape[0] > 1            # a whole volume
+        changed = label != target_label
+        assert changed.any()
+        pasted = entry["source"]["pasted_pixels_per_class"]
+        for value in np.unique(label[changed]):
+            assert int((label == value).sum()) == int((target_label == value).sum()) + pasted[str(value)]
+        assert set(np.unique(target_label[changed])) == {0}                      # only background received lesion
+        # the feather's reach: voxels nearer to a pasted voxel than its half-width (3D Euclidean distance)
+        reach = ndimage.distance_transform_edt(~changed) - 0.5 < FEATHER_PIXELS
+        outside_box = np.ones(label.shape, dtype=bool)
+        box = entry["copy_paste"]["edit_box"]
+        outside_box[tuple(slice(start, stop) for start, stop in zip(box[:3], box[3:]))] = False
+        assert not (changed & outside_box).any()
+        edited_somewhere = False
+        for channel, (image_file, target_file) in enumerate(zip(store.image_files(case_id), target["images"])):
+            image, image_header = read(image_file)
+            target_image, target_header = read(target_file)
+            assert image.dtype == target_image.dtype and image.shape == target_image.shape
+            for header in (image_header, label_image):
+                assert header.GetSpacing() == target_header.GetSpacing()
+                assert header.GetOrigin() == target_header.GetOrigin()
+                assert header.GetDirection() == target_header.GetDirection()
+            assert np.array_equal(image[~reach], target_image[~reach]), (case_id, channel)
+            assert np.array_equal(image[outside_box], target_image[outside_box]), (case_id, channel)
+            edited_somewhere |= not np.array_equal(image[changed], target_image[changed])
+        assert edited_somewhere                                                   # donor voxels went in
+    return case_ids
+
+
+def test_copy_paste_writes_whole_four_channel_volumes_with_the_real_voxels_outside_the_pastes(ms_generated):
+    dataset, result, real_before = ms_generated
+    store = SyntheticStore(dataset)
+    fold_record = store.manifest["folds"]["0"]
+    assert fold_record["settings"]["unit"] == "volume" and fold_record["settings"]["image_source"] == "copy-paste"
+    assert "fold 0: 1 synthetic cases" in result.stdout          # -r 0.5 of 2 training volumes
+    case_ids = check_whole_volumes(dataset, store)
+    assert len(case_ids) == 1 and len(store.image_files(case_ids[0])) == 4
+    entry = store.cases[case_ids[0]]
+    validation = {"ms_07"}                                        # fold 0 of the converter's splits
+    assert not set(entry["source_cases"]) & validation
+    assert entry["source"]["target"]["slice_index"] is None
+    for paste in entry["source"]["pastes"]:
+        assert len(paste["donor"]["bbox"]) == 6 and paste["donor"]["case_id"] not in validation
+    report = fold_record["label_map_report"]
+    assert report["shares_after"]["1"] > report["shares_before"]["1"]     # the lesion share of the body rose
+    assert entry["quality"]["model_free"]["scored_slices"] > 0
+    assert {path.name: path.read_bytes() for path in sorted(dataset.folder.rglob("*Tr/*"))} == real_before
+
+
+def test_the_standalone_export_of_the_volumes_passes_nnunets_integrity_check(ms_generated, nnunet_folders):
+    export = next(nnunet_folders["nnUNet_raw"].glob(f"Dataset{MS_EXPORT_ID}_*"))
+    assert len(list((export / "imagesTr").glob("synth_*"))) == 4
+    # fingerprint, integrity check and 3d_fullres plans (preprocessing itself is nnU-Net's, and slow on 2 cores)
+    result = run(["nnUNetv2_plan_and_preprocess", "-d", MS_EXPORT_ID, "-c", "3d_fullres", "-np", "1", "--no_pp",
+                  "--verify_dataset_integrity"], nnUNet_n_proc_DA="1")     # planning sets torch threads from it
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    plans = json.loads((nnunet_folders["nnUNet_preprocessed"] / export.name / "nnUNetPlans.json").read_text())
+    assert "3d_fullres" in plans["configurations"]
+
+
+def test_a_rerun_with_slices_instead_of_volumes_is_refused_in_one_line(ms_generated):
+    dataset, _, _ = ms_generated
+    result = run([BIN / "nnsynth_generate", dataset.folder, "--image-source", "copy-paste", "-r", "0.5", "--unit",
+                  "slice"])
+    assert result.returncode == 2 and "unit" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.startswith("nnsynth: error: ") and result.stderr.count("\n") == 1
+
+
+def test_a_killed_volume_run_resumes_and_ends_with_the_files_of_an_uninterrupted_run(ms_volumes_dataset_folder):
+    resumed_folder = copy_dataset(ms_volumes_dataset_folder, MS_RESUME_ID, "MSResume")
+    reference_folder = copy_dataset(ms_volumes_dataset_folder, MS_REFERENCE_ID, "MSReference")
+    command = ["--image-source", "copy-paste", "-n", RESUME_CASES, "--seed", "4"]
+    reference = run([BIN / "nnsynth_generate", reference_folder, *command])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    process = subprocess.Popen([str(BIN / "nnsynth_generate"), str(resumed_folder), *map(str, command)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment())
+    records, written_at_kill, deadline = resumed_folder / "recordsSynth", 0, time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        written_at_kill = len(list(records.glob("synth_*.json"))) if records.is_dir() else 0
+        if written_at_kill >= 1:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 1 <= written_at_kill < RESUME_CASES, f"the run was not interrupted half-way ({written_at_kill} cases)"
+    rerun = run([BIN / "nnsynth_generate", resumed_folder, *command])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{RESUME_CASES - written_at_kill} written now, {written_at_kill} already there" in rerun.stdout
+    assert not [path for path in resumed_folder.rglob("*") if path.name.startswith(TEMP_PREFIX)]
+
+    def synthetic_files(folder):
+        return {path.relative_to(folder): path.read_bytes() for folder_name in ("imagesSynth", "labelsSynth")
+                for path in sorted((folder / folder_name).iterdir())}
+    assert len(synthetic_files(resumed_folder)) == 5 * RESUME_CASES
+    assert synthetic_files(resumed_folder) == synthetic_files(reference_folder)
+
+
+def test_the_real_hu_ct_gets_whole_volumes_in_its_units_and_geometry(real_hu_dataset_folder):
+    folder = copy_dataset(real_hu_dataset_folder, HU_COPY_ID, "RealHUVolumes")
+    result = run([BIN / "nnsynth_generate", folder, "--image-source", "copy-paste", "-n", "2"])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    dataset = RawDataset(folder)
+    store = SyntheticStore(dataset)
+    assert store.manifest["folds"]["0"]["settings"]["unit"] == "volume"
+    case_ids = check_whole_volumes(dataset, store)
+    assert len(case_ids) == 2
+    image, _ = read(store.image_file(case_ids[0]))
+    assert image.dtype == np.int16 and image.shape[0] == 6 and image.min() < -500     # Hounsfield units
+
+
+def test_volumes_are_the_cases_as_nnunets_reader_gives_them(ms_volumes_dataset_folder):
+    dataset = RawDataset(ms_volumes_dataset_folder)
+    volumes = NativeVolumes(open_native_slices(dataset, dataset.case_ids, progress=False))
+    assert volumes.map_ids == [(case_id, None) for case_id in dataset.case_ids]
+    image, label_map, properties = dataset.read_case("ms_19")
+    stored_image, stored_label_map = volumes.slice("ms_19")
+    assert np.array_equal(stored_image, image) and np.array_equal(stored_label_map, label_map)
+    assert volumes.properties["ms_19"]["spacing"] == properties["spacing"]
+    assert not stored_image.flags.writeable        # shared by the cache: callers copy before they change it
+
+
+def test_a_3d_shift_moves_every_channel_of_the_donor_component_exactly(ms_volumes_dataset_folder):
+    """A provenance with one shift-only paste of the largest real 3D lesion of ms_19 into ms_26: where the feather
+    weight is 1 (deeper than the seam inside the pasted voxels), every channel holds the donor's voxels moved by the
+    offset; outside the edit box the target's."""
+    dataset = RawDataset(ms_volumes_dataset_folder)
+    volumes = NativeVolumes(open_native_slices(dataset, dataset.case_ids, progress=False), cache_size=2)
+    donor_image, donor_map = volumes.slice("ms_19")
+    donor = max(find_regions(np.asarray(donor_map), 1), key=lambda found: found.region.area)
+    target_image, target_map = volumes.slice("ms_26")
+    offset = [2, -3, 4]
+    provenance = {"target": {"case_id": "ms_26", "slice_index": None}, "pastes": [{
+        "class": 1, "operations": [{"op": "shift", "offset": offset}],
+        "donor": {"case_id": "ms_19", "slice_index": None, "class": 1, "component_index": donor.component_index,
+                  "bbox": donor.bbox}}]}
+    replayed = replay_pastes(target_image, target_map, provenance, volumes.slice, [],
+                             lambda working, _: working == 0)
+    pasted = replayed.label_map != target_map
+    assert pasted.sum() > 0.5 * donor.region.area
+    images = np.stack(replayed.channel_images(target_image, [np.float32] * 4))
+    # weight 1: the pasted voxels more than the feather's half-width from any other voxel
+    deep = ndimage.distance_transform_edt(pasted) - 0.5 >= FEATHER_PIXELS
+    assert np.array_equal(deep, replayed.exact)
+    z, y, x = np.nonzero(deep)
+    assert z.size > 20 and np.unique(z).size > 2              # several slices of the component
+    assert np.array_equal(images[:, z, y, x], donor_image[:, z - offset[0], y - offset[1], x - offset[2]])
+    box = replayed.edit_box
+    outside = np.ones(target_map.shape, dtype=bool)
+    outside[box[0]:box[3], box[1]:box[4], box[2]:box[5]] = False
+    assert outside.sum() > 0.5 * outside.size
+    assert np.array_equal(images[:, outside], target_image[:, outside])
+
+
+def test_adjacent_slices_inside_the_pasted_lesions_differ_as_in_real_lesions(ms_generated):
+    """The through-plane figure of the written volume is close to that of the real lesions (3D components moved
+    whole), and the same figure flags a paste whose slices were moved apart (a slice-by-slice paste)."""
+    dataset, _, _ = ms_generated
+    report = through_plane_consistency(dataset, "0")
+    print(format_through_plane(report))
+    assert report["synthetic_pairs"] > 50 and report["real_pairs"] > 1000
+    for entry in report["channels"]:
+        assert 0.5 < entry["ratio"] < 2.0, entry
+    store = SyntheticStore(dataset)
+    case_id = store.complete_case_ids("0")[0]
+    image, _ = read(store.image_file(case_id, 0))
+    target_label, _ = read(dataset.cases[store.cases[case_id]["source"]["target"]["case_id"]]["label"])
+    label, _ = read(store.label_file(case_id))
+    edited = label != target_label
+    whole, pairs = adjacent_slice_difference(image, edited)
+    # the same voxels, every slice's content moved by its own in-plane offset (neighbouring slices disagree)
+    rng = np.random.default_rng(0)
+    moved_apart = np.stack([np.roll(plane, tuple(rng.integers(-4, 5, size=2)), axis=(0, 1)) for plane in image])
+    apart, same_pairs = adjacent_slice_difference(moved_apart, edited)
+    assert same_pairs == pairs and apart / pairs > 1.3 * whole / pairs
