@@ -574,7 +574,7 @@ def test_a_concurrent_run_with_other_settings_is_refused_and_the_first_runs_case
         first.send_signal(signal.SIGCONT)
     assert_command_refused(second, "another nnsynth_generate", "seed 7 -> 8", "batch_size 2 -> 4")
     assert_command_refused(same, "another nnsynth_generate", "same settings", "--shard-index")
-    stdout, stderr = first.communicate(timeout=900)
+    _, stderr = first.communicate(timeout=900)
     assert first.returncode == 0, stderr[-3000:]
     store = SyntheticStore(RawDataset(folder))
     cases = store.complete_case_ids("0")
