@@ -2,15 +2,17 @@
 every case of the dataset, the folds' classes, the folders it writes, the budget, the export id and the fold's
 recipe. A command calls ``check_generate_request`` first; a bad request then costs a second, not a trained
 generator (``docs/checks.md`` lists the checks)."""
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.dataset.native_slices import dataset_cache_root
 from nnunet_synth.dataset.splits import fold_training_cases
-from nnunet_synth.dataset.validation import (DatasetScan, check_case_budget, check_dataset_id_free, check_device,
-                                             check_fold_classes, check_inference_steps, check_int_range,
+from nnunet_synth.dataset.validation import (MAX_BATCH_SIZE, DatasetScan, check_case_budget, check_dataset_id_free,
+                                             check_device, check_fold_classes, check_inference_steps, check_int_range,
                                              check_number_range, check_seed, check_writable, fold_num_slices,
-                                             scan_dataset, MAX_BATCH_SIZE)
+                                             scan_dataset)
 from nnunet_synth.errors import NnsynthError
 
 
@@ -129,7 +131,6 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
                                  seed=request.seed).resolved()
                 check_writable(generators[fold][0].parent, "the generator")
     if request.export_id is not None:
-        import os
         from nnunet_synth.writer.standalone_export import export_folder_name
         if not os.environ.get("nnUNet_preprocessed"):
             raise NnsynthError("exporting a standalone dataset writes its splits_final.json into nnUNet_preprocessed: "
@@ -167,7 +168,6 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
 
 def resolve_generator_path(folder):
     """The folder a recipe names: ``final/`` of a run folder, or the folder itself (also before it exists)."""
-    from pathlib import Path
     from nnunet_synth.generator.checkpoints import FINAL_FOLDER, resolve_generator_folder
     folder = Path(folder)
     if folder.name != FINAL_FOLDER and (folder / FINAL_FOLDER).is_dir():

@@ -574,7 +574,7 @@ def test_a_concurrent_run_with_other_settings_is_refused_and_the_first_runs_case
         first.send_signal(signal.SIGCONT)
     assert_command_refused(second, "another nnsynth_generate", "seed 7 -> 8", "batch_size 2 -> 4")
     assert_command_refused(same, "another nnsynth_generate", "same settings", "--shard-index")
-    stdout, stderr = first.communicate(timeout=900)
+    _, stderr = first.communicate(timeout=900)
     assert first.returncode == 0, stderr[-3000:]
     store = SyntheticStore(RawDataset(folder))
     cases = store.complete_case_ids("0")
@@ -617,3 +617,22 @@ def test_bad_evaluation_options_are_refused_before_the_evaluation_folder_is_made
                            (["downstream", str(hu_copy), "--arms", "real_only", "--repeats", "0"], "--repeats")]:
         assert_refused(*run_main(evaluate_command.main, [*argv, "-o", str(output)], capsys), fragment)
         assert not output.exists()
+
+
+def test_a_passed_scan_is_remembered_until_a_file_changes(real_hu_dataset_folder, nnunet_folders, monkeypatch):
+    from nnunet_synth.dataset import RawDataset
+    from nnunet_synth.dataset.validation import scan_dataset
+    from nnunet_synth.errors import NnsynthError
+    folder = copy_dataset(real_hu_dataset_folder, nnunet_folders["nnUNet_raw"], 788, "ScanMemory")
+    scan = scan_dataset(RawDataset(folder), progress=False)
+    assert sum(scan.num_slices.values()) == 30
+    remembered = list((Path(os.environ["nnUNet_preprocessed"]) / folder.name / "nnsynth_slice_cache").glob(
+        "validated_*.json"))
+    assert len(remembered) == 1
+    with monkeypatch.context() as patched:                  # read back, not scanned again
+        patched.setattr(RawDataset, "read_case", lambda *args: pytest.fail("the scan read a case again"))
+        assert scan_dataset(RawDataset(folder), progress=False) == scan
+    image = folder / "imagesTr" / "hu_02_0000.nii.gz"
+    os.truncate(image, image.stat().st_size // 2)
+    with pytest.raises(NnsynthError, match="truncated"):
+        scan_dataset(RawDataset(folder), progress=False)
