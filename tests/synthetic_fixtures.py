@@ -78,10 +78,13 @@ def synthetic_example_dataset(nnunet_folders, tmp_path_factory):
 
 
 def clean_environment(nnunet_folders, **extra) -> dict:
-    """Only PATH, HOME, the nnU-Net folders, nnUNet_extTrainer, single-process nnU-Net settings and ``extra``."""
+    """Only PATH, HOME, the nnU-Net folders, nnUNet_extTrainer, single-process nnU-Net settings, the caller's
+    nnsynth_cpu_threads (a shared machine) and ``extra``."""
     from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
     env = {"PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ["HOME"],
            "nnUNet_extTrainer": str(trainer_directory()), "nnUNet_def_n_proc": "1", "nnUNet_compile": "f"}
+    if "nnsynth_cpu_threads" in os.environ:
+        env["nnsynth_cpu_threads"] = os.environ["nnsynth_cpu_threads"]
     env.update({name: str(folder) for name, folder in nnunet_folders.items()})
     env.update(extra)
     return env

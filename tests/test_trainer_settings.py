@@ -189,7 +189,7 @@ def test_a_truncated_raw_file_is_named_and_never_trained_on(planned_dataset, syn
     image_file = restore_afterwards(store.image_file(synthetic_case_id(2, 0)))
     image_file.write_bytes(image_file.read_bytes()[:200])
     line = trainer_stops_with(planned_dataset, capsys)
-    assert f"synthetic case {synthetic_case_id(2, 0)} (fold 0) cannot be preprocessed" in line
+    assert f"synthetic case {synthetic_case_id(2, 0)} (fold 0) has a truncated or corrupt file {image_file.name}" in line
     assert f"nnsynth_generate {synthetic_example_dataset.name} --fold 0 --overwrite" in line
     # nothing of it is left in the pool
     assert not any(path.name.startswith(synthetic_case_id(2, 0))

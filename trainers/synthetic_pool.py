@@ -22,13 +22,16 @@ an interrupted run leaves no half-written case and a rerun resumes where it stop
 Every update also verifies the pool: a case whose pool file is missing or has another size than the one recorded
 (truncated, overwritten) is preprocessed again, and the report names it with the reason (``repaired``). A raw
 synthetic file that cannot be read or preprocessed (truncated, corrupt) stops the update with one line naming the
-case and the command that replaces it: the trainer never trains on such a case.
+case and the command that replaces it (a gzip-compressed file is read to its end first: SimpleITK reads a
+truncated .nii.gz without an error): the trainer never trains on such a case.
 """
 import contextlib
+import gzip
 import hashlib
 import json
 import os
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List
@@ -178,6 +181,21 @@ def _raw_content_hash(store: SyntheticStore, case_id: str) -> str:
         raise NnsynthError(_raw_case_problem(store, case_id, f"cannot be read ({error.strerror or error})")) from None
 
 
+def _truncated_file(store: SyntheticStore, case_id: str) -> str:
+    """'' when every gzip-compressed file of the case decompresses to its end, else what is wrong (SimpleITK reads a
+    truncated .nii.gz without an error, as zeros)."""
+    for path in [*store.image_files(case_id), store.label_file(case_id)]:
+        if not path.name.endswith(".gz"):
+            continue
+        try:
+            with gzip.open(path) as handle:
+                while handle.read(1 << 20):
+                    pass
+        except (OSError, EOFError, zlib.error) as error:
+            return f"has a truncated or corrupt file {path.name} ({error})"
+    return ""
+
+
 def _raw_case_problem(store: SyntheticStore, case_id: str, problem: str) -> str:
     fold = store.cases[case_id].get("fold")
     return (f"{store.label_file(case_id).parent.parent / 'imagesSynth'}/{case_id}_*: synthetic case {case_id} (fold "
@@ -255,6 +273,9 @@ def update_synthetic_pool(raw_dataset_folder, preprocessed_dataset_folder_base, 
                 f"into {pool}")
         for case_id in todo:
             staged = str(staging / case_id)
+            truncated = _truncated_file(store, case_id)
+            if truncated:
+                raise NnsynthError(_raw_case_problem(store, case_id, truncated))
             try:
                 preprocessor.run_case_save(staged, [str(path) for path in store.image_files(case_id)],
                                            str(store.label_file(case_id)), plans_manager, configuration_manager,
