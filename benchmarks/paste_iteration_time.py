@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthmix_iteration_time import (EXAMPLE_ID, build_example_workspace, make_trainer,  # noqa: E402
-                                     time_iterations, trimmed_mean)
+from synthmix_iteration_time import EXAMPLE_ID, build_example_workspace, make_trainer, time_iterations, trimmed_mean  # noqa: E402
 
 
 def main(argv=None):
@@ -46,6 +45,7 @@ def main(argv=None):
     os.environ.pop("nnsynth_ratio", None)
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
     from nnunet_synth.trainers.lesion_paste import nnUNetTrainerLesionPaste
 
     with tempfile.TemporaryDirectory() as temporary:

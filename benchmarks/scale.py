@@ -1,4 +1,4 @@
-"""Scale benchmark: what grows when the dataset grows (issue #13, item 6).
+"""Scale benchmark: what grows when the dataset grows.
 
 Builds a base dataset from the real COVID-19 CT slices (``nnsynth_convert_covid19``: 15 patients, 1258 slices of
 256 x 256), then 1x / 4x / 16x versions whose cases are symbolic links to the base cases (no extra disk; 16x =
@@ -12,7 +12,7 @@ Builds a base dataset from the real COVID-19 CT slices (``nnsynth_convert_covid1
   cache stage built: peak RSS, and bytes written per synthetic case (``wchar`` of /proc/self/io over the run,
   divided by the cases written).
 
-Targets of the issue: peak RSS grows < 1.3x from 1x to 16x; bytes written per case constant.
+Targets: peak RSS grows < 1.3x from 1x to 16x; bytes written per case constant.
 
     python benchmarks/scale.py --scales 1 4 16 --stages cache train generate --json scale.json
 """

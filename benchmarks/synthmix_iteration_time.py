@@ -118,6 +118,7 @@ def main(argv=None):
     os.environ["nnsynth_ratio"] = args.ratio
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
     from nnunet_synth.trainers.synth_mix import nnUNetTrainerSynthMix
 
     with tempfile.TemporaryDirectory() as temporary:

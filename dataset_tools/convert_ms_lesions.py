@@ -15,9 +15,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_synth.atomic import atomic_path
+from nnunet_synth.dataset.writing import write_dataset_json_atomic
 from nnunet_synth.dataset_tools.check_dataset import print_summary
 from nnunet_synth.dataset_tools.convert_covid19_ct_slices import add_output_arguments, output_root_from_args
-from nnunet_synth.dataset.writing import write_dataset_json_atomic
 from nnunet_synth.errors import NnsynthError, command_entry_point
 
 CHANNELS = ("FLAIR", "T1", "T1POST", "T2")

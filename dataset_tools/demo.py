@@ -24,8 +24,11 @@ from nnunet_synth.atomic import write_json_atomic
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.dataset.splits import real_crossval_split
 from nnunet_synth.dataset_tools.check_dataset import print_summary
-from nnunet_synth.dataset_tools.convert_covid19_ct_slices import (convert_covid19_ct_slices, read_case_table,
-                                                                  select_slices)
+from nnunet_synth.dataset_tools.convert_covid19_ct_slices import (
+    convert_covid19_ct_slices,
+    read_case_table,
+    select_slices,
+)
 from nnunet_synth.errors import NnsynthError, command_entry_point
 from nnunet_synth.evaluation.nnunet_runs import CPU_PLANS, plan_and_preprocess, predict_and_score, train
 from nnunet_synth.example.phantom import PHANTOM_ABOUT, PhantomSettings, write_chest_phantom

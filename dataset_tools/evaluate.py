@@ -17,9 +17,8 @@ import torch
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
 from nnunet_synth.evaluation.downstream import BUDGET_TRAINERS
+from nnunet_synth.evaluation.report import DOWNSTREAM_CSV, FIDELITY_JSON, FIDELITY_PREVIEW, record_command, write_report
 from nnunet_synth.preflight import check_evaluation_request
-from nnunet_synth.evaluation.report import (DOWNSTREAM_CSV, FIDELITY_JSON, FIDELITY_PREVIEW, record_command,
-                                            write_report)
 
 EVALUATION_FOLDER = "nnsynth_evaluation"
 LESION_FIDELITY_JSON = "lesion_fidelity.json"
@@ -120,8 +119,11 @@ def evaluation_folder(dataset: RawDataset, output) -> Path:
 
 def run_lesion_fidelity(args, dataset: RawDataset, folder: Path):
     from nnunet_synth.atomic import atomic_path, write_json_atomic
-    from nnunet_synth.evaluation.lesion_fidelity import (LesionFidelitySettings, evaluate_lesion_fidelity,
-                                                          format_fidelity_table)
+    from nnunet_synth.evaluation.lesion_fidelity import (
+        LesionFidelitySettings,
+        evaluate_lesion_fidelity,
+        format_fidelity_table,
+    )
     from nnunet_synth.preview_grid import save_preview_grid
     if len(args.generator) > 1:
         raise NnsynthError("with --inpaint-generator give at most one --generator (the whole-slice generator to "

@@ -19,12 +19,12 @@ from accelerate.utils import parse_flag_from_env
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
 from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases
-from nnunet_synth.preflight import GenerateRequest, check_generate_request
 from nnunet_synth.generator.checkpoints import FINAL_FOLDER, generator_run_folder
 from nnunet_synth.generator.config import PRESETS, TrainingSettings
 from nnunet_synth.generator.inpaint_pipeline import SAMPLERS
 from nnunet_synth.generator.inpaint_training import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER
 from nnunet_synth.generator.training import train_generator
+from nnunet_synth.preflight import GenerateRequest, check_generate_request
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     balance.add_argument("--target-share", type=float, help="instead of the default goals: stop once every pathology "
                          "class has this share of the region over real + new maps")
     parser.add_argument("--noise-seeding", type=float, metavar="STRENGTH", help="start sampling from the target's "
-                        "real slice noised to this strength (0-1], 004 §2.5; default: pure noise")
+                        "real slice noised to this strength (0-1], Paired Diffusion §2.5; default: pure noise")
     parser.add_argument("--num-shards", type=int, help="split the cases into this many shards (default: the number "
                         "of processes under accelerate launch, else 1)")
     parser.add_argument("--shard-index", type=int, help="the shard this command makes, 0 .. N-1 (default: the "
@@ -201,6 +201,7 @@ def main(argv=None):
             if not launched_state().is_main_process:
                 return
         import os
+
         from nnunet_synth.writer.standalone_export import export_standalone
         folder = export_standalone(dataset, dataset.folder.parent, os.environ.get("nnUNet_preprocessed"),
                                    args.export_standalone)

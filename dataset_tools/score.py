@@ -16,7 +16,7 @@ Dice and IoU between the prediction and the label map the image was generated fr
      "pathology_iou": {pathology class name: IoU or null}, "min_pathology_iou": the lowest of them,
      "threshold": 0.7, "passed": min_pathology_iou > threshold, "model": ..., "model_fold": "k", "checkpoint": ...}
 
-The gate is DiffAug's (003 §3.3, eq. 14): the IoU between the intended *abnormality* mask and the prediction of
+The gate is DiffAug's (§3.3, eq. 14): the IoU between the intended *abnormality* mask and the prediction of
 a model trained on real data, per pathology class, keep if > 0.7. The mean Dice over all classes is kept for
 reference, but it is not the gate: a dominant healthy class hides a missed lesion. Pathology classes: those of
 the label-map report in synthetic.json (``--pathology-classes`` overrides). Other quality keys (e.g.
@@ -47,7 +47,7 @@ def main(argv=None):
                              "scored by the model's fold it was made for")
     parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint file name")
     parser.add_argument("--threshold", type=float, default=DEFAULT_IOU_THRESHOLD,
-                        help="keep a synthetic case if every pathology class has IoU above this (default 0.7, 003)")
+                        help="keep a synthetic case if every pathology class has IoU above this (default 0.7, DiffAug)")
     parser.add_argument("--pathology-classes", nargs="+", metavar="NAME",
                         help="label names to gate on (default: the pathology classes of the label-map report)")
     parser.add_argument("--calibrate", action="store_true", help="instead of scoring, report the per-class IoU of "

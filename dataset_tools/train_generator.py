@@ -10,8 +10,8 @@ import argparse
 
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import command_entry_point
-from nnunet_synth.generator.checkpoints import generator_run_folder
 from nnunet_synth.generator.ablation import FREQUENCY_DEFINITIONS, PROBABILITY_READINGS
+from nnunet_synth.generator.checkpoints import generator_run_folder
 from nnunet_synth.generator.config import ABLATION_MODES, GENERATOR_MODES, PRESETS, TrainingSettings
 from nnunet_synth.generator.training import train_generator
 from nnunet_synth.preflight import check_training_request
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fold", type=_fold, default="0", help="nnU-Net fold whose training cases are used, or 'all'")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--mode", choices=GENERATOR_MODES, default="slice", help="slice: whole slices from a label "
-                        "map (000's generator); inpaint: lesions drawn inside real slices, trained on native-resolution "
+                        "map (Diff-Lung's generator); inpaint: lesions drawn inside real slices, trained on native-resolution "
                         "crops (--image-size is then the crop size; docs/inpainting.md)")
     parser.add_argument("--edit-margin", type=int, default=3, help="--mode inpaint: pixels added around every edit "
                         "region")
@@ -50,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--frequency-definition", choices=FREQUENCY_DEFINITIONS, default="foreground",
                           help="pixels over which CBMAT's class frequency f_c is counted (default: foreground)")
     training.add_argument("--probability-reading", choices=PROBABILITY_READINGS, default="equation",
-                          help="delta_c = delta_0 (1 - f_c) as 000's eq. 8 (default) or delta_0 f_c as its text")
+                          help="delta_c = delta_0 (1 - f_c) as Diff-Lung's eq. 8 (default) or delta_0 f_c as its text")
     training.add_argument("--protected-classes", nargs="*", help="label names never ablated (default: the most "
                           "frequent non-background class if it is >= 80 %% of the foreground, as the label maps' host)")
-    training.add_argument("--region-classes", nargs="+", help="label names forming the region of 000 §3.2; pixels "
+    training.add_argument("--region-classes", nargs="+", help="label names forming the region of Diff-Lung §3.2; pixels "
                           "outside are set to the window minimum (default: no region masking)")
     training.add_argument("--window", type=float, nargs=2, metavar=("LOWER", "UPPER"),
                           help="intensity window for every image channel (default: chosen per channel)")

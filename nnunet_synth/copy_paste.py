@@ -36,9 +36,9 @@ from nnunet_synth.masks.balance import Placement
 from nnunet_synth.masks.paste import paste_region
 from nnunet_synth.masks.placement import mask_box
 from nnunet_synth.masks.regions import Region, dilate_region, rotate_region, shift_region
+from nnunet_synth.preview_grid import save_preview_grid
 from nnunet_synth.provenance import SOURCE_CASES, label_map_source_cases
 from nnunet_synth.quality.model_free import model_free_channel_score, model_free_volume_score
-from nnunet_synth.preview_grid import save_preview_grid
 from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
 
 IMAGE_SOURCE = "copy-paste"

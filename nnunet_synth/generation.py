@@ -22,16 +22,22 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_synth.dataset import ImageWindows, RawDataset, fit_slice, restore_slice
-from nnunet_synth.dataset.native_slices import (NativeSlices, NativeVolumes, PackedRows, derived_rows,
-                                               open_native_slices)
+from nnunet_synth.dataset.native_slices import NativeSlices, NativeVolumes, PackedRows, derived_rows, open_native_slices
 from nnunet_synth.dataset.splits import fold_validation_cases
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator.checkpoints import load_generator, read_generator_config, resolve_generator_folder
-from nnunet_synth.masks import (MaskGenerationConfig, NewLabelMapsOnDisk, body_mask, check_goals_raised,
-                                generate_label_maps, pixel_counts, resolve_class_roles)
+from nnunet_synth.masks import (
+    MaskGenerationConfig,
+    NewLabelMapsOnDisk,
+    body_mask,
+    check_goals_raised,
+    generate_label_maps,
+    pixel_counts,
+    resolve_class_roles,
+)
+from nnunet_synth.preview_grid import save_preview_grid
 from nnunet_synth.provenance import GENERATOR_TRAINING_CASES, SOURCE_CASES, label_map_source_cases
 from nnunet_synth.quality.model_free import channel_gates_to_dict, fit_channel_gates, model_free_channel_score
-from nnunet_synth.preview_grid import save_preview_grid
 from nnunet_synth.sampling import sample_images
 from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
 
@@ -47,7 +53,7 @@ class GenerationSettings:
     seed: int = 0
     num_inference_steps: int = 50
     target_share: float = None          # stop early once every pathology class has this share of the region
-    noise_seeding_strength: float = None  # 004 §2.5: start from the target's real slice noised to this strength
+    noise_seeding_strength: float = None  # Paired Diffusion §2.5: start from the target's real slice noised to this strength
     batch_size: int = 16
     balancing: dict = None              # class roles (label names) and MaskGenerationConfig overrides
     sampler: str = None                 # inpainting generators: ddim, dpmsolver++ or unipc (None: the default)
@@ -271,7 +277,7 @@ class MadeCase:
 
 
 class SliceBlocks:
-    """Whole slices drawn by the mask-conditioned generator from the new maps fitted to its size (000)."""
+    """Whole slices drawn by the mask-conditioned generator from the new maps fitted to its size (Diff-Lung)."""
 
     def __init__(self, unet, config, settings: GenerationSettings, real: NativeSlices, new_maps, image_dtypes,
                  device):

@@ -9,10 +9,21 @@ from pathlib import Path
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.dataset.native_slices import dataset_cache_root
 from nnunet_synth.dataset.splits import fold_training_cases
-from nnunet_synth.dataset.validation import (MAX_BATCH_SIZE, DatasetScan, check_case_budget, check_dataset_id_free,
-                                             check_device, check_fold_classes, check_inference_steps, check_int_range,
-                                             check_number_range, check_seed, check_writable, fold_num_slices,
-                                             scan_dataset)
+from nnunet_synth.dataset.validation import (
+    MAX_BATCH_SIZE,
+    DatasetScan,
+    check_case_budget,
+    check_dataset_id_free,
+    check_device,
+    check_fold_classes,
+    check_inference_steps,
+    check_int_range,
+    check_number_range,
+    check_seed,
+    check_writable,
+    fold_num_slices,
+    scan_dataset,
+)
 from nnunet_synth.errors import NnsynthError
 
 

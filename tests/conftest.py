@@ -87,6 +87,7 @@ def covid_lesion_types_dataset_folder(nnunet_folders, covid_dataset_folder):
     (at or above it). Dataset503_Covid19LesionTypes, 15 cases."""
     import numpy as np
     from scipy import ndimage
+
     from nnunet_synth.dataset import RawDataset
     from nnunet_synth.dataset.writing import write_dataset_json_atomic, write_volume
     source = RawDataset(covid_dataset_folder)
@@ -109,6 +110,7 @@ def write_covid_variant(source_folder, folder, labels: dict, relabel, slice_step
     """A dataset made from the converted COVID slices: every ``slice_step``-th slice of each case, its label map
     replaced by ``relabel(image, label)`` (lung 1, lesion 2 in; the new values of ``labels`` out)."""
     import numpy as np
+
     from nnunet_synth.dataset import RawDataset
     from nnunet_synth.dataset.writing import write_dataset_json_atomic, write_volume
     source = RawDataset(source_folder)
@@ -126,6 +128,7 @@ def lesion_density_thresholds(source_folder, quantiles):
     """Grey-value thresholds (5x5 mean) of the COVID lesion pixels at ``quantiles`` (over every case)."""
     import numpy as np
     from scipy import ndimage
+
     from nnunet_synth.dataset import RawDataset
     source = RawDataset(source_folder)
     values = []

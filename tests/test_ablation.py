@@ -4,9 +4,16 @@ import pytest
 import torch
 
 from nnunet_synth.dataset import RawDataset, class_pixel_frequencies, dataset_intensity_window
-from nnunet_synth.generator import (ablate_label_maps, build_noise_scheduler, cbmat_initial_probabilities,
-                                    denoising_loss, load_model_slices, make_ablation_schedule, one_hot_condition,
-                                    training_noise)
+from nnunet_synth.generator import (
+    ablate_label_maps,
+    build_noise_scheduler,
+    cbmat_initial_probabilities,
+    denoising_loss,
+    load_model_slices,
+    make_ablation_schedule,
+    one_hot_condition,
+    training_noise,
+)
 from nnunet_synth.generator.ablation import cosine_annealing_factor
 
 TOTAL_STEPS = 1000
@@ -151,7 +158,7 @@ def test_offset_noise_adds_a_per_sample_constant_with_std_one_tenth():
 
 def test_cbmat_delta_differs_by_class_with_foreground_frequencies_and_both_readings_are_selectable(
         covid, covid_lesion_types_dataset_folder):
-    """Over all pixels (background included) f_c is tiny for every class and delta_c nearly equal (the issue);
+    """Over all pixels (background included) f_c is tiny for every class and delta_c nearly equal (numerically inert);
     counted over foreground pixels, delta_c separates the classes, on Dataset501 and on a 3-class dataset."""
     from nnunet_synth.generator.ablation import cbmat_class_frequencies
     dataset, frequencies, _, _ = covid

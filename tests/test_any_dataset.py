@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_five_folds import CPU_PLANS, environment, run
 
 from nnunet_synth.dataset import RawDataset, fit_slice
 from nnunet_synth.dataset.writing import write_dataset_json_atomic, write_volume
@@ -24,8 +25,6 @@ from nnunet_synth.generator.checkpoints import generator_run_folder, read_genera
 from nnunet_synth.generator.training import train_generator
 from nnunet_synth.sampling import sample_images
 from nnunet_synth.writer.synthetic_store import SyntheticStore
-
-from test_five_folds import CPU_PLANS, environment, run
 
 TRAINER = "nnUNetTrainerSynthMix_smoke"      # 10 iterations: the pipeline runs, nothing more
 
@@ -78,6 +77,7 @@ def generate(dataset, nnunet_folders):
 def check_export_integrity(dataset):
     """Real and synthetic cases side by side in one imagesTr (the standalone export): nnU-Net's integrity check."""
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
     from nnunet_synth.writer.standalone_export import export_standalone
     dataset_id = int(dataset.name[len("Dataset"):len("Dataset") + 3])
     export = export_standalone(dataset, Path(os.environ["nnUNet_raw"]), os.environ["nnUNet_preprocessed"],

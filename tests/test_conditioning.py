@@ -1,4 +1,4 @@
-"""The generator follows the label map it is given (000 §2.1): trained briefly on real slices whose classes get
+"""The generator follows the label map it is given (Diff-Lung §2.1): trained briefly on real slices whose classes get
 distinct intensities, its samples are bright where the map says lesion and dark where it says background, and
 swapping the maps swaps the images. Fails if the conditioning were dropped or ignored at sampling time."""
 import numpy as np

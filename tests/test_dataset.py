@@ -6,11 +6,19 @@ import subprocess
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import REAL_HU_SOURCE
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
-from conftest import REAL_HU_SOURCE
-from nnunet_synth.dataset import (ImageWindows, IntensityWindow, RawDataset, class_pixel_frequencies, dataset_intensity_window,
-                                  fit_slice, iter_slices, restore_slice)
+from nnunet_synth.dataset import (
+    ImageWindows,
+    IntensityWindow,
+    RawDataset,
+    class_pixel_frequencies,
+    dataset_intensity_window,
+    fit_slice,
+    iter_slices,
+    restore_slice,
+)
 
 
 def test_covid_conversion_gives_15_cases_with_source_class_shares(covid_dataset_folder):
@@ -30,8 +38,8 @@ def test_covid_conversion_gives_15_cases_with_source_class_shares(covid_dataset_
 
 
 def test_covid_lesion_outside_lung_mask_counts_as_lesion(covid_dataset_folder):
-    from skimage import io
     from conftest import COVID_SOURCE
+    from skimage import io
     dataset = RawDataset(covid_dataset_folder)
     _, label_map, _ = dataset.read_case("case_00")
     infection = io.imread(COVID_SOURCE / "covid" / "0000.png") > 0

@@ -12,8 +12,11 @@ import pytest
 from conftest import COVID_SOURCE, EXAMPLE_CASES, EXAMPLE_MAX_SLICES_PER_CASE
 from skimage import io
 
-from nnunet_synth.dataset_tools.convert_covid19_ct_slices import (convert_covid19_ct_slices, read_case_table,
-                                                                  select_slices)
+from nnunet_synth.dataset_tools.convert_covid19_ct_slices import (
+    convert_covid19_ct_slices,
+    read_case_table,
+    select_slices,
+)
 from nnunet_synth.example.phantom import PHANTOM_ABOUT, PhantomSettings, write_chest_phantom
 
 BIN = Path(sys.executable).parent

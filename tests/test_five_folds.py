@@ -46,6 +46,7 @@ def run(args, env, timeout=1800):      # a safety net for a loaded 2-core machin
 def five_fold_dataset(nnunet_folders):
     """The example with synthetic cases for all five folds, planned and preprocessed; returns the RawDataset."""
     from conftest import convert_example_subset
+
     from nnunet_synth.trainers.cpu_plans import write_cpu_plans
     folder = convert_example_subset(nnunet_folders["nnUNet_raw"], DATASET_ID, "FiveFoldExample")
     dataset = RawDataset(folder)
@@ -73,6 +74,7 @@ def check_fold(store, fold, used, validation_cases):
 
 def test_each_fold_takes_only_its_own_cases(five_fold_dataset, nnunet_folders, monkeypatch, capsys):
     import torch
+
     from nnunet_synth.trainers.variants.budgets import nnUNetTrainerSynthMix_debug
     monkeypatch.setenv("nnsynth_ratio", "0.5")
     monkeypatch.delenv("nnsynth_min_quality", raising=False)

@@ -22,8 +22,8 @@ from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator import TrainingSettings
 from nnunet_synth.generator.checkpoints import FINAL_FOLDER
 from nnunet_synth.generator.training import train_generator
-from nnunet_synth.quality.model_free import fit_model_free_gate, model_free_score
 from nnunet_synth.provenance import case_dependencies, select_for_fold
+from nnunet_synth.quality.model_free import fit_model_free_gate, model_free_score
 from nnunet_synth.writer.synthetic_store import MANIFEST_NAME, SyntheticStore, preview_name, synthetic_case_id
 
 BIN = Path(sys.executable).parent

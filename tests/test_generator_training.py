@@ -12,13 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from nnunetv2.utilities.crossval_split import generate_crossval_split
+from safetensors.torch import load_file
 
 from nnunet_synth.dataset import RawDataset, dataset_intensity_window
 from nnunet_synth.errors import NnsynthError
-from nnunet_synth.generator import (TrainingSettings, build_noise_scheduler, build_unet, denoising_loss,
-                                    fold_training_cases, load_generator, load_model_slices, make_ablation_schedule)
+from nnunet_synth.generator import (
+    TrainingSettings,
+    build_noise_scheduler,
+    build_unet,
+    denoising_loss,
+    fold_training_cases,
+    load_generator,
+    load_model_slices,
+    make_ablation_schedule,
+)
 from nnunet_synth.generator.training import draw_step_randomness, train_generator
 from nnunet_synth.sampling import sample_images
 

@@ -53,7 +53,6 @@ def convert_example(nnunet_folders, dataset_id, name):
     from nnunet_synth.dataset_tools.convert_covid19_ct_slices import (
         convert_covid19_ct_slices,
     )
-
     from nnunet_synth.example import example_source_folder
     return RawDataset(convert_covid19_ct_slices(example_source_folder(), nnunet_folders["nnUNet_raw"], dataset_id,
                                                 name))

@@ -5,11 +5,10 @@ import subprocess
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import SHARED_DATA
+from synthetic_fixtures import CPU_PLANS, SYNTHMIX_DATASET_ID, clean_environment, load_json, make_trainer, run_command
 
 from nnunet_synth.trainers.pasting import extract_donors, paste_lesions
-from synthetic_fixtures import (CPU_PLANS, SYNTHMIX_DATASET_ID, clean_environment, load_json, make_trainer,
-                                run_command)
-from conftest import SHARED_DATA
 
 MS_SOURCE = SHARED_DATA / "ms_lesions_3d"
 MS_CHANNELS = ("FLAIR", "T1", "T1POST", "T2")
@@ -112,6 +111,7 @@ def test_pastes_overwrite_host_pixels_only_and_never_the_ignore_label(paste_trai
 def batches_rare_share(trainer, dataset_tr, probability: float, batches: int = 12):
     """Share of lesion among lung + lesion pixels in the targets of nnU-Net's training loader, and the counts."""
     from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+
     from nnunet_synth.trainers.mixing import SynthMixDataLoader
     transform = trainer._paste_transform(dataset_tr)
     transform.probability = probability
@@ -165,8 +165,7 @@ def test_stock_train_and_predict_with_the_paste_trainer(planned_dataset, synthet
 
 
 def test_the_online_copy_paste_arm_trains_the_paste_trainer_of_the_same_budget():
-    from nnunet_synth.evaluation.downstream import (BUDGET_TRAINERS, PASTE_BUDGET_TRAINERS, DownstreamSettings,
-                                                    plan_arms)
+    from nnunet_synth.evaluation.downstream import BUDGET_TRAINERS, PASTE_BUDGET_TRAINERS, DownstreamSettings, plan_arms
     from nnunet_synth.trainers.discovery import trainer_classes
     arms = plan_arms(DownstreamSettings(generators={}, arms=["real_only", "copy_paste_online"], amounts=[0.5]))
     real_only, online = arms

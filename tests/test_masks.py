@@ -1,4 +1,4 @@
-"""Stage 2: label maps generated for class balance (000 §2.3), on the real COVID-19 label maps.
+"""Stage 2: label maps generated for class balance (Diff-Lung §2.3), on the real COVID-19 label maps.
 
 Labels: 0 background (outside the lungs), 1 lung (normal tissue, the host), 2 lesion (the rare pathology).
 Shares are of the region (lung + lesion). The balancing runs use every 4th real slice of every case (315 real
@@ -13,10 +13,24 @@ from scipy import ndimage
 
 from nnunet_synth.dataset import RawDataset, class_pixel_frequencies
 from nnunet_synth.errors import NnsynthError
-from nnunet_synth.masks import (MaskGenerationConfig, Region, body_mask, check_goals_raised,
-                                default_class_roles, dilate_region, find_regions, generate_label_maps,
-                                load_label_maps, paste_region, pixel_counts, region_footprint, region_shares,
-                                resolve_class_roles, rotate_region, shift_region)
+from nnunet_synth.masks import (
+    MaskGenerationConfig,
+    Region,
+    body_mask,
+    check_goals_raised,
+    default_class_roles,
+    dilate_region,
+    find_regions,
+    generate_label_maps,
+    load_label_maps,
+    paste_region,
+    pixel_counts,
+    region_footprint,
+    region_shares,
+    resolve_class_roles,
+    rotate_region,
+    shift_region,
+)
 
 BACKGROUND, LUNG, LESION = 0, 1, 2
 TARGET_SHARE = 0.2   # of the region; the real lesion share of the region is 0.118
@@ -236,8 +250,8 @@ def test_config_limits_are_checked():
 
 
 def test_default_goal_raises_the_rarest_class_1_5x_inside_the_region_and_caps_each_map(real_maps):
-    """As 000 §2.3 (emphysema 1.8 % -> 6 % of the lung): the rarest class's share of the region rises towards
-    3x, and no new map is filled with disease (the issue: half of the lung field)."""
+    """As Diff-Lung §2.3 (emphysema 1.8 % -> 6 % of the lung): the rarest class's share of the region rises towards
+    3x, and no new map is filled with disease (not half of the lung field)."""
     label_maps, map_ids = real_maps
     config = MaskGenerationConfig()
     new_maps, report = generate_label_maps(label_maps, map_ids, max_new_maps=len(label_maps) // 2, seed=0,

@@ -1,4 +1,4 @@
-"""The on-disk store of real slices that generation reads (issue 13, item 1 for generation): exact, rebuilt when
+"""The on-disk store of real slices that generation reads: exact, rebuilt when
 the data changes, safe when two processes build it at once, and generation's memory does not hold the slices."""
 import json
 import os
@@ -8,8 +8,13 @@ import tracemalloc
 import numpy as np
 
 from nnunet_synth.dataset import RawDataset, class_pixel_frequencies, dataset_intensity_window, iter_slices
-from nnunet_synth.dataset.native_slices import (META_NAME, build_native_slices, derived_rows, evenly_spread,
-                                                open_native_slices)
+from nnunet_synth.dataset.native_slices import (
+    META_NAME,
+    build_native_slices,
+    derived_rows,
+    evenly_spread,
+    open_native_slices,
+)
 from nnunet_synth.dataset.splits import fold_training_cases
 from nnunet_synth.generation import GenerationSettings, prepare_fold_maps
 from nnunet_synth.masks import NewLabelMapsOnDisk, body_mask, generate_label_maps

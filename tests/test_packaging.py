@@ -10,8 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nnunet_synth
 from conftest import COVID_SOURCE
+
+import nnunet_synth
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".dcm",

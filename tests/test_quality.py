@@ -1,5 +1,5 @@
 """Stage 5: the model-free quality gate on the real COVID slices (fold 0 of Dataset501): real held-out slices
-pass, noise, blur and the output of an untrained generator fail (issue 12: medians alone passed pure noise)."""
+pass, noise, blur and the output of an untrained generator fail (medians alone passed pure noise)."""
 import numpy as np
 import pytest
 import torch

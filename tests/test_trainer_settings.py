@@ -7,12 +7,12 @@ import sys
 
 import numpy as np
 import pytest
+from synthetic_fixtures import CPU_PLANS, SYNTHMIX_DATASET_ID, clean_environment, load_json, make_trainer
 
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.trainers.settings import SETTINGS, resolve_settings
 from nnunet_synth.trainers.synthetic_pool import pool_folder
 from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
-from synthetic_fixtures import (CPU_PLANS, SYNTHMIX_DATASET_ID, clean_environment, load_json, make_trainer)
 
 BAD_VALUES = [
     ("nnsynth_ratio", "1.5", "outside [0, 1]"), ("nnsynth_ratio", "half", "not a number"),
@@ -111,6 +111,7 @@ def copied_functions():
     """(our function, nnU-Net's function, replacements) for every ``# Copied from <module>.<name> [with A->B]`` in
     the trainer modules (the convention of diffusers' ``make fix-copies``)."""
     import importlib
+
     from nnunet_synth.trainers.discovery import TRAINER_MODULES
     found = []
     for module_name in TRAINER_MODULES:

@@ -8,16 +8,26 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from synthetic_fixtures import (
+    CPU_PLANS,
+    NUM_SCORED_CASES,
+    PLANS,
+    SYNTHMIX_DATASET_ID,
+    clean_environment,
+    load_json,
+    load_plans,
+    make_trainer,
+    run_command,
+    stand_in_pathology_iou,
+    stand_in_score,
+)
 
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.trainers.mixing import SynthMixDataLoader, SynthMixDataset, select_synthetic_cases, synthetic_count
 from nnunet_synth.trainers.settings import resolve_settings
-from nnunet_synth.trainers.synthetic_pool import (pool_folder, pool_record_file, update_synthetic_pool)
+from nnunet_synth.trainers.synthetic_pool import pool_folder, pool_record_file, update_synthetic_pool
 from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
-from synthetic_fixtures import (CPU_PLANS, NUM_SCORED_CASES, PLANS, SYNTHMIX_DATASET_ID, clean_environment,
-                                load_json, load_plans, make_trainer, run_command, stand_in_pathology_iou,
-                                stand_in_score)
 
 TRAINER = "nnUNetTrainerSynthMix_debug"
 MIN_QUALITY = 0.3
@@ -97,6 +107,7 @@ def test_quality_filter_reads_the_chosen_quality_key(synthetic_example_dataset):
 # ------------------------------------------------------------------------------------------- synthetic pool
 def test_pool_is_preprocessed_beside_the_real_data_with_the_real_plans(planned_dataset, synthetic_example_dataset):
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
     from nnunet_synth.dataset_tools.preprocess_synthetic import main
     real_folder = planned_dataset / "nnUNetPlans_2d"
     real_files = sorted(os.listdir(real_folder))
@@ -309,6 +320,7 @@ def test_non_2d_configuration_fails_clearly_unless_real_only(planned_dataset, mo
 
 def test_trainers_are_found_through_nnunet_ext_trainer(monkeypatch):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
     from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
     from nnunet_synth.trainers.discovery import TRAINER_MODULES, trainer_classes
     monkeypatch.setenv("nnUNet_extTrainer", str(trainer_directory()))
@@ -321,6 +333,7 @@ def test_trainers_are_found_through_nnunet_ext_trainer(monkeypatch):
 
 def test_a_failing_import_does_not_abort_nnunet_lookup(monkeypatch):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
     from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
     monkeypatch.setenv("nnUNet_extTrainer", str(trainer_directory()))
     monkeypatch.setitem(sys.modules, "nnunet_synth.trainers.synth_mix", None)     # import now fails

@@ -32,11 +32,20 @@ from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from scipy import ndimage
 
 from nnunet_synth.atomic import write_json_atomic
-from nnunet_synth.copy_paste import (FEATHER_PIXELS, DonorPatch, donor_patch, feather_weights, place_patch,
-                                     rotate_patch)
+from nnunet_synth.copy_paste import FEATHER_PIXELS, DonorPatch, donor_patch, feather_weights, place_patch, rotate_patch
 from nnunet_synth.errors import NnsynthError
-from nnunet_synth.masks import (MaskGenerationConfig, Region, body_mask, dilate_region, find_regions, host_mask,
-                                paste_region, resolve_class_roles, rotate_region, shift_region)
+from nnunet_synth.masks import (
+    MaskGenerationConfig,
+    Region,
+    body_mask,
+    dilate_region,
+    find_regions,
+    host_mask,
+    paste_region,
+    resolve_class_roles,
+    rotate_region,
+    shift_region,
+)
 
 COUNTS_EVERY = 10
 PLACEMENT_ATTEMPTS = 5      # draws of donor and place per component before it is given up

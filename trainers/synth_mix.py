@@ -38,8 +38,14 @@ from nnunet_synth.atomic import write_json_atomic
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.provenance import select_for_fold
-from nnunet_synth.trainers.mixing import (EXPOSURE_WARNING_FACTOR, SynthMixDataLoader, SynthMixDataset, exposure,
-                                          rarest_class, select_synthetic_cases)
+from nnunet_synth.trainers.mixing import (
+    EXPOSURE_WARNING_FACTOR,
+    SynthMixDataLoader,
+    SynthMixDataset,
+    exposure,
+    rarest_class,
+    select_synthetic_cases,
+)
 from nnunet_synth.trainers.settings import SETTINGS_BY_NAME, changed_settings, resolve_settings
 from nnunet_synth.trainers.synthetic_pool import update_synthetic_pool
 from nnunet_synth.writer.synthetic_store import SyntheticStore

@@ -60,6 +60,7 @@ def sampling_check(generator, dataset_name, out_json, device):
     """DDIM sampling timed, and the same seed giving the same image whatever the batch (1 vs 4 at once)."""
     import numpy as np
     import torch
+
     from nnunet_synth.dataset import RawDataset, dataset_intensity_window
     from nnunet_synth.generator import load_generator, load_model_slices
     from nnunet_synth.sampling import sample_images

@@ -1,4 +1,4 @@
-"""Downstream evaluation (method.md §5, 000 Table 2) on nnU-Net: real-only, the cheap baselines and generator arms.
+"""Downstream evaluation (method.md §5, Diff-Lung Table 2) on nnU-Net: real-only, the cheap baselines and generator arms.
 
 Arms (``--arms``; every arm of a setting gets the same plans, split, budget and test set):
 
@@ -192,6 +192,7 @@ def write_test_set(dataset: RawDataset, case_ids, folder: Path, slice_step: int 
             raise NnsynthError(f"{dataset.json_file}: --test-slice-step needs single-channel .nii.gz volumes: "
                                f"leave it out")
         import SimpleITK as sitk
+
         from nnunet_synth.dataset.writing import write_volume
         for source, target in ((images[0], folder / "imagesTs" / images[0].name),
                                (label, folder / "labelsTs" / label.name)):

@@ -14,8 +14,8 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from nnunet_synth.trainers.discovery import ext_trainer_value
 from nnunet_synth.errors import NnsynthError
+from nnunet_synth.trainers.discovery import ext_trainer_value
 
 
 class EncoderBottleneckFeatures(torch.nn.Module):

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_synth.dataset import RawDataset
-from nnunet_synth.trainers.discovery import ext_trainer_value
 from nnunet_synth.errors import NnsynthError
+from nnunet_synth.trainers.discovery import ext_trainer_value
 
 CPU_PLANS = "nnUNetPlans_cpu"
 

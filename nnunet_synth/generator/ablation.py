@@ -1,4 +1,4 @@
-"""Mask ablation during training (000 §2.2, method.md §2) and offset noise (004 §2.4).
+"""Mask ablation during training (Diff-Lung §2.2, method.md §2) and offset noise (Paired Diffusion §2.4).
 
 Ablating class c of a sample sets that class's pixels to background in the *conditioning* label map only; its
 one-hot channel then is all zero and the background channel holds those pixels. The image is never altered.
@@ -9,13 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
 # How f_c is counted (method.md §2). Over "all" pixels the background dominates and delta_c is nearly the same for
 # every class (Diff-Lung's shares give 0.4985 vs 0.481): CBMAT would be MAT plus protection. "foreground" (the
 # default) counts over non-background pixels, "pathology" over the ablatable classes only.
 FREQUENCY_DEFINITIONS = ("foreground", "all", "pathology")
-# How f_c becomes delta_c. 000's eq. (8) / Algorithm 1: delta_0 (1 - f_c), rare classes ablated (slightly) more.
-# 000's text: common pathologies ablated more often, read here as delta_0 * f_c. The equation is the default.
+# How f_c becomes delta_c. Diff-Lung's eq. (8) / Algorithm 1: delta_0 (1 - f_c), rare classes ablated (slightly) more.
+# Diff-Lung's text: common pathologies ablated more often, read here as delta_0 * f_c. The equation is the default.
 PROBABILITY_READINGS = ("equation", "text")
 
 
@@ -38,8 +37,8 @@ def cbmat_class_frequencies(pixel_counts, definition: str = "foreground", protec
 
 
 def cbmat_initial_probabilities(class_frequencies, delta_0: float, reading: str = "equation") -> np.ndarray:
-    """delta_c from f_c: ``equation`` = delta_0 * (1 - f_c) (000 eq. 8 and Algorithm 1 line 1), ``text`` =
-    delta_0 * f_c (000's prose: common classes ablated more often).
+    """delta_c from f_c: ``equation`` = delta_0 * (1 - f_c) (Diff-Lung eq. 8 and Algorithm 1 line 1), ``text`` =
+    delta_0 * f_c (Diff-Lung's prose: common classes ablated more often).
 
     The paper's text and equation contradict each other (method.md §2); we implement the equation by default.
     Keep this the one place where frequencies become probabilities, so an evaluation can swap the mapping.
@@ -62,7 +61,7 @@ class AblationSchedule:
     """Per-class ablation probabilities over training.
 
     ``initial_probabilities`` has one entry per class (index = label value); background and protected classes
-    hold 0. ``annealed`` applies eq. (9) of 000, delta_c(t) = delta_c * (1 + cos(pi t / T)) / 2, as a schedule of
+    hold 0. ``annealed`` applies eq. (9) of Diff-Lung, delta_c(t) = delta_c * (1 + cos(pi t / T)) / 2, as a schedule of
     the *initial* value. (Algorithm 1 line 10 multiplies delta_c by the factor in every iteration, a compounding
     product that collapses to ~0 after a few iterations; method.md §2 reads it as eq. (9) and so do we.)
     """
@@ -136,7 +135,7 @@ def one_hot_condition(label_maps: torch.Tensor, num_classes: int, dtype=torch.fl
 
 
 def training_noise(shape, offset_noise: float, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise N, plus C ~ offset_noise * N(0, 1) per sample and channel broadcast over pixels (004 §2.4)
+    """Gaussian noise N, plus C ~ offset_noise * N(0, 1) per sample and channel broadcast over pixels (Paired Diffusion §2.4)
     when ``offset_noise`` > 0."""
     noise = torch.randn(shape, generator=generator)
     if offset_noise > 0:

@@ -1,7 +1,7 @@
 """Generator presets, training settings and the JSON config stored beside every trained generator.
 
 The denoiser is a diffusers ``UNet2DModel``; its input is the noisy image (one channel per input channel of the
-dataset, all generated jointly) concatenated with the label map as one-hot channels (one per class, 000 §2.1 as
+dataset, all generated jointly) concatenated with the label map as one-hot channels (one per class, Diff-Lung §2.1 as
 read in method.md §1), its output the predicted noise of every image channel.
 """
 import dataclasses
@@ -14,7 +14,7 @@ from nnunet_synth.generator.ablation import FREQUENCY_DEFINITIONS, PROBABILITY_R
 
 GENERATOR_CONFIG_NAME = "generator_config.json"
 ABLATION_MODES = ("cbmat", "mat", "none")
-GENERATOR_MODES = ("slice", "inpaint")   # whole slices from a label map (000), or lesions inside real slices
+GENERATOR_MODES = ("slice", "inpaint")   # whole slices from a label map (Diff-Lung), or lesions inside real slices
 NUM_TRAIN_TIMESTEPS = 1000
 
 # Architecture and training defaults per preset. ``default`` follows the reference configuration of Konz et al.
@@ -80,7 +80,7 @@ class TrainingSettings:
     """Everything a training run can be told; ``None`` means "take the preset's value"."""
 
     preset: str = "tiny"
-    mode: str = "slice"                 # slice: whole slices (000); inpaint: lesions inside real slices (crops)
+    mode: str = "slice"                 # slice: whole slices (Diff-Lung); inpaint: lesions inside real slices (crops)
     image_size: int = None              # slice: the model size; inpaint: the side of the native-resolution crops
     block_out_channels: tuple = None
     layers_per_block: int = None
@@ -95,13 +95,13 @@ class TrainingSettings:
     max_grad_norm: float = 1.0
     ema_max_decay: float = 0.9999       # with EMA warm-up (inv_gamma 1, power 3/4) as in diffusers' examples
     ema_power: float = 0.75
-    offset_noise: float = 0.1           # 004 §2.4: noise + offset_noise * N(0,1) per sample and channel; 0 = off
+    offset_noise: float = 0.1           # Paired Diffusion §2.4: noise + offset_noise * N(0,1) per sample and channel; 0 = off
     ablation_mode: str = "cbmat"
-    delta_0: float = 0.5                # 000 gives no value for delta_0; 0.5 matches MAT's probability
+    delta_0: float = 0.5                # Diff-Lung gives no value for delta_0; 0.5 matches MAT's probability
     frequency_definition: str = "foreground"  # f_c counted over foreground, all or pathology pixels (ablation.py)
-    probability_reading: str = "equation"     # delta_0 (1 - f_c) as 000 eq. 8, or "text": delta_0 f_c
+    probability_reading: str = "equation"     # delta_0 (1 - f_c) as Diff-Lung eq. 8, or "text": delta_0 f_c
     protected_classes: list = None      # label names never ablated; None = the host class of masks.default_class_roles
-    region_classes: list = None         # label names forming the region of 000 §3.2; None = no region masking
+    region_classes: list = None         # label names forming the region of Diff-Lung §3.2; None = no region masking
     window: tuple = None                # intensity window override (lower, upper) in dataset units
     mixed_precision: str = "auto"       # auto (bf16 on GPUs that have it, else fp16; none on CPU), no, fp16, bf16
     channels_last: bool = True          # only applied on CUDA
@@ -169,8 +169,7 @@ class TrainingSettings:
 
 def check_training_numbers(settings: "TrainingSettings"):
     """Finite numbers in range for the options ``resolved`` does not check itself."""
-    from nnunet_synth.dataset.validation import (MAX_INFERENCE_STEPS, check_int_range, check_number_range,
-                                                 check_seed)
+    from nnunet_synth.dataset.validation import MAX_INFERENCE_STEPS, check_int_range, check_number_range, check_seed
     check_seed(settings.seed)
     check_int_range(settings.image_size, "--image-size", 8)
     check_int_range(min(settings.block_out_channels), "--block-out-channels", 1)
@@ -216,7 +215,7 @@ def build_unet(settings: TrainingSettings, num_classes: int, num_channels: int =
 
 
 def build_noise_scheduler() -> DDPMScheduler:
-    """DDPM, epsilon prediction, 1000 steps, linear betas (000 §2.1)."""
+    """DDPM, epsilon prediction, 1000 steps, linear betas (Diff-Lung §2.1)."""
     return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear", prediction_type="epsilon")
 
 
@@ -233,7 +232,7 @@ class GeneratorConfig:
     training_cases: list
     class_frequencies: dict             # label name -> pixel share over the training label maps
     ablation: dict                      # mode, delta_0, f_c definition and values, delta_c, protected, annealing
-    region_classes: list                # label names of the region kept by 000 §3.2 masking, or None
+    region_classes: list                # label names of the region kept by Diff-Lung §3.2 masking, or None
     unet_config: dict
     scheduler_config: dict
     training: dict                      # the resolved TrainingSettings

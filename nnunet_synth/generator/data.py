@@ -8,7 +8,7 @@ MODEL_MINIMUM = -1.0  # the window's minimum in model space
 
 
 def mask_outside_region(images: np.ndarray, label_maps: np.ndarray, region_values) -> np.ndarray:
-    """000 §3.2: pixels whose label is not in ``region_values`` are set to the window minimum (-1)."""
+    """Diff-Lung §3.2: pixels whose label is not in ``region_values`` are set to the window minimum (-1)."""
     inside = np.isin(label_maps, list(region_values))[:, None]      # the same pixels in every channel
     return np.where(inside, images, np.float32(MODEL_MINIMUM)).astype(np.float32)
 
@@ -19,7 +19,7 @@ def load_model_slices(dataset: RawDataset, case_ids, window: ImageWindows, image
 
     Returns images (N, channels, S, S) float32 in [-1, 1], label maps (N, S, S) int64 and a list of
     (case_id, slice_index, SliceFit) to put generated slices back (``restore_slice``). With ``region_values``
-    the pixels outside those classes are set to -1 (000 §3.2; off unless the user names the region).
+    the pixels outside those classes are set to -1 (Diff-Lung §3.2; off unless the user names the region).
     """
     images, label_maps, provenance = [], [], []
     for labelled in iter_slices(dataset, case_ids, progress=progress):

@@ -1,5 +1,5 @@
 """``NnsynthPipeline``: the trained generator as a diffusers pipeline (UNet + DDIM scheduler) that turns label maps
-into images, with optional noise seeding from a reference image (004 §2.5).
+into images, with optional noise seeding from a reference image (Paired Diffusion §2.5).
 
 A generator's ``final/`` folder is saved with this pipeline: ``model_index.json``, ``unet/``, ``scheduler/`` and a
 copy of this file as ``nnsynth_pipeline.py``, so that
@@ -13,7 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 from tqdm import tqdm
 
-DEFAULT_SEEDING_STRENGTH = 0.8  # 004 §2.5 noises the reference to 80-90 % of the schedule
+DEFAULT_SEEDING_STRENGTH = 0.8  # Paired Diffusion §2.5 noises the reference to 80-90 % of the schedule
 
 
 def initial_noise(seeds, image_size: int, num_channels: int = 1) -> torch.Tensor:

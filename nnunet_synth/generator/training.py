@@ -27,25 +27,43 @@ from tqdm import tqdm
 
 import nnunet_synth
 from nnunet_synth.dataset import ImageWindows, RawDataset, class_pixel_frequencies, dataset_intensity_window
-from nnunet_synth.errors import NnsynthError, first_line, storage_error
-from nnunet_synth.generator.ablation import (AblationSchedule, ablate_label_maps, cbmat_class_frequencies,
-                                             make_ablation_schedule, one_hot_condition,
-                                             training_noise)
-from nnunet_synth.masks.balance import default_class_roles
-from nnunet_synth.generator.checkpoints import (CHECKPOINTS_FOLDER, FINAL_FOLDER, check_no_old_checkpoints, checkpoint_folders,
-                                                checkpoint_iteration, fresh_temp_folder, list_checkpoints,
-                                                read_generator_config, replace_folder, save_pipeline_folder,
-                                                write_generator_config)
-from nnunet_synth.generator.config import (NUM_TRAIN_TIMESTEPS, GeneratorConfig, TrainingSettings,
-                                           build_noise_scheduler, build_unet)
-from nnunet_synth.dataset.splits import fold_training_cases
-from nnunet_synth.generator.batches import StepBatches, StepLoader
-from nnunet_synth.generator.inpaint_pipeline import inpainting_condition
-from nnunet_synth.generator.inpaint_training import (INPAINT_PIPELINE_FILE, inpaint_pipeline,
-                                                     inpaint_training_data)
 from nnunet_synth.dataset.native_slices import open_native_slices
-from nnunet_synth.generator.slice_cache import open_slice_cache, slice_cache_root
+from nnunet_synth.dataset.splits import fold_training_cases
+from nnunet_synth.errors import NnsynthError, first_line, storage_error
+from nnunet_synth.generator.ablation import (
+    AblationSchedule,
+    ablate_label_maps,
+    cbmat_class_frequencies,
+    make_ablation_schedule,
+    one_hot_condition,
+    training_noise,
+)
+from nnunet_synth.generator.batches import StepBatches, StepLoader
+from nnunet_synth.generator.checkpoints import (
+    CHECKPOINTS_FOLDER,
+    FINAL_FOLDER,
+    check_no_old_checkpoints,
+    checkpoint_folders,
+    checkpoint_iteration,
+    fresh_temp_folder,
+    list_checkpoints,
+    read_generator_config,
+    replace_folder,
+    save_pipeline_folder,
+    write_generator_config,
+)
+from nnunet_synth.generator.config import (
+    NUM_TRAIN_TIMESTEPS,
+    GeneratorConfig,
+    TrainingSettings,
+    build_noise_scheduler,
+    build_unet,
+)
+from nnunet_synth.generator.inpaint_pipeline import inpainting_condition
+from nnunet_synth.generator.inpaint_training import INPAINT_PIPELINE_FILE, inpaint_pipeline, inpaint_training_data
 from nnunet_synth.generator.preview import write_preview_grid
+from nnunet_synth.generator.slice_cache import open_slice_cache, slice_cache_root
+from nnunet_synth.masks.balance import default_class_roles
 
 # keys of generator_config.json that must agree before a run folder is resumed
 RESUME_KEYS = ("dataset_name", "labels", "image_size", "training_cases", "unet_config", "window", "region_classes")
@@ -272,7 +290,7 @@ def prepare_generator_config(dataset: RawDataset, settings: TrainingSettings, ca
     (the cases' ``NativeSlices``) when given, else from the raw cases."""
     frequencies = class_pixel_frequencies(dataset, case_ids, store)
     if settings.protected_classes is None:
-        # the surrounding tissue of 000 = the host class of the label maps (masks.default_class_roles): the most
+        # the surrounding tissue of Diff-Lung = the host class of the label maps (masks.default_class_roles): the most
         # frequent class only if it is most of the foreground; ground glass beside consolidation is no host
         host = default_class_roles(frequencies)[0] if np.any(frequencies[1:] > 0) else []
         protected_names = [dataset.class_names[value] for value in host]

@@ -62,9 +62,8 @@ import numpy as np
 from nnunet_synth.dataset.native_slices import PackedRows
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.masks.paste import host_mask, region_window
-from nnunet_synth.masks.regions import Region, dilate_region, find_regions, rotate_region, shift_region
-
 from nnunet_synth.masks.placement import class_occurrence_prior, mask_box, prior_on_map
+from nnunet_synth.masks.regions import Region, dilate_region, find_regions, rotate_region, shift_region
 
 SHARE_DEFINITION = ("pixel share of each class inside the region of interest (host + pathology classes; without a "
                     "host class, the body plus the pathology pixels) over the real label maps plus the new maps")

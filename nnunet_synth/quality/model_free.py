@@ -1,7 +1,7 @@
 """Model-free quality gate (method.md §4): does a synthetic slice look like the real slices, class by class?
 A synthetic volume is scored slice by slice where it was edited (``model_free_volume_score``).
 
-In the spirit of MAISI's organ intensity ranges, but per-class medians alone pass pure noise (issue 12: 20 of 20
+In the spirit of MAISI's organ intensity ranges, but per-class medians alone pass pure noise (measured: 20 of 20
 noise images passed). So each class present in the slice is described by its intensity histogram (the 10th,
 50th and 90th percentiles of its pixels) and by two texture statistics inside the class (eroded by one pixel,
 so edges between classes do not count), taken as logarithms (they are scales): the mean absolute Laplacian

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.atomic import write_json_atomic
+from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.dataset.splits import fold_training_cases
 from nnunet_synth.errors import NnsynthError
 
-
-DEFAULT_IOU_THRESHOLD = 0.7   # DiffAug (003 §3.3)
+DEFAULT_IOU_THRESHOLD = 0.7   # DiffAug (§3.3)
 
 
 def overlap_scores(prediction: np.ndarray, label_map: np.ndarray, labels: dict, pathology_names=(),
