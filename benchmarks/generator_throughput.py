@@ -177,7 +177,7 @@ def largest_batch_within(limit_gib, settings, slices, accelerator, start=16, ste
             peaks[batch] = round(peak_memory_gib(device), 3)
         except torch.OutOfMemoryError:
             peaks[batch] = None
-        unet = step = None
+        unet = step = None  # noqa: F841  (drops the model and optimiser before the next, larger batch)
         accelerator.free_memory()
         if peaks[batch] is None or peaks[batch] > limit_gib:
             break
@@ -246,7 +246,7 @@ def main(argv=None):
                                      "mfu": flops_per_step / seconds / (peak_tflops * 1e12),
                                      "peak_gib": peak_memory_gib(device)}
         results["num_parameters"] = sum(p.numel() for p in unet.parameters())
-        unet = step = None
+        unet = step = None  # noqa: F841  (drops the model and optimiser before the next, larger batch)
         accelerator.free_memory()
     print(f"UNet {results['num_parameters'] / 1e6:.2f} M parameters; {flops_per_step / 1e9:.2f} GFLOP per training "
           f"step (forward + backward, FlopCounterMode); peak {peak_tflops:.3g} TFLOP/s ({peak_source})")
