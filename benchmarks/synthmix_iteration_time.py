@@ -10,7 +10,7 @@ SynthMix, stock, ...) after warm-up iterations, so drift of the machine hits bot
 Without --dataset the script builds a private workspace: a small real example (5 patients, 37 slices of the
 COVID-19 CT slices in ../shared/data, or --covid-source) converted to an nnU-Net dataset, 13 synthetic cases
 from a tiny generator (train_generator + generate_synthetic_cases), stock nnUNetv2_plan_and_preprocess for 2d,
-and small CPU plans (nnunet_synth.trainers.cpu_plans) that keep the preprocessed data. Data augmentation runs in
+and small CPU plans (nnunet_synth.evaluation.cpu_plans) that keep the preprocessed data. Data augmentation runs in
 this process (nnUNet_n_proc_DA=0) unless you set it.
 """
 import argparse
@@ -39,10 +39,10 @@ def build_example_workspace(workdir: Path, covid_source: Path) -> str:
         (workdir / name).mkdir(parents=True, exist_ok=True)
         os.environ[name] = str(workdir / name)
     from nnunet_synth.dataset import RawDataset
+    from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
     from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases
     from nnunet_synth.generator import TrainingSettings, train_generator
     from nnunet_synth.generator.checkpoints import FINAL_FOLDER
-    from nnunet_synth.trainers.cpu_plans import write_cpu_plans
     subprocess.run([str(Path(sys.executable).parent / "nnsynth_convert_covid19"),
                     str(covid_source), *EXAMPLE_SELECTION, "-o", str(workdir / "nnUNet_raw"), "-d",
                     str(EXAMPLE_ID), "-n", EXAMPLE_NAME], check=True, capture_output=True)

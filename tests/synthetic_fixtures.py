@@ -117,7 +117,7 @@ def make_trainer(preprocessed, trainer_class, configuration="2d", plans=None, fo
 def planned_dataset(synthetic_example_dataset, nnunet_folders):
     """Stock nnUNetv2_plan_and_preprocess (2d) of Dataset981 in a clean subprocess, plus small CPU plans sharing
     its data. Returns its nnUNet_preprocessed folder."""
-    from nnunet_synth.trainers.cpu_plans import write_cpu_plans
+    from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
     # nnUNet_n_proc_DA=0 makes 2.8.1's planner call torch.set_num_threads(0): leave it unset for planning
     run_command(["nnUNetv2_plan_and_preprocess", "-d", str(SYNTHMIX_DATASET_ID), "-c", "2d", "-np", "1",
                  "--verify_dataset_integrity"], clean_environment(nnunet_folders))

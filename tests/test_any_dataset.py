@@ -90,7 +90,7 @@ def check_export_integrity(dataset):
 
 def train_synthmix(dataset, nnunet_folders):
     """The stock nnUNetv2_train, smoke budget, CPU plans, half of every batch synthetic; returns synthmix.json."""
-    from nnunet_synth.trainers.cpu_plans import write_cpu_plans
+    from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
     write_cpu_plans(nnunet_folders["nnUNet_preprocessed"] / dataset.name, "2d", "nnUNetPlans", CPU_PLANS)
     env = dict(environment(nnunet_folders), nnUNet_n_proc_DA="0", nnsynth_ratio="0.5")
     run(["nnUNetv2_train", dataset.name[len("Dataset"):len("Dataset") + 3], "2d", "0", "-tr", TRAINER, "-p",

@@ -47,7 +47,7 @@ def five_fold_dataset(nnunet_folders):
     """The example with synthetic cases for all five folds, planned and preprocessed; returns the RawDataset."""
     from conftest import convert_example_subset
 
-    from nnunet_synth.trainers.cpu_plans import write_cpu_plans
+    from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
     folder = convert_example_subset(nnunet_folders["nnUNet_raw"], DATASET_ID, "FiveFoldExample")
     dataset = RawDataset(folder)
     # one small generator per fold, where nnsynth_generate looks for it (a real run trains them itself)

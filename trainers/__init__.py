@@ -8,6 +8,5 @@
 - ``mixing``: quality filter, the mixed dataset and the mixing data loader.
 - ``pasting``: the donor components of a fold and the paste transform of nnUNetTrainerLesionPaste.
 - ``synthetic_pool``: synthetic cases preprocessed with the real plans into a verified pool beside the real data.
-- ``cpu_plans``: small CPU plans for tests, demos and benchmarks.
 - ``discovery`` and ``nnunet_ext``: nnU-Net's lookup: ``export nnUNet_extTrainer=$(nnsynth_trainer_dir)``.
 """

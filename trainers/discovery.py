@@ -2,8 +2,8 @@
 define trainer classes (re-exported there by ``nnunet_ext/nnsynth_trainers.py``)."""
 import importlib
 import inspect
-import os
-from pathlib import Path
+
+from nnunet_synth.trainer_lookup import ext_trainer_value, trainer_directory  # noqa: F401  (re-exported)
 
 # every module of the installed package that defines nnU-Net trainer classes
 TRAINER_MODULES = (
@@ -26,15 +26,3 @@ def trainer_classes() -> dict:
                 found[name] = value
     return found
 
-
-def trainer_directory() -> Path:
-    """The installed folder of re-export modules (nnunet_synth.trainers.nnunet_ext)."""
-    import nnunet_synth.trainers.nnunet_ext as ext
-    return Path(ext.__file__).resolve().parent
-
-
-def ext_trainer_value(existing: str = None) -> str:
-    """``existing`` (an nnUNet_extTrainer value) with our directory added once, at the end."""
-    ours = str(trainer_directory())
-    parts = [part for part in (existing or "").split(os.pathsep) if part]
-    return os.pathsep.join(parts if ours in parts else parts + [ours])

@@ -6,8 +6,6 @@ Images are normalised as nnU-Net's preprocessing does (the plans' normalisation 
 properties) and resized to the configuration's patch size, the input size the network was trained on (and
 large enough that no instance norm sees a single pixel).
 """
-import os
-
 import numpy as np
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -15,7 +13,7 @@ from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPre
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from nnunet_synth.errors import NnsynthError
-from nnunet_synth.trainers.discovery import ext_trainer_value
+from nnunet_synth.trainer_lookup import trainers_visible
 
 
 class EncoderBottleneckFeatures(torch.nn.Module):
@@ -34,13 +32,12 @@ class FeatureDistance:
     """Frechet distance between real and synthetic slices on the features of a trained nnU-Net model."""
 
     def __init__(self, model_folder, fold=0, checkpoint_name="checkpoint_final.pth", device="cpu"):
-        # nnU-Net looks the trainer class up by name: make our trainers findable (as nnsynth_trainer_dir does)
-        os.environ["nnUNet_extTrainer"] = ext_trainer_value(os.environ.get("nnUNet_extTrainer"))
         predictor = nnUNetPredictor(device=torch.device(device), perform_everything_on_device=device != "cpu",
                                     allow_tqdm=False)
         try:
-            predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
-                                                           checkpoint_name=checkpoint_name)
+            with trainers_visible():        # nnU-Net looks the trainer class up by the name in the checkpoint
+                predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
+                                                               checkpoint_name=checkpoint_name)
         except (FileNotFoundError, OSError) as error:
             raise NnsynthError(f"{model_folder}: cannot load fold {fold} ({error}): give the folder of an nnU-Net "
                                f"model (the one holding plans.json and fold_{fold}/)") from None

@@ -9,7 +9,7 @@ import numpy as np
 
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError
-from nnunet_synth.trainers.discovery import ext_trainer_value
+from nnunet_synth.trainer_lookup import ext_trainer_value
 
 CPU_PLANS = "nnUNetPlans_cpu"
 
@@ -32,7 +32,7 @@ def run_stock_command(args, unset=(), **environment):
 
 def plan_and_preprocess(dataset: RawDataset, preprocessed_root, cpu_plans: bool) -> str:
     """Stock 2d planning and preprocessing; with ``cpu_plans`` also the small CPU plans. Returns the plans name."""
-    from nnunet_synth.trainers.cpu_plans import write_cpu_plans
+    from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
     # nnUNet_n_proc_DA=0 makes nnU-Net 2.8's planner call torch.set_num_threads(0): leave it out here
     dataset_id = dataset.name.split("_")[0][len("Dataset"):]        # this command takes ids only
     run_stock_command(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "2d", "-np", "1",

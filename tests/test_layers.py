@@ -1,0 +1,81 @@
+"""The package's layers point one way, in the order its folders tell (docs/layout.md): dataset -> masks ->
+generator -> sampling -> quality -> writer -> the generate step (image sources) -> evaluation -> trainers ->
+commands. A module may import its own layer and the layers before it, never a later one; the library never
+imports ``trainers`` or ``dataset_tools``. Imports inside functions count too."""
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# installed name of each source folder (pyproject.toml maps dataset_tools/ and trainers/ into the package)
+SOURCE_FOLDERS = {"nnunet_synth": REPO_ROOT / "nnunet_synth", "nnunet_synth.dataset_tools": REPO_ROOT / "dataset_tools",
+                  "nnunet_synth.trainers": REPO_ROOT / "trainers"}
+BASE = ("errors", "atomic", "preview_grid", "trainer_lookup")   # importable from every layer
+LAYERS = [
+    ("dataset",),
+    ("masks",),
+    ("generator",),
+    ("sampling",),
+    ("quality",),
+    ("writer", "provenance"),
+    ("generation", "copy_paste", "inpainting", "volumes", "preflight", "image_sources", "fold_cases"),
+    ("evaluation", "example"),
+    ("trainers",),
+    ("dataset_tools",),
+]
+
+
+def layer_of(module: str):
+    """Layer index of an ``nnunet_synth...`` module name (None for base modules and the package itself)."""
+    parts = module.split(".")
+    if len(parts) < 2 or parts[1] in BASE:
+        return None
+    for index, names in enumerate(LAYERS):
+        if parts[1] in names:
+            return index
+    raise AssertionError(f"{module}: no layer is declared for nnunet_synth.{parts[1]} (add it to LAYERS)")
+
+
+def source_modules():
+    for package, folder in SOURCE_FOLDERS.items():
+        for path in sorted(folder.rglob("*.py")):
+            relative = path.relative_to(folder).with_suffix("")
+            parts = [p for p in relative.parts if p != "__init__"]
+            yield ".".join([package, *parts]), path
+
+
+def imported_modules(path: Path, module: str):
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                yield node.lineno, ".".join(base + ([node.module] if node.module else []))
+            elif node.module:
+                yield node.lineno, node.module
+
+
+def test_every_import_points_to_an_earlier_layer():
+    upward = []
+    for module, path in source_modules():
+        own = layer_of(module)
+        for line, imported in imported_modules(path, module):
+            if not imported.startswith("nnunet_synth.") or own is None:
+                continue
+            target = layer_of(imported)
+            if target is not None and target > own:
+                upward.append(f"{path.relative_to(REPO_ROOT)}:{line} imports {imported} "
+                              f"({LAYERS[own][0]} -> {LAYERS[target][0]})")
+    assert not upward, "imports from a later layer:\n" + "\n".join(upward)
+
+
+@pytest.mark.parametrize("module", ["nnunet_synth.masks.balance", "nnunet_synth.generation",
+                                    "nnunet_synth.dataset_tools.generate"])
+def test_layer_of_knows_the_stages(module):
+    assert layer_of(module) is not None
