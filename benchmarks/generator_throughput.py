@@ -222,7 +222,8 @@ def main(argv=None):
     else:
         peak_tflops = measured_peak_tflops(device, MATMUL_DTYPES[precision])
         peak_source = f"measured: best {MATMUL_DTYPES[precision]} matmul"
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu, {torch.get_num_threads()} threads")
     print(f"device {device} ({device_name}), preset {settings.preset}, {settings.image_size}x{settings.image_size}, "
           f"batch {settings.batch_size}, precision {precision}, compile {args.compile}")
 

@@ -3,10 +3,11 @@
 The real Hounsfield-unit CT of ``../shared/data/real_hu_ct`` (``example_ct_sm.nii.gz``, 30 x 101 x 122 voxels of
 3 mm, with its TotalSegmentator labels remapped to liver, spleen, kidney and stomach) is resampled (linear for
 the image, nearest for the labels) to 300 x 512 x 512 voxels and written as a two-case nnU-Net dataset in a
-temporary folder (the second case is the first mirrored left-right). Then, in a fresh process, ``generate_copy_paste_cases`` makes one whole volume for fold "all"
-from scratch (the store of real slices, body masks, balanced label maps, the paste, the quality score, the write,
-the preview). Printed: the time and the process's peak RSS, and as baselines measured in the same process before
-it, the time of reading the case with nnU-Net's reader and the size of its float32 image.
+temporary folder (the second case is the first mirrored left-right). Then, in a fresh process,
+``generate_copy_paste_cases`` makes one whole volume for fold "all" from scratch (the store of real slices, body masks,
+balanced label maps, the paste, the quality score, the write, the preview). Printed: the time and the process's peak
+RSS, and as baselines measured in the same process before it, the time of reading the case with nnU-Net's reader and the
+size of its float32 image.
 
 Target: peak RSS <= 4 GB.
 
@@ -106,7 +107,8 @@ def main(argv=None) -> dict:
             environment[name] = str(Path(workdir) / name)
         started = time.perf_counter()
         folder = build_dataset(Path(workdir) / "nnUNet_raw", args.shape)
-        print(f"dataset of two {'x'.join(map(str, args.shape))} CT volumes built in {time.perf_counter() - started:.0f} s")
+        print(f"dataset of two {'x'.join(map(str, args.shape))} CT volumes built in "
+              f"{time.perf_counter() - started:.0f} s")
         process = subprocess.run([sys.executable, __file__, "--child", str(folder)], env=environment,
                                  stdout=subprocess.PIPE, text=True, check=True)
         result = json.loads(process.stdout.strip().splitlines()[-1])

@@ -25,7 +25,8 @@ def convert_real_hu_ct(source_folder, output_root, dataset_id=502, dataset_name=
     image_file, label_file = source_folder / image_name, source_folder / label_name
     for path in (image_file, label_file):
         if not path.is_file():
-            raise NnsynthError(f"{path} is missing: pass the real_hu_ct folder that holds {image_name} and {label_name}")
+            raise NnsynthError(f"{path} is missing: pass the real_hu_ct folder that holds {image_name} and "
+                               f"{label_name}")
     image = sitk.ReadImage(str(image_file))
     image_array = sitk.GetArrayFromImage(image)
     totalseg_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(label_file)))

@@ -95,7 +95,8 @@ def generate_step(dataset: RawDataset, generator_steps: int, ratio: float, infer
     from nnunet_synth.generator.training import train_generator
     run_folder = generator_run_folder(dataset.name, "tiny", DEMO_FOLD)
     if not (run_folder / FINAL_FOLDER).is_dir():
-        settings = TrainingSettings(preset="tiny", max_steps=generator_steps, warmup_steps=min(100, generator_steps // 4),
+        settings = TrainingSettings(preset="tiny", max_steps=generator_steps,
+                                    warmup_steps=min(100, generator_steps // 4),
                                     learning_rate=1e-3, checkpoint_every=max(1, generator_steps // 2),
                                     preview_every=generator_steps, preview_inference_steps=inference_steps)
         train_generator(dataset, run_folder, settings, fold=DEMO_FOLD)
@@ -116,7 +117,8 @@ def predict_step(dataset: RawDataset, work_folder: Path, results_root: Path, dev
     dice = predict_and_score(dataset, image_files, dataset.folder / "labelsTr", work_folder / "predictions",
                              DEMO_TRAINER, CPU_PLANS, DEMO_FOLD, device)
     model_folder = results_root / dataset.name / f"{DEMO_TRAINER}__{CPU_PLANS}__2d"
-    print(f"model: {model_folder} (SynthMix settings and counts: {model_folder / f'fold_{DEMO_FOLD}' / 'synthmix.json'})")
+    print(f"model: {model_folder} (SynthMix settings and counts: "
+          f"{model_folder / f'fold_{DEMO_FOLD}' / 'synthmix.json'})")
     print(f"predictions of validation cases {validation_cases}: {work_folder / 'predictions'}; "
           f"Dice per class: { {name: round(value, 3) for name, value in dice.items()} }")
     return dice

@@ -3,8 +3,8 @@
 For each requested nnU-Net fold (default 0; ``--folds 0 1 2 3 4`` for five-fold cross-validation, ``--fold all``
 for a final model trained on every case): trains the generator on that fold's real training cases first if
 there is none (or takes --generator), makes new label maps from those cases that raise every rare pathology
-class (docs/label-maps.md), samples images with DDIM, scores them with the model-free quality gate, writes them atomically
-and saves a preview grid. No case made for fold k depends on a validation case of fold k. Rerunning resumes.
+class (docs/label-maps.md), samples images with DDIM, scores them with the model-free quality gate, writes them
+atomically and saves a preview grid. No case made for fold k depends on a validation case of fold k. Rerunning resumes.
 
 Sharding: `--num-shards N --shard-index i` (one command per machine or GPU, at the same time, on one dataset
 folder) splits the cases; under `accelerate launch` the shards are the processes. The union is byte-identical to

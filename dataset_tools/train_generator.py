@@ -1,7 +1,8 @@
 """Train the mask-conditioned diffusion generator on the real training cases of one nnU-Net fold.
 
-Output: $nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>/ (--mode inpaint: nnsynth_inpaint_<preset>_fold<F>/) (checkpoints/checkpoint_<i>/, previews/,
-final/; final/ loads with diffusers.DiffusionPipeline.from_pretrained(final, trust_remote_code=True)).
+Output: $nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>/
+(--mode inpaint: nnsynth_inpaint_<preset>_fold<F>/) (checkpoints/checkpoint_<i>/, previews/, final/;
+final/ loads with diffusers.DiffusionPipeline.from_pretrained(final, trust_remote_code=True)).
 Rerunning the same command resumes exactly from the newest checkpoint (other settings are refused).
 Multi-GPU: accelerate launch -m nnunet_synth.dataset_tools.train_generator ...
 (or `accelerate launch $(which nnsynth_train_generator) ...`).
@@ -29,11 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fold", type=_fold, default="0", help="nnU-Net fold whose training cases are used, or 'all'")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--mode", choices=GENERATOR_MODES, default="slice", help="slice: whole slices from a label "
-                        "map (Diff-Lung's generator); inpaint: lesions drawn inside real slices, trained on native-resolution "
-                        "crops (--image-size is then the crop size; docs/inpainting.md)")
+                        "map (Diff-Lung's generator); inpaint: lesions drawn inside real slices, trained on "
+                        "native-resolution crops (--image-size is then the crop size; docs/inpainting.md)")
     parser.add_argument("--edit-margin", type=int, default=3, help="--mode inpaint: pixels added around every edit "
                         "region")
-    parser.add_argument("--output", help="run folder (default: $nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>)")
+    parser.add_argument("--output",
+                        help="run folder (default: $nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>)")
     overrides = parser.add_argument_group("overrides of the preset")
     overrides.add_argument("--image-size", type=int)
     overrides.add_argument("--block-out-channels", type=int, nargs="+")
@@ -53,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="delta_c = delta_0 (1 - f_c) as Diff-Lung's eq. 8 (default) or delta_0 f_c as its text")
     training.add_argument("--protected-classes", nargs="*", help="label names never ablated (default: the most "
                           "frequent non-background class if it is >= 80 %% of the foreground, as the label maps' host)")
-    training.add_argument("--region-classes", nargs="+", help="label names forming the region of Diff-Lung §3.2; pixels "
-                          "outside are set to the window minimum (default: no region masking)")
+    training.add_argument("--region-classes", nargs="+", help="label names forming the region of Diff-Lung §3.2; "
+                          "pixels outside are set to the window minimum (default: no region masking)")
     training.add_argument("--window", type=float, nargs=2, metavar=("LOWER", "UPPER"),
                           help="intensity window for every image channel (default: chosen per channel)")
     training.add_argument("--offset-noise", type=float, default=0.1, help="offset-noise scale (0 = off)")

@@ -1,8 +1,8 @@
 """Copy-paste synthetic cases: the balanced label maps with real pixels instead of a generator's.
 
 Each new label map is a real target map with donor regions pasted into it (``masks/balance.py``); its provenance
-records the donor map (a slice or a volume), the region (``bbox``, ``component_index``) and the operations. The image is the
-target's real slice with the donor's real pixels moved exactly as the region was moved (rotation about the
+records the donor map (a slice or a volume), the region (``bbox``, ``component_index``) and the operations. The image is
+the target's real slice with the donor's real pixels moved exactly as the region was moved (rotation about the
 region's box centre, shift, dilation) and pasted where the region landed, blended over a few pixels at the edge
 (a signed-distance feather, scipy.ndimage) so the seam is not a hard step. No generator is trained or loaded: the
 cheap baseline a generator has to beat, and a way to balance a dataset without a GPU.

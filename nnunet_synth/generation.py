@@ -53,7 +53,8 @@ class GenerationSettings:
     seed: int = 0
     num_inference_steps: int = 50
     target_share: float = None          # stop early once every pathology class has this share of the region
-    noise_seeding_strength: float = None  # Paired Diffusion §2.5: start from the target's real slice noised to this strength
+    noise_seeding_strength: float = None  # Paired Diffusion §2.5: start from the target's real slice noised to
+                                          # this strength
     batch_size: int = 16
     balancing: dict = None              # class roles (label names) and MaskGenerationConfig overrides
     sampler: str = None                 # inpainting generators: ddim, dpmsolver++ or unipc (None: the default)

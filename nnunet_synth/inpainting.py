@@ -51,7 +51,8 @@ class InpaintBlocks:
                                    self.settings.num_inference_steps, self.ignore_label, self.settings.batch_size)
         return [MadeCase(result.channel_images, np.asarray(label_map),
                          {"image_source": IMAGE_SOURCE,
-                          "sampler": {"scheduler": self.sampler, "num_inference_steps": self.settings.num_inference_steps,
+                          "sampler": {"scheduler": self.sampler,
+                                      "num_inference_steps": self.settings.num_inference_steps,
                                       "crop_size": self.config.image_size, "edit_margin": self.margin},
                           "inpaint": result.record()})
                 for result, label_map in zip(inpainted, label_maps)]

@@ -2,10 +2,11 @@
 
 A synthetic case carries information about every real case that shaped it: the cases its generator was trained
 on, the case whose label map was the target, every donor case of a pasted region, the cases whose maps placed a
-paste (datasets without a host class), and the case whose slice seeded the noise (Paired Diffusion §2.5; the target slice). The manifest records them in two places so that it stays small for large
-datasets: each case entry lists its own ``source_cases`` (target, donors, noise-seeding reference), and the record
-of the fold it was made for lists the ``generator_training_cases`` once (one generator makes all of a fold's
-cases; the generate step refuses to mix two). ``case_dependencies`` joins them.
+paste (datasets without a host class), and the case whose slice seeded the noise (Paired Diffusion §2.5; the target
+slice). The manifest records them in two places so that it stays small for large datasets: each case entry lists its own
+``source_cases`` (target, donors, noise-seeding reference), and the record of the fold it was made for lists the
+``generator_training_cases`` once (one generator makes all of a fold's cases; the generate step refuses to mix two).
+``case_dependencies`` joins them.
 
 Cross-validation stays honest when a synthetic case is used for a fold only if none of those cases is one of the
 fold's validation cases: ``may_use`` is the one rule every consumer (trainer, export, scoring, evaluation) applies.

@@ -160,7 +160,8 @@ FAST_SAMPLING = ["--inference-steps", "2", "--batch-size", "2", "--device", "cpu
 def real_file_hashes(dataset_folder) -> dict:
     """sha256 of every file of imagesTr/labelsTr and of dataset.json."""
     folder = Path(dataset_folder)
-    files = [folder / "dataset.json", *sorted((folder / "imagesTr").rglob("*")), *sorted((folder / "labelsTr").rglob("*"))]
+    files = [folder / "dataset.json", *sorted((folder / "imagesTr").rglob("*")),
+             *sorted((folder / "labelsTr").rglob("*"))]
     return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in files
             if path.is_file()}
 
@@ -373,7 +374,8 @@ CORRUPTIONS = {
     "truncated image": ("imagesTr/{case}_0000.nii.gz", None, "truncated"),
     "NaN and Inf in a NIfTI image": ("imagesTr/{case}_0000.nii.gz", _with_array(_nan_image), "NaN"),
     "label spacing": ("labelsTr/{case}.nii.gz", _with_geometry(sitk.Image.SetSpacing,
-                                                               lambda im: [s * 1.5 for s in im.GetSpacing()]), "spacing"),
+                                                               lambda im: [s * 1.5 for s in im.GetSpacing()]),
+                      "spacing"),
     "label origin": ("labelsTr/{case}.nii.gz", _with_geometry(sitk.Image.SetOrigin,
                                                              lambda im: [o + 9 for o in im.GetOrigin()]), "origin"),
     "label direction": ("labelsTr/{case}.nii.gz", _with_geometry(

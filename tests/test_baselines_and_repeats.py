@@ -30,8 +30,9 @@ def read(path):
 
 
 def test_copy_paste_cases_hold_the_donors_real_pixels(covid_dataset_folder, nnunet_folders):
-    """nnsynth_generate --image-source copy-paste on a copy of Dataset501: no generator; inside each shift-only paste (away
-    from the blended edge) the image is the donor's pixels moved by the recorded offset; the label is the new map."""
+    """nnsynth_generate --image-source copy-paste on a copy of Dataset501: no generator; inside each shift-only paste
+    (away from the blended edge) the image is the donor's pixels moved by the recorded offset; the label is the new
+    map."""
     import shutil
     folder = nnunet_folders["nnUNet_raw"] / "Dataset993_Covid19CopyPaste"     # the session's Dataset501 stays real
     shutil.copytree(covid_dataset_folder, folder)

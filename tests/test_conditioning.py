@@ -70,4 +70,5 @@ def test_generated_intensities_follow_the_map_and_swapping_maps_swaps_the_images
     for first, second in ((0, 1), (2, 3)):
         for image, own, other in ((swapped[first], ideal[second], ideal[first]),
                                   (swapped[second], ideal[first], ideal[second])):
-            assert np.corrcoef(image[0].ravel(), own.ravel())[0, 1] > np.corrcoef(image.ravel(), other.ravel())[0, 1] + 0.1
+            assert (np.corrcoef(image[0].ravel(), own.ravel())[0, 1]
+                    > np.corrcoef(image.ravel(), other.ravel())[0, 1] + 0.1)

@@ -158,7 +158,8 @@ def test_a_rerun_with_the_same_settings_writes_nothing_and_other_settings_are_re
     refused = subprocess.run(other_seed, capture_output=True, text=True, env=one_thread_environment(), timeout=900)
     assert refused.returncode != 0
     message = refused.stderr.strip().splitlines()
-    assert len(message) == 1 and "seed" in message[0] and "--overwrite" in message[0] and "Traceback" not in refused.stderr
+    assert (len(message) == 1 and "seed" in message[0] and "--overwrite" in message[0]
+            and "Traceback" not in refused.stderr)
     assert synthetic_files(folder) == before
 
 

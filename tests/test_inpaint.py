@@ -178,7 +178,8 @@ def test_inpainted_cases_keep_every_real_pixel_outside_the_edit_and_their_label_
                                                                                                 uninterrupted_run):
     store = generated
     reader = example.reader_writer()
-    margin = json.loads((uninterrupted_run.final_folder / "generator_config.json").read_text())["training"]["edit_margin"]
+    margin = json.loads(
+        (uninterrupted_run.final_folder / "generator_config.json").read_text())["training"]["edit_margin"]
     real = open_native_slices(example, example.case_ids, progress=False)
     case_ids = store.complete_case_ids("0")
     assert len(case_ids) == 4

@@ -18,10 +18,12 @@ def ms_case(patient: str, step: int = 2):
     """A real MS volume as nnU-Net hands it to the loader: (4, z, y, x) z-scored inside the brain, labels (1, ...)."""
     channels = []
     for name in MS_CHANNELS:
-        volume = sitk.GetArrayFromImage(sitk.ReadImage(str(MS_SOURCE / patient / f"{name}.nii.gz")))[::step, ::step, ::step]
+        volume = sitk.GetArrayFromImage(
+            sitk.ReadImage(str(MS_SOURCE / patient / f"{name}.nii.gz")))[::step, ::step, ::step]
         brain = volume > 0
         channels.append(np.where(brain, (volume - volume[brain].mean()) / volume[brain].std(), volume.min()))
-    lesions = sitk.GetArrayFromImage(sitk.ReadImage(str(MS_SOURCE / patient / "lesions.nii.gz")))[::step, ::step, ::step]
+    lesions = sitk.GetArrayFromImage(
+        sitk.ReadImage(str(MS_SOURCE / patient / "lesions.nii.gz")))[::step, ::step, ::step]
     return np.stack(channels).astype(np.float32), lesions[None].astype(np.int16)
 
 
@@ -142,7 +144,8 @@ def test_stock_train_and_predict_with_the_paste_trainer(planned_dataset, synthet
     env = clean_environment(nnunet_folders, nnUNet_n_proc_DA="0", nnsynth_paste_probability="0.5")
     dataset = str(SYNTHMIX_DATASET_ID)
     run_command(["nnUNetv2_train", dataset, "2d", "0", "-tr", trainer, "-p", CPU_PLANS, "-device", "cpu"], env)
-    fold_folder = nnunet_folders["nnUNet_results"] / synthetic_example_dataset.name / f"{trainer}__{CPU_PLANS}__2d" / "fold_0"
+    fold_folder = (nnunet_folders["nnUNet_results"] / synthetic_example_dataset.name / f"{trainer}__{CPU_PLANS}__2d"
+                   / "fold_0")
     report = load_json(fold_folder / "synthmix.json")
     assert report["settings"]["paste_probability"] == 0.5 and report["settings"]["ratio"] == 0.0
     counts = report["lesion_paste"]["counts"]

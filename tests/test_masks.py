@@ -113,7 +113,8 @@ def test_lesion_share_rises_to_target_within_budget(balanced, real_maps):
     # the report's shares are the shares of the region (lung + lesion) over real + new maps
     all_maps = list(label_maps) + [m.label_map for m in new_maps]
     counts, real_counts = pixel_counts(all_maps, 3), pixel_counts(label_maps, 3)
-    assert report["shares_after"] == pytest.approx({"1": counts[1] / counts[1:].sum(), "2": counts[2] / counts[1:].sum()})
+    assert report["shares_after"] == pytest.approx({"1": counts[1] / counts[1:].sum(),
+                                                    "2": counts[2] / counts[1:].sum()})
     assert report["shares_before"]["2"] == pytest.approx(real_counts[2] / real_counts[1:].sum())
     json.dumps(report)
 

@@ -23,7 +23,8 @@ BAD_VALUES = [
     ("nnsynth_cpu_threads", "abc", "not an integer"), ("nnsynth_cpu_threads", "0", "must be at least 1"),
     ("nnsynth_paste_probability", "1.1", "outside [0, 1]"), ("nnsynth_paste_probability", "x", "not a number"),
     ("nnsynth_paste_components", "0", "must be at least 1"), ("nnsynth_paste_components", "two", "not an integer"),
-    ("nnsynth_paste_classes", ",", "no class named"), ("nnsynth_paste_classes", "rarest,lesion", "rarest or pathology cannot be combined with other names"),
+    ("nnsynth_paste_classes", ",", "no class named"),
+    ("nnsynth_paste_classes", "rarest,lesion", "rarest or pathology cannot be combined with other names"),
 ]
 
 
@@ -190,7 +191,8 @@ def test_a_truncated_raw_file_is_named_and_never_trained_on(planned_dataset, syn
     image_file = restore_afterwards(store.image_file(synthetic_case_id(2, 0)))
     image_file.write_bytes(image_file.read_bytes()[:200])
     line = trainer_stops_with(planned_dataset, capsys)
-    assert f"synthetic case {synthetic_case_id(2, 0)} (fold 0) has a truncated or corrupt file {image_file.name}" in line
+    assert (f"synthetic case {synthetic_case_id(2, 0)} (fold 0) has a truncated or corrupt file "
+            f"{image_file.name}") in line
     assert f"nnsynth_generate {synthetic_example_dataset.name} --fold 0 --overwrite" in line
     # nothing of it is left in the pool
     assert not any(path.name.startswith(synthetic_case_id(2, 0))

@@ -325,7 +325,8 @@ def test_trainers_are_found_through_nnunet_ext_trainer(monkeypatch):
     from nnunet_synth.trainers.discovery import TRAINER_MODULES, trainer_classes
     monkeypatch.setenv("nnUNet_extTrainer", str(trainer_directory()))
     classes = trainer_classes()
-    assert {"nnUNetTrainerSynthMix", "nnUNetTrainerSynthMix_r25", TRAINER, "nnUNetTrainerSynthMix_medium"} <= set(classes)
+    assert {"nnUNetTrainerSynthMix", "nnUNetTrainerSynthMix_r25", TRAINER,
+            "nnUNetTrainerSynthMix_medium"} <= set(classes)
     for name, trainer_class in classes.items():
         assert recursive_find_trainer_class_by_name(name) is trainer_class
         assert trainer_class.__module__ in TRAINER_MODULES   # defined in the installed package: picklable under spawn
@@ -416,7 +417,8 @@ def test_stock_commands_train_validate_continue_and_predict(planned_dataset, syn
 
     # nnsynth_score writes quality.segmentation and keeps quality.model_free
     manifest_file = synthetic_example_dataset / "synthetic.json"
-    backup = {path: path.read_bytes() for path in [manifest_file, *(synthetic_example_dataset / "recordsSynth").iterdir()]}
+    backup = {path: path.read_bytes()
+              for path in [manifest_file, *(synthetic_example_dataset / "recordsSynth").iterdir()]}
     try:
         from nnunet_synth.quality.segmentation import calibrate_on_real_validation, score_synthetic_cases
         monkeypatch.setenv("nnUNet_extTrainer", env["nnUNet_extTrainer"])
@@ -433,7 +435,8 @@ def test_stock_commands_train_validate_continue_and_predict(planned_dataset, syn
             assert scores["passed"] == (scores["min_pathology_iou"] > 0.7)
         calibration = calibrate_on_real_validation(store, model_folder, 0, log=lambda m: None)
         lesion = calibration["classes"]["lesion"]
-        assert sorted(calibration["validation_cases"]) == sorted(splits[0]["val"]) and lesion["slices"] == len(lesion["iou"]) > 0
+        assert (sorted(calibration["validation_cases"]) == sorted(splits[0]["val"])
+                and lesion["slices"] == len(lesion["iou"]) > 0)
         assert all(0.0 <= iou <= 1.0 for iou in lesion["iou"])
         assert (model_folder / "nnsynth_calibration_fold0.json").is_file()
         assert cases_after[synthetic_case_id(0, 0)]["quality"]["model_free"]["score"] == stand_in_score(0)

@@ -345,7 +345,8 @@ class LesionPasteTransform(BasicTransform):
                     self.rng, self.config, exclude_case=case)
                 if pastes:
                     data_dict["image"] = torch.from_numpy(np.ascontiguousarray(image))
-                    data_dict["segmentation"] = torch.from_numpy(label_map[None].astype(np.int16)).to(segmentation.dtype)
+                    data_dict["segmentation"] = torch.from_numpy(
+                        label_map[None].astype(np.int16)).to(segmentation.dtype)
                     self.counts["samples_pasted"] += 1
                     self.counts["components"] += len(pastes)
                     for paste in pastes:

@@ -76,7 +76,8 @@ def _min_quality(text: str) -> Optional[float]:
 
 def _quality_key(text: str) -> str:
     if text not in QUALITY_SCORES:
-        raise SettingError("nnsynth_quality_key", text, "unknown quality key", f"use one of {', '.join(QUALITY_SCORES)}")
+        raise SettingError("nnsynth_quality_key", text, "unknown quality key",
+                           f"use one of {', '.join(QUALITY_SCORES)}")
     return text
 
 
@@ -148,7 +149,8 @@ class TrainerSettings:
     paste_probability: float
     paste_components: int
     paste_classes: Tuple[str, ...]
-    sources: Dict[str, str] = field(default_factory=dict)   # setting -> trainer | environment | trainer default | default
+    # setting -> trainer | environment | trainer default | default
+    sources: Dict[str, str] = field(default_factory=dict)
 
     def comparable(self) -> dict:
         """The settings a continued run must repeat (JSON types: lists, not tuples)."""
@@ -193,4 +195,5 @@ def changed_settings(previous: dict, current: TrainerSettings) -> dict:
     """{name: (previous, current)} of the compared settings that differ from ``previous`` (a stored
     ``comparable()``); a setting the previous run did not record (an older version) is not compared."""
     now = current.comparable()
-    return {name: (previous[name], value) for name, value in now.items() if name in previous and previous[name] != value}
+    return {name: (previous[name], value) for name, value in now.items()
+            if name in previous and previous[name] != value}

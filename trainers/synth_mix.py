@@ -176,8 +176,8 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
             else:
                 reason = (f"all {len(available)} depend on fold {self.fold}'s validation cases (they were made "
                           f"for other folds)")
-            raise NnsynthError(f"no synthetic case of {store.manifest_file} may be used for fold {self.fold}: {reason}: "
-                               f"run nnsynth_generate {dataset_name} --fold {self.fold} (or set "
+            raise NnsynthError(f"no synthetic case of {store.manifest_file} may be used for fold {self.fold}: "
+                               f"{reason}: run nnsynth_generate {dataset_name} --fold {self.fold} (or set "
                                f"nnsynth_ratio=0 for a real-only run)")
         report = update_synthetic_pool(raw_folder, self.preprocessed_dataset_folder_base, self.plans_manager.plans,
                                        self.configuration_name, self.dataset_json,

@@ -6,5 +6,6 @@ from nnunet_synth.dataset.slices import LabelledSlice, class_pixel_frequencies, 
 
 __all__ = [
     "RawDataset", "resolve_dataset_folder", "ImageWindows", "IntensityWindow", "choose_intensity_window",
-    "SliceFit", "fit_slice", "restore_slice", "LabelledSlice", "iter_slices", "class_pixel_frequencies", "dataset_intensity_window",
+    "SliceFit", "fit_slice", "restore_slice", "LabelledSlice", "iter_slices", "class_pixel_frequencies",
+    "dataset_intensity_window",
 ]

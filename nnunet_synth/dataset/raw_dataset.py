@@ -219,8 +219,10 @@ class RawDataset:
             image, properties = reader.read_images(files["images"])
             label, label_properties = reader.read_seg(label_file)
         except (RuntimeError, ValueError, OSError, AssertionError) as error:
-            raise NnsynthError(f"cannot read case {case_id} ({image_file}): {str(error).strip() or type(error).__name__}; "
-                               f"store images and labels as 2D or 3D {self.file_ending} files, one per channel") from None
+            raise NnsynthError(f"cannot read case {case_id} ({image_file}): "
+                               f"{str(error).strip() or type(error).__name__}; "
+                               f"store images and labels as 2D or 3D {self.file_ending} files, "
+                               f"one per channel") from None
         if image.ndim != 4 or image.shape[0] != self.num_channels:
             raise NnsynthError(f"{image_file} has shape {image.shape[1:]} with {image.shape[0]} channels where "
                                f"{self.json_file} declares {self.num_channels}: give one 2D or 3D file per channel "

@@ -70,7 +70,8 @@ def dataset_intensity_window(dataset: RawDataset, case_ids=None, override=None, 
     ``choose_intensity_window``. ``override`` (lower, upper) is used for every channel. From ``store`` when given
     (see ``iter_case_volumes``)."""
     if override is not None:
-        return ImageWindows(tuple(choose_intensity_window(np.zeros(1), name, override) for name in dataset.channel_list))
+        return ImageWindows(tuple(choose_intensity_window(np.zeros(1), name, override)
+                                  for name in dataset.channel_list))
     rng = np.random.default_rng(seed)
     case_ids = dataset.case_ids if case_ids is None else list(case_ids)
     per_case = max(1, max_samples // max(1, len(case_ids)))

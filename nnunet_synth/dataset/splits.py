@@ -27,7 +27,8 @@ def real_crossval_split(dataset: RawDataset, preprocessed_root=None):
     if len(dataset.case_ids) < 5:
         raise NnsynthError(f"{dataset.folder} has {len(dataset.case_ids)} cases; a 5-fold split needs at least 5: "
                            f"add cases or use fold 'all'")
-    return generate_crossval_split(dataset.case_ids, seed=NNUNET_SPLIT_SEED, n_splits=5), "nnU-Net's default 5-fold split"
+    return (generate_crossval_split(dataset.case_ids, seed=NNUNET_SPLIT_SEED, n_splits=5),
+            "nnU-Net's default 5-fold split")
 
 
 def fold_training_cases(dataset: RawDataset, fold) -> list:
@@ -40,7 +41,8 @@ def fold_training_cases(dataset: RawDataset, fold) -> list:
         raise NnsynthError(f"fold must be an integer or 'all', got '{fold}'") from None
     splits, source = real_crossval_split(dataset)
     if not 0 <= fold < len(splits):
-        raise NnsynthError(f"fold {fold} does not exist in {source} ({len(splits)} folds): use 0-{len(splits) - 1} or 'all'")
+        raise NnsynthError(f"fold {fold} does not exist in {source} ({len(splits)} folds): "
+                           f"use 0-{len(splits) - 1} or 'all'")
     return sorted(str(case) for case in splits[fold]["train"])
 
 

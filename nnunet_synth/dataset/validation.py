@@ -109,7 +109,8 @@ def check_writable(folder, what: str):
         with tempfile.TemporaryFile(dir=target, prefix=".nnsynth_write_check_"):
             pass
     except OSError as error:
-        raise NnsynthError(f"{target}: cannot write {what} there ({os.strerror(error.errno) if error.errno else error}): "
+        raise NnsynthError(f"{target}: cannot write {what} there "
+                           f"({os.strerror(error.errno) if error.errno else error}): "
                            f"make the folder writable (permissions, a read-write mount) or point the command "
                            f"elsewhere") from None
 

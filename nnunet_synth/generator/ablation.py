@@ -135,8 +135,8 @@ def one_hot_condition(label_maps: torch.Tensor, num_classes: int, dtype=torch.fl
 
 
 def training_noise(shape, offset_noise: float, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise N, plus C ~ offset_noise * N(0, 1) per sample and channel broadcast over pixels (Paired Diffusion §2.4)
-    when ``offset_noise`` > 0."""
+    """Gaussian noise N, plus C ~ offset_noise * N(0, 1) per sample and channel broadcast over pixels
+    (Paired Diffusion §2.4) when ``offset_noise`` > 0."""
     noise = torch.randn(shape, generator=generator)
     if offset_noise > 0:
         noise = noise + offset_noise * torch.randn((shape[0], shape[1], 1, 1), generator=generator)

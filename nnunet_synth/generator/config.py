@@ -95,7 +95,8 @@ class TrainingSettings:
     max_grad_norm: float = 1.0
     ema_max_decay: float = 0.9999       # with EMA warm-up (inv_gamma 1, power 3/4) as in diffusers' examples
     ema_power: float = 0.75
-    offset_noise: float = 0.1           # Paired Diffusion §2.4: noise + offset_noise * N(0,1) per sample and channel; 0 = off
+    offset_noise: float = 0.1           # Paired Diffusion §2.4: noise + offset_noise * N(0,1) per sample and channel;
+                                        # 0 = off
     ablation_mode: str = "cbmat"
     delta_0: float = 0.5                # Diff-Lung gives no value for delta_0; 0.5 matches MAT's probability
     frequency_definition: str = "foreground"  # f_c counted over foreground, all or pathology pixels (ablation.py)
@@ -125,7 +126,8 @@ class TrainingSettings:
         if self.mode not in GENERATOR_MODES:
             raise NnsynthError(f"unknown generator mode '{self.mode}': choose one of {', '.join(GENERATOR_MODES)}")
         if self.ablation_mode not in ABLATION_MODES:
-            raise NnsynthError(f"unknown ablation mode '{self.ablation_mode}': choose one of {', '.join(ABLATION_MODES)}")
+            raise NnsynthError(f"unknown ablation mode '{self.ablation_mode}': "
+                               f"choose one of {', '.join(ABLATION_MODES)}")
         values = dataclasses.asdict(self)
         preset = preset_values(self.mode, self.preset)
         for key, preset_value in preset.items():
@@ -187,7 +189,8 @@ def check_training_numbers(settings: "TrainingSettings"):
         check_number_range(lower, "--window LOWER", None, None)
         check_number_range(upper, "--window UPPER", None, None)
         if not lower < upper:
-            raise NnsynthError(f"--window {lower:g} {upper:g}: LOWER must be below UPPER: give the window as LOWER UPPER")
+            raise NnsynthError(f"--window {lower:g} {upper:g}: LOWER must be below UPPER: "
+                               f"give the window as LOWER UPPER")
 
 
 def unet_input_channels(mode: str, num_channels: int, num_classes: int) -> int:

@@ -9,7 +9,8 @@ from nnunet_synth.generator.pipeline import NnsynthPipeline
 
 
 def _as_config(generator_config) -> GeneratorConfig:
-    return generator_config if isinstance(generator_config, GeneratorConfig) else GeneratorConfig.from_dict(generator_config)
+    return (generator_config if isinstance(generator_config, GeneratorConfig)
+            else GeneratorConfig.from_dict(generator_config))
 
 
 def generator_pipeline(unet, generator_config, device="cpu") -> NnsynthPipeline:
@@ -28,5 +29,5 @@ def sample_images(unet, generator_config, label_maps, seeds, num_inference_steps
     """
     config = _as_config(generator_config)
     pipeline = generator_pipeline(unet, config, device)
-    return pipeline(mark_unannotated(label_maps, config.ignore_label), seeds, num_inference_steps=num_inference_steps, batch_size=batch_size,
-                    reference_images=reference_images, strength=strength, progress=progress)
+    return pipeline(mark_unannotated(label_maps, config.ignore_label), seeds, num_inference_steps=num_inference_steps,
+                    batch_size=batch_size, reference_images=reference_images, strength=strength, progress=progress)

@@ -2,8 +2,8 @@
 region drawn the way generation will edit it.
 
 A crop is centred (with jitter) on a pathology component with probability ``p_lesion_crop``, else on a random
-host pixel of the slice (where generation pastes lesions). Its edit region is, like the balancer's edits (masks/balance.py) plus the margin generation
-adds around every change:
+host pixel of the slice (where generation pastes lesions). Its edit region is, like the balancer's edits
+(masks/balance.py) plus the margin generation adds around every change:
 
 - with ``p_lesion_edit``: a pathology component of the crop (the lesion is drawn from its label);
 - with ``p_moved_edit``: a pathology component rotated, dilated and moved onto host tissue (what the balancer
@@ -149,8 +149,9 @@ class CropSampler:
         """The edit region on the whole slice (before cropping)."""
         crop_box = np.zeros(label_map.shape, dtype=bool)
         crop_box[max(origin[0], 0):origin[0] + self.crop_size, max(origin[1], 0):origin[1] + self.crop_size] = True
-        in_crop = [c for c in self.components_of(label_map) if crop_box[c.region.origin[0] + c.region.mask.shape[0] // 2,
-                                                                         c.region.origin[1] + c.region.mask.shape[1] // 2]]
+        in_crop = [c for c in self.components_of(label_map)
+                   if crop_box[c.region.origin[0] + c.region.mask.shape[0] // 2,
+                               c.region.origin[1] + c.region.mask.shape[1] // 2]]
         kind = rng.random()
         if in_crop and kind < self.p_lesion_edit + self.p_moved_edit:
             chosen = in_crop[rng.integers(len(in_crop))]

@@ -74,8 +74,8 @@ class NnsynthPipeline(DiffusionPipeline):
 
         ``label_maps`` (N, S, S) int at the model size S; ``seeds`` one int per case (same seed, same device: same
         image whatever the batch). The one-hot label map is concatenated at every step and never ablated. With
-        ``reference_images`` (N, channels, S, S) in model space, sampling starts from the reference noised to ``strength``
-        (default 0.8) of the schedule, skipping the first (1 - strength) of the timesteps as img2img does.
+        ``reference_images`` (N, channels, S, S) in model space, sampling starts from the reference noised to
+        ``strength`` (default 0.8) of the schedule, skipping the first (1 - strength) of the timesteps as img2img does.
         """
         label_maps = np.asarray(label_maps)
         seeds = [int(seed) for seed in seeds]

@@ -4,8 +4,8 @@ from, so that memory does not grow with the number of slices.
 A cache is a folder ``<root>/<key>/`` (``<root>`` = ``$nnUNet_preprocessed/<Dataset>/nnsynth_slice_cache`` or the
 run folder's ``slice_cache``) holding ``images.bin`` (N, C, S, S) float16 in model space [-1, 1] (C image
 channels), ``label_maps.bin`` (N, S, S) uint8/uint16 conditioning maps (nnU-Net's ignore label already set to
-background, ``mark_unannotated``) and ``cache.json`` (shape, dtypes, what the key covers). The key is a hash of the dataset's
-files (names, sizes, modification times), the cases, the window, the model size and the region classes: any
+background, ``mark_unannotated``) and ``cache.json`` (shape, dtypes, what the key covers). The key is a hash of the
+dataset's files (names, sizes, modification times), the cases, the window, the model size and the region classes: any
 change makes a new cache. It is written under a temporary name and renamed when complete. Rows are read with
 ``os.pread`` (no memory map), so a process holds only the batches it asks for.
 """
@@ -133,7 +133,8 @@ def build_slice_cache(dataset: RawDataset, key: dict, window: ImageWindows, fold
     if count == 0:
         shutil.rmtree(temp, ignore_errors=True)
         raise NnsynthError(f"{dataset.name}: the cases {list(key['cases'])[:5]} hold no slices")
-    write_json_atomic({**key, "num_slices": count, "num_channels": window.num_channels, "image_dtype": np.dtype(IMAGE_DTYPE).name,
-                       "label_dtype": np.dtype(label_dtype).name}, temp / META_NAME)
+    write_json_atomic({**key, "num_slices": count, "num_channels": window.num_channels,
+                       "image_dtype": np.dtype(IMAGE_DTYPE).name, "label_dtype": np.dtype(label_dtype).name},
+                      temp / META_NAME)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(temp, folder)

@@ -312,7 +312,8 @@ def prepare_generator_config(dataset: RawDataset, settings: TrainingSettings, ca
                 "probability_reading": settings.probability_reading,
                 "frequencies": {name: float(f) for name, f in zip(dataset.class_names, cbmat_frequencies)},
                 "delta_c": {name: float(p) for name, p in zip(dataset.class_names, schedule.initial_probabilities)},
-                "protected_classes": [dataset.class_names[v] for v in protected_values] if schedule.mode == "cbmat" else [],
+                "protected_classes": [dataset.class_names[v] for v in protected_values]
+                                     if schedule.mode == "cbmat" else [],
                 "annealing": "delta_c(t) = delta_c * (1 + cos(pi t / T)) / 2, t = step, T = max_steps"
                              if schedule.annealed else "none"}
     return GeneratorConfig(
@@ -388,8 +389,8 @@ def save_checkpoint(state: TrainingState, config: GeneratorConfig, step: int):
     try:
         accelerator.save_state()
     except (OSError, RuntimeError, SafetensorError) as error:     # e.g. a full disk (torch / safetensors writers)
-        raise storage_error(Path(accelerator.project_dir) / CHECKPOINTS_FOLDER, _with_errno(error, accelerator.project_dir),
-                            "write a checkpoint") from None
+        raise storage_error(Path(accelerator.project_dir) / CHECKPOINTS_FOLDER,
+                            _with_errno(error, accelerator.project_dir), "write a checkpoint") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint_folder = checkpoint_folders(accelerator.project_dir)[-1]

@@ -19,8 +19,9 @@ from nnunet_synth.masks.placement import body_mask, class_occurrence_prior, prio
 from nnunet_synth.masks.regions import DonorRegion, Region, dilate_region, find_regions, rotate_region, shift_region
 
 __all__ = [
-    "generate_label_maps", "MaskGenerationConfig", "NewLabelMap", "NewLabelMapsOnDisk", "SHARE_DEFINITION", "HOST_MIN_FOREGROUND_SHARE",
-    "default_class_roles", "resolve_class_roles", "region_shares", "check_goals_raised", "pixel_counts", "transform_region",
+    "generate_label_maps", "MaskGenerationConfig", "NewLabelMap", "NewLabelMapsOnDisk", "SHARE_DEFINITION",
+    "HOST_MIN_FOREGROUND_SHARE", "default_class_roles", "resolve_class_roles", "region_shares", "check_goals_raised",
+    "pixel_counts", "transform_region",
     "load_label_maps", "host_mask", "paste_region", "region_footprint", "body_mask", "class_occurrence_prior",
     "prior_on_map", "DonorRegion", "Region", "find_regions", "rotate_region", "shift_region", "dilate_region",
 ]

@@ -67,7 +67,8 @@ from nnunet_synth.masks.regions import Region, dilate_region, find_regions, rota
 
 SHARE_DEFINITION = ("pixel share of each class inside the region of interest (host + pathology classes; without a "
                     "host class, the body plus the pathology pixels) over the real label maps plus the new maps")
-HOST_MIN_FOREGROUND_SHARE = 0.8   # the most frequent class is a host by default only if it is this much of the foreground
+HOST_MIN_FOREGROUND_SHARE = 0.8   # the most frequent class is a host by default only if it is this much of the
+                                  # foreground
 TARGET_WEIGHTING = "free fraction of the target's region (host tissue or background body), maps with room only"
 
 
@@ -102,8 +103,8 @@ class MaskGenerationConfig:
                      "max_target_share", "common_share", "prior_min_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise NnsynthError(f"mask generation: {name}={getattr(self, name)} must lie in [0, 1]")
-        for name in ("max_dilation_iterations", "min_donor_area", "prior_min_maps", "min_pasted_pixels", "max_pastes_per_map",
-                     "max_pastes_per_volume", "max_attempts_per_map", "max_discarded_maps"):
+        for name in ("max_dilation_iterations", "min_donor_area", "prior_min_maps", "min_pasted_pixels",
+                     "max_pastes_per_map", "max_pastes_per_volume", "max_attempts_per_map", "max_discarded_maps"):
             if getattr(self, name) < 1:
                 raise NnsynthError(f"mask generation: {name}={getattr(self, name)} must be at least 1")
         if not self.target_factor > 1.0:
@@ -261,7 +262,8 @@ class Goals:
         """Classes that may be pasted now, most urgent first: below their real share (a common class diluted by
         the new maps), then below their goal, furthest first; none that covers max(cap, goal) of this map."""
         may = [c for c in self.goal if map_shares[c] < max(cap, self.goal[c])]
-        below_floor = sorted((c for c in may if running[c] < self.real[c]), key=lambda c: (running[c] / self.real[c], c))
+        below_floor = sorted((c for c in may if running[c] < self.real[c]),
+                             key=lambda c: (running[c] / self.real[c], c))
         below_goal = sorted((c for c in may if c not in below_floor and running[c] < self.goal[c]),
                             key=lambda c: (running[c] / self.goal[c], c))
         return below_floor + below_goal
