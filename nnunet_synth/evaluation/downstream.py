@@ -1,4 +1,5 @@
-"""Downstream evaluation (method.md §5, Diff-Lung Table 2) on nnU-Net: real-only, the cheap baselines and generator arms.
+"""Downstream evaluation (method.md §5, Diff-Lung Table 2) on nnU-Net: real-only, the cheap baselines and
+generator arms.
 
 Arms (``--arms``; every arm of a setting gets the same plans, split, budget and test set):
 
@@ -49,7 +50,8 @@ BUDGET_TRAINERS = {"smoke": "nnUNetTrainerSynthMix_smoke",   # 10 iterations: do
                    "medium": "nnUNetTrainerSynthMix_medium", # 500 iterations, no final validation
                    "demo": "nnUNetTrainerSynthMix_demo",     # 500 iterations
                    "full": "nnUNetTrainerSynthMix"}          # nnU-Net's 1000 epochs
-PASTE_BUDGET_TRAINERS = {budget: trainer.replace("SynthMix", "LesionPaste") for budget, trainer in BUDGET_TRAINERS.items()}
+PASTE_BUDGET_TRAINERS = {budget: trainer.replace("SynthMix", "LesionPaste")
+                         for budget, trainer in BUDGET_TRAINERS.items()}
 REAL_ONLY, OVERSAMPLE, COPY_PASTE = "real_only", "oversample", "copy_paste"
 COPY_PASTE_ONLINE = "copy_paste_online"
 REAL_ARMS = (REAL_ONLY, OVERSAMPLE, COPY_PASTE_ONLINE)     # no synthetic cases
@@ -246,7 +248,8 @@ def run_repeat(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, 
            "ratio": round(arm.ratio, 4), "rare_oversampling": round(arm.rare_oversampling(settings.amounts), 4),
            "paste_probability": round(arm.paste_probability(settings.amounts), 4),
            "repeat": repeat, "seed": seed, "dataset": arm_dataset.name, "fold": settings.fold,
-           "trainer": trainer, "plans": plans, "tta": settings.tta, "evaluated_on": description, "mean": means, "cases": cases}
+           "trainer": trainer, "plans": plans, "tta": settings.tta, "evaluated_on": description, "mean": means,
+           "cases": cases}
     write_json_atomic(run, run_folder / DICE_FILE)
     return run
 
@@ -377,7 +380,8 @@ def plot_downstream(runs, summary, path):
     for axis, (setting, class_name) in zip(axes[0], panels):
         rows = [row for row in summary if row["setting"] == setting and row["class"] == class_name]
         for x, row in enumerate(rows):
-            values = [run["mean"][class_name] for run in runs if run["setting"] == setting and run["label"] == row["label"]]
+            values = [run["mean"][class_name] for run in runs
+                      if run["setting"] == setting and run["label"] == row["label"]]
             axis.scatter(x + np.linspace(-0.12, 0.12, len(values)), values, s=12, color="grey", zorder=2)
             axis.errorbar(x, row["mean"], yerr=[[row["mean"] - row["ci_low"]], [row["ci_high"] - row["mean"]]],
                           fmt="o", color="C0", capsize=4, zorder=3)

@@ -162,7 +162,8 @@ def evaluate_lesion_fidelity(dataset: RawDataset, inpaint_generator, settings: L
             previews.setdefault(f"{source} {sampler or ''} {steps or ''}".strip(), filled)
         rows.append({"source": source, "sampler": sampler, "steps": steps,
                      **{key: float(np.mean([m[key] for m in metrics])) for key in ("psnr", "ssim", "w1")},
-                     "seconds_per_slice": (time.perf_counter() - started) / (len(settings.seeds) * len(lesions.images))})
+                     "seconds_per_slice": ((time.perf_counter() - started)
+                                           / (len(settings.seeds) * len(lesions.images)))})
 
     for sampler, steps in tqdm(settings.samplers, desc="inpainting samplers", unit="sampler"):
         pipeline = inpaint_pipeline(unet, config, sampler, device)

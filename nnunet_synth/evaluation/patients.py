@@ -25,7 +25,8 @@ class PatientSplit:
         return {"test": list(self.test), "validation": list(self.validation), "training": list(self.training)}
 
 
-def split_patients(case_ids, test_patients: int, real_cases: int = None, seed: int = 0, source="dataset") -> PatientSplit:
+def split_patients(case_ids, test_patients: int, real_cases: int = None, seed: int = 0,
+                   source="dataset") -> PatientSplit:
     """Test, validation and training patients (see the module docstring); ``real_cases=None`` trains on all the
     rest."""
     case_ids = sorted(str(c) for c in case_ids)

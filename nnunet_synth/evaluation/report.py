@@ -74,7 +74,8 @@ def downstream_section(folder: Path, raw_root: Path = None) -> str:
     text += ["", "Every run:", "", _markdown_table(header, table), "", f"![downstream]({DOWNSTREAM_PNG})"]
     # each synthetic arm's own preview grid (it lives in the arm's copy of the raw dataset)
     for row in {row["dataset"]: row for row in rows}.values():
-        arm_preview = Path(raw_root) / row["dataset"] / preview_name(row.get("fold", 0)) if raw_root is not None else None
+        arm_preview = (Path(raw_root) / row["dataset"] / preview_name(row.get("fold", 0))
+                       if raw_root is not None else None)
         if arm_preview is not None and arm_preview.is_file():
             name = f"synthetic_preview_{row['setting']}_{row['label']}.png".replace("synthetic_preview_all_",
                                                                                     "synthetic_preview_")
