@@ -117,7 +117,7 @@ preprocess() {  # plans and preprocessed data (once)
   # nnU-Net 2.8.1's planner needs nnUNet_n_proc_DA > 0
   step plan_and_preprocess env nnUNet_n_proc_DA=2 nnUNetv2_plan_and_preprocess -d 501 -c 2d -np "$([ "$rehearsal" = 1 ] && echo 1 || echo 8)"
   if [ "$rehearsal" = 1 ]; then
-    "$python" -c "from nnunet_synth.trainers.cpu_plans import write_cpu_plans; write_cpu_plans('$nnUNet_preprocessed/$dataset')"
+    "$python" -c "from nnunet_synth.evaluation.cpu_plans import write_cpu_plans; write_cpu_plans('$nnUNet_preprocessed/$dataset')"
   fi
 }
 
