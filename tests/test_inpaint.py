@@ -50,17 +50,13 @@ def one_torch_thread():
 
 
 def convert_example(nnunet_folders, dataset_id, name):
-    from nnunet_synth.dataset_tools.convert_covid19_ct_slices import (
-        convert_covid19_ct_slices,
-    )
-    from nnunet_synth.example import example_source_folder
-    return RawDataset(convert_covid19_ct_slices(example_source_folder(), nnunet_folders["nnUNet_raw"], dataset_id,
-                                                name))
+    from conftest import convert_example_subset
+    return RawDataset(convert_example_subset(nnunet_folders["nnUNet_raw"], dataset_id, name))
 
 
 @pytest.fixture(scope="module")
 def example(nnunet_folders):
-    return convert_example(nnunet_folders, 984, "InpaintExample")
+    return convert_example(nnunet_folders, 972, "InpaintExample")
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +215,7 @@ def test_inpaint_generation_resumes_without_duplicates_and_shards_give_the_same_
     generated.label_file(removed).unlink()
     run_generate(example, uninterrupted_run.final_folder)
     assert "1 written now, 3 already there" in capsys.readouterr().out and checksums(SyntheticStore(example)) == before
-    sharded = convert_example(nnunet_folders, 985, "InpaintShards")
+    sharded = convert_example(nnunet_folders, 973, "InpaintShards")
     for shard in ("1", "0"):
         run_generate(sharded, uninterrupted_run.final_folder, "--num-shards", "2", "--shard-index", shard)
     assert checksums(SyntheticStore(sharded)) == before
