@@ -86,7 +86,12 @@ def write_inpaint_preview(dataset: RawDataset, store: SyntheticStore, fold, real
         label_map = reader.read_seg(str(store.label_file(case_id)))[0][0, 0].astype(int)
         allowed = None if placement is None else functools.partial(_placement_mask, placement,
                                                                     target_index=real.row(*target))
-        pasted, _, _ = replay_pastes(real_image, real_map, entry["source"], real.slice, fold_maps.host, allowed)
+        replayed = replay_pastes(real_image, real_map, entry["source"], real.slice, fold_maps.host, allowed)
+        pasted = np.asarray(real_image, dtype=np.float64).copy()
+        if replayed.edit_box is not None:
+            half = len(replayed.edit_box) // 2
+            box = tuple(slice(a, b) for a, b in zip(replayed.edit_box[:half], replayed.edit_box[half:]))
+            pasted[(slice(None), *box)] = replayed.edited
         pasted = window.to_model(pasted)
         edit = label_map != real_map
         row, col = _zoom_origin(edit, ZOOM_SIZE)

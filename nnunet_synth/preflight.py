@@ -159,6 +159,11 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
         if request.generator_mode is not None and not generators[fold][1]:
             folder = resolve_generator_folder(generators[fold][0])
             config = read_generator_config(folder)
+            if config.mode != request.generator_mode:
+                other = "inpaint" if config.mode == "inpaint" else "generator"
+                raise NnsynthError(f"{folder} holds a {config.mode} generator, --image-source {request.image_source} "
+                                   f"needs a {request.generator_mode} one: use --image-source {other} with it, or "
+                                   f"leave out --generator to train one")
             check_generator_for_fold(dataset, config, folder, str(fold))
             training_cases = list(config.training_cases)
         check_fold_classes(dataset, plan.scan, fold, training_cases)

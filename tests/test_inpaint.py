@@ -189,7 +189,7 @@ def test_inpainted_cases_keep_every_real_pixel_outside_the_edit_and_their_label_
         raw_label = raw_label[target["slice_index"]]
         # the label is the new map at native size: the target's map with the recorded pastes replayed
         real_image, _ = real.slice(target["case_id"], target["slice_index"])
-        replayed = replay_pastes(real_image, raw_label, entry["source"], real.slice, [1])[1]
+        replayed = replay_pastes(real_image, raw_label, entry["source"], real.slice, [1]).label_map
         assert label.shape == raw_label.shape and np.array_equal(label, replayed)
         edit = map_edit_region(raw_label, label, margin)
         assert entry["inpaint"]["edit_pixels"] == int(edit.sum()) > 0
