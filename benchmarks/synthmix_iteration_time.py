@@ -55,7 +55,7 @@ def build_example_workspace(workdir: Path, covid_source: Path) -> str:
                              GenerationSettings(num_cases=13, num_inference_steps=4))
     env = {key: value for key, value in os.environ.items() if key != "nnUNet_n_proc_DA"}  # 2.8.1 planner needs it >0
     subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", str(EXAMPLE_ID),
-                    "-c", "2d", "-np", "1"], env=env, check=True, capture_output=True)
+                    "-c", "2d", "-np", "1", "-npfp", "1"], env=env, check=True, capture_output=True)
     write_cpu_plans(workdir / "nnUNet_preprocessed" / folder.name, "2d", "nnUNetPlans", "nnUNetPlans_cpu")
     return "nnUNetPlans_cpu"
 

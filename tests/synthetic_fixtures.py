@@ -119,7 +119,7 @@ def planned_dataset(synthetic_example_dataset, nnunet_folders):
     its data. Returns its nnUNet_preprocessed folder."""
     from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
     # nnUNet_n_proc_DA=0 makes 2.8.1's planner call torch.set_num_threads(0): leave it unset for planning
-    run_command(["nnUNetv2_plan_and_preprocess", "-d", str(SYNTHMIX_DATASET_ID), "-c", "2d", "-np", "1",
+    run_command(["nnUNetv2_plan_and_preprocess", "-d", str(SYNTHMIX_DATASET_ID), "-c", "2d", "-np", "1", "-npfp", "1",
                  "--verify_dataset_integrity"], clean_environment(nnunet_folders))
     preprocessed = nnunet_folders["nnUNet_preprocessed"] / synthetic_example_dataset.name
     write_cpu_plans(preprocessed, "2d", PLANS, CPU_PLANS)

@@ -69,7 +69,8 @@ def generate(dataset, nnunet_folders):
     env = environment(nnunet_folders)
     result = run(["nnsynth_generate", dataset_id, "--fold", "0", "--preset", "tiny", "-n", str(NUM_CASES),
                   "--inference-steps", "2", "--device", "cpu"], env)
-    run(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "2d", "-np", "1", "--verify_dataset_integrity"],
+    run(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "2d", "-np", "1", "-npfp", "1",
+         "--verify_dataset_integrity"],
         env)
     return SyntheticStore(dataset), result
 

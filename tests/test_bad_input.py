@@ -532,7 +532,7 @@ def wait_for_claim(process: subprocess.Popen, dataset_folder: Path, timeout=600)
 
 def test_a_full_disk_while_writing_cases_is_one_line_and_the_rerun_completes(real_hu_dataset_folder, tiny_generator,
                                                                             tmp_path):
-    with mounted("tmpfs", tmp_path / "small_raw", size="1m") as raw:
+    with mounted("tmpfs", tmp_path / "small_raw", size="4m") as raw:
         folder = copy_dataset(real_hu_dataset_folder, raw, 785, "FullDisk")
         real_before = real_file_hashes(folder)
         command = ["nnsynth_generate", folder, "--generator", tiny_generator / "final", "-n", "6", "--seed", "3",

@@ -59,7 +59,7 @@ def five_fold_dataset(nnunet_folders):
     generated = run(["nnsynth_generate", str(DATASET_ID), "--folds", "0", "1", "2", "3", "4", "--preset", "tiny",
                      "-n", str(CASES_PER_FOLD), "--inference-steps", "2", "--device", "cpu"], env)
     assert all(f"fold {fold}: {CASES_PER_FOLD} synthetic cases" in generated.stdout for fold in range(5))
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1",
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1", "-npfp", "1",
          "--verify_dataset_integrity"], env)
     write_cpu_plans(nnunet_folders["nnUNet_preprocessed"] / dataset.name, "2d", "nnUNetPlans", CPU_PLANS)
     return dataset

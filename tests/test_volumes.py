@@ -146,8 +146,9 @@ def test_the_standalone_export_of_the_volumes_passes_nnunets_integrity_check(ms_
     export = next(nnunet_folders["nnUNet_raw"].glob(f"Dataset{MS_EXPORT_ID}_*"))
     assert len(list((export / "imagesTr").glob("synth_*"))) == 4
     # fingerprint, integrity check and 3d_fullres plans (preprocessing itself is nnU-Net's, and slow on 2 cores)
-    result = run(["nnUNetv2_plan_and_preprocess", "-d", MS_EXPORT_ID, "-c", "3d_fullres", "-np", "1", "--no_pp",
-                  "--verify_dataset_integrity"], nnUNet_n_proc_DA="1")     # planning sets torch threads from it
+    # (planning sets torch threads from nnUNet_n_proc_DA)
+    result = run(["nnUNetv2_plan_and_preprocess", "-d", MS_EXPORT_ID, "-c", "3d_fullres", "-np", "1", "-npfp", "1",
+                  "--no_pp", "--verify_dataset_integrity"], nnUNet_n_proc_DA="1")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     plans = json.loads((nnunet_folders["nnUNet_preprocessed"] / export.name / "nnUNetPlans.json").read_text())
     assert "3d_fullres" in plans["configurations"]

@@ -115,7 +115,7 @@ fi
 preprocess() {  # plans and preprocessed data (once)
   [ -f "$nnUNet_preprocessed/$dataset/$plans.json" ] && return 0
   # nnU-Net 2.8.1's planner needs nnUNet_n_proc_DA > 0
-  step plan_and_preprocess env nnUNet_n_proc_DA=2 nnUNetv2_plan_and_preprocess -d 501 -c 2d -np "$([ "$rehearsal" = 1 ] && echo 1 || echo 8)"
+  step plan_and_preprocess env nnUNet_n_proc_DA=2 nnUNetv2_plan_and_preprocess -d 501 -c 2d -np "$([ "$rehearsal" = 1 ] && echo 1 || echo 8)" -npfp "$([ "$rehearsal" = 1 ] && echo 1 || echo 8)"
   if [ "$rehearsal" = 1 ]; then
     "$python" -c "from nnunet_synth.evaluation.cpu_plans import write_cpu_plans; write_cpu_plans('$nnUNet_preprocessed/$dataset')"
   fi

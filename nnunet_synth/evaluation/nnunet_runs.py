@@ -35,7 +35,7 @@ def plan_and_preprocess(dataset: RawDataset, preprocessed_root, cpu_plans: bool)
     from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
     # nnUNet_n_proc_DA=0 makes nnU-Net 2.8's planner call torch.set_num_threads(0): leave it out here
     dataset_id = dataset.name.split("_")[0][len("Dataset"):]        # this command takes ids only
-    run_stock_command(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "2d", "-np", "1",
+    run_stock_command(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "2d", "-np", "1", "-npfp", "1",
                        "--verify_dataset_integrity"], unset=["nnUNet_n_proc_DA"])
     if not cpu_plans:
         return "nnUNetPlans"
