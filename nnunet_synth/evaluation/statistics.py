@@ -266,4 +266,6 @@ def markdown_pass_rates(records: list) -> str:
         share = f"{rate['passed'] / rate['scored']:.1%}" if rate["scored"] else ""
         lines.append(f"| {record['setting']} | {record['label']} | {rate['cases']} | {rate['scored']} | "
                      f"{rate['passed']} | {share} |")
+    if not records:
+        lines.append("| no synthetic arm ran | | | | | |")
     return "\n".join(lines)
