@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
+from scipy import ndimage
 
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError
@@ -269,3 +271,35 @@ def test_the_pass_rate_is_read_from_the_arms_store(example, tmp_path):
     write_pass_rate(Arm("copy_paste", None, 0.5), copy, DownstreamSettings(generators={}), "real3", tmp_path)
     record = json.loads((tmp_path / "model_free_gate.json").read_text())
     assert record["label"] == "copy_paste_x0.5" and record["model_free"]["passed"] == sum(verdicts)
+
+
+def test_the_inpaint_arms_cases_are_made_as_the_inpaint_source_makes_them(example, slice_and_inpaint_generators):
+    """A copy of the example (the arm's dataset): amount x the generator's training slices, UniPC at
+    --inpaint-inference-steps, the sampler in the fold's recipe, every real pixel outside the edit kept."""
+    import shutil
+
+    from nnunet_synth.dataset.native_slices import open_native_slices
+    from nnunet_synth.evaluation.downstream import Arm, DownstreamSettings, make_synthetic_cases, model_free_pass_rate
+    from nnunet_synth.generator.checkpoints import read_generator_config
+    _, inpaint_generator = slice_and_inpaint_generators
+    folder = example.folder.parent / "Dataset967_ArmExampleInpaint"
+    shutil.copytree(example.folder, folder)
+    arm_dataset = RawDataset(folder)
+    settings = DownstreamSettings(generators={}, inpaint_inference_steps=2, inference_steps=50)
+    summary = make_synthetic_cases(Arm("inpaint", inpaint_generator, 0.1), arm_dataset, settings, inpaint_generator)
+    training = read_generator_config(inpaint_generator / "final").training_cases
+    expected = max(1, round(0.1 * len(open_native_slices(arm_dataset, training, progress=False))))
+    assert summary["total"] == expected
+    manifest = json.loads((folder / "synthetic.json").read_text())
+    assert manifest["folds"]["0"]["settings"]["sampler"] == "unipc"
+    assert manifest["folds"]["0"]["settings"]["num_inference_steps"] == 2
+    for entry in manifest["cases"].values():
+        assert entry["image_source"] == "inpaint" and entry["sampler"]["num_inference_steps"] == 2
+        target = entry["source"]["target"]
+        real = sitk.GetArrayFromImage(sitk.ReadImage(str(arm_dataset.cases[target["case_id"]]["images"][0])))
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / entry["image"])))[0]
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / entry["label"])))[0]
+        real_label = sitk.GetArrayFromImage(sitk.ReadImage(str(arm_dataset.cases[target["case_id"]]["label"])))
+        outside = ~ndimage.binary_dilation(label != real_label[target["slice_index"]], iterations=3)
+        assert np.array_equal(image[outside], real[target["slice_index"]][outside])
+    assert model_free_pass_rate(arm_dataset, 0)["cases"] == expected
