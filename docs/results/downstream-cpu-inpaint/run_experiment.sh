@@ -3,10 +3,11 @@
 # REPEATS seeds (default 5) x REAL_CASES training patients (default "4 8"), on the 4 test patients of
 # downstream-cpu-k4-k8 (same --test-patients and split seed), 500 training iterations (budget medium).
 # Resumable: rerun it and finished arms, repeats, generator checkpoints and synthetic cases are reused.
-# Two settings side by side (one process each), then one run of both that writes the joint summary:
+# Two settings side by side (one process each; convert Dataset501 first so that they do not both convert it), then
+# one run of both, which finds every run finished and writes the joint summary, differences and patients.json:
 #   REAL_CASES=4 FIRST_ID=760 run_experiment.sh & REAL_CASES=8 FIRST_ID=764 run_experiment.sh & wait
 #   run_experiment.sh
-# (setting i of one command takes ids FIRST_ID + 4 i, so the joint run finds the same dataset copies).
+# (setting i of one command takes dataset ids FIRST_ID + 4 i, so the joint run finds the same dataset copies).
 set -e
 cd "$(dirname "$0")/../../.."   # the repository root; outputs go to exp/ (ignored by git)
 export nnUNet_raw=$PWD/exp/raw nnUNet_preprocessed=$PWD/exp/pre nnUNet_results=$PWD/exp/res
