@@ -6,6 +6,8 @@
   nnsynth_evaluate downstream D --generator mat=RUN_FOLDER --generator cbmat=RUN_FOLDER [--amounts 0.5 1 2 3]
   nnsynth_evaluate downstream D --arms real_only oversample copy_paste mat cbmat --repeats 3 --test-patients 4 \
       --real-cases 4 8 --generator-preset tiny --generator-steps 400
+  nnsynth_evaluate downstream D --arms real_only copy_paste cbmat inpaint --test-patients 4 --real-cases 4 8 \
+      --compare inpaint:copy_paste cbmat:copy_paste
   nnsynth_evaluate report D
 """
 import argparse
@@ -18,6 +20,7 @@ from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
 from nnunet_synth.evaluation.downstream import BUDGET_TRAINERS
 from nnunet_synth.evaluation.report import DOWNSTREAM_CSV, FIDELITY_JSON, FIDELITY_PREVIEW, record_command, write_report
+from nnunet_synth.generator.inpaint_training import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER
 from nnunet_synth.preflight import check_evaluation_request
 
 EVALUATION_FOLDER = "nnsynth_evaluation"
@@ -31,6 +34,13 @@ def named_generator(value: str):
     if not separator or not name or not folder:
         raise argparse.ArgumentTypeError(f"expected NAME=FOLDER (e.g. cbmat=/path/to/run), got '{value}'")
     return name, folder
+
+
+def arm_pair(value: str):
+    arm, separator, other = value.partition(":")
+    if not separator or not arm or not other or arm == other:
+        raise argparse.ArgumentTypeError(f"expected ARM:OTHER_ARM (e.g. inpaint:copy_paste), got '{value}'")
+    return arm, other
 
 
 def sampler_steps(value: str):
@@ -84,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     downstream.add_argument("--arms", nargs="+", metavar="ARM", help="real_only, oversample (rare-class "
                             "oversampling in the trainer), copy_paste (real pixels, no generator), copy_paste_online "
                             "(lesions pasted in the data loader, nnUNetTrainerLesionPaste), mat, cbmat (a "
-                            "generator of that ablation: --generator NAME=FOLDER, else trained here) or another "
-                            "--generator name (default: real_only and every --generator)")
+                            "whole-slice generator of that ablation), inpaint (the inpainting generator, CBMAT): "
+                            "--generator NAME=FOLDER, else trained here; or another --generator name (default: "
+                            "real_only and every --generator)")
     downstream.add_argument("--repeats", type=int, default=1, help="train every arm this many times, with "
                             "nnU-Net training seeds seed, seed+1, ...; the summary gives mean, sd and 95 %% intervals")
     downstream.add_argument("--test-patients", type=int, help="keep this many patients (seeded choice) out of "
@@ -102,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     downstream.add_argument("--generator-steps", type=int, default=400, help="steps of the generators trained here")
     downstream.add_argument("--generator-lr", type=float, default=1e-3, help="learning rate of the generators "
                             "trained here")
+    downstream.add_argument("--inpaint-steps", type=int, default=300, help="steps of the inpainting generator "
+                            "trained here for the inpaint arm (batch --inpaint-batch-size)")
+    downstream.add_argument("--inpaint-batch-size", type=int, default=4, help="batch of the inpainting generator "
+                            "trained here")
+    downstream.add_argument("--inpaint-inference-steps", type=int, default=DEFAULT_INFERENCE_STEPS,
+                            help=f"{DEFAULT_SAMPLER} steps of the inpaint arm (--inference-steps: the DDIM steps of "
+                            f"the whole-slice generators)")
+    downstream.add_argument("--compare", type=arm_pair, nargs="+", metavar="ARM:OTHER", help="the pairs of the "
+                            "paired-differences table (arm names or labels, e.g. inpaint:copy_paste "
+                            "cbmat:copy_paste); default: every synthetic arm against copy_paste when it runs, and "
+                            "every arm against real_only")
     return parser
 
 
@@ -192,13 +214,15 @@ def run_downstream_command(args, dataset: RawDataset, folder: Path):
                            "--generator NAME=FOLDER")
     settings = DownstreamSettings(generators=dict(args.generator), amounts=args.amounts, budget=args.budget,
                                   cpu_plans=args.plans == "cpu", fold=args.fold, seed=args.seed,
-                                  inference_steps=args.inference_steps, first_dataset_id=args.first_id,
+                                  inference_steps=args.inference_steps,
+                                  inpaint_inference_steps=args.inpaint_inference_steps, first_dataset_id=args.first_id,
                                   device=args.device, arms=args.arms, repeats=args.repeats,
                                   test_patients=args.test_patients, real_cases=args.real_cases,
                                   split_seed=args.split_seed, tta=not args.no_tta,
-                                  test_slice_step=args.test_slice_step,
+                                  test_slice_step=args.test_slice_step, compare=args.compare,
                                   generator=ArmGeneratorSettings(args.generator_preset, args.generator_steps,
-                                                                 args.generator_lr, args.seed))
+                                                                 args.generator_lr, args.seed, args.inpaint_steps,
+                                                                 args.inpaint_batch_size))
     run_downstream(dataset, settings, dataset.folder.parent, os.environ.get("nnUNet_preprocessed"), folder,
                    args.test_images, args.test_labels)
     print((folder / SUMMARY_MD).read_text())

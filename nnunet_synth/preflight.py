@@ -230,5 +230,8 @@ def check_evaluation_request(dataset: RawDataset, command: str, options, progres
         check_int_range(options.test_slice_step, "--test-slice-step", 1)
         check_int_range(options.generator_steps, "--generator-steps", 1)
         check_number_range(options.generator_lr, "--generator-lr", 0, 1, low_open=True)
+        check_int_range(options.inpaint_steps, "--inpaint-steps", 1)
+        check_int_range(options.inpaint_batch_size, "--inpaint-batch-size", 1)
+        check_int_range(options.inpaint_inference_steps, "--inpaint-inference-steps", 1)
         check_int_range(options.first_id, "--first-id", 1, 999)
     scan_dataset(dataset, progress)

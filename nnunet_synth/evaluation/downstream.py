@@ -10,8 +10,10 @@ Arms (``--arms``; every arm of a setting gets the same plans, split, budget and 
     copy_paste_online  real only, lesion components of other training cases pasted into the samples in the data
                  loader (nnUNetTrainerLesionPaste of the same budget; paste probability = the share of the batch the
                  synthetic arms give to balanced slices)
-    mat, cbmat   + synthetic cases from a generator of that ablation mode (``--generator NAME=FOLDER``, or
-                 trained here on the setting's training patients); any other ``--generator`` name is an arm too
+    mat, cbmat   + synthetic cases from a whole-slice generator of that ablation mode (``--generator NAME=FOLDER``,
+                 or trained here on the setting's training patients); any other ``--generator`` name is an arm too
+    inpaint      + synthetic cases whose new lesions the inpainting generator (CBMAT, ``--mode inpaint``) drew inside
+                 the target's real slice (given as ``--generator inpaint=FOLDER``, or trained here the same way)
 
 Every arm is a copy of the real dataset (files copied, the user's dataset is never written to) under its own
 dataset id, so each arm has its own synthetic store, preprocessed folder and results folder. The synthetic arms
@@ -25,9 +27,11 @@ test patients are scored and never seen by anything, and the generators are trai
 only. ``real_cases`` may list several values: a data-efficiency sweep, one setting per value.
 
 Repeats: every arm trains ``repeats`` times with ``nnsynth_seed`` = seed + repeat (synthetic cases are made once
-per arm); each run's Dice per test case goes to ``runs/<setting>/<arm>/repeat<r>/dice.json`` and the summary
-(``statistics.py``) to ``summary.csv`` / ``summary.md``. Each run's model is moved beside its Dice file, except
-the last repeat's, which stays where stock ``nnUNetv2_predict`` finds it.
+per arm); each run's Dice per test case goes to ``runs/<setting>/<arm>/repeat<r>/dice.json``. From them
+(``statistics.py``): ``summary.csv`` / ``summary.md``, and the paired differences between arms in
+``differences.csv`` and below the summary in ``summary.md``, with each synthetic arm's model-free gate pass rate
+(``runs/<setting>/<arm>/model_free_gate.json``, read from the arm's synthetic store). Each run's model is moved
+beside its Dice file, except the last repeat's, which stays where stock ``nnUNetv2_predict`` finds it.
 """
 import csv
 import json
@@ -39,10 +43,26 @@ from nnunet_synth.atomic import atomic_path, copy_file_atomic, write_json_atomic
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.dataset.splits import real_crossval_split
 from nnunet_synth.errors import NnsynthError
-from nnunet_synth.evaluation.arm_generators import ArmGeneratorSettings, train_arm_generator
+from nnunet_synth.evaluation.arm_generators import (
+    ARM_GENERATORS,
+    ArmGeneratorSettings,
+    check_arm_generator,
+    train_arm_generator,
+)
 from nnunet_synth.evaluation.nnunet_runs import plan_and_preprocess, predict_and_score, train
 from nnunet_synth.evaluation.patients import PatientSplit, split_patients
-from nnunet_synth.evaluation.statistics import DICE_FILE, arm_order, load_runs, markdown_summary, summarize_runs
+from nnunet_synth.evaluation.statistics import (
+    DICE_FILE,
+    DIFFERENCE_COLUMNS,
+    arm_order,
+    compare_arms,
+    load_runs,
+    markdown_differences,
+    markdown_pass_rates,
+    markdown_summary,
+    summarize_runs,
+)
+from nnunet_synth.generator.inpaint_training import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER
 
 BUDGET_TRAINERS = {"smoke": "nnUNetTrainerSynthMix_smoke",   # 10 iterations: does the pipeline run
                    "debug": "nnUNetTrainerSynthMix_debug",   # 100 iterations
@@ -55,8 +75,9 @@ PASTE_BUDGET_TRAINERS = {budget: trainer.replace("SynthMix", "LesionPaste")
 REAL_ONLY, OVERSAMPLE, COPY_PASTE = "real_only", "oversample", "copy_paste"
 COPY_PASTE_ONLINE = "copy_paste_online"
 REAL_ARMS = (REAL_ONLY, OVERSAMPLE, COPY_PASTE_ONLINE)     # no synthetic cases
-TRAINABLE_GENERATORS = ("mat", "cbmat", "none")     # ablation modes an arm may train its generator with
-SUMMARY_CSV, SUMMARY_MD = "summary.csv", "summary.md"
+TRAINABLE_GENERATORS = tuple(ARM_GENERATORS)        # arms that train their generator when none is given
+SUMMARY_CSV, SUMMARY_MD, DIFFERENCES_CSV = "summary.csv", "summary.md", "differences.csv"
+GATE_FILE = "model_free_gate.json"    # per synthetic arm: the pass rate of its store's cases
 
 
 @dataclass
@@ -67,7 +88,8 @@ class DownstreamSettings:
     cpu_plans: bool = True
     fold: int = 0
     seed: int = 0
-    inference_steps: int = 50
+    inference_steps: int = 50               # DDIM steps of the whole-slice generators
+    inpaint_inference_steps: int = DEFAULT_INFERENCE_STEPS   # steps of the inpainting generators' default sampler
     first_dataset_id: int = 700
     device: str = "cpu"
     arms: list = None                       # arm names; None = real_only + every generator
@@ -78,6 +100,7 @@ class DownstreamSettings:
     generator: ArmGeneratorSettings = field(default_factory=ArmGeneratorSettings)
     tta: bool = True                        # nnUNetv2_predict's mirroring test-time augmentation
     test_slice_step: int = 1                # --test-patients: keep every n-th slice of each test patient
+    compare: list = None                    # (arm, other arm) pairs of the differences table; None = the default
 
     @property
     def chooses_patients(self) -> bool:
@@ -128,6 +151,8 @@ def plan_arms(settings: DownstreamSettings) -> list:
             raise NnsynthError(f"arm '{name}' has no generator: pass --generator {name}=FOLDER, or use one of "
                                f"{', '.join(REAL_ARMS)}, {COPY_PASTE}, {', '.join(TRAINABLE_GENERATORS)}")
         generator = settings.generators.get(name)
+        if generator is not None:
+            check_arm_generator(name, generator)
         for amount in settings.amounts:
             arms.append(Arm(name, None if generator is None else Path(generator), float(amount)))
     return arms
@@ -226,10 +251,35 @@ def make_synthetic_cases(arm: Arm, arm_dataset: RawDataset, settings: Downstream
         num_cases = num_copy_paste_cases(arm_dataset, settings.fold, arm.amount)
         return generate_copy_paste_cases(arm_dataset, CopyPasteSettings(num_cases=num_cases, seed=settings.seed),
                                          fold=settings.fold)
+    from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
     num_cases = num_cases_for_ratio(arm_dataset, generator_folder, arm.amount)
-    return generate_synthetic_cases(arm_dataset, generator_folder, GenerationSettings(
-        num_cases=num_cases, seed=settings.seed, num_inference_steps=settings.inference_steps),
-        fold=settings.fold, device=settings.device)
+    if read_generator_config(resolve_generator_folder(generator_folder)).mode == "inpaint":
+        # as nnsynth_generate --image-source inpaint: the sampler is named, so the fold's recipe records it
+        generation = GenerationSettings(num_cases=num_cases, seed=settings.seed, sampler=DEFAULT_SAMPLER,
+                                        num_inference_steps=settings.inpaint_inference_steps)
+    else:
+        generation = GenerationSettings(num_cases=num_cases, seed=settings.seed,
+                                        num_inference_steps=settings.inference_steps)
+    return generate_synthetic_cases(arm_dataset, generator_folder, generation, fold=settings.fold,
+                                    device=settings.device)
+
+
+def model_free_pass_rate(arm_dataset: RawDataset, fold) -> dict:
+    """The model-free gate's verdicts on the arm's synthetic cases of ``fold`` (``quality.model_free.passed`` of
+    each complete case in its store's manifest)."""
+    from nnunet_synth.writer.synthetic_store import SyntheticStore
+    store = SyntheticStore(arm_dataset)
+    verdicts = [store.cases[case_id].get("quality", {}).get("model_free", {}).get("passed")
+                for case_id in store.complete_case_ids(str(fold))]
+    scored = [verdict for verdict in verdicts if verdict is not None]
+    return {"cases": len(verdicts), "scored": len(scored), "passed": sum(bool(v) for v in scored)}
+
+
+def write_pass_rate(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, setting: str, folder: Path):
+    rate = model_free_pass_rate(arm_dataset, settings.fold)
+    if rate["cases"]:
+        write_json_atomic({"setting": setting, "arm": arm.name, "label": arm.label, "dataset": arm_dataset.name,
+                           "fold": settings.fold, "model_free": rate}, folder / GATE_FILE)
 
 
 def run_repeat(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, plans: str, repeat: int,
@@ -274,8 +324,11 @@ def run_setting(dataset: RawDataset, settings: DownstreamSettings, setting: str,
             write_json_atomic([{"train": list(split.training), "val": list(split.validation)}],
                               preprocessed_root / arm_dataset.name / "splits_final.json")
         run_folders = [output_folder / "runs" / setting / arm.label / f"repeat{r}" for r in range(settings.repeats)]
+        arm_folder = output_folder / "runs" / setting / arm.label
         if all((folder / DICE_FILE).is_file() for folder in run_folders):       # a finished arm of a rerun
             runs += [json.loads((folder / DICE_FILE).read_text()) for folder in run_folders]
+            if arm.synthetic and not (arm_folder / GATE_FILE).is_file():
+                write_pass_rate(arm, arm_dataset, settings, setting, arm_folder)
             continue
         print(f"[downstream] {setting} arm {arm.label}: {arm_dataset.name}, synthetic ratio {arm.ratio:.3f}, "
               f"rare-class oversampling {arm.rare_oversampling(settings.amounts):.3f}", flush=True)
@@ -289,6 +342,7 @@ def run_setting(dataset: RawDataset, settings: DownstreamSettings, setting: str,
                 generator = train_arm_generator(dataset, output_folder / "generators" / f"{setting}_{arm.name}",
                                                 training, arm.name, settings.generator)
             make_synthetic_cases(arm, arm_dataset, settings, generator)
+            write_pass_rate(arm, arm_dataset, settings, setting, arm_folder)
         plans = plan_and_preprocess(arm_dataset, preprocessed_root, settings.cpu_plans)
         for repeat, run_folder in enumerate(run_folders):
             if (run_folder / DICE_FILE).is_file():
@@ -302,7 +356,7 @@ def run_setting(dataset: RawDataset, settings: DownstreamSettings, setting: str,
             if repeat < settings.repeats - 1 and model.is_dir():     # the next run starts from an empty folder
                 shutil.rmtree(run_folder / "model", ignore_errors=True)
                 shutil.move(str(model), str(run_folder / "model"))
-            write_outputs(output_folder)
+            write_outputs(output_folder, settings.compare)
     return runs
 
 
@@ -315,7 +369,8 @@ def run_downstream(dataset: RawDataset, settings: DownstreamSettings, raw_root, 
     if settings.repeats < 1:
         raise NnsynthError(f"--repeats must be at least 1, got {settings.repeats}")
     raw_root, output_folder, preprocessed_root = Path(raw_root), Path(output_folder), Path(preprocessed_root)
-    plan_arms(settings)     # unknown arm names stop here
+    plan_arms(settings)     # unknown arm names and generators of the wrong mode stop here
+    check_compared_arms(settings)
     output_folder.mkdir(parents=True, exist_ok=True)
     if not settings.chooses_patients:
         check_generators_for_fold(dataset, settings)
@@ -338,11 +393,25 @@ def run_downstream(dataset: RawDataset, settings: DownstreamSettings, raw_root, 
             first_id = settings.first_dataset_id + index * len(plan_arms(settings))
             run_setting(dataset, settings, setting, split, first_id, raw_root, preprocessed_root, output_folder,
                         test_images, test_labels)
-    return write_outputs(output_folder)
+    return write_outputs(output_folder, settings.compare)
 
 
-def write_outputs(output_folder: Path) -> list:
-    """downstream.csv (one row per run), summary.csv / summary.md and downstream.png from the runs' Dice files."""
+def check_compared_arms(settings: DownstreamSettings):
+    """Refuse a ``--compare`` name that is none of the arms (an arm name, e.g. cbmat, or a label, cbmat_x0.5)."""
+    arms = plan_arms(settings)
+    known = {arm.name for arm in arms} | {arm.label for arm in arms}
+    for pair in settings.compare or []:
+        for name in pair:
+            if name not in known:
+                raise NnsynthError(f"--compare {':'.join(pair)}: '{name}' is not an arm of this run: use the names "
+                                   f"of --arms ({', '.join(dict.fromkeys(arm.name for arm in arms))}) or their "
+                                   f"labels ({', '.join(arm.label for arm in arms)})")
+
+
+def write_outputs(output_folder: Path, compare=None) -> list:
+    """downstream.csv (one row per run), summary.csv / summary.md, differences.csv (paired differences of the
+    ``compare`` pairs, or the default pairs) and downstream.png from the runs' Dice files and the synthetic arms'
+    pass rates."""
     runs = load_runs(output_folder / "runs")
     if not runs:
         return []
@@ -354,14 +423,20 @@ def write_outputs(output_folder: Path) -> list:
     summary = summarize_runs(runs)
     write_rows_csv([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in summary],
                    output_folder / SUMMARY_CSV)
+    differences = compare_arms(runs, summary, compare)
+    write_rows_csv([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in differences],
+                   output_folder / DIFFERENCES_CSV, DIFFERENCE_COLUMNS)
+    gate_files = sorted((output_folder / "runs").glob(f"*/*/{GATE_FILE}"))
+    pass_rates = [json.loads(path.read_text()) for path in gate_files]
     with atomic_path(output_folder / SUMMARY_MD, suffix=".md") as temp_name:
-        Path(temp_name).write_text(markdown_summary(summary) + "\n")
+        Path(temp_name).write_text("\n\n".join([markdown_summary(summary), markdown_differences(differences),
+                                                 markdown_pass_rates(pass_rates)]) + "\n")
     plot_downstream(runs, summary, output_folder / "downstream.png")
     return rows
 
 
-def write_rows_csv(rows, path):
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+def write_rows_csv(rows, path, columns=None):
+    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
     with atomic_path(path, suffix=".csv") as temp_name:
         with open(temp_name, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
