@@ -173,6 +173,7 @@ def test_ignore_cannot_be_named_a_pathology_class(ignore_dataset, nnunet_folders
 
 
 # ---------------------------------------------------------------- region-based labels
+@pytest.mark.slow
 def test_region_based_dataset_generates_and_trains_with_synthmix(example_dataset_folder, nnunet_folders):
     dataset = copy_with(example_dataset_folder, nnunet_folders["nnUNet_raw"] / f"Dataset{REGION_ID}_RegionExample",
                         {"background": 0, "lung": [1, 2], "lesion": 2}, regions_class_order=[1, 2])
@@ -191,6 +192,7 @@ def test_region_based_dataset_generates_and_trains_with_synthmix(example_dataset
 
 
 # ---------------------------------------------------------------- several input channels
+@pytest.mark.slow
 def test_two_channel_dataset_generates_both_channels_and_trains(real_hu_dataset_folder, nnunet_folders):
     def two_ct_windows(image):
         soft_tissue = sitk.Clamp(sitk.Cast(image, sitk.sitkInt16), sitk.sitkInt16, *SOFT_TISSUE)

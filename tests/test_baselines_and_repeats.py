@@ -1,4 +1,4 @@
-"""Issue 15: copy-paste synthetic cases (no generator), the baseline arms, repeats with intervals and held-out test
+"""Copy-paste synthetic cases (no generator), the baseline arms, repeats with intervals and held-out test
 patients, on the real COVID data with the stock nnU-Net commands."""
 import csv
 import json
@@ -107,6 +107,7 @@ def downstream_run(nnunet_folders, tmp_path_factory):
     return dataset, output, result.stdout
 
 
+@pytest.mark.slow
 def test_held_out_patients_reach_nothing_and_every_arm_is_scored_on_them(downstream_run, nnunet_folders):
     dataset, output, _ = downstream_run
     patients = json.loads((output / "patients.json").read_text())["real3"]
@@ -139,6 +140,7 @@ def test_held_out_patients_reach_nothing_and_every_arm_is_scored_on_them(downstr
                 assert found is None if expected is None else found == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_oversampling_and_copy_paste_reach_the_trainer(downstream_run, nnunet_folders):
     _, output, _ = downstream_run
     settings = {}
@@ -156,6 +158,7 @@ def test_oversampling_and_copy_paste_reach_the_trainer(downstream_run, nnunet_fo
     assert {real_only["seed"], settings["realonly_last"]["seed"]} == {0, 1}
 
 
+@pytest.mark.slow
 def test_summary_is_recomputed_from_the_per_run_dice_files(downstream_run):
     _, output, stdout = downstream_run
     runs = [json.loads(p.read_text()) for p in output.glob("runs/*/*/repeat*/dice.json")]

@@ -98,6 +98,7 @@ def test_each_fold_takes_only_its_own_cases(five_fold_dataset, nnunet_folders, m
     assert re.search("none of the 20 was made for fold all.*--fold all", capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_five_fold_stock_training_and_find_best_configuration(five_fold_dataset, nnunet_folders):
     """About 3 minutes on an idle 2-core machine."""
     env = environment(nnunet_folders)

@@ -10,6 +10,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SOURCE = REPO_ROOT.parent / "shared" / "data" / "covid19_ct_slices"
+pytestmark = pytest.mark.slow    # every stage of the kit, with stock nnU-Net training
 
 
 @pytest.fixture(scope="module")

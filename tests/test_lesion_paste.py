@@ -138,6 +138,7 @@ def test_the_batches_rare_class_share_rises_with_the_paste_probability(paste_tra
     assert share_on > share_off + 0.01
 
 
+@pytest.mark.slow
 def test_stock_train_and_predict_with_the_paste_trainer(planned_dataset, synthetic_example_dataset, nnunet_folders,
                                                         tmp_path):
     trainer = "nnUNetTrainerLesionPaste_smoke"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import COVID_SOURCE
 
 import nnunet_synth
@@ -82,6 +83,7 @@ def test_demo_converts_a_few_patients_of_real_slices_and_refuses_another_input_i
     assert not (earlier / "chest_phantom").exists()
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_loop_with_stock_nnunet_commands(tmp_path):
     """The main job on the generated example with a shorter generator run; called by path, with PATH not naming the
     venv."""

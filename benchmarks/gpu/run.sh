@@ -105,7 +105,7 @@ dataset=Dataset501_Covid19Lung
 if [ "$rehearsal" = 1 ]; then
   precision=no; compile=(); train_device=(-device cpu); plans=nnUNetPlans_cpu
   smoke_generator=(--preset tiny --image-size 32 --steps 3 --batch-size 2)
-  smoke_trainer=nnUNetTrainerKitSmoke_r50   # the SynthMix path with the rehearsal's budget, not 4 x 25 iterations
+  smoke_trainer=nnUNetTrainerKitSmoke_r50   # the SynthMix path with the rehearsal's budget, not 2 x 10 iterations
 else
   precision=bf16; compile=(--compile); train_device=(); plans=nnUNetPlans
   smoke_generator=(--preset tiny --image-size 64 --steps 30 --batch-size 16)

@@ -65,7 +65,7 @@ from nnunet_synth.evaluation.statistics import (
 from nnunet_synth.generator.inpaint_training import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER
 
 BUDGET_TRAINERS = {"smoke": "nnUNetTrainerSynthMix_smoke",   # 10 iterations: does the pipeline run
-                   "debug": "nnUNetTrainerSynthMix_debug",   # 100 iterations
+                   "debug": "nnUNetTrainerSynthMix_debug",   # 20 iterations
                    "short": "nnUNetTrainerSynthMix_short",   # 100 iterations, no final validation
                    "medium": "nnUNetTrainerSynthMix_medium", # 500 iterations, no final validation
                    "demo": "nnUNetTrainerSynthMix_demo",     # 500 iterations

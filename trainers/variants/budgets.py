@@ -4,7 +4,7 @@ from nnunet_synth.trainers.synth_mix import TrainingBudget, nnUNetTrainerSynthMi
 
 BUDGETS = {
     "smoke": TrainingBudget(epochs=1, iterations_per_epoch=10, val_iterations_per_epoch=1),
-    "debug": TrainingBudget(epochs=4, iterations_per_epoch=25, val_iterations_per_epoch=2),
+    "debug": TrainingBudget(epochs=2, iterations_per_epoch=10, val_iterations_per_epoch=1),
     "short": TrainingBudget(epochs=4, iterations_per_epoch=25, val_iterations_per_epoch=2),
     "demo": TrainingBudget(epochs=20, iterations_per_epoch=25, val_iterations_per_epoch=2),
     "medium": TrainingBudget(epochs=20, iterations_per_epoch=25, val_iterations_per_epoch=2),
@@ -20,7 +20,7 @@ class nnUNetTrainerSynthMix_smoke(nnUNetTrainerSynthMix):
 
 
 class nnUNetTrainerSynthMix_debug(nnUNetTrainerSynthMix):
-    """4 epochs of 25 iterations (about 30 s on 2 CPU cores with small plans)"""
+    """2 epochs of 10 iterations, then the final validation: the whole training loop of stock nnU-Net, briefly"""
     budget = BUDGETS["debug"]
 
 

@@ -34,6 +34,6 @@ class nnUNetTrainerKit_r50(nnUNetTrainerKit_r0):
 
 
 class nnUNetTrainerKitSmoke_r50(nnUNetTrainerKit_r0):
-    """What the CPU rehearsal trains instead of nnUNetTrainerSynthMix_debug (4 x 25 iterations): the same
+    """What the CPU rehearsal trains instead of nnUNetTrainerSynthMix_debug (2 x 10 iterations): the same
     SynthMix code path with the rehearsal's tiny budget."""
     fixed_settings = {"ratio": 0.5}
