@@ -24,6 +24,7 @@ from nnunet_synth.generator.config import PRESETS, TrainingSettings
 from nnunet_synth.generator.inpaint_pipeline import SAMPLERS
 from nnunet_synth.generator.inpaint_training import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER
 from nnunet_synth.generator.training import train_generator
+from nnunet_synth.masks.settings import BalancingSettings
 from nnunet_synth.preflight import GenerateRequest, check_generate_request
 
 
@@ -114,15 +115,13 @@ def generator_mode(args) -> str:
     return "inpaint" if args.image_source == "inpaint" else "slice"
 
 
-def balancing_from_args(args) -> dict:
-    """Class roles and MaskGenerationConfig overrides given on the command line (None when none was given)."""
-    values = {"host_classes": args.host_classes, "pathology_classes": args.pathology_classes,
-              "target_factor": args.target_factor, "max_target_share": args.max_target_share,
-              "common_share": args.common_share, "min_donor_area": args.min_donor_area,
-              "map_class_share_cap": args.map_class_share_cap, "p_rotate": args.p_rotate, "p_shift": args.p_shift,
-              "p_dilate": args.p_dilate}
-    given = {key: value for key, value in values.items() if value is not None}
-    return given or None
+def balancing_from_args(args) -> BalancingSettings:
+    """Class roles and MaskGenerationConfig overrides given on the command line (None: not given)."""
+    return BalancingSettings(host_classes=args.host_classes, pathology_classes=args.pathology_classes,
+                             target_factor=args.target_factor, max_target_share=args.max_target_share,
+                             common_share=args.common_share, min_donor_area=args.min_donor_area,
+                             map_class_share_cap=args.map_class_share_cap, p_rotate=args.p_rotate,
+                             p_shift=args.p_shift, p_dilate=args.p_dilate)
 
 
 def format_share_table(report: dict, class_names) -> str:

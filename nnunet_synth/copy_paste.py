@@ -21,30 +21,37 @@ training cases the label maps and the quality gate were built from (no generator
 which cases shaped the fold's cases, so ``provenance.select_for_fold`` applies unchanged).
 """
 import functools
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
-from tqdm import tqdm
 
 from nnunet_synth.dataset import ImageWindows, RawDataset, choose_intensity_window
 from nnunet_synth.dataset.native_slices import NativeSlices, NativeVolumes, evenly_spread, open_native_slices
 from nnunet_synth.dataset.raw_dataset import UNITS
 from nnunet_synth.dataset.splits import fold_training_cases
 from nnunet_synth.errors import NnsynthError
+from nnunet_synth.fold_cases import (
+    PREVIEW_ROWS,
+    FoldMaps,
+    MadeCase,
+    check_role_names,
+    prepare_fold_maps,
+    write_fold_cases,
+    write_slice_preview,
+)
 from nnunet_synth.masks.balance import Placement
 from nnunet_synth.masks.paste import paste_region
 from nnunet_synth.masks.placement import mask_box
 from nnunet_synth.masks.regions import Region, dilate_region, rotate_region, shift_region
+from nnunet_synth.masks.settings import BalancingSettings
 from nnunet_synth.preview_grid import save_preview_grid
-from nnunet_synth.provenance import SOURCE_CASES, label_map_source_cases
-from nnunet_synth.quality.model_free import model_free_channel_score, model_free_volume_score
-from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
+from nnunet_synth.quality.model_free import model_free_volume_score
+from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 IMAGE_SOURCE = "copy-paste"
 FEATHER_PIXELS = 2.0    # half-width of the blended seam
 DONOR_CACHE_BYTES = 2 ** 29  # donors (region and patch) kept between new maps, at most this many bytes
-PREVIEW_ROWS = 6
 
 
 @dataclass(frozen=True)
@@ -261,12 +268,13 @@ class CopyPasteSettings:
     num_cases: int
     seed: int = 0
     target_share: float = None
-    balancing: dict = None
+    balancing: BalancingSettings = field(default_factory=BalancingSettings)
     feather: float = FEATHER_PIXELS
     unit: str = None
 
     def recipe(self) -> dict:
         recipe = {k: v for k, v in asdict(self).items() if k != "num_cases"}
+        recipe["balancing"] = self.balancing.to_recipe()
         recipe["image_source"] = IMAGE_SOURCE
         return recipe
 
@@ -299,7 +307,6 @@ def generate_copy_paste_cases(dataset: RawDataset, settings: CopyPasteSettings, 
     """Make and write ``settings.num_cases`` copy-paste cases for nnU-Net fold ``fold`` from its training cases
     only; returns the same summary as ``generation.generate_synthetic_cases``. With unit "volume" each case is its
     target's whole volume, its geometry and every channel, with the donors' voxels pasted in."""
-    from nnunet_synth.generation import _check_recipe, check_role_names, prepare_fold_maps, write_generation_preview
     fold = str(fold)
     training_cases = fold_training_cases(dataset, fold)
     settings = replace(settings, unit=resolve_unit(dataset, open_native_slices(dataset, training_cases),
@@ -309,60 +316,64 @@ def generate_copy_paste_cases(dataset: RawDataset, settings: CopyPasteSettings, 
         if overwrite:
             check_role_names(dataset, settings.balancing)      # bad names fail before anything is removed
             store.remove_fold(fold)
-        recipe = settings.recipe()
-        _check_recipe(store, fold, recipe)
         # no generator: generator_training_cases lists the cases the maps and the gate came from
-        fold_maps = prepare_fold_maps(dataset, store, fold, recipe, training_cases, settings, settings.unit)
-        real, new_maps, mask_report, quality_gates = (fold_maps.real, fold_maps.new_maps, fold_maps.report,
-                                                      fold_maps.gates)
-        host = fold_maps.host
-        placement = None if host else Placement(real.label_maps, real.map_ids, [], fold_maps.pathology,
-                                                fold_maps.mask_config, fold_maps.body_masks)
-        dtypes = {case_id: [dataset.source_dtype(case_id, channel) for channel in range(dataset.num_channels)]
-                  for case_id in training_cases}
-        todo = [i for i in range(len(new_maps)) if not store.is_complete(synthetic_case_id(i, fold))]
-        donor_cache = {}
-        for index in tqdm(todo, desc=f"pasting real pixels ({settings.unit}s)", unit="case"):
-            provenance = new_maps[index].provenance
-            target = (provenance["target"]["case_id"], provenance["target"]["slice_index"])
-            allowed = None if placement is None else functools.partial(_placement_mask, placement,
-                                                                        target_index=real.row(*target))
-            target_image, target_map = real.slice(*target)
-            replayed = replay_pastes(target_image, target_map, provenance, real.slice, host, allowed,
-                                     settings.feather, donor_cache)
-            label_map = replayed.label_map
-            if not np.array_equal(label_map, new_maps[index].label_map):
-                raise RuntimeError(f"replaying the pastes of new map {index} did not give the map (a bug)")
-            channel_images = replayed.channel_images(target_image, dtypes[target[0]])
-            copy_paste = {"feather_pixels": settings.feather}
-            if settings.unit == "volume":
-                # outside this box the volume is its target's voxels, bit for bit
-                copy_paste.update(unit="volume", edit_box=[int(v) for v in replayed.edit_box])
-                quality = model_free_volume_score(np.stack(channel_images).astype(np.float32), label_map,
-                                                  label_map != target_map, quality_gates)
-            else:
-                quality = model_free_channel_score(np.stack(channel_images).astype(np.float32), label_map,
-                                                   quality_gates)
-            entry = {"fold": fold, SOURCE_CASES: label_map_source_cases(provenance), "source": provenance,
-                     "seed": settings.seed, "image_source": IMAGE_SOURCE, "generator": None,
-                     "copy_paste": copy_paste, "quality": {"model_free": quality}}
-            store.write_case(synthetic_case_id(index, fold), channel_images, label_map, real.properties[target[0]],
-                             dtypes[target[0]], entry)
-        store.save_manifest()
-        slices = real if settings.unit == "slice" else real.slices
-        window = display_windows(dataset, slices.images)
-        preview = (write_generation_preview(dataset, store, fold, real, window) if settings.unit == "slice"
-                   else write_volume_preview(dataset, store, fold, real, window))
-    fold_cases = store.complete_case_ids(fold)
-    passed = [c for c in fold_cases if store.cases[c].get("quality", {}).get("model_free", {}).get("passed")]
-    return {"fold": fold, "written": len(todo), "skipped": len(new_maps) - len(todo), "total": len(fold_cases),
-            "label_map_report": mask_report, "model_free_passed": len(passed), "preview": str(preview),
-            "store": str(store.manifest_file), "unit": settings.unit}
+        fold_maps = prepare_fold_maps(dataset, store, fold, settings.recipe(), training_cases, settings,
+                                      settings.unit)
+        write_preview = functools.partial(write_copy_paste_preview, dataset, store, fold, fold_maps.real,
+                                          settings.unit)
+        return write_fold_cases(store, fold, fold_maps, CopyPasteBlocks(settings, fold_maps), settings.seed,
+                                write_preview, f"pasting real pixels ({settings.unit}s)", unit=settings.unit)
+
+
+class CopyPasteBlocks:
+    """The cases of a block of new maps: each map's pastes replayed on its target's real pixels (a slice, or a
+    whole volume with unit "volume"); a volume is scored inside the pasted voxels (``model_free_volume_score``)."""
+
+    def __init__(self, settings: CopyPasteSettings, fold_maps: FoldMaps):
+        self.settings, self.real, self.new_maps = settings, fold_maps.real, fold_maps.new_maps
+        self.host, self.gates, self.image_dtypes = fold_maps.host, fold_maps.gates, fold_maps.image_dtypes
+        self.placement = fold_maps.placement()
+        self.donor_cache = {}
+
+    def __call__(self, batch, seeds) -> list:
+        return [self.paste(index) for index in batch]
+
+    def paste(self, index: int) -> MadeCase:
+        provenance = self.new_maps[index].provenance
+        target = (provenance["target"]["case_id"], provenance["target"]["slice_index"])
+        allowed = None if self.placement is None else functools.partial(_placement_mask, self.placement,
+                                                                         target_index=self.real.row(*target))
+        target_image, target_map = self.real.slice(*target)
+        replayed = replay_pastes(target_image, target_map, provenance, self.real.slice, self.host, allowed,
+                                 self.settings.feather, self.donor_cache)
+        label_map = replayed.label_map
+        if not np.array_equal(label_map, self.new_maps[index].label_map):
+            raise RuntimeError(f"replaying the pastes of new map {index} did not give the map (a bug)")
+        channel_images = replayed.channel_images(target_image, self.image_dtypes[target[0]])
+        copy_paste = {"feather_pixels": self.settings.feather}
+        quality = None      # a slice: the score of the whole image
+        if self.settings.unit == "volume":
+            # outside this box the volume is its target's voxels, bit for bit
+            copy_paste.update(unit="volume", edit_box=[int(v) for v in replayed.edit_box])
+            quality = model_free_volume_score(np.stack(channel_images).astype(np.float32), label_map,
+                                              label_map != target_map, self.gates)
+        return MadeCase(channel_images, label_map, {"seed": self.settings.seed, "image_source": IMAGE_SOURCE,
+                                                    "generator": None, "copy_paste": copy_paste}, quality)
+
+
+def write_copy_paste_preview(dataset: RawDataset, store: SyntheticStore, fold, real, unit: str):
+    """The preview grid of slices (``fold_cases.write_slice_preview``) or of whole volumes, in the grey scale of
+    ``display_windows``."""
+    slices = real if unit == "slice" else real.slices
+    window = display_windows(dataset, slices.images)
+    if unit == "slice":
+        return write_slice_preview(dataset, store, fold, real, window)
+    return write_volume_preview(dataset, store, fold, real, window)
 
 
 def write_volume_preview(dataset: RawDataset, store: SyntheticStore, fold, real: NativeVolumes,
                          window: ImageWindows, num_rows: int = PREVIEW_ROWS):
-    """The preview grid of ``generation.write_generation_preview`` for whole volumes: per case, the slice with
+    """The preview grid of ``fold_cases.write_slice_preview`` for whole volumes: per case, the slice with
     the most pasted voxels."""
     reader = dataset.reader_writer()
     rows = []

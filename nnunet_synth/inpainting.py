@@ -1,9 +1,9 @@
 """The inpaint image source (``nnsynth_generate D --image-source inpaint``): each balanced label map's new lesions
 drawn by the inpainting generator inside its target's real slice (DiffTumor, LeFusion), at native resolution.
 
-The generate step is generation.py's (fold maps, shards, resume, store, gate); this module adds the block sampler
-(``InpaintBlocks``: edit regions and crops, ``sampling/inpaint.py``) and the preview grid, which sets the same
-edit beside copy-paste's real pixels.
+The fold's maps, shards, resume, store and gate are ``fold_cases.py``'s and the generator's checks
+``generation.py``'s; this module adds the block source (``InpaintBlocks``: edit regions and crops,
+``sampling/inpaint.py``) and the preview grid, which sets the same edit beside copy-paste's real pixels.
 """
 import functools
 
@@ -13,14 +13,13 @@ from scipy import ndimage
 from nnunet_synth.copy_paste import _placement_mask, display_windows, replay_pastes
 from nnunet_synth.dataset import ImageWindows, RawDataset
 from nnunet_synth.dataset.native_slices import NativeSlices
+from nnunet_synth.fold_cases import PREVIEW_ROWS, FoldMaps, MadeCase
 from nnunet_synth.generator.inpaint_training import DEFAULT_SAMPLER, inpaint_pipeline
-from nnunet_synth.masks.balance import Placement
 from nnunet_synth.preview_grid import save_preview_grid
 from nnunet_synth.sampling.inpaint import inpaint_slices, map_edit_region
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 IMAGE_SOURCE = "inpaint"
-PREVIEW_ROWS = 6
 ZOOM_SIZE = 64      # side of the zoomed crop around one edit in the preview
 
 
@@ -28,16 +27,16 @@ class InpaintBlocks:
     """The cases of a block of new maps: the target's real slice with the map's changes (plus the margin) inpainted;
     the label written is the new map."""
 
-    def __init__(self, unet, config, settings, real: NativeSlices, new_maps, image_dtypes, ignore_label, device):
+    def __init__(self, unet, config, settings, fold_maps: FoldMaps, generator_record: dict, ignore_label, device):
         self.sampler = settings.sampler or DEFAULT_SAMPLER
         self.pipeline = inpaint_pipeline(unet, config, self.sampler, device)
-        self.config, self.settings, self.real, self.new_maps = config, settings, real, new_maps
-        self.image_dtypes, self.ignore_label = image_dtypes, ignore_label
+        self.config, self.settings, self.generator_record = config, settings, generator_record
+        self.real, self.new_maps, self.image_dtypes = fold_maps.real, fold_maps.new_maps, fold_maps.image_dtypes
+        self.ignore_label = ignore_label
         self.margin = int(config.training["edit_margin"])
         self.window = ImageWindows.from_dict(config.window)
 
     def __call__(self, batch, seeds) -> list:
-        from nnunet_synth.generation import MadeCase
         images, label_maps, edits, dtypes = [], [], [], []
         for index in batch:
             new_map = self.new_maps[index]
@@ -50,12 +49,12 @@ class InpaintBlocks:
         inpainted = inpaint_slices(self.pipeline, self.window, images, label_maps, edits, seeds, dtypes,
                                    self.settings.num_inference_steps, self.ignore_label, self.settings.batch_size)
         return [MadeCase(result.channel_images, np.asarray(label_map),
-                         {"image_source": IMAGE_SOURCE,
+                         {"seed": seed, "generator": self.generator_record, "image_source": IMAGE_SOURCE,
                           "sampler": {"scheduler": self.sampler,
                                       "num_inference_steps": self.settings.num_inference_steps,
                                       "crop_size": self.config.image_size, "edit_margin": self.margin},
                           "inpaint": result.record()})
-                for result, label_map in zip(inpainted, label_maps)]
+                for seed, result, label_map in zip(seeds, inpainted, label_maps)]
 
 
 def _zoom_origin(edit: np.ndarray, size: int):
@@ -69,14 +68,13 @@ def _zoom_origin(edit: np.ndarray, size: int):
     return tuple(int(np.clip(c - size // 2, 0, max(0, n - size))) for c, n in zip(centre, edit.shape))
 
 
-def write_inpaint_preview(dataset: RawDataset, store: SyntheticStore, fold, real: NativeSlices, fold_maps,
+def write_inpaint_preview(dataset: RawDataset, store: SyntheticStore, fold, real: NativeSlices, fold_maps: FoldMaps,
                           num_rows=PREVIEW_ROWS):
     """Grid: real target + labels | new label map | copy-paste (real pixels) | inpainted | zoom on one edit:
     copy-paste, then inpainted. Images in model space, channels side by side."""
     window = display_windows(dataset, real.images)
     reader = dataset.reader_writer()
-    placement = None if fold_maps.host else Placement(real.label_maps, real.map_ids, [], fold_maps.pathology,
-                                                       fold_maps.mask_config, fold_maps.body_masks)
+    placement = fold_maps.placement()
     rows = []
     for case_id in store.complete_case_ids(fold)[:num_rows]:
         entry = store.cases[case_id]

@@ -25,6 +25,18 @@ from nnunet_synth.dataset.validation import (
     scan_dataset,
 )
 from nnunet_synth.errors import NnsynthError
+from nnunet_synth.fold_cases import check_role_names, check_shard
+from nnunet_synth.generation import GenerationSettings, check_generator_for_fold
+from nnunet_synth.generator.checkpoints import (
+    FINAL_FOLDER,
+    generator_run_folder,
+    read_generator_config,
+    resolve_generator_folder,
+)
+from nnunet_synth.generator.config import TrainingSettings
+from nnunet_synth.masks.settings import BalancingSettings
+from nnunet_synth.writer.standalone_export import export_folder_name
+from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 
 @dataclass
@@ -44,7 +56,7 @@ class GenerateRequest:
     ratio: float = 0.5
     target_share: float = None
     noise_seeding_strength: float = None
-    balancing: dict = None
+    balancing: BalancingSettings = field(default_factory=BalancingSettings)
     num_shards: int = 1
     shard_index: int = 0
     overwrite: bool = False
@@ -69,21 +81,20 @@ class GeneratePlan:
 
 def check_generation_options(request: GenerateRequest):
     """Ranges and finite numbers of every option, without reading the dataset."""
-    from nnunet_synth.generation import check_shard
-    from nnunet_synth.masks import MaskGenerationConfig
     check_shard(request.num_shards, request.shard_index)
     check_seed(request.seed)
     check_int_range(request.num_cases, "-n/--num-cases", 1)
     if request.num_cases is None:
         check_number_range(request.ratio, "-r/--ratio", 0, None, low_open=True)
     check_number_range(request.target_share, "--target-share", 0, 1, low_open=True, high_open=True)
-    balancing = dict(request.balancing or {})
-    check_number_range(balancing.get("target_factor"), "--target-factor", 1, None, low_open=True)
-    check_number_range(balancing.get("max_target_share"), "--max-target-share", 0, 1, low_open=True)
-    check_number_range(balancing.get("map_class_share_cap"), "--map-cap", 0, 1, low_open=True)
-    for name in ("p_rotate", "p_shift", "p_dilate"):
-        check_number_range(balancing.get(name), f"--{name.replace('_', '-')}", 0, 1)
-    MaskGenerationConfig(**{k: v for k, v in balancing.items() if "classes" not in k}).validate()
+    balancing = request.balancing
+    check_number_range(balancing.target_factor, "--target-factor", 1, None, low_open=True)
+    check_number_range(balancing.max_target_share, "--max-target-share", 0, 1, low_open=True)
+    check_number_range(balancing.map_class_share_cap, "--map-cap", 0, 1, low_open=True)
+    check_number_range(balancing.p_rotate, "--p-rotate", 0, 1)
+    check_number_range(balancing.p_shift, "--p-shift", 0, 1)
+    check_number_range(balancing.p_dilate, "--p-dilate", 0, 1)
+    balancing.mask_config().validate()
     if request.unit == "volume" and request.image_source != "copy-paste":
         raise NnsynthError(f"--unit volume needs --image-source copy-paste: the {request.image_source} source makes "
                            f"slices")
@@ -117,7 +128,6 @@ def check_generation_options(request: GenerateRequest):
 
 def _generator_folder(dataset: RawDataset, request: GenerateRequest, fold):
     """(the generator folder the fold uses, whether it must be trained first)."""
-    from nnunet_synth.generator.checkpoints import FINAL_FOLDER, generator_run_folder
     if request.generator is not None:
         return request.generator, False
     run_folder = generator_run_folder(dataset.name, request.preset, fold, request.generator_mode)
@@ -126,10 +136,6 @@ def _generator_folder(dataset: RawDataset, request: GenerateRequest, fold):
 
 def check_generate_request(dataset: RawDataset, request: GenerateRequest, progress=True) -> GeneratePlan:
     """Every check of ``nnsynth_generate`` (see the module docstring); returns what generation needs from them."""
-    from nnunet_synth.generation import GenerationSettings, check_generator_for_fold, check_role_names
-    from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
-    from nnunet_synth.generator.config import TrainingSettings
-    from nnunet_synth.writer.synthetic_store import SyntheticStore
     check_generation_options(request)
     check_role_names(dataset, request.balancing)
     generators = {}
@@ -142,7 +148,6 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
                                  seed=request.seed).resolved()
                 check_writable(generators[fold][0].parent, "the generator")
     if request.export_id is not None:
-        from nnunet_synth.writer.standalone_export import export_folder_name
         if not os.environ.get("nnUNet_preprocessed"):
             raise NnsynthError("exporting a standalone dataset writes its splits_final.json into nnUNet_preprocessed: "
                                "export nnUNet_preprocessed=/path/to/nnUNet_preprocessed")
@@ -184,7 +189,6 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
 
 def resolve_generator_path(folder):
     """The folder a recipe names: ``final/`` of a run folder, or the folder itself (also before it exists)."""
-    from nnunet_synth.generator.checkpoints import FINAL_FOLDER, resolve_generator_folder
     folder = Path(folder)
     if folder.name != FINAL_FOLDER and (folder / FINAL_FOLDER).is_dir():
         return resolve_generator_folder(folder)

@@ -163,6 +163,26 @@ def test_a_rerun_with_the_same_settings_writes_nothing_and_other_settings_are_re
     assert synthetic_files(folder) == before
 
 
+def test_the_recipe_records_only_the_balancing_options_given_so_stores_written_before_resume(tmp_path):
+    """A fold's recipe is compared as a dict: the balancing records the options given, nothing for the others
+    (None when none was given), and the mask config takes them over its defaults."""
+    from nnunet_synth.copy_paste import CopyPasteSettings
+    from nnunet_synth.generation import GenerationSettings
+    from nnunet_synth.masks import MaskGenerationConfig
+    from nnunet_synth.masks.settings import BalancingSettings
+    given = BalancingSettings(host_classes=[], pathology_classes=["lesion"], target_factor=2.5, p_shift=0.0)
+    recorded = {"host_classes": [], "pathology_classes": ["lesion"], "target_factor": 2.5, "p_shift": 0.0}
+    assert GenerationSettings(num_cases=4, balancing=given).recipe(tmp_path)["balancing"] == recorded
+    assert CopyPasteSettings(num_cases=4, balancing=given).recipe()["balancing"] == recorded
+    assert BalancingSettings.from_dict(recorded) == given
+    assert GenerationSettings(num_cases=4).recipe(tmp_path)["balancing"] is None
+    assert CopyPasteSettings(num_cases=4).recipe() == {"seed": 0, "target_share": None, "balancing": None,
+                                                       "feather": 2.0, "unit": None, "image_source": "copy-paste"}
+    config = given.mask_config()
+    assert (config.target_factor, config.p_shift) == (2.5, 0.0)
+    assert config.p_rotate == MaskGenerationConfig().p_rotate
+
+
 def test_no_fold_may_use_a_case_that_depends_on_its_validation_cases(generated):
     """Only fold-0 cases exist: fold 0 may use all of them, folds 1-4 none (their generator and maps saw those
     folds' validation patients)."""
@@ -363,7 +383,8 @@ def test_two_shards_one_killed_and_rerun_and_launched_processes_give_the_files_o
 
 
 def test_shard_options_that_would_lose_cases_are_refused(generated, tiny_generator):
-    from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases, shard_blocks
+    from nnunet_synth.fold_cases import shard_blocks
+    from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases
     assert shard_blocks(7, 2, 2, 0) == [[0, 1], [4, 5]] and shard_blocks(7, 2, 2, 1) == [[2, 3], [6]]
     dataset = RawDataset(generated[0])
     settings = GenerationSettings(num_cases=NUM_CASES, seed=7, num_inference_steps=8, batch_size=1)

@@ -75,6 +75,15 @@ def test_every_import_points_to_an_earlier_layer():
     assert not upward, "imports from a later layer:\n" + "\n".join(upward)
 
 
+def test_the_fold_orchestration_imports_no_image_source():
+    """``fold_cases`` serves every image source, so it may not import one (nor preflight, which checks them)."""
+    path = REPO_ROOT / "nnunet_synth" / "fold_cases.py"
+    sources = {"generation", "copy_paste", "inpainting", "preflight"}
+    imported = [name for _, name in imported_modules(path, "nnunet_synth.fold_cases")
+                if name.startswith("nnunet_synth.") and name.split(".")[1] in sources]
+    assert not imported, imported
+
+
 @pytest.mark.parametrize("module", ["nnunet_synth.masks.balance", "nnunet_synth.generation",
                                     "nnunet_synth.dataset_tools.generate"])
 def test_layer_of_knows_the_stages(module):

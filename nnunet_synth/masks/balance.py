@@ -173,12 +173,18 @@ def resolve_class_roles(labels: dict, counts, host_names=None, pathology_names=N
 
     host = None if host_names is None else values(host_names, "host classes")
     pathology = None if pathology_names is None else values(pathology_names, "pathology classes")
+    return complete_class_roles(counts, host, pathology)
+
+
+def complete_class_roles(counts, host_classes=None, pathology_classes=None):
+    """(host values, pathology values): a missing (None) list is the default of ``default_class_roles`` without the
+    classes of the other list; a given list is kept. Pathology values sorted."""
     default_host, default_pathology = default_class_roles(np.asarray(counts))
-    if host is None:
-        host = [c for c in default_host if pathology is None or c not in pathology]
-    if pathology is None:
-        pathology = sorted(c for c in set(default_host) | set(default_pathology) if c not in host)
-    return host, pathology
+    if host_classes is None:
+        host_classes = [c for c in default_host if pathology_classes is None or c not in pathology_classes]
+    if pathology_classes is None:
+        pathology_classes = [c for c in set(default_host) | set(default_pathology) if c not in host_classes]
+    return list(host_classes), sorted(pathology_classes)
 
 
 def region_shares(counts: np.ndarray, region_classes, region_pixels=None) -> np.ndarray:
@@ -582,11 +588,7 @@ def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classe
         role_counts = real_counts.copy()
         if ignore_label is not None:
             role_counts[ignore_label] = 0
-        default_host, default_pathology = default_class_roles(role_counts)
-        if host_classes is None:
-            host_classes = [c for c in default_host if pathology_classes is None or c not in pathology_classes]
-        if pathology_classes is None:
-            pathology_classes = [c for c in set(default_pathology) | set(default_host) if c not in host_classes]
+        host_classes, pathology_classes = complete_class_roles(role_counts, host_classes, pathology_classes)
     host_classes, pathology_classes = [int(c) for c in host_classes], sorted(int(c) for c in pathology_classes)
     _check_inputs(label_maps, map_ids, host_classes, pathology_classes, num_classes, max_new_maps)
     region = BalanceRegion(host_classes, pathology_classes, body_masks, ignore_label)

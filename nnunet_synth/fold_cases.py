@@ -1,0 +1,220 @@
+"""A fold's synthetic cases, whatever makes their images: the fold's balanced label maps (``prepare_fold_maps``),
+then ``write_fold_cases``, which asks an image source for the cases of each block of new maps and writes them.
+
+Cross-validation: the cases made for fold ``k`` come from fold k's training cases only (the label maps, the
+model-free gate and, for the generators, the generator's training), so none of them depends on a validation case
+of fold k (the dependencies are recorded, see ``provenance.py``). Several folds' cases live side by side in one
+store.
+
+Reruns resume: the label maps are seeded, so case ``synth_f<k>_<i>`` is always made from the same new map and
+seed; cases already complete in the store are skipped. A recipe that differs from that of the fold's cases
+already written is refused (use ``overwrite`` or ``nnsynth_clean``) so that one fold never mixes two recipes.
+
+Sharding: the cases are made in fixed blocks of ``batch_size`` consecutive indices (a case's noise is a pure
+function of (seed, index), and a block is always made whole, so its batch never changes); shard ``i`` of ``n``
+makes blocks ``i, i + n, ...``. Shards may run at once on one store, so the union of the shards' cases is
+byte-identical to a one-process run with the same seed and batch size, and each shard resumes on its own.
+
+An image source is a block source, ``source(batch, seeds) -> list[MadeCase]``: the cases of the new maps with
+indices ``batch``, one ``MadeCase`` each (``generation.SliceBlocks``, ``inpainting.InpaintBlocks``,
+``copy_paste.CopyPasteBlocks``). It only makes images; the maps, resume, scores, store and summary are here.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from nnunet_synth.dataset import ImageWindows, RawDataset
+from nnunet_synth.dataset.native_slices import NativeSlices, NativeVolumes, PackedRows, derived_rows, open_native_slices
+from nnunet_synth.errors import NnsynthError
+from nnunet_synth.masks import (
+    MaskGenerationConfig,
+    NewLabelMapsOnDisk,
+    body_mask,
+    check_goals_raised,
+    generate_label_maps,
+    pixel_counts,
+    resolve_class_roles,
+)
+from nnunet_synth.masks.balance import Placement
+from nnunet_synth.masks.settings import BalancingSettings
+from nnunet_synth.preview_grid import save_preview_grid
+from nnunet_synth.provenance import GENERATOR_TRAINING_CASES, SOURCE_CASES, label_map_source_cases
+from nnunet_synth.quality.model_free import channel_gates_to_dict, fit_channel_gates, model_free_channel_score
+from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
+
+PREVIEW_ROWS = 6
+
+
+def check_role_names(dataset: RawDataset, balancing: BalancingSettings):
+    """Refuse class names in ``balancing`` that are not labels, or that name nnU-Net's ignore label."""
+    for role, names in (("host_classes", balancing.host_classes), ("pathology_classes", balancing.pathology_classes)):
+        names = names or []
+        if dataset.ignore_label is not None and "ignore" in names:
+            raise NnsynthError(f"{dataset.json_file}: 'ignore' marks unannotated pixels (nnU-Net's ignore "
+                               f"label); it cannot be one of the {role.replace('_', ' ')}: name other labels")
+        unknown = [name for name in names if name not in dataset.labels]
+        if unknown:
+            raise NnsynthError(f"{dataset.json_file}: {role.replace('_', ' ')} {unknown} are not labels (labels: "
+                               f"{list(dataset.labels)}): use label names")
+
+
+def class_roles(dataset: RawDataset, label_maps, balancing: BalancingSettings):
+    """Host and pathology classes (values): named in ``balancing`` (label names; host ``[]`` = none), else the
+    defaults of ``nnunet_synth.masks.default_class_roles``. nnU-Net's ignore label (unannotated pixels) is never
+    either: it is not counted, never copied and never pasted over, so new maps keep it where their target had it."""
+    check_role_names(dataset, balancing)
+    labels, counts = dict(dataset.labels), pixel_counts(label_maps, dataset.num_classes)
+    if dataset.ignore_label is not None:
+        del labels["ignore"]
+        counts[dataset.ignore_label] = 0
+    return resolve_class_roles(labels, counts, balancing.host_classes, balancing.pathology_classes,
+                               source=str(dataset.json_file))
+
+
+def first_channel_body_mask(image: np.ndarray) -> np.ndarray:
+    return body_mask(image[0])
+
+
+@dataclass
+class FoldMaps:
+    """A fold's balanced label maps and what they were made from (``prepare_fold_maps``)."""
+
+    real: NativeSlices                  # or NativeVolumes (unit "volume")
+    new_maps: NewLabelMapsOnDisk        # NewLabelMap, in case index order
+    report: dict                        # the label-map report
+    gates: list                         # model-free gate per image channel
+    host: list                          # host class values
+    pathology: list                     # pathology class values
+    mask_config: MaskGenerationConfig
+    body_masks: PackedRows              # per real map (datasets without a host class), else None
+    image_dtypes: dict                  # case id -> pixel type of each image channel's file
+
+    def placement(self):
+        """Where pastes may land on a dataset without a host class (``balance.Placement``); None with one."""
+        if self.host:
+            return None
+        return Placement(self.real.label_maps, self.real.map_ids, [], self.pathology, self.mask_config,
+                         self.body_masks)
+
+
+def prepare_fold_maps(dataset: RawDataset, store: SyntheticStore, fold, recipe: dict, training_cases,
+                      settings, unit: str = "slice") -> FoldMaps:
+    """Check ``recipe`` against the fold's cases on disk and record it with the fold's training cases, make its
+    balanced label maps from those cases only and fit its model-free gates on their slices; the fold record is
+    saved. ``settings``: num_cases, seed, target_share, balancing (a ``BalancingSettings``). ``unit`` "volume": the
+    maps are the cases' whole volumes (``FoldMaps.real`` is a ``NativeVolumes``)."""
+    store.check_fold_recipe(fold, recipe)
+    store.prepare()
+    fold_record = store.fold_record(fold)
+    fold_record["settings"] = recipe
+    # targets and donors of the new maps come from these cases only (provenance.py)
+    fold_record[GENERATOR_TRAINING_CASES] = sorted(training_cases)
+
+    slices = open_native_slices(dataset, training_cases)    # read on demand from the on-disk store
+    real = NativeVolumes(slices) if unit == "volume" else slices
+    host, pathology = class_roles(dataset, real.label_maps, settings.balancing)
+    mask_config = settings.balancing.mask_config()
+    body_masks = None if host else derived_rows(real.images, first_channel_body_mask, "body masks")
+    new_maps, mask_report = generate_label_maps(
+        real.label_maps, real.map_ids, host_classes=host, pathology_classes=pathology,
+        target_share=settings.target_share, max_new_maps=settings.num_cases, seed=settings.seed,
+        num_classes=dataset.num_classes, config=mask_config, body_masks=body_masks,
+        stop_at_target=settings.target_share is not None,   # without a share target the budget decides
+        new_maps=NewLabelMapsOnDisk(), ignore_label=dataset.ignore_label)
+    check_goals_raised(mask_report, dataset.json_file)
+    quality_gates = fit_channel_gates(slices.images, slices.label_maps)    # on the fold's training slices
+    fold_record["label_map_report"] = mask_report
+    fold_record["model_free_gate"] = channel_gates_to_dict(quality_gates)
+    store.save_manifest()
+    image_dtypes = {case_id: [dataset.source_dtype(case_id, channel) for channel in range(dataset.num_channels)]
+                    for case_id in training_cases}
+    return FoldMaps(real, new_maps, mask_report, quality_gates, host, pathology, mask_config, body_masks,
+                    image_dtypes)
+
+
+@dataclass
+class MadeCase:
+    """One synthetic case of a block: its image channels (dataset units and pixel types), its label map, what the
+    manifest records of how it was made (seed, generator, sampler and the like) and, when the source scores it
+    itself, its model-free score (None: the score of the whole image, ``model_free_channel_score``)."""
+
+    channel_images: list
+    label_map: np.ndarray
+    record: dict
+    quality: dict = None
+
+
+def check_shard(num_shards: int, shard_index: int):
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise NnsynthError(f"--shard-index must lie in [0, --num-shards - 1] and --num-shards be at least 1, got "
+                           f"shard {shard_index} of {num_shards}")
+
+
+def shard_blocks(num_cases: int, batch_size: int, num_shards: int = 1, shard_index: int = 0) -> list:
+    """The case indices of shard ``shard_index``, as the fixed blocks of ``batch_size`` it makes."""
+    blocks = [list(range(start, min(start + batch_size, num_cases))) for start in range(0, num_cases, batch_size)]
+    return blocks[shard_index::num_shards]
+
+
+def case_seed(seed: int, index: int) -> int:
+    """The noise seed of case ``index`` of a run seeded ``seed``."""
+    return seed * 1_000_003 + index
+
+
+def write_fold_cases(store: SyntheticStore, fold, fold_maps: FoldMaps, make_cases, seed: int, write_preview,
+                     description: str, batch_size: int = 1, unit: str = "slice", num_shards: int = 1,
+                     shard_index: int = 0) -> dict:
+    """Make the cases of shard ``shard_index``'s blocks that are not complete yet with the block source
+    ``make_cases``, score them with the fold's model-free gate and write them; then save the manifest and the
+    preview (``write_preview()``, its path). Returns the summary: counts written/skipped/total, the label-map
+    report, how many passed the gate, the preview and manifest paths, and the unit."""
+    new_maps = fold_maps.new_maps
+    blocks = shard_blocks(len(new_maps), batch_size, num_shards, shard_index)
+    todo = [block for block in blocks if not all(store.is_complete(synthetic_case_id(i, fold)) for i in block)]
+    written = 0
+    progress = tqdm(total=sum(len(block) for block in todo), desc=description, unit="case")
+    for batch in todo:        # a whole block, even when some of its cases are done: its batch never changes
+        for index, made in zip(batch, make_cases(batch, [case_seed(seed, index) for index in batch])):
+            if store.is_complete(synthetic_case_id(index, fold)):
+                progress.update(1)
+                continue
+            provenance = new_maps[index].provenance
+            target_case = provenance["target"]["case_id"]
+            quality = made.quality if made.quality is not None else model_free_channel_score(
+                np.stack(made.channel_images).astype(np.float32), made.label_map, fold_maps.gates)
+            entry = {"fold": fold, SOURCE_CASES: label_map_source_cases(provenance), "source": provenance,
+                     **made.record, "quality": {"model_free": quality}}
+            store.write_case(synthetic_case_id(index, fold), made.channel_images, made.label_map,
+                             fold_maps.real.properties[target_case], fold_maps.image_dtypes[target_case], entry)
+            written += 1
+            progress.update(1)
+    progress.close()
+    store.save_manifest()       # the index of every record, compiled once per run
+    preview = write_preview()
+    fold_cases = store.complete_case_ids(fold)
+    passed = [c for c in fold_cases if store.cases[c].get("quality", {}).get("model_free", {}).get("passed")]
+    shard_cases = sum(len(block) for block in blocks)
+    return {"fold": fold, "written": written, "skipped": shard_cases - written, "total": len(fold_cases),
+            "label_map_report": fold_maps.report, "model_free_passed": len(passed), "preview": str(preview),
+            "store": str(store.manifest_file), "unit": unit}
+
+
+def write_slice_preview(dataset: RawDataset, store: SyntheticStore, fold, real: NativeSlices, window: ImageWindows,
+                        num_rows=PREVIEW_ROWS):
+    """Grid: target real slice with its label | new label map | synthetic image | synthetic with overlay.
+    Images are shown in model space (each channel through its own window), channels side by side."""
+    reader = dataset.reader_writer()
+    rows = []
+    for case_id in store.complete_case_ids(fold)[:num_rows]:
+        target = store.cases[case_id]["source"]["target"]
+        real_image, real_label_map = real.slice(target["case_id"], target["slice_index"])
+        synthetic_image = window.to_model(reader.read_images([str(p) for p in store.image_files(case_id)])[0][:, 0])
+        synthetic_label = reader.read_seg(str(store.label_file(case_id)))[0][0, 0].astype(int)
+        rows.append([(window.to_model(real_image), real_label_map), (None, synthetic_label),
+                     (synthetic_image, None), (synthetic_image, synthetic_label)])
+    path = store.preview_file(fold)
+    if rows:
+        save_preview_grid(rows, ["real target + labels", "new label map", "synthetic", "synthetic + labels"],
+                          path, dataset.num_classes, window=(-1.0, 1.0))
+    return path
