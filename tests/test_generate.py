@@ -300,8 +300,8 @@ def test_the_written_label_is_the_conditioning_map_at_the_slice_geometry(generat
 
 
 def test_generate_exits_with_one_line_when_a_goal_cannot_be_reached(nnunet_folders, tiny_generator):
-    folder = convert_example(nnunet_folders, 976, "NoRaiseExample")
-    result = subprocess.run(generate_command(976, tiny_generator, "--min-donor-area", "100000"),
+    folder = convert_example(nnunet_folders, 979, "NoRaiseExample")
+    result = subprocess.run(generate_command(979, tiny_generator, "--min-donor-area", "100000"),
                             capture_output=True, text=True, env=one_thread_environment(), timeout=600)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("nnsynth: error:")]
