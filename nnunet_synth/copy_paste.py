@@ -40,7 +40,6 @@ from nnunet_synth.fold_cases import (
     write_fold_cases,
     write_slice_preview,
 )
-from nnunet_synth.masks.balance import Placement
 from nnunet_synth.masks.paste import paste_region
 from nnunet_synth.masks.placement import mask_box
 from nnunet_synth.masks.regions import Region, dilate_region, rotate_region, shift_region
@@ -245,11 +244,6 @@ def _donor(donor: dict, margin: int, read_slice, cache: dict):
     return cache[key]
 
 
-def _placement_mask(placement: Placement, working, pathology_class, target_index):
-    """Where ``pathology_class`` may land in ``working``, a map made from real map ``target_index``."""
-    return placement.mask(working, pathology_class, target_index)
-
-
 def _to_dtype(image: np.ndarray, dtype) -> np.ndarray:
     """One channel in the file's pixel type (rounded and clipped for integer types)."""
     dtype = np.dtype(dtype)
@@ -341,7 +335,7 @@ class CopyPasteBlocks:
     def paste(self, index: int) -> MadeCase:
         provenance = self.new_maps[index].provenance
         target = (provenance["target"]["case_id"], provenance["target"]["slice_index"])
-        allowed = None if self.placement is None else functools.partial(_placement_mask, self.placement,
+        allowed = None if self.placement is None else functools.partial(self.placement.mask,
                                                                          target_index=self.real.row(*target))
         target_image, target_map = self.real.slice(*target)
         replayed = replay_pastes(target_image, target_map, provenance, self.real.slice, self.host, allowed,

@@ -10,7 +10,7 @@ import functools
 import numpy as np
 from scipy import ndimage
 
-from nnunet_synth.copy_paste import _placement_mask, display_windows, replay_pastes
+from nnunet_synth.copy_paste import display_windows, replay_pastes
 from nnunet_synth.dataset import ImageWindows, RawDataset
 from nnunet_synth.dataset.native_slices import NativeSlices
 from nnunet_synth.fold_cases import PREVIEW_ROWS, FoldMaps, MadeCase
@@ -82,8 +82,7 @@ def write_inpaint_preview(dataset: RawDataset, store: SyntheticStore, fold, real
         real_image, real_map = real.slice(*target)
         inpainted = window.to_model(reader.read_images([str(p) for p in store.image_files(case_id)])[0][:, 0])
         label_map = reader.read_seg(str(store.label_file(case_id)))[0][0, 0].astype(int)
-        allowed = None if placement is None else functools.partial(_placement_mask, placement,
-                                                                    target_index=real.row(*target))
+        allowed = None if placement is None else functools.partial(placement.mask, target_index=real.row(*target))
         replayed = replay_pastes(real_image, real_map, entry["source"], real.slice, fold_maps.host, allowed)
         pasted = np.asarray(real_image, dtype=np.float64).copy()
         if replayed.edit_box is not None:

@@ -34,8 +34,6 @@ class BalancingSettings:
 
     def mask_config(self) -> MaskGenerationConfig:
         """The balancing's MaskGenerationConfig: its defaults with the values set here."""
-        overrides = {"target_factor": self.target_factor, "max_target_share": self.max_target_share,
-                     "common_share": self.common_share, "min_donor_area": self.min_donor_area,
-                     "map_class_share_cap": self.map_class_share_cap, "p_rotate": self.p_rotate,
-                     "p_shift": self.p_shift, "p_dilate": self.p_dilate}
-        return MaskGenerationConfig(**{name: value for name, value in overrides.items() if value is not None})
+        overrides = {field.name: getattr(self, field.name) for field in fields(self)
+                     if not field.name.endswith("_classes") and getattr(self, field.name) is not None}
+        return MaskGenerationConfig(**overrides)
