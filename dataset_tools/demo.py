@@ -4,10 +4,12 @@ nnUNet_results):
 1. draw the generated chest-CT example (5 patients of 8 slices, see nnunet_synth.example.phantom) into the demo
    folder and convert it into Dataset990_ChestPhantom; with --source, convert --patients patients of real slices
    in the COVID-19 layout (cases.csv, ct/, lungs/, covid/) into Dataset991_DemoSlices instead;
-2. nnsynth_generate: train a tiny generator on fold 0's training cases, make class-balanced label maps,
-   sample synthetic cases, score them and save the preview grid;
+2. nnsynth_generate --image-source inpaint: train a tiny inpainting generator on fold 0's training cases, make
+   class-balanced label maps, draw the new lesions inside real slices (every other pixel stays real), score the
+   cases with the model-free gate and save the preview grid (--image-source generator or copy-paste instead);
 3. the stock nnUNetv2_plan_and_preprocess (2d) plus small CPU plans that share its preprocessed data;
-4. the stock nnUNetv2_train with nnUNetTrainerSynthMix_demo (500 iterations, real + synthetic);
+4. the stock nnUNetv2_train with nnUNetTrainerSynthMix_demo (250 iterations, real + the synthetic cases that pass
+   the model-free gate), and how many were used;
 5. the stock nnUNetv2_predict on fold 0's validation cases, scored with nnU-Net's own evaluation.
 
 A 500-iteration CPU model and a few-hundred-step generator show that the loop runs; they say nothing about
@@ -32,12 +34,15 @@ from nnunet_synth.dataset_tools.convert_covid19_ct_slices import (
 from nnunet_synth.errors import NnsynthError, command_entry_point
 from nnunet_synth.evaluation.nnunet_runs import CPU_PLANS, plan_and_preprocess, predict_and_score, train
 from nnunet_synth.example.phantom import PHANTOM_ABOUT, PhantomSettings, write_chest_phantom
+from nnunet_synth.generator.inpaint_training import DEFAULT_INFERENCE_STEPS
 
 PHANTOM_DATASET = (990, "ChestPhantom")
 SOURCE_DATASET = (991, "DemoSlices")
 DEMO_INPUT_FILE = "demo_input.json"
 DEMO_FOLD = 0
 DEMO_TRAINER = "nnUNetTrainerSynthMix_demo"
+DEMO_INPAINT_BATCH = 4
+IMAGE_SOURCES = ("inpaint", "generator", "copy-paste")
 STEPS = ("convert", "generate", "preprocess", "train", "predict")
 
 
@@ -88,27 +93,50 @@ def describe_input(demo_input: dict) -> str:
     return f"{demo_input['source']} ({demo_input['patients']} patients, slices per patient: {slices})"
 
 
-def generate_step(dataset: RawDataset, generator_steps: int, ratio: float, inference_steps: int, device: str):
+def generate_step(dataset: RawDataset, image_source: str, generator_steps: int, ratio: float, inference_steps: int,
+                  device: str) -> dict:
+    """Fold 0's synthetic cases from ``image_source``: inpaint (a tiny inpainting generator draws the new lesions
+    inside real slices), generator (a tiny whole-slice generator) or copy-paste (real lesion pixels, no model)."""
+    from nnunet_synth.copy_paste import CopyPasteSettings, generate_copy_paste_cases, num_copy_paste_cases
     from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases, num_cases_for_ratio
     from nnunet_synth.generator.checkpoints import FINAL_FOLDER, generator_run_folder
     from nnunet_synth.generator.config import TrainingSettings
+    from nnunet_synth.generator.inpaint_training import DEFAULT_SAMPLER
     from nnunet_synth.generator.training import train_generator
-    run_folder = generator_run_folder(dataset.name, "tiny", DEMO_FOLD)
-    if not (run_folder / FINAL_FOLDER).is_dir():
-        settings = TrainingSettings(preset="tiny", max_steps=generator_steps,
-                                    warmup_steps=min(100, generator_steps // 4),
-                                    learning_rate=1e-3, checkpoint_every=max(1, generator_steps // 2),
-                                    preview_every=generator_steps, preview_inference_steps=inference_steps)
-        train_generator(dataset, run_folder, settings, fold=DEMO_FOLD)
-    generator = run_folder / FINAL_FOLDER
-    settings = GenerationSettings(num_cases=num_cases_for_ratio(dataset, generator, ratio), seed=0,
-                                  num_inference_steps=inference_steps)
-    summary = generate_synthetic_cases(dataset, generator, settings, device=device)
-    print(f"{summary['total']} synthetic cases in {dataset.folder / 'imagesSynth'} "
-          f"(model-free quality gate passed by {summary['model_free_passed']})")
-    print(f"preview grid (real | new label map | synthetic | synthetic + labels): {summary['preview']}")
-    print(f"generator training previews: {run_folder / 'previews'}")
+    if image_source == "copy-paste":
+        settings = CopyPasteSettings(num_cases=num_copy_paste_cases(dataset, DEMO_FOLD, ratio), seed=0)
+        summary = generate_copy_paste_cases(dataset, settings, fold=DEMO_FOLD)
+    else:
+        mode = "inpaint" if image_source == "inpaint" else "slice"
+        run_folder = generator_run_folder(dataset.name, "tiny", DEMO_FOLD, mode)
+        if not (run_folder / FINAL_FOLDER).is_dir():
+            settings = TrainingSettings(preset="tiny", mode=mode, max_steps=generator_steps,
+                                        batch_size=DEMO_INPAINT_BATCH if mode == "inpaint" else None,
+                                        warmup_steps=min(100, generator_steps // 4),
+                                        learning_rate=1e-3, checkpoint_every=max(1, generator_steps // 2),
+                                        preview_every=generator_steps, preview_inference_steps=inference_steps)
+            train_generator(dataset, run_folder, settings, fold=DEMO_FOLD)
+        generator = run_folder / FINAL_FOLDER
+        settings = GenerationSettings(num_cases=num_cases_for_ratio(dataset, generator, ratio), seed=0,
+                                      num_inference_steps=inference_steps,
+                                      sampler=DEFAULT_SAMPLER if mode == "inpaint" else None)
+        summary = generate_synthetic_cases(dataset, generator, settings, device=device)
+        print(f"generator training previews: {run_folder / 'previews'}")
+    print(f"{summary['total']} synthetic cases ({image_source}) in {dataset.folder / 'imagesSynth'}; the model-free "
+          f"quality gate passed {summary['model_free_passed']} of {summary['total']}")
+    print(f"preview grid: {summary['preview']}")
     return summary
+
+
+def report_used_cases(results_root: Path, dataset: RawDataset):
+    """How many synthetic cases the trainer's quality filter kept (by default: those that pass the model-free gate)."""
+    summary_file = (results_root / dataset.name / f"{DEMO_TRAINER}__{CPU_PLANS}__2d" / f"fold_{DEMO_FOLD}" /
+                    "synthmix.json")
+    summary = json.loads(summary_file.read_text())
+    counts, settings = summary["synthetic_cases"], summary["settings"]
+    print(f"nnU-Net trained on {counts['used']} of {counts['available']} synthetic cases (quality filter: "
+          f"{settings['quality_key']} score >= {settings['min_quality']}) beside "
+          f"{summary['real_training_cases']} real training cases; {summary_file}")
 
 
 def predict_step(dataset: RawDataset, work_folder: Path, results_root: Path, device: str) -> dict:
@@ -135,9 +163,14 @@ def main(argv=None):
     parser.add_argument("--slices-per-patient", type=int, default=8,
                         help="with --source: every k-th slice of a patient, at most this many (0: all; default 8)")
     parser.add_argument("--stop-after", choices=STEPS, default="predict", help="end the demo after this step")
-    parser.add_argument("--generator-steps", type=int, default=400, help="tiny-generator training steps")
+    parser.add_argument("--image-source", choices=IMAGE_SOURCES, default="inpaint",
+                        help="inpaint (default): new lesions drawn inside real slices by a tiny inpainting generator; "
+                             "generator: whole slices from a tiny generator (Diff-Lung); copy-paste: real lesion "
+                             "pixels, no model")
+    parser.add_argument("--generator-steps", type=int, default=300, help="tiny-generator training steps")
     parser.add_argument("--ratio", type=float, default=0.5, help="synthetic cases per real training slice")
-    parser.add_argument("--inference-steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--inference-steps", type=int,
+                        help="sampling steps (default: 10 UniPC steps for inpaint, 50 DDIM steps for generator)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.generator_steps < 1:
@@ -162,13 +195,16 @@ def main(argv=None):
     if step_done("convert"):
         return
     dataset = RawDataset(dataset_folder)
-    generate_step(dataset, args.generator_steps, args.ratio, args.inference_steps, args.device)
+    if args.inference_steps is None:
+        args.inference_steps = DEFAULT_INFERENCE_STEPS if args.image_source == "inpaint" else 50
+    generate_step(dataset, args.image_source, args.generator_steps, args.ratio, args.inference_steps, args.device)
     if step_done("generate"):
         return
     plan_and_preprocess(dataset, folders["nnUNet_preprocessed"], cpu_plans=True)
     if step_done("preprocess"):
         return
     train(dataset, DEMO_TRAINER, CPU_PLANS, DEMO_FOLD, args.device, nnUNet_n_proc_DA="0")
+    report_used_cases(folders["nnUNet_results"], dataset)
     if step_done("train"):
         return
     predict_step(dataset, work_folder, folders["nnUNet_results"], args.device)

@@ -247,7 +247,8 @@ def copy_paste_for_fold(dataset: RawDataset, args, fold, num_cases: int):
 def print_summary(dataset: RawDataset, summary: dict, shard: str = ""):
     fold = summary["fold"]
     print(f"fold {fold}: {shard}{summary['total']} synthetic cases in {dataset.folder} ({summary['written']} written "
-          f"now, {summary['skipped']} already there); model-free quality gate passed by {summary['model_free_passed']}")
+          f"now, {summary['skipped']} already there); model-free quality gate passed by {summary['model_free_passed']} "
+          f"of {summary['total']} ({100 * summary['model_free_passed'] / max(summary['total'], 1):.0f} %)")
     print(format_share_table(summary["label_map_report"], dataset.class_names))
     print(f"manifest: {summary['store']}")
     print(f"preview grid: {summary['preview']}")

@@ -90,10 +90,11 @@ def check_export_integrity(dataset):
 
 
 def train_synthmix(dataset, nnunet_folders):
-    """The stock nnUNetv2_train, smoke budget, CPU plans, half of every batch synthetic; returns synthmix.json."""
+    """The stock nnUNetv2_train, smoke budget, CPU plans, half of every batch synthetic (a 2-step generator's cases:
+    the quality filter off); returns synthmix.json."""
     from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
     write_cpu_plans(nnunet_folders["nnUNet_preprocessed"] / dataset.name, "2d", "nnUNetPlans", CPU_PLANS)
-    env = dict(environment(nnunet_folders), nnUNet_n_proc_DA="0", nnsynth_ratio="0.5")
+    env = dict(environment(nnunet_folders), nnUNet_n_proc_DA="0", nnsynth_ratio="0.5", nnsynth_min_quality="none")
     run(["nnUNetv2_train", dataset.name[len("Dataset"):len("Dataset") + 3], "2d", "0", "-tr", TRAINER, "-p",
          CPU_PLANS, "-device", "cpu"], env)
     fold_folder = nnunet_folders["nnUNet_results"] / dataset.name / f"{TRAINER}__{CPU_PLANS}__2d" / "fold_0"

@@ -77,7 +77,7 @@ def test_each_fold_takes_only_its_own_cases(five_fold_dataset, nnunet_folders, m
 
     from nnunet_synth.trainers.variants.budgets import nnUNetTrainerSynthMix_debug
     monkeypatch.setenv("nnsynth_ratio", "0.5")
-    monkeypatch.delenv("nnsynth_min_quality", raising=False)
+    monkeypatch.setenv("nnsynth_min_quality", "none")      # a 2-step generator's cases: the fold rule, not the gate
     preprocessed = nnunet_folders["nnUNet_preprocessed"] / five_fold_dataset.name
     plans = json.loads((preprocessed / f"{CPU_PLANS}.json").read_text())
     dataset_json = json.loads((preprocessed / "dataset.json").read_text())
@@ -102,7 +102,7 @@ def test_each_fold_takes_only_its_own_cases(five_fold_dataset, nnunet_folders, m
 def test_five_fold_stock_training_and_find_best_configuration(five_fold_dataset, nnunet_folders):
     """About 3 minutes on an idle 2-core machine."""
     env = environment(nnunet_folders)
-    train_env = dict(env, nnUNet_n_proc_DA="0", nnsynth_ratio="0.5")
+    train_env = dict(env, nnUNet_n_proc_DA="0", nnsynth_ratio="0.5", nnsynth_min_quality="none")
     for fold in range(5):
         run(["nnUNetv2_train", str(DATASET_ID), "2d", str(fold), "-tr", TRAINER, "-p", CPU_PLANS, "-device", "cpu"],
             train_env)

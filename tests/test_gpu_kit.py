@@ -60,15 +60,17 @@ def test_throughput_stage_times_both_loops_for_both_presets(rehearsal):
     assert throughput["tiny"]["sampling"]["slices_per_s"] > 0
 
 
-def test_evidence_stage_compares_real_only_and_synthmix_on_fold_0(rehearsal):
+def test_evidence_stage_trains_the_inpainting_generator_and_compares_real_only_and_synthmix_on_fold_0(rehearsal):
     evidence = read(rehearsal, "evidence.json")
-    assert evidence["generator"]["steps"] >= 2 and evidence["generation"]["cases"] == 8
+    assert evidence["generator"]["steps"] >= 2 and "--mode inpaint" in evidence["generator"]["args"]
+    assert evidence["generation"]["cases"] == 8 and 0 <= evidence["generation"]["model_free_passed"] <= 8
     for trainer in ("nnUNetTrainerKit_r0", "nnUNetTrainerKit_r50"):
         assert_dice(evidence[trainer]["dice"])
     assert evidence["nnUNetTrainerKit_r0"]["synthmix"]["settings"]["ratio"] == 0.0
     assert evidence["nnUNetTrainerKit_r50"]["synthmix"]["settings"]["ratio"] == 0.5
-    summary = evidence["fidelity"]["generators"]["cbmat"]
-    assert summary["psnr"] > 0 and -1.0 <= summary["ssim"] <= 1.0
+    rows = {(row["source"], row["sampler"]): row for row in evidence["fidelity"]["rows"]}
+    assert set(rows) == {("inpaint", "unipc"), ("copy-paste", None)}
+    assert all(row["psnr"] > 0 and -1.0 <= row["ssim"] <= 1.0 and row["w1"] >= 0 for row in rows.values())
     for image in ("synthetic_preview.png", "fidelity_preview.png"):
         assert (rehearsal / image).stat().st_size > 1000
 

@@ -203,6 +203,7 @@ def test_a_truncated_pool_file_is_preprocessed_again_and_named(planned_dataset, 
                                                                monkeypatch):
     from nnunet_synth.trainers.synth_mix import nnUNetTrainerSynthMix
     monkeypatch.setenv("nnsynth_ratio", "0.5")
+    monkeypatch.setenv("nnsynth_min_quality", "none")       # every case in the training set, the repaired one too
     make_trainer(planned_dataset, nnUNetTrainerSynthMix).get_tr_and_val_datasets()     # pool up to date
     case_id = synthetic_case_id(5, 0)
     pool_file = pool_folder(planned_dataset, "nnUNetPlans_2d") / f"{case_id}_seg.b2nd"

@@ -43,7 +43,8 @@ def update_pool(raw_folder, preprocessed, plans=None):
 # ------------------------------------------------------------------------------------------- settings
 def test_settings_come_from_environment_or_defaults():
     settings = resolve_settings("nnUNetTrainerSynthMix", {}, environ={})
-    assert (settings.ratio, settings.min_quality, settings.quality_key) == (0.5, None, "model_free")
+    # by default only the cases that pass the model-free gate are used (0.5 is its threshold score)
+    assert (settings.ratio, settings.min_quality, settings.quality_key) == (0.5, 0.5, "model_free")
     settings = resolve_settings("nnUNetTrainerSynthMix", {}, environ={
         "nnsynth_ratio": "0.3", "nnsynth_min_quality": "0.7", "nnsynth_quality_key": "segmentation"})
     assert (settings.ratio, settings.min_quality, settings.quality_key) == (0.3, 0.7, "segmentation")
@@ -287,7 +288,13 @@ def test_a_fold_without_cases_of_its_own_stops_in_one_line_naming_the_command(pl
     assert expected in one_line_exit(capsys, make_trainer(planned_dataset, nnUNetTrainerSynthMix_debug,
                                                           fold=1).get_tr_and_val_datasets)
     dataset_tr, _ = make_trainer(planned_dataset, nnUNetTrainerSynthMix_debug, fold=0).get_tr_and_val_datasets()
+    # by default only the cases that pass the model-free gate (score >= 0.5); the unscored case is left out
+    passing = sorted(synthetic_case_id(i, 0) for i in range(NUM_SCORED_CASES) if stand_in_score(i) >= 0.5)
+    assert sorted(dataset_tr.synthetic_identifiers) == passing and 0 < len(passing) < NUM_SCORED_CASES
+    monkeypatch.setenv("nnsynth_min_quality", "none")
+    dataset_tr, _ = make_trainer(planned_dataset, nnUNetTrainerSynthMix_debug, fold=0).get_tr_and_val_datasets()
     assert len(dataset_tr.synthetic_identifiers) == NUM_SCORED_CASES + 1
+    monkeypatch.delenv("nnsynth_min_quality")
     # the stock command: exit status 2 and one line, no traceback
     result = subprocess.run(["nnUNetv2_train", str(SYNTHMIX_DATASET_ID), "2d", "1", "-tr", TRAINER, "-p", CPU_PLANS,
                              "-device", "cpu"], env=clean_environment(nnunet_folders, nnUNet_n_proc_DA="0"),
@@ -299,6 +306,15 @@ def test_a_fold_without_cases_of_its_own_stops_in_one_line_naming_the_command(pl
     assert last_line.startswith("nnsynth: error:") and expected in last_line
 
 
+def test_no_case_passing_the_quality_filter_stops_in_one_line_naming_the_override(planned_dataset, monkeypatch,
+                                                                                 capsys):
+    from nnunet_synth.trainers.variants.budgets import nnUNetTrainerSynthMix_debug
+    monkeypatch.delenv("nnsynth_ratio", raising=False)
+    monkeypatch.setenv("nnsynth_min_quality", "0.99")       # above every stand-in score
+    error = one_line_exit(capsys, make_trainer(planned_dataset, nnUNetTrainerSynthMix_debug).get_tr_and_val_datasets)
+    assert "passes the model_free quality gate (score >= 0.99)" in error and "nnsynth_min_quality=none" in error
+
+
 def test_variant_trainer_refuses_contradicting_environment(planned_dataset, monkeypatch, capsys):
     from nnunet_synth.trainers.variants.ratios import nnUNetTrainerSynthMix_r25
     monkeypatch.setenv("nnsynth_ratio", "0.5")
@@ -306,15 +322,16 @@ def test_variant_trainer_refuses_contradicting_environment(planned_dataset, monk
     assert "nnsynth_ratio=0.5: trainer nnUNetTrainerSynthMix_r25 fixes ratio=0.25" in error
 
 
-def test_non_2d_configuration_fails_clearly_unless_real_only(planned_dataset, monkeypatch, capsys):
+def test_3d_patches_refuse_single_slice_synthetic_cases_unless_real_only(planned_dataset, monkeypatch, capsys):
     from nnunet_synth.trainers.synth_mix import nnUNetTrainerSynthMix
     from nnunet_synth.trainers.variants.ratios import nnUNetTrainerSynthMix_r0
     plans = load_plans(planned_dataset, CPU_PLANS)
     pseudo_3d = dict(plans["configurations"]["2d"], patch_size=[4, 128, 128], spacing=[1.0, 1.0, 1.0])
     plans["configurations"]["3d_test"] = pseudo_3d
     monkeypatch.delenv("nnsynth_ratio", raising=False)
-    assert "supports 2d configurations only" in one_line_exit(
-        capsys, make_trainer(planned_dataset, nnUNetTrainerSynthMix, "3d_test", plans).get_tr_and_val_datasets)
+    error = one_line_exit(capsys, make_trainer(planned_dataset, nnUNetTrainerSynthMix, "3d_test",
+                                               plans).get_tr_and_val_datasets)
+    assert "are single slices, and '3d_test' trains 3D patches" in error and "--unit volume" in error
     dataset_tr, _ = make_trainer(planned_dataset, nnUNetTrainerSynthMix_r0, "3d_test", plans).get_tr_and_val_datasets()
     assert dataset_tr.synthetic_identifiers == []
 
@@ -415,7 +432,7 @@ def test_stock_commands_train_validate_continue_and_predict(planned_dataset, syn
         assert set(np.unique(prediction)) <= {0, 1, 2}
         lung_dice.append(dice(prediction, reference, 1))
     # a debug budget is too short for a quality bound that holds on every run; the demo test checks learning after
-    # 500 iterations
+    # 250 iterations
     print(f"lung Dice of the debug-budget CPU model: {dict(zip(cases, lung_dice))}")
 
     # nnsynth_score writes quality.segmentation and keeps quality.model_free

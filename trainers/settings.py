@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
 from nnunet_synth.errors import NnsynthError
+from nnunet_synth.quality.model_free import PASS_SCORE
 
 # quality key -> (group in the manifest entry's "quality" dict, field holding the score)
 # pathology_iou: DiffAug's gate, the lowest IoU over the pathology classes (nnsynth_score)
@@ -115,7 +116,8 @@ class Setting:
 SETTINGS = (
     Setting("ratio", "nnsynth_ratio",
             _fraction("nnsynth_ratio", "give the synthetic fraction of each batch, e.g. nnsynth_ratio=0.25"), 0.5),
-    Setting("min_quality", "nnsynth_min_quality", _min_quality, None),
+    # by default only the cases that pass the model-free gate are mixed in (a score of 0.5 is its threshold)
+    Setting("min_quality", "nnsynth_min_quality", _min_quality, PASS_SCORE),
     Setting("quality_key", "nnsynth_quality_key", _quality_key, "model_free"),
     Setting("rare_oversampling", "nnsynth_rare_oversampling",
             _fraction("nnsynth_rare_oversampling", "give the share of real draws centred on the rarest class, e.g. "

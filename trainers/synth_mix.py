@@ -121,7 +121,7 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
             summary.update(pool_summary)
             summary["exposure"] = exposure(settings.ratio, batch_size,
                                            self.num_epochs * self.num_iterations_per_epoch,
-                                           len(synthetic_dataset.identifiers), self._count_slices(dataset_tr))
+                                           len(synthetic_dataset.identifiers), self._count_real_units(dataset_tr))
         else:
             summary.update(synthetic_cases={"available": 0, "used": 0, "below_threshold": 0, "unscored": 0},
                            note="ratio 0: real-only baseline, the synthetic pool is not read")
@@ -147,17 +147,30 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
         rare = rarest_class(counts)
         return {"probability": probability, "class": rare, "pixels_per_class": counts}
 
-    @staticmethod
-    def _count_slices(dataset) -> int:
-        """Slices of the real training cases (2d: the first spatial axis of each preprocessed case)."""
+    @property
+    def _trains_3d_patches(self) -> bool:
+        return len(self.configuration_manager.patch_size) == 3
+
+    def _count_real_units(self, dataset) -> int:
+        """What a real draw picks: a slice of a real training case (2d: the first spatial axis of each preprocessed
+        case), or with 3D patches a real training case."""
+        if self._trains_3d_patches:
+            return len(dataset.identifiers)
         return sum(int(dataset.load_case(identifier)[0].shape[1]) for identifier in dataset.identifiers)
 
+    def _refuse_slices_for_3d_patches(self, store: SyntheticStore, case_ids):
+        """3D patches (3d_fullres, 3d_lowres) need synthetic cases that are whole volumes (copy-paste with unit
+        "volume"); a single-slice case would be a patch of padding."""
+        folds = sorted({str(store.cases[case_id].get("fold")) for case_id in case_ids})
+        slice_folds = [fold for fold in folds if store.fold_record(fold).get("settings", {}).get("unit") != "volume"]
+        if slice_folds:
+            raise NnsynthError(f"{store.manifest_file}: the synthetic cases of fold {slice_folds[0]} are single "
+                               f"slices, and '{self.configuration_name}' trains 3D patches "
+                               f"{self.configuration_manager.patch_size} that need whole volumes: run nnsynth_generate "
+                               f"{store.dataset.name} --fold {slice_folds[0]} --image-source copy-paste --unit volume "
+                               f"--overwrite, train a 2d configuration, or set nnsynth_ratio=0 for a real-only run")
+
     def _synthetic_training_dataset(self, settings, validation_cases):
-        if len(self.configuration_manager.patch_size) != 2:
-            raise NnsynthError(f"{self.__class__.__name__} mixes single-slice synthetic cases and supports 2d "
-                               f"configurations only, not '{self.configuration_name}' (patch size "
-                               f"{self.configuration_manager.patch_size}): train a 2d configuration, or set "
-                               f"nnsynth_ratio=0 (or use the _r0 variant) for a real-only run")
         if self.is_cascaded:
             raise NnsynthError(f"{self.__class__.__name__} does not support cascaded configurations")
         if not nnUNet_raw.is_set():
@@ -179,6 +192,8 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
             raise NnsynthError(f"no synthetic case of {store.manifest_file} may be used for fold {self.fold}: "
                                f"{reason}: run nnsynth_generate {dataset_name} --fold {self.fold} (or set "
                                f"nnsynth_ratio=0 for a real-only run)")
+        if self._trains_3d_patches:
+            self._refuse_slices_for_3d_patches(store, for_fold.allowed)
         report = update_synthetic_pool(raw_folder, self.preprocessed_dataset_folder_base, self.plans_manager.plans,
                                        self.configuration_name, self.dataset_json,
                                        log=lambda message: self.print_to_log_file(message), case_ids=for_fold.allowed)
@@ -190,6 +205,13 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
                         "synthetic_cases": selection.counts(), "used_synthetic_cases": selection.used,
                         "left_out": {"below_threshold": selection.below_threshold, "unscored": selection.unscored,
                                      "scored_by_another_fold": selection.scored_by_another_fold}}
+        if not selection.used and selection.below_threshold:
+            default = ", the default filter" if settings.sources["min_quality"] == "default" else ""
+            raise NnsynthError(f"{store.manifest_file}: none of the {len(report.case_ids)} synthetic cases fold "
+                               f"{self.fold} may use passes the {settings.quality_key} quality gate (score >= "
+                               f"{settings.min_quality}{default}): set nnsynth_min_quality=none to train on them "
+                               f"anyway, make cases that pass (nnsynth_generate {dataset_name} --image-source "
+                               f"inpaint or copy-paste), or set nnsynth_ratio=0 for a real-only run")
         if not selection.used:
             raise NnsynthError(f"no synthetic case to mix in: {selection.counts()} (manifest "
                                f"{store.manifest_file}, quality key {settings.quality_key}, threshold "

@@ -6,8 +6,10 @@
 #   smoke       CUDA: generator steps (bf16, channels_last, fused AdamW, --compile) under accelerate, DDIM sampling,
 #               same seed = same image whatever the batch, nnUNetv2_train -tr nnUNetTrainerSynthMix_debug -> smoke.json
 #   throughput  benchmarks/generator_throughput.py, tiny and default presets, ours vs plain fp32 -> throughput.json
-#   evidence    128 px CBMAT generator for a time budget, synthetic cases, real-only vs SynthMix nnU-Net on fold 0,
-#               fidelity                                        -> evidence.json, synthetic_preview.png, fidelity_preview.png
+#   evidence    the inpainting CBMAT generator at its GPU preset (128 px crops) for a time budget, inpainted cases
+#               and their model-free pass rate, real-only vs SynthMix nnU-Net on fold 0 (SynthMix with its default
+#               quality filter), lesion-region fidelity per sampler against copy-paste
+#                                                               -> evidence.json, synthetic_preview.png, fidelity_preview.png
 # Environment: KIT_STAGES (default "smoke throughput evidence"; install always runs unless KIT_REHEARSAL=1),
 # KIT_SKIP_DONE=1 skips stages whose JSON already lies in $OUT, KIT_REHEARSAL=1 (CPU, the current python, tiny
 # sizes: rehearse.sh), budgets KIT_GENERATOR_SECONDS (150), KIT_NNUNET_EPOCHS (10) x KIT_NNUNET_ITERATIONS (50).
@@ -144,7 +146,9 @@ stage_smoke() {
   t0=$(date +%s)
   step smoke_generate nnsynth_generate $dataset --generator "$work/smoke_generator/final" -n 16 --inference-steps 10 \
       --device $device --overwrite
-  step smoke_nnunet nnUNetv2_train $dataset 2d 0 -tr $smoke_trainer -p $plans "${train_device[@]}"
+  # the smoke generator's 30 steps draw no case the model-free gate passes: the SynthMix path without the filter
+  step smoke_nnunet env nnsynth_min_quality=none nnUNetv2_train $dataset 2d 0 -tr $smoke_trainer -p $plans \
+      "${train_device[@]}"
   local fold="$nnUNet_results/$dataset/${smoke_trainer}__${plans}__2d/fold_0"
   $stages_py merge "$json.partial" nnunet_debug "{\"seconds\": $(seconds_since "$t0"), \"trainer\": \"$smoke_trainer\", \"plans\": \"$plans\", \"dice\": $($stages_py dice "$fold"), \"synthmix\": $(cat "$fold/synthmix.json")}"
 }
@@ -173,40 +177,52 @@ stage_throughput() {
 }
 
 stage_evidence() {
-  local generator max_steps inference fidelity steps t0 trainer fold
+  local generator calibration max_steps inference fidelity gate steps t0 trainer fold
   if [ "$rehearsal" = 1 ]; then
-    generator=(--preset tiny --image-size 32 --batch-size 2); max_steps=3; inference=(--inference-steps 2 -n 8)
-    fidelity=(--seeds 0 --max-slices 2 --inference-steps 2)
+    generator=(--preset tiny --image-size 32 --batch-size 2); calibration=(4 2); max_steps=3
+    inference=(--inference-steps 2 -n 8); fidelity=(--seeds 0 --max-slices 2 --samplers unipc:2)
+    gate=(env nnsynth_min_quality=none)    # a 3-step model's lesions fail the gate; the GPU run keeps the default
   else
-    generator=(--preset default --image-size 128 --batch-size 16); max_steps=100000
-    inference=(--inference-steps 50 -r 0.5 --batch-size 64); fidelity=(--seeds 0 --max-slices 64 --inference-steps 50)
+    # the GPU preset's network with 128 px crops: the kit's slices are 128 px (the preset's 160 px crops would be padding)
+    generator=(--preset default --image-size 128 --batch-size 32); calibration=(30 10); max_steps=100000
+    inference=(-r 0.5 --batch-size 64)
+    fidelity=(--seeds 0 --max-slices 64 --samplers ddim:50 dpmsolver++:10 dpmsolver++:20 unipc:10 unipc:20)
+    gate=()
   fi
   preprocess
-  # steps for the time budget, from 10 timed steps of the same configuration (without compile, as trained below)
-  step evidence_calibrate "$python" benchmarks/generator_throughput.py "${generator[@]}" --device $device \
-      --precision $precision --dataset "$nnUNet_raw/$dataset" --no-plain --sample-count 0 --steps 10 --warmup 2 \
-      --json "$work/calibration.json"
-  steps=$("$python" -c "import json; s = json.load(open('$work/calibration.json'))['training']['ours']['seconds_per_step']; print(max(2, min($max_steps, int($generator_seconds / s))))")
+  # seconds per step of the inpainting generator: the time between the first and last checkpoint of a short run
+  # (start-up and data loading left out), then as many steps as the time budget holds
+  step evidence_calibrate nnsynth_train_generator $dataset --fold 0 --mode inpaint "${generator[@]}" \
+      --steps "${calibration[0]}" --checkpoint-every "${calibration[1]}" --keep-checkpoints 10 --preview-every 1000000 \
+      --mixed-precision "$precision" --output "$work/calibration_generator" --no-progress
+  steps=$("$python" -c "
+import json
+from pathlib import Path
+done = sorted((json.loads(f.read_text())['trained_steps'], f.stat().st_mtime)
+              for f in Path('$work/calibration_generator/checkpoints').glob('checkpoint_*/generator_config.json'))
+per_step = (done[-1][1] - done[0][1]) / (done[-1][0] - done[0][0])
+print(max(2, min($max_steps, int($generator_seconds / max(per_step, 1e-3)))))")
   t0=$(date +%s)
-  step evidence_generator nnsynth_train_generator $dataset --fold 0 "${generator[@]}" --steps "$steps" \
+  step evidence_generator nnsynth_train_generator $dataset --fold 0 --mode inpaint "${generator[@]}" --steps "$steps" \
       --mixed-precision "$precision" --checkpoint-every "$steps" --preview-every "$steps" \
-      --preview-inference-steps 20 --output "$work/evidence_generator" --no-progress
-  $stages_py merge "$json.partial" generator "{\"steps\": $steps, \"seconds\": $(seconds_since "$t0"), \"budget_seconds\": $generator_seconds, \"args\": \"${generator[*]}\", \"ablation\": \"cbmat\"}"
+      --preview-inference-steps 10 --output "$work/evidence_generator" --no-progress
+  $stages_py merge "$json.partial" generator "{\"steps\": $steps, \"seconds\": $(seconds_since "$t0"), \"budget_seconds\": $generator_seconds, \"args\": \"--mode inpaint ${generator[*]}\", \"ablation\": \"cbmat\"}"
   t0=$(date +%s)
-  step evidence_generate nnsynth_generate $dataset --generator "$work/evidence_generator/final" --fold 0 \
-      "${inference[@]}" --device $device --overwrite
+  step evidence_generate nnsynth_generate $dataset --image-source inpaint --generator "$work/evidence_generator/final" \
+      --fold 0 "${inference[@]}" --device $device --overwrite
   cp "$nnUNet_raw/$dataset/synthetic_preview_fold0.png" "$OUT/synthetic_preview.png"
-  $stages_py merge "$json.partial" generation "{\"seconds\": $(seconds_since "$t0"), \"cases\": $("$python" -c "import json; print(len(json.load(open('$nnUNet_raw/$dataset/synthetic.json'))['cases']))"), \"args\": \"${inference[*]}\"}"
+  $stages_py merge "$json.partial" generation "{\"seconds\": $(seconds_since "$t0"), \"cases\": $("$python" -c "import json; print(len(json.load(open('$nnUNet_raw/$dataset/synthetic.json'))['cases']))"), \"model_free_passed\": $("$python" -c "import json; print(sum(bool(c.get('quality', {}).get('model_free', {}).get('passed')) for c in json.load(open('$nnUNet_raw/$dataset/synthetic.json'))['cases'].values()))"), \"args\": \"--image-source inpaint ${inference[*]}\"}"
   for trainer in nnUNetTrainerKit_r0 nnUNetTrainerKit_r50; do
     t0=$(date +%s)
-    step "evidence_$trainer" nnUNetv2_train $dataset 2d 0 -tr $trainer -p $plans "${train_device[@]}"
+    step "evidence_$trainer" "${gate[@]}" nnUNetv2_train $dataset 2d 0 -tr $trainer -p $plans "${train_device[@]}"
     fold="$nnUNet_results/$dataset/${trainer}__${plans}__2d/fold_0"
     $stages_py merge "$json.partial" "$trainer" "{\"seconds\": $(seconds_since "$t0"), \"plans\": \"$plans\", \"epochs\": $nnsynth_kit_epochs, \"iterations_per_epoch\": $nnsynth_kit_iterations, \"nnUNet_compile\": \"$nnUNet_compile\", \"dice\": $($stages_py dice "$fold"), \"synthmix\": $(cat "$fold/synthmix.json")}"
   done
-  step evidence_fidelity nnsynth_evaluate fidelity $dataset --generator "cbmat=$work/evidence_generator" \
+  # lesion-region fidelity: held-out lesions erased and filled again, per sampler, against copy-paste
+  step evidence_fidelity nnsynth_evaluate fidelity $dataset --inpaint-generator "$work/evidence_generator" \
       "${fidelity[@]}" --device $device -o "$work/evaluation"
-  cp "$work/evaluation/fidelity_preview.png" "$OUT/fidelity_preview.png"
-  $stages_py merge "$json.partial" fidelity "@$work/evaluation/fidelity.json"
+  cp "$work/evaluation/lesion_fidelity_preview.png" "$OUT/fidelity_preview.png"
+  $stages_py merge "$json.partial" fidelity "@$work/evaluation/lesion_fidelity.json"
 }
 
 # A stage that fails keeps what it measured: $OUT/<stage>.json then holds "failed" (the step and its log tail is in

@@ -68,7 +68,7 @@ BUDGET_TRAINERS = {"smoke": "nnUNetTrainerSynthMix_smoke",   # 10 iterations: do
                    "debug": "nnUNetTrainerSynthMix_debug",   # 20 iterations
                    "short": "nnUNetTrainerSynthMix_short",   # 100 iterations, no final validation
                    "medium": "nnUNetTrainerSynthMix_medium", # 500 iterations, no final validation
-                   "demo": "nnUNetTrainerSynthMix_demo",     # 500 iterations
+                   "demo": "nnUNetTrainerSynthMix_demo",     # 250 iterations
                    "full": "nnUNetTrainerSynthMix"}          # nnU-Net's 1000 epochs
 PASTE_BUDGET_TRAINERS = {budget: trainer.replace("SynthMix", "LesionPaste")
                          for budget, trainer in BUDGET_TRAINERS.items()}

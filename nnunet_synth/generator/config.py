@@ -57,7 +57,9 @@ PRESETS = {
 # and fills. ``tiny`` (64 px crops, about 1.5 M parameters) trains on a CPU; ``default`` (160 px crops, five
 # levels) is for a GPU.
 INPAINT_PRESETS = {
-    "tiny": {**PRESETS["tiny"], "image_size": 64, "max_steps": 3000, "learning_rate": 1e-3},
+    # 1000 steps of batch 8 fit 15 minutes on a 2-core CPU; 300 steps of batch 4 already passed the model-free gate
+    "tiny": {**PRESETS["tiny"], "image_size": 64, "max_steps": 1000, "learning_rate": 1e-3, "checkpoint_every": 250,
+             "preview_every": 1000},
     "default": {
         **PRESETS["default"],
         "image_size": 160,

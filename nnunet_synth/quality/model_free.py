@@ -29,6 +29,7 @@ CALIBRATION_PERCENTILE = 99.0
 MARGIN = 1.0
 TEXTURE = ("laplacian", "gradient")
 GATE_MAX_SLICES = 2000         # real slices a gate is fitted on, at most (evenly spread)
+PASS_SCORE = 0.5               # score of a slice exactly at the threshold: score >= PASS_SCORE <=> passed
 
 
 def slice_statistics(image: np.ndarray, label_map: np.ndarray) -> dict:

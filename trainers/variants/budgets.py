@@ -6,7 +6,7 @@ BUDGETS = {
     "smoke": TrainingBudget(epochs=1, iterations_per_epoch=10, val_iterations_per_epoch=1),
     "debug": TrainingBudget(epochs=2, iterations_per_epoch=10, val_iterations_per_epoch=1),
     "short": TrainingBudget(epochs=4, iterations_per_epoch=25, val_iterations_per_epoch=2),
-    "demo": TrainingBudget(epochs=20, iterations_per_epoch=25, val_iterations_per_epoch=2),
+    "demo": TrainingBudget(epochs=10, iterations_per_epoch=25, val_iterations_per_epoch=2),
     "medium": TrainingBudget(epochs=20, iterations_per_epoch=25, val_iterations_per_epoch=2),
 }
 # budgets that skip the final prediction of the fold's validation cases (the evaluation scores its own test set)
@@ -31,11 +31,11 @@ class nnUNetTrainerSynthMix_short(nnUNetTrainerSynthMix):
 
 
 class nnUNetTrainerSynthMix_demo(nnUNetTrainerSynthMix):
-    """20 epochs of 25 iterations (a few minutes on 2 CPU cores with small plans): what nnsynth_demo trains"""
+    """10 epochs of 25 iterations (a few minutes on a CPU core with small plans): what nnsynth_demo trains"""
     budget = BUDGETS["demo"]
 
 
 class nnUNetTrainerSynthMix_medium(nnUNetTrainerSynthMix):
-    """20 epochs of 25 iterations (the demo's 500), no final validation"""
+    """20 epochs of 25 iterations, no final validation"""
     budget = BUDGETS["medium"]
     predict_validation_cases = False
