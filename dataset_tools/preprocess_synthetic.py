@@ -26,9 +26,6 @@ def main(argv=None):
     dataset_name = resolve_dataset_folder(args.dataset).name
     report = update_pool_for_preprocessed_dataset(dataset_name, args.configuration, args.plans)
     print(report.summary())
-    if not args.configuration.startswith("2d"):
-        print(f"note: nnUNetTrainerSynthMix mixes synthetic cases into 2d configurations only; "
-              f"'{args.configuration}' pools are not used by it")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from nnunet_synth.evaluation.through_plane import (
     through_plane_consistency,
 )
 from nnunet_synth.masks.regions import find_regions
+from nnunet_synth.trainers.synthetic_pool import pool_folder
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 BIN = Path(sys.executable).parent
@@ -268,3 +269,48 @@ def test_adjacent_slices_inside_the_pasted_lesions_differ_as_in_real_lesions(ms_
     moved_apart = np.stack([np.roll(plane, tuple(rng.integers(-4, 5, size=2)), axis=(0, 1)) for plane in image])
     apart, same_pairs = adjacent_slice_difference(moved_apart, edited)
     assert same_pairs == pairs and apart / pairs > 1.3 * whole / pairs
+
+
+@pytest.mark.slow
+def test_synthmix_trains_3d_fullres_on_the_whole_volumes_and_the_stock_predict_runs(ms_generated, nnunet_folders,
+                                                                                    tmp_path):
+    """The stock nnUNetv2_train 3d_fullres with nnUNetTrainerSynthMix_debug on Dataset515 (CPU plans): the whole
+    copy-paste volume of fold 0 is preprocessed into the 3d_fullres pool and mixed in; nnUNetv2_predict runs."""
+    from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
+    from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
+    dataset, _, _ = ms_generated
+    env = {**environment(), "nnUNet_extTrainer": str(trainer_directory())}
+    planning = {name: value for name, value in env.items() if name != "nnUNet_n_proc_DA"}   # 2.8.1's planner
+    result = subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(MS_ID), "-c", "3d_fullres", "-np", "1",
+                             "-npfp", "1"], capture_output=True, text=True, env=planning, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    preprocessed = nnunet_folders["nnUNet_preprocessed"] / dataset.name
+    write_cpu_plans(preprocessed, "3d_fullres")
+    trainer = "nnUNetTrainerSynthMix_debug"
+    result = run(["nnUNetv2_train", MS_ID, "3d_fullres", "0", "-tr", trainer, "-p", "nnUNetPlans_cpu", "-device",
+                  "cpu"], timeout=1500, nnsynth_ratio="0.5")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    fold = nnunet_folders["nnUNet_results"] / dataset.name / f"{trainer}__nnUNetPlans_cpu__3d_fullres" / "fold_0"
+    summary = json.loads((fold / "synthmix.json").read_text())
+    store = SyntheticStore(dataset)
+    validation = json.loads((preprocessed / "splits_final.json").read_text())[0]["val"]
+    assert summary["configuration"] == "3d_fullres" and summary["used_synthetic_cases"] == store.complete_case_ids("0")
+    for case_id in summary["used_synthetic_cases"]:          # the fold rule: nothing of a validation patient
+        assert not set(store.cases[case_id]["source_cases"]) & set(validation)
+    # the pool holds the whole volume, preprocessed with the 3d_fullres plans
+    pool = Path(summary["pool_folder"])
+    assert pool == pool_folder(preprocessed, "nnUNetPlans_3d_fullres") and any(pool.glob("*_seg.b2nd"))
+    assert summary["exposure"]["num_real_slices"] == 2              # 3D patches: a real draw is a real case
+    assert (fold / "checkpoint_final.pth").is_file()
+    # stock prediction of the validation patient
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for image in dataset.cases[validation[0]]["images"]:
+        shutil.copy(image, inputs)
+    result = run(["nnUNetv2_predict", "-i", inputs, "-o", outputs, "-d", MS_ID, "-c", "3d_fullres", "-p",
+                  "nnUNetPlans_cpu", "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
+                  "--disable_tta"])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    prediction, header = read(outputs / f"{validation[0]}.nii.gz")
+    reference, reference_header = read(dataset.cases[validation[0]]["label"])
+    assert prediction.shape == reference.shape and header.GetSpacing() == reference_header.GetSpacing()
