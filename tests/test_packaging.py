@@ -85,12 +85,12 @@ def test_demo_converts_a_few_patients_of_real_slices_and_refuses_another_input_i
 
 @pytest.mark.slow
 def test_demo_runs_the_whole_loop_with_stock_nnunet_commands(tmp_path):
-    """The main job on the generated example with a shorter generator run; called by path, with PATH not naming the
-    venv."""
+    """The main job on the generated example as the README runs it (its defaults); called by path, with PATH not
+    naming the venv."""
     demo = Path(sys.executable).parent / "nnsynth_demo"
     env = {"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"], "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(demo), "-o", str(tmp_path), "--generator-steps", "20", "--inference-steps", "5"],
-                            capture_output=True, text=True, timeout=1500, env=env)
+    result = subprocess.run([str(demo), "-o", str(tmp_path)],
+                            capture_output=True, text=True, timeout=2400, env=env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     raw = tmp_path / "nnUNet_raw" / "Dataset990_ChestPhantom"
     manifest = json.loads((raw / "synthetic.json").read_text())

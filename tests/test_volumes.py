@@ -279,8 +279,8 @@ def test_synthmix_trains_3d_fullres_on_the_whole_volumes_and_the_stock_predict_r
     from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
     from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
     dataset, _, _ = ms_generated
-    env = {**environment(), "nnUNet_extTrainer": str(trainer_directory())}
-    planning = {name: value for name, value in env.items() if name != "nnUNet_n_proc_DA"}   # 2.8.1's planner
+    trainers = {"nnUNet_extTrainer": str(trainer_directory())}
+    planning = {name: value for name, value in environment().items() if name != "nnUNet_n_proc_DA"}  # 2.8.1's planner
     result = subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(MS_ID), "-c", "3d_fullres", "-np", "1",
                              "-npfp", "1"], capture_output=True, text=True, env=planning, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -288,7 +288,7 @@ def test_synthmix_trains_3d_fullres_on_the_whole_volumes_and_the_stock_predict_r
     write_cpu_plans(preprocessed, "3d_fullres")
     trainer = "nnUNetTrainerSynthMix_debug"
     result = run(["nnUNetv2_train", MS_ID, "3d_fullres", "0", "-tr", trainer, "-p", "nnUNetPlans_cpu", "-device",
-                  "cpu"], timeout=1500, nnsynth_ratio="0.5")
+                  "cpu"], timeout=1500, nnsynth_ratio="0.5", **trainers)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     fold = nnunet_folders["nnUNet_results"] / dataset.name / f"{trainer}__nnUNetPlans_cpu__3d_fullres" / "fold_0"
     summary = json.loads((fold / "synthmix.json").read_text())
@@ -309,7 +309,7 @@ def test_synthmix_trains_3d_fullres_on_the_whole_volumes_and_the_stock_predict_r
         shutil.copy(image, inputs)
     result = run(["nnUNetv2_predict", "-i", inputs, "-o", outputs, "-d", MS_ID, "-c", "3d_fullres", "-p",
                   "nnUNetPlans_cpu", "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
-                  "--disable_tta"])
+                  "--disable_tta"], **trainers)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     prediction, header = read(outputs / f"{validation[0]}.nii.gz")
     reference, reference_header = read(dataset.cases[validation[0]]["label"])
