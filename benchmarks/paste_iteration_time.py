@@ -18,12 +18,21 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthmix_iteration_time import EXAMPLE_ID, build_example_workspace, make_trainer, time_iterations, trimmed_mean  # noqa: E402
+from synthmix_iteration_time import (  # noqa: E402
+    EXAMPLE_ID,
+    SHARED_COVID,
+    build_example_workspace,
+    make_trainer,
+    time_iterations,
+    trimmed_mean,
+)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", help="a planned dataset (default: build the example)")
+    parser.add_argument("--covid-source", type=Path, default=SHARED_COVID,
+                        help="the COVID-19 CT slices the example is built from (default: ../shared/data)")
     parser.add_argument("-p", "--plans", default=None, help="plans identifier (default: nnUNetPlans, or the "
                                                             "small CPU plans for the example)")
     parser.add_argument("-c", "--configuration", default="2d")
@@ -50,7 +59,7 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as temporary:
         if args.dataset is None:
-            plans = build_example_workspace(Path(args.workdir or temporary))
+            plans = build_example_workspace(Path(args.workdir or temporary), args.covid_source)
             dataset = str(EXAMPLE_ID)
         else:
             plans, dataset = args.plans or "nnUNetPlans", args.dataset

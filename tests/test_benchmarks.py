@@ -89,3 +89,14 @@ def test_volume_generation_benchmark_prints_time_and_peak_rss_of_one_whole_volum
                      result.stdout), result.stdout
     assert re.search(r"time [\d.]+ s from scratch; .* \(ratio [\d.]+x\)", result.stdout), result.stdout
     assert re.search(r"peak RSS [\d.]+ GiB \(target <= 4 GB\)", result.stdout), result.stdout
+
+
+def test_paste_iteration_benchmark_prints_the_ratio_of_the_paste_trainer_to_the_stock_one(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "paste_iteration_time.py"), "--threads",
+                             "1", "--blocks", "2", "--block-iterations", "2", "--warmup", "1", "--workdir",
+                             str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"donor bank \{'2': \d+\} components", result.stdout), result.stdout
+    assert re.search(r"LesionPaste / stock: mean [\d.]+, trimmed mean [\d.]+, median [\d.]+ \(target <= 1.10",
+                     result.stdout), result.stdout
