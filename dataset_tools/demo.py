@@ -12,7 +12,7 @@ nnUNet_results):
    the model-free gate), and how many were used;
 5. the stock nnUNetv2_predict on fold 0's validation cases, scored with nnU-Net's own evaluation.
 
-A 500-iteration CPU model and a few-hundred-step generator show that the loop runs; they say nothing about
+A 250-iteration CPU model and a few-hundred-step generator show that the loop runs; they say nothing about
 what synthetic data does for a real model (that needs the GPU budgets of the README).
 """
 import argparse
