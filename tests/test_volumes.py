@@ -271,21 +271,46 @@ def test_adjacent_slices_inside_the_pasted_lesions_differ_as_in_real_lesions(ms_
     assert same_pairs == pairs and apart / pairs > 1.3 * whole / pairs
 
 
-@pytest.mark.slow
-def test_synthmix_trains_3d_fullres_on_the_whole_volumes_and_the_stock_predict_runs(ms_generated, nnunet_folders,
-                                                                                    tmp_path):
-    """The stock nnUNetv2_train 3d_fullres with nnUNetTrainerSynthMix_debug on Dataset515 (CPU plans): the whole
-    copy-paste volume of fold 0 is preprocessed into the 3d_fullres pool and mixed in; nnUNetv2_predict runs."""
-    from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
+@pytest.fixture(scope="module")
+def ms_planned_3d(ms_generated, nnunet_folders):
+    """Dataset515 planned and preprocessed by the stock command for 3d_fullres, with the small CPU plans
+    (nnUNetPlans_cpu); its preprocessed folder."""
     from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
     dataset, _, _ = ms_generated
-    trainers = {"nnUNet_extTrainer": str(trainer_directory())}
     planning = {name: value for name, value in environment().items() if name != "nnUNet_n_proc_DA"}  # 2.8.1's planner
     result = subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(MS_ID), "-c", "3d_fullres", "-np", "1",
                              "-npfp", "1"], capture_output=True, text=True, env=planning, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     preprocessed = nnunet_folders["nnUNet_preprocessed"] / dataset.name
     write_cpu_plans(preprocessed, "3d_fullres")
+    return preprocessed
+
+
+def predict_validation_patient(dataset, trainer, folder, extra_environment):
+    """Stock nnUNetv2_predict (3d_fullres, CPU plans, fold 0) of the fold's validation patient; its prediction
+    and the reference label, each as (array, image)."""
+    validation = json.loads((Path(os.environ["nnUNet_preprocessed"]) / dataset.name / "splits_final.json")
+                            .read_text())[0]["val"]
+    inputs, outputs = folder / "in", folder / "out"
+    inputs.mkdir()
+    for image in dataset.cases[validation[0]]["images"]:
+        shutil.copy(image, inputs)
+    result = run(["nnUNetv2_predict", "-i", inputs, "-o", outputs, "-d", MS_ID, "-c", "3d_fullres", "-p",
+                  "nnUNetPlans_cpu", "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
+                  "--disable_tta"], **extra_environment)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return read(outputs / f"{validation[0]}.nii.gz"), read(dataset.cases[validation[0]]["label"])
+
+
+@pytest.mark.slow
+def test_synthmix_trains_3d_fullres_on_the_whole_volumes_and_the_stock_predict_runs(ms_generated, ms_planned_3d,
+                                                                                    nnunet_folders, tmp_path):
+    """The stock nnUNetv2_train 3d_fullres with nnUNetTrainerSynthMix_debug on Dataset515 (CPU plans): the whole
+    copy-paste volume of fold 0 is preprocessed into the 3d_fullres pool and mixed in; nnUNetv2_predict runs."""
+    from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
+    dataset, _, _ = ms_generated
+    trainers = {"nnUNet_extTrainer": str(trainer_directory())}
+    preprocessed = ms_planned_3d
     trainer = "nnUNetTrainerSynthMix_debug"
     result = run(["nnUNetv2_train", MS_ID, "3d_fullres", "0", "-tr", trainer, "-p", "nnUNetPlans_cpu", "-device",
                   "cpu"], timeout=1500, nnsynth_ratio="0.5", **trainers)
@@ -302,15 +327,34 @@ def test_synthmix_trains_3d_fullres_on_the_whole_volumes_and_the_stock_predict_r
     assert pool == pool_folder(preprocessed, "nnUNetPlans_3d_fullres") and any(pool.glob("*_seg.b2nd"))
     assert summary["exposure"]["num_real_slices"] == 2              # 3D patches: a real draw is a real case
     assert (fold / "checkpoint_final.pth").is_file()
-    # stock prediction of the validation patient
-    inputs, outputs = tmp_path / "in", tmp_path / "out"
-    inputs.mkdir()
-    for image in dataset.cases[validation[0]]["images"]:
-        shutil.copy(image, inputs)
-    result = run(["nnUNetv2_predict", "-i", inputs, "-o", outputs, "-d", MS_ID, "-c", "3d_fullres", "-p",
-                  "nnUNetPlans_cpu", "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
-                  "--disable_tta"], **trainers)
+    (prediction, header), (reference, reference_header) = predict_validation_patient(dataset, trainer, tmp_path,
+                                                                                     trainers)
+    assert prediction.shape == reference.shape and header.GetSpacing() == reference_header.GetSpacing()
+
+@pytest.mark.slow
+def test_the_paste_trainer_trains_3d_fullres_with_3d_donors_of_the_training_patients(ms_generated, ms_planned_3d,
+                                                                                   nnunet_folders, tmp_path):
+    """The stock nnUNetv2_train 3d_fullres with nnUNetTrainerLesionPaste_smoke on Dataset515 (real cases only):
+    the donors are whole 3D lesion components of fold 0's training patients, pastes land in the 3D patches, and
+    nnUNetv2_predict runs."""
+    from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
+    dataset, _, _ = ms_generated
+    trainers = {"nnUNet_extTrainer": str(trainer_directory())}
+    trainer = "nnUNetTrainerLesionPaste_smoke"
+    result = run(["nnUNetv2_train", MS_ID, "3d_fullres", "0", "-tr", trainer, "-p", "nnUNetPlans_cpu", "-device",
+                  "cpu"], timeout=1500, nnsynth_paste_probability="1", **trainers)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    prediction, header = read(outputs / f"{validation[0]}.nii.gz")
-    reference, reference_header = read(dataset.cases[validation[0]]["label"])
+    fold = nnunet_folders["nnUNet_results"] / dataset.name / f"{trainer}__nnUNetPlans_cpu__3d_fullres" / "fold_0"
+    summary = json.loads((fold / "synthmix.json").read_text())
+    split = json.loads((ms_planned_3d / "splits_final.json").read_text())[0]
+    paste = summary["lesion_paste"]
+    assert summary["configuration"] == "3d_fullres" and summary["settings"]["ratio"] == 0.0
+    assert paste["donor_cases"] and set(paste["donor_cases"]) <= set(split["train"])
+    assert not set(paste["donor_cases"]) & set(split["val"])
+    assert paste["donors_per_class"]["1"] > 0 and paste["host_classes"] == []     # no host class: inside the body
+    counts = paste["counts"]
+    assert counts["samples"] >= 10 * summary["batch_size"] and counts["samples_pasted"] > 0
+    assert int(counts["pixels_added"]["1"]) > 0
+    (prediction, header), (reference, reference_header) = predict_validation_patient(dataset, trainer, tmp_path,
+                                                                                     trainers)
     assert prediction.shape == reference.shape and header.GetSpacing() == reference_header.GetSpacing()
