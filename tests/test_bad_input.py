@@ -1,6 +1,7 @@
 """Bad input gets one line that names the file and the fix, a non-zero exit, and no traceback."""
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -25,6 +26,20 @@ def run_check(target, nnunet_raw):
     environment = dict(os.environ, nnUNet_raw=str(nnunet_raw))
     return subprocess.run(["nnsynth_check_dataset", str(target)], capture_output=True, text=True, timeout=900,
                           env=environment)
+
+
+def check_here(dataset_folder):
+    """``nnsynth_check_dataset FOLDER`` in this process (no interpreter start-up): the same entry point, its
+    exit status and output. The console script itself runs in the subprocess rows above and below."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            check_dataset_command.main([str(dataset_folder)])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+    return subprocess.CompletedProcess(["nnsynth_check_dataset", str(dataset_folder)], code, stdout.getvalue(),
+                                       stderr.getvalue())
 
 
 def assert_one_line_error(result, *expected_fragments):
@@ -68,14 +83,14 @@ def test_missing_dataset_json(broken_copy):
 
 def test_malformed_dataset_json(broken_copy):
     (broken_copy / "dataset.json").write_text('{"labels": {"background": 0,, }')
-    assert_one_line_error(run_check(broken_copy, broken_copy.parent), "dataset.json", "not valid JSON")
+    assert_one_line_error(check_here(broken_copy), "dataset.json", "not valid JSON")
 
 
 def test_dataset_json_without_required_keys(broken_copy):
     dataset_json = json.loads((broken_copy / "dataset.json").read_text())
     del dataset_json["file_ending"]
     (broken_copy / "dataset.json").write_text(json.dumps(dataset_json))
-    assert_one_line_error(run_check(broken_copy, broken_copy.parent), "dataset.json", "file_ending")
+    assert_one_line_error(check_here(broken_copy), "dataset.json", "file_ending")
 
 
 def test_unknown_dataset(broken_copy):
@@ -91,13 +106,13 @@ def test_dataset_by_short_name_and_id(broken_copy):
 def test_undeclared_label_value(broken_copy):
     label_file = broken_copy / "labelsTr" / "hu_01.nii.gz"
     rewrite_volume(label_file, lambda a: np.where(a == 1, 9, a).astype(a.dtype))
-    assert_one_line_error(run_check(broken_copy, broken_copy.parent), "hu_01.nii.gz", "[9]", "declare")
+    assert_one_line_error(check_here(broken_copy), "hu_01.nii.gz", "[9]", "declare")
 
 
 def test_image_label_shape_mismatch(broken_copy):
     label_file = broken_copy / "labelsTr" / "hu_02.nii.gz"
     rewrite_volume(label_file, lambda a: a[:, :50])
-    assert_one_line_error(run_check(broken_copy, broken_copy.parent), "hu_02.nii.gz", "same grid")
+    assert_one_line_error(check_here(broken_copy), "hu_02.nii.gz", "same grid")
 
 
 def test_nan_in_image(broken_copy):
@@ -116,26 +131,26 @@ def test_nan_in_image(broken_copy):
     dataset_json = json.loads((broken_copy / "dataset.json").read_text())
     dataset_json["file_ending"] = ".mha"
     (broken_copy / "dataset.json").write_text(json.dumps(dataset_json))
-    assert_one_line_error(run_check(broken_copy, broken_copy.parent), "hu_03_0000.mha", "NaN")
+    assert_one_line_error(check_here(broken_copy), "hu_03_0000.mha", "NaN")
 
 
 def test_empty_label_map(broken_copy):
     label_file = broken_copy / "labelsTr" / "hu_04.nii.gz"
     rewrite_volume(label_file, lambda a: np.zeros_like(a))
-    assert_one_line_error(run_check(broken_copy, broken_copy.parent), "hu_04.nii.gz", "empty")
+    assert_one_line_error(check_here(broken_copy), "hu_04.nii.gz", "empty")
 
 
 def test_wrong_dimensionality(broken_copy):
     image_file = broken_copy / "imagesTr" / "hu_00_0000.nii.gz"
     rewrite_volume(image_file, lambda a: np.stack([a, a]))      # a 4D file: two volumes in one image
-    assert_one_line_error(run_check(broken_copy, broken_copy.parent), "hu_00_0000.nii.gz", "channel")
+    assert_one_line_error(check_here(broken_copy), "hu_00_0000.nii.gz", "channel")
 
 
 def test_a_declared_channel_without_its_files_is_named(broken_copy):
     dataset_json = json.loads((broken_copy / "dataset.json").read_text())
     dataset_json["channel_names"] = {"0": "CT", "1": "PET"}
     (broken_copy / "dataset.json").write_text(json.dumps(dataset_json))
-    assert_one_line_error(run_check(broken_copy, broken_copy.parent), "dataset.json", "hu_00_0001.nii.gz",
+    assert_one_line_error(check_here(broken_copy), "dataset.json", "hu_00_0001.nii.gz",
                           "2 channels")
 
 
@@ -143,7 +158,7 @@ def test_num_training_mismatch(broken_copy):
     dataset_json = json.loads((broken_copy / "dataset.json").read_text())
     dataset_json["numTraining"] = 9
     (broken_copy / "dataset.json").write_text(json.dumps(dataset_json))
-    assert_one_line_error(run_check(broken_copy, broken_copy.parent), "numTraining")
+    assert_one_line_error(check_here(broken_copy), "numTraining")
 
 
 # ---- every command, every defect: exit 2, one line, no traceback, real files byte-identical --------------------
