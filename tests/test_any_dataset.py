@@ -116,6 +116,7 @@ def ignore_dataset(example_dataset_folder, nnunet_folders):
     return dataset, store, result
 
 
+@pytest.mark.slow
 def test_ignore_is_never_counted_balanced_or_pasted_and_written_labels_keep_it(ignore_dataset):
     dataset, store, result = ignore_dataset
     assert dataset.ignore_label == IGNORE and dataset.annotated_labels == [0, 1, 2]

@@ -486,6 +486,7 @@ def test_a_truncated_checkpoint_on_resume_is_refused_in_one_line(hu_copy, tiny_g
     assert_command_refused(result, newest.name, "cannot be read", "delete")
 
 
+@pytest.mark.slow
 def test_a_full_results_disk_during_training_is_one_line_and_leaves_no_final_model(hu_copy, tmp_path):
     with mounted("tmpfs", tmp_path / "small_results", size="2m") as results:
         run = results / "run"
@@ -545,6 +546,7 @@ def wait_for_claim(process: subprocess.Popen, dataset_folder: Path, timeout=600)
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_cases_is_one_line_and_the_rerun_completes(real_hu_dataset_folder, tiny_generator,
                                                                             tmp_path):
     with mounted("tmpfs", tmp_path / "small_raw", size="4m") as raw:
@@ -572,6 +574,7 @@ def test_a_full_disk_while_writing_cases_is_one_line_and_the_rerun_completes(rea
 
 # -- concurrent runs on one fold --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_concurrent_run_with_other_settings_is_refused_and_the_first_runs_cases_stay_intact(
         real_hu_dataset_folder, nnunet_folders, tiny_generator):
     from nnunet_synth.dataset import RawDataset

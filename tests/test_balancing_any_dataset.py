@@ -74,6 +74,7 @@ def assert_balanced(dataset_folder, host, pathology):
     return report, before, after
 
 
+@pytest.mark.slow
 def test_binary_lesion_dataset_raises_the_lesion_in_the_body(covid_binary_lesion_dataset_folder):
     """Background + lesion: the region is the body, not the lesion itself (which would always be 100 %)."""
     output = generate_copy_paste(covid_binary_lesion_dataset_folder)
@@ -82,6 +83,7 @@ def test_binary_lesion_dataset_raises_the_lesion_in_the_body(covid_binary_lesion
     assert report["region"].startswith("the body") and before[1] < 0.2
 
 
+@pytest.mark.slow
 def test_two_comparable_lesion_types_without_a_host_are_both_raised(covid_two_lesion_types_dataset_folder):
     generate_copy_paste(covid_two_lesion_types_dataset_folder)
     report, before, after = assert_balanced(covid_two_lesion_types_dataset_folder, [], [1, 2])
@@ -89,6 +91,7 @@ def test_two_comparable_lesion_types_without_a_host_are_both_raised(covid_two_le
     assert all(entry["goal_rule"].startswith("rare") for entry in report["classes"])
 
 
+@pytest.mark.slow
 def test_three_lesion_types_in_a_host_class_are_raised_and_the_host_is_the_region(
         covid_three_lesion_types_dataset_folder):
     generate_copy_paste(covid_three_lesion_types_dataset_folder)
@@ -97,6 +100,7 @@ def test_three_lesion_types_in_a_host_class_are_raised_and_the_host_is_the_regio
     assert before[4] < before[3] < before[2]
 
 
+@pytest.mark.slow
 def test_naming_only_the_pathology_class_does_not_make_it_the_region(covid_binary_lesion_dataset_folder, tmp_path):
     """--pathology-classes lesion alone keeps the body as the region (a 100 % share could never rise)."""
     generate_copy_paste(covid_binary_lesion_dataset_folder, "--pathology-classes", "lesion", "--overwrite")
@@ -104,6 +108,7 @@ def test_naming_only_the_pathology_class_does_not_make_it_the_region(covid_binar
     assert report["shares_before"]["1"] < 0.2
 
 
+@pytest.mark.slow
 def test_ms_volumes_most_slices_lesion_free_raise_the_lesion(ms_lesions_dataset_folder):
     dataset = RawDataset(ms_lesions_dataset_folder)
     lesion_free = sum(int(not (dataset.read_case(c)[1][z] == 1).any()) for c in dataset.case_ids

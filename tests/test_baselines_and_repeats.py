@@ -29,6 +29,7 @@ def read(path):
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
+@pytest.mark.slow
 def test_copy_paste_cases_hold_the_donors_real_pixels(covid_dataset_folder, nnunet_folders):
     """nnsynth_generate --image-source copy-paste on a copy of Dataset501: no generator; inside each shift-only paste
     (away from the blended edge) the image is the donor's pixels moved by the recorded offset; the label is the new

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from nnunet_synth.dataset import RawDataset
@@ -91,6 +92,7 @@ def test_volume_generation_benchmark_prints_time_and_peak_rss_of_one_whole_volum
     assert re.search(r"peak RSS [\d.]+ GiB \(target <= 4 GB\)", result.stdout), result.stdout
 
 
+@pytest.mark.slow
 def test_paste_iteration_benchmark_prints_the_ratio_of_the_paste_trainer_to_the_stock_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "paste_iteration_time.py"), "--threads",

@@ -55,6 +55,7 @@ def test_nnunet_integrity_check_accepts_converted_datasets(fixture_name, request
     verify_dataset_integrity(str(folder), num_processes=1)   # raises on any problem
 
 
+@pytest.mark.slow
 def test_stock_plan_and_preprocess_verifies_the_hu_dataset(real_hu_dataset_folder, nnunet_folders):
     environment = dict(os.environ, **{name: str(path) for name, path in nnunet_folders.items()})
     environment["nnUNet_n_proc_DA"] = "1"     # 0 (single-threaded training) breaks torch.set_num_threads here

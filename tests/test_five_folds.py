@@ -72,6 +72,7 @@ def check_fold(store, fold, used, validation_cases):
         assert not case_dependencies(store.cases[case_id], store.manifest["folds"]) & set(validation_cases)
 
 
+@pytest.mark.slow
 def test_each_fold_takes_only_its_own_cases(five_fold_dataset, nnunet_folders, monkeypatch, capsys):
     import torch
 

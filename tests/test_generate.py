@@ -113,6 +113,7 @@ def test_generate_writes_the_cases_and_leaves_real_files_byte_identical(generate
         assert list(image_properties["spacing"]) == list(real_properties["spacing"])
 
 
+@pytest.mark.slow
 def test_a_run_killed_half_way_and_rerun_ends_full_without_duplicates_and_matches_one_seed(
         nnunet_folders, tiny_generator, generated):
     folder = convert_example(nnunet_folders, 984, "GenerateResume")
@@ -237,6 +238,7 @@ def test_the_standalone_export_passes_nnunets_integrity_check_and_gives_each_fol
     assert sorted(c for fold in splits for c in fold["val"]) == sorted(dataset.case_ids)
 
 
+@pytest.mark.slow
 def test_overwrite_and_clean_touch_synthetic_cases_only(nnunet_folders, tiny_generator):
     folder = convert_example(nnunet_folders, 986, "GenerateClean")
     real_before = real_files(folder)
@@ -331,6 +333,7 @@ def synthetic_outputs(dataset_folder: Path) -> dict:
             if name.startswith(("imagesSynth", "labelsSynth", "recordsSynth"))}
 
 
+@pytest.mark.slow
 def test_two_shards_one_killed_and_rerun_and_launched_processes_give_the_files_of_one_process(
         nnunet_folders, tiny_generator):
     batch = ["--batch-size", "3"]        # blocks of 3 cases: shard 0 makes cases 0-2 and 6-8, shard 1 3-5 and 9-11

@@ -136,6 +136,7 @@ def kill_run_arguments(example, folder, **changes):
             "--output", str(folder), "--no-progress"] + [str(item) for pair in values.items() for item in pair]
 
 
+@pytest.mark.slow
 def test_training_killed_after_a_checkpoint_resumes_exactly_and_refuses_other_settings(example, nnunet_folders,
                                                                                      tmp_path):
     folder = tmp_path / "killed"

@@ -143,6 +143,7 @@ def test_copy_paste_writes_whole_four_channel_volumes_with_the_real_voxels_outsi
     assert {path.name: path.read_bytes() for path in sorted(dataset.folder.rglob("*Tr/*"))} == real_before
 
 
+@pytest.mark.slow
 def test_the_standalone_export_of_the_volumes_passes_nnunets_integrity_check(ms_generated, nnunet_folders):
     export = next(nnunet_folders["nnUNet_raw"].glob(f"Dataset{MS_EXPORT_ID}_*"))
     assert len(list((export / "imagesTr").glob("synth_*"))) == 4
@@ -163,6 +164,7 @@ def test_a_rerun_with_slices_instead_of_volumes_is_refused_in_one_line(ms_genera
     assert result.stderr.startswith("nnsynth: error: ") and result.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_a_killed_volume_run_resumes_and_ends_with_the_files_of_an_uninterrupted_run(ms_volumes_dataset_folder):
     resumed_folder = copy_dataset(ms_volumes_dataset_folder, MS_RESUME_ID, "MSResume")
     reference_folder = copy_dataset(ms_volumes_dataset_folder, MS_REFERENCE_ID, "MSReference")
