@@ -18,7 +18,7 @@ import torch
 
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
-from nnunet_synth.evaluation.downstream import BUDGET_TRAINERS
+from nnunet_synth.evaluation.downstream import BUDGET_TRAINERS, CONFIGURATIONS
 from nnunet_synth.evaluation.report import DOWNSTREAM_CSV, FIDELITY_JSON, FIDELITY_PREVIEW, record_command, write_report
 from nnunet_synth.generator.inpaint_training import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER
 from nnunet_synth.preflight import check_evaluation_request
@@ -79,10 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "dpmsolver++:20 unipc:10 unipc:20)")
     downstream = commands.choices["downstream"]
     downstream.add_argument("--amounts", type=float, nargs="+", default=[1.0],
-                            help="synthetic slices per real training slice (one arm per generator and amount)")
+                            help="synthetic slices per real training slice, or volumes per real training volume "
+                            "with a 3D configuration (one arm per generator and amount)")
+    downstream.add_argument("--configuration", choices=CONFIGURATIONS, default="2d",
+                            help="the nnU-Net configuration every arm trains and predicts (3D ones: the copy_paste "
+                            "and inpaint arms make whole volumes)")
     downstream.add_argument("--budget", choices=tuple(BUDGET_TRAINERS), default="demo",
-                            help="SynthMix trainer: smoke 10 iterations, debug 100, short 100 and medium 500 (both "
-                            "without the final validation of the fold), demo 500, full nnU-Net's 1000 epochs")
+                            help="SynthMix trainer: smoke 10 iterations, debug 20, short 100, medium 500, demo 250, "
+                            "full nnU-Net's 1000 epochs (smoke, short and medium skip the fold's final validation)")
     downstream.add_argument("--plans", choices=("cpu", "default"), default="cpu",
                             help="cpu = small network for CPU runs; default = nnU-Net's own plans")
     downstream.add_argument("--fold", type=int, default=0)
@@ -206,23 +210,28 @@ def run_fidelity(args, dataset: RawDataset, folder: Path):
     print(f"fidelity: {folder / FIDELITY_JSON}, preview {folder / FIDELITY_PREVIEW}")
 
 
-def run_downstream_command(args, dataset: RawDataset, folder: Path):
+def downstream_settings(args):
     from nnunet_synth.evaluation.arm_generators import ArmGeneratorSettings
-    from nnunet_synth.evaluation.downstream import SUMMARY_MD, DownstreamSettings, run_downstream
+    from nnunet_synth.evaluation.downstream import DownstreamSettings
     if not args.generator and not args.arms:
         raise NnsynthError("downstream needs arms: pass --arms (e.g. real_only oversample copy_paste mat cbmat) or "
                            "--generator NAME=FOLDER")
-    settings = DownstreamSettings(generators=dict(args.generator), amounts=args.amounts, budget=args.budget,
-                                  cpu_plans=args.plans == "cpu", fold=args.fold, seed=args.seed,
-                                  inference_steps=args.inference_steps,
-                                  inpaint_inference_steps=args.inpaint_inference_steps, first_dataset_id=args.first_id,
-                                  device=args.device, arms=args.arms, repeats=args.repeats,
-                                  test_patients=args.test_patients, real_cases=args.real_cases,
-                                  split_seed=args.split_seed, tta=not args.no_tta,
-                                  test_slice_step=args.test_slice_step, compare=args.compare,
-                                  generator=ArmGeneratorSettings(args.generator_preset, args.generator_steps,
-                                                                 args.generator_lr, args.seed, args.inpaint_steps,
-                                                                 args.inpaint_batch_size))
+    return DownstreamSettings(generators=dict(args.generator), amounts=args.amounts,
+                              configuration=args.configuration, budget=args.budget,
+                              cpu_plans=args.plans == "cpu", fold=args.fold, seed=args.seed,
+                              inference_steps=args.inference_steps,
+                              inpaint_inference_steps=args.inpaint_inference_steps, first_dataset_id=args.first_id,
+                              device=args.device, arms=args.arms, repeats=args.repeats,
+                              test_patients=args.test_patients, real_cases=args.real_cases,
+                              split_seed=args.split_seed, tta=not args.no_tta,
+                              test_slice_step=args.test_slice_step, compare=args.compare,
+                              generator=ArmGeneratorSettings(args.generator_preset, args.generator_steps,
+                                                             args.generator_lr, args.seed, args.inpaint_steps,
+                                                             args.inpaint_batch_size))
+
+
+def run_downstream_command(args, dataset: RawDataset, folder: Path, settings):
+    from nnunet_synth.evaluation.downstream import SUMMARY_MD, run_downstream
     run_downstream(dataset, settings, dataset.folder.parent, os.environ.get("nnUNet_preprocessed"), folder,
                    args.test_images, args.test_labels)
     print((folder / SUMMARY_MD).read_text())
@@ -235,6 +244,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     dataset = RawDataset.from_name(args.dataset)
     check_evaluation_request(dataset, args.command, args)     # before the folder is made or anything runs
+    if args.command == "downstream":
+        from nnunet_synth.evaluation.downstream import check_downstream_settings
+        settings = downstream_settings(args)
+        check_downstream_settings(settings)
     folder = evaluation_folder(dataset, args.output)
     if args.command == "fidelity" and args.inpaint_generator:
         run_lesion_fidelity(args, dataset, folder)
@@ -246,7 +259,7 @@ def main(argv=None):
     elif args.command == "downstream":
         if not os.environ.get("nnUNet_preprocessed"):
             raise NnsynthError("nnUNet_preprocessed is not set: export nnUNet_preprocessed=/path")
-        run_downstream_command(args, dataset, folder)
+        run_downstream_command(args, dataset, folder, settings)
     if args.command != "report":
         record_command(folder, args.command)
     report = write_report(folder, dataset.folder)

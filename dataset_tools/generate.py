@@ -26,6 +26,7 @@ from nnunet_synth.generator.inpaint_training import DEFAULT_INFERENCE_STEPS, DEF
 from nnunet_synth.generator.training import train_generator
 from nnunet_synth.masks.settings import BalancingSettings
 from nnunet_synth.preflight import GenerateRequest, check_generate_request
+from nnunet_synth.sampling.inpaint import VOLUME_NOISES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "each image is the target's real slice with the donors' real pixels pasted where the label "
                         "map was pasted (blended at the edge); inpaint: the target's real slice with the new lesions "
                         "(plus a margin) drawn by the inpainting generator, every other pixel real")
-    parser.add_argument("--unit", choices=("slice", "volume"), help="with --image-source copy-paste: what one "
-                        "synthetic case is: one slice, or a whole real volume with lesions added (default: volume for "
-                        "3D data, slice for 2D data); the generator makes slices")
+    parser.add_argument("--unit", choices=("slice", "volume"), help="with --image-source copy-paste or inpaint: what "
+                        "one synthetic case is: one slice, or a whole real volume with lesions added (default: volume "
+                        "for 3D data, slice for 2D data); the generator makes slices")
+    parser.add_argument("--volume-noise", choices=VOLUME_NOISES, default="aligned", help="inpaint volumes: aligned "
+                        "(default): every slice's crops start from one noise field of the volume; per-slice: each "
+                        "slice's crops from their own seeds")
     parser.add_argument("--generator", help="a trained generator folder (default: train or reuse "
                         "$nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
@@ -177,7 +181,7 @@ def request_from_args(args) -> GenerateRequest:
         balancing=balancing_from_args(args), num_shards=args.num_shards, shard_index=args.shard_index,
         overwrite=args.overwrite, export_id=args.export_standalone,
         sampler=(args.sampler or DEFAULT_SAMPLER) if args.image_source == "inpaint" else args.sampler,
-        unit=args.unit)
+        unit=args.unit, volume_noise=args.volume_noise)
 
 
 @command_entry_point
@@ -216,7 +220,8 @@ def generate_for_fold(dataset: RawDataset, args, fold, num_cases: int):
                                   target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
                                   batch_size=args.batch_size, balancing=balancing_from_args(args),
                                   # named in the recipe, so that a later default never mixes into a fold's cases
-                                  sampler=(args.sampler or DEFAULT_SAMPLER) if args.image_source == "inpaint" else None)
+                                  sampler=(args.sampler or DEFAULT_SAMPLER) if args.image_source == "inpaint" else None,
+                                  unit=args.unit, volume_noise=args.volume_noise)
     summary = generate_synthetic_cases(dataset, generator_folder, settings, fold=fold, device=args.device,
                                        overwrite=args.overwrite, num_shards=args.num_shards,
                                        shard_index=args.shard_index)

@@ -27,16 +27,16 @@ import numpy as np
 from scipy import ndimage
 
 from nnunet_synth.dataset import ImageWindows, RawDataset, choose_intensity_window
-from nnunet_synth.dataset.native_slices import NativeSlices, NativeVolumes, evenly_spread, open_native_slices
-from nnunet_synth.dataset.raw_dataset import UNITS
+from nnunet_synth.dataset.native_slices import NativeVolumes, evenly_spread, open_native_slices
 from nnunet_synth.dataset.splits import fold_training_cases
-from nnunet_synth.errors import NnsynthError
 from nnunet_synth.fold_cases import (
     PREVIEW_ROWS,
     FoldMaps,
     MadeCase,
     check_role_names,
     prepare_fold_maps,
+    resolve_unit,
+    slice_counts,
     write_fold_cases,
     write_slice_preview,
 )
@@ -273,27 +273,11 @@ class CopyPasteSettings:
         return recipe
 
 
-def resolve_unit(dataset: RawDataset, slices: NativeSlices, unit=None) -> str:
-    """``unit``, else the dataset's declared unit (``RawDataset.declared_unit``: "slice" for stacks of independent
-    slices), else "volume" when a case has more than one slice (3D data) and "slice" otherwise; "volume" on data
-    whose every case is one slice is refused."""
-    unit = unit or dataset.declared_unit
-    is_3d = any(len(rows) > 1 for rows in slices.case_rows().values())
-    if unit is None:
-        return "volume" if is_3d else "slice"
-    if unit not in UNITS:
-        raise NnsynthError(f"--unit {unit}: choose one of {', '.join(UNITS)}")
-    if unit == "volume" and not is_3d:
-        raise NnsynthError(f"{dataset.json_file}: --unit volume needs 3D cases, but every case of {dataset.name} is "
-                           f"one slice: leave out --unit (a case is then one slice)")
-    return unit
-
-
 def num_copy_paste_cases(dataset: RawDataset, fold, ratio: float, unit=None) -> int:
     """``ratio`` cases per real slice (unit "slice") or per real volume (unit "volume") of the fold's training
     cases (at least 1)."""
     slices = open_native_slices(dataset, fold_training_cases(dataset, fold))
-    units = len(slices) if resolve_unit(dataset, slices, unit) == "slice" else len(slices.case_rows())
+    units = len(slices) if resolve_unit(dataset, slice_counts(slices), unit) == "slice" else len(slices.case_rows())
     return max(1, round(ratio * units))
 
 
@@ -303,8 +287,8 @@ def generate_copy_paste_cases(dataset: RawDataset, settings: CopyPasteSettings, 
     target's whole volume, its geometry and every channel, with the donors' voxels pasted in."""
     fold = str(fold)
     training_cases = fold_training_cases(dataset, fold)
-    settings = replace(settings, unit=resolve_unit(dataset, open_native_slices(dataset, training_cases),
-                                                   settings.unit))
+    settings = replace(settings, unit=resolve_unit(
+        dataset, slice_counts(open_native_slices(dataset, training_cases)), settings.unit))
     store = SyntheticStore(dataset)
     with store.exclusive_writer():
         if overwrite:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from nnunet_synth.dataset import ImageWindows, RawDataset
 from nnunet_synth.dataset.native_slices import NativeSlices, NativeVolumes, PackedRows, derived_rows, open_native_slices
+from nnunet_synth.dataset.raw_dataset import UNITS
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.masks import (
     MaskGenerationConfig,
@@ -70,6 +71,27 @@ def class_roles(dataset: RawDataset, label_maps, balancing: BalancingSettings):
         counts[dataset.ignore_label] = 0
     return resolve_class_roles(labels, counts, balancing.host_classes, balancing.pathology_classes,
                                source=str(dataset.json_file))
+
+
+def slice_counts(slices: NativeSlices) -> dict:
+    """{case id: its number of slices} of a store of real slices."""
+    return {case_id: len(rows) for case_id, rows in slices.case_rows().items()}
+
+
+def resolve_unit(dataset: RawDataset, num_slices: dict, unit=None) -> str:
+    """``unit``, else the dataset's declared unit (``RawDataset.declared_unit``: "slice" for stacks of independent
+    slices), else "volume" when one of the cases (``num_slices``: case id -> its slices) has more than one slice (3D
+    data) and "slice" otherwise; "volume" on data whose every case is one slice is refused."""
+    unit = unit or dataset.declared_unit
+    is_3d = any(count > 1 for count in num_slices.values())
+    if unit is None:
+        return "volume" if is_3d else "slice"
+    if unit not in UNITS:
+        raise NnsynthError(f"--unit {unit}: choose one of {', '.join(UNITS)}")
+    if unit == "volume" and not is_3d:
+        raise NnsynthError(f"{dataset.json_file}: --unit volume needs 3D cases, but every case of {dataset.name} is "
+                           f"one slice: leave out --unit (a case is then one slice)")
+    return unit
 
 
 def first_channel_body_mask(image: np.ndarray) -> np.ndarray:

@@ -6,11 +6,12 @@ generator that saw one of fold k's validation cases is refused) and their label 
 The whole-slice generator's cases are ``SliceBlocks``; an inpainting generator's are ``inpainting.InpaintBlocks``.
 """
 import functools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from nnunet_synth.copy_paste import display_windows, write_volume_preview
 from nnunet_synth.dataset import ImageWindows, RawDataset, fit_slice, restore_slice
 from nnunet_synth.dataset.native_slices import open_native_slices
 from nnunet_synth.dataset.splits import fold_validation_cases
@@ -21,6 +22,8 @@ from nnunet_synth.fold_cases import (
     check_role_names,
     check_shard,
     prepare_fold_maps,
+    resolve_unit,
+    slice_counts,
     write_fold_cases,
     write_slice_preview,
 )
@@ -46,19 +49,38 @@ class GenerationSettings:
     batch_size: int = 16
     balancing: BalancingSettings = field(default_factory=BalancingSettings)
     sampler: str = None                 # inpainting generators: ddim, dpmsolver++ or unipc (None: the default)
+    unit: str = None                    # inpainting generators: slice or volume (None: volume for 3D data)
+    volume_noise: str = "aligned"       # unit volume: the crops' initial noise (sampling.inpaint.VOLUME_NOISES)
 
     def recipe(self, generator_folder) -> dict:
-        """The fields that must agree between runs writing into one store (batch size does not matter)."""
-        recipe = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "num_cases")}
+        """The fields that must agree between runs writing into one store (batch size does not matter); the unit
+        and the volume noise are named when a case is a volume."""
+        left_out = ("batch_size", "num_cases") + (() if self.unit == "volume" else ("unit", "volume_noise"))
+        recipe = {k: v for k, v in asdict(self).items() if k not in left_out}
         recipe["balancing"] = self.balancing.to_recipe()
         recipe["generator"] = str(Path(generator_folder).resolve())
         return recipe
 
 
-def num_cases_for_ratio(dataset: RawDataset, generator_folder, ratio: float) -> int:
-    """``ratio`` synthetic cases per real slice of the generator's training cases (at least 1)."""
+def num_cases_for_ratio(dataset: RawDataset, generator_folder, ratio: float, unit=None) -> int:
+    """``ratio`` synthetic cases per real slice of the generator's training cases, or per real volume when a case
+    is a volume (``generation_unit``; at least 1)."""
     config = read_generator_config(resolve_generator_folder(generator_folder))
-    return max(1, round(ratio * len(open_native_slices(dataset, config.training_cases))))
+    slices = open_native_slices(dataset, config.training_cases)
+    counts = slice_counts(slices)
+    units = len(counts) if generation_unit(dataset, config.mode, counts, unit) == "volume" else len(slices)
+    return max(1, round(ratio * units))
+
+
+def generation_unit(dataset: RawDataset, generator_mode: str, num_slices: dict, unit=None) -> str:
+    """What one case of a generator's is: "slice" for the whole-slice generator; for an inpainting generator
+    ``fold_cases.resolve_unit`` of the cases' slice counts ``num_slices`` (volume for 3D data)."""
+    if generator_mode != "inpaint":
+        if unit == "volume":
+            raise NnsynthError("--unit volume needs --image-source copy-paste or inpaint: the whole-slice generator "
+                               "draws slices")
+        return "slice"
+    return resolve_unit(dataset, num_slices, unit)
 
 
 def check_generator_for_fold(dataset: RawDataset, generator_config, generator_folder, fold):
@@ -89,6 +111,8 @@ def generate_synthetic_cases(dataset: RawDataset, generator_folder, settings: Ge
     unet, config = load_generator(generator_folder, dataset, device)
     fold = str(config.fold if fold is None else fold)
     check_generator_for_fold(dataset, config, generator_folder, fold)
+    settings = replace(settings, unit=generation_unit(
+        dataset, config.mode, slice_counts(open_native_slices(dataset, config.training_cases)), settings.unit))
     store = SyntheticStore(dataset)
     check_role_names(dataset, settings.balancing)      # bad names fail before anything is removed
     if overwrite:
@@ -107,19 +131,22 @@ def generate_synthetic_cases(dataset: RawDataset, generator_folder, settings: Ge
 def _generate_into_store(dataset, store, unet, config, generator_folder, settings, fold, device, num_shards,
                          shard_index) -> dict:
     recipe = settings.recipe(generator_folder)     # claimed by fold_writer, checked against the cases on disk
-    fold_maps = prepare_fold_maps(dataset, store, fold, recipe, config.training_cases, settings)
+    fold_maps = prepare_fold_maps(dataset, store, fold, recipe, config.training_cases, settings, settings.unit)
     generator_record = {"folder": str(generator_folder), "mode": config.mode, "preset": config.preset,
                         "trained_steps": config.trained_steps, "ablation_mode": config.ablation.get("mode")}
     if config.mode == "inpaint":      # lesions drawn inside the target's real slice (inpainting.py)
         make_cases = InpaintBlocks(unet, config, settings, fold_maps, generator_record, dataset.ignore_label, device)
         write_preview = functools.partial(write_inpaint_preview, dataset, store, fold, fold_maps.real, fold_maps)
+        if settings.unit == "volume":
+            write_preview = functools.partial(write_volume_preview, dataset, store, fold, fold_maps.real,
+                                              display_windows(dataset, fold_maps.real.slices.images))
     else:
         make_cases = SliceBlocks(unet, config, settings, fold_maps, generator_record, device)
         write_preview = functools.partial(write_slice_preview, dataset, store, fold, fold_maps.real,
                                           ImageWindows.from_dict(config.window))
     return write_fold_cases(store, fold, fold_maps, make_cases, settings.seed, write_preview,
-                            "sampling synthetic cases", settings.batch_size, num_shards=num_shards,
-                            shard_index=shard_index)
+                            f"sampling synthetic cases ({settings.unit}s)", settings.batch_size, unit=settings.unit,
+                            num_shards=num_shards, shard_index=shard_index)
 
 
 class SliceBlocks:

@@ -4,6 +4,10 @@ drawn by the inpainting generator inside its target's real slice (DiffTumor, LeF
 The fold's maps, shards, resume, store and gate are ``fold_cases.py``'s and the generator's checks
 ``generation.py``'s; this module adds the block source (``InpaintBlocks``: edit regions and crops,
 ``sampling/inpaint.py``) and the preview grid, which sets the same edit beside copy-paste's real pixels.
+
+Unit "volume" (3D data): a map is a whole real volume with 3D lesion components pasted into it
+(``masks.balance``), and a case is its target's whole volume, every channel, with the edit region drawn slice by
+slice (``sampling.inpaint.inpaint_volume``) and scored inside it (``model_free_volume_score``).
 """
 import functools
 
@@ -16,7 +20,8 @@ from nnunet_synth.dataset.native_slices import NativeSlices
 from nnunet_synth.fold_cases import PREVIEW_ROWS, FoldMaps, MadeCase
 from nnunet_synth.generator.inpaint_training import DEFAULT_SAMPLER, inpaint_pipeline
 from nnunet_synth.preview_grid import save_preview_grid
-from nnunet_synth.sampling.inpaint import inpaint_slices, map_edit_region
+from nnunet_synth.quality.model_free import model_free_volume_score
+from nnunet_synth.sampling.inpaint import inpaint_slices, inpaint_volume, map_edit_region, volume_edit_region
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 IMAGE_SOURCE = "inpaint"
@@ -32,11 +37,17 @@ class InpaintBlocks:
         self.pipeline = inpaint_pipeline(unet, config, self.sampler, device)
         self.config, self.settings, self.generator_record = config, settings, generator_record
         self.real, self.new_maps, self.image_dtypes = fold_maps.real, fold_maps.new_maps, fold_maps.image_dtypes
-        self.ignore_label = ignore_label
+        self.ignore_label, self.gates = ignore_label, fold_maps.gates
         self.margin = int(config.training["edit_margin"])
         self.window = ImageWindows.from_dict(config.window)
 
+    def _sampler_record(self) -> dict:
+        return {"scheduler": self.sampler, "num_inference_steps": self.settings.num_inference_steps,
+                "crop_size": self.config.image_size, "edit_margin": self.margin}
+
     def __call__(self, batch, seeds) -> list:
+        if self.settings.unit == "volume":
+            return [self.volume_case(index, seed) for index, seed in zip(batch, seeds)]
         images, label_maps, edits, dtypes = [], [], [], []
         for index in batch:
             new_map = self.new_maps[index]
@@ -50,11 +61,25 @@ class InpaintBlocks:
                                    self.settings.num_inference_steps, self.ignore_label, self.settings.batch_size)
         return [MadeCase(result.channel_images, np.asarray(label_map),
                          {"seed": seed, "generator": self.generator_record, "image_source": IMAGE_SOURCE,
-                          "sampler": {"scheduler": self.sampler,
-                                      "num_inference_steps": self.settings.num_inference_steps,
-                                      "crop_size": self.config.image_size, "edit_margin": self.margin},
-                          "inpaint": result.record()})
+                          "sampler": self._sampler_record(), "inpaint": result.record()})
                 for seed, result, label_map in zip(seeds, inpainted, label_maps)]
+
+    def volume_case(self, index: int, seed: int) -> MadeCase:
+        """The target's whole volume with the new map's changes (plus the in-plane margin) drawn slice by slice."""
+        new_map = self.new_maps[index]
+        target_case = new_map.provenance["target"]["case_id"]
+        real_image, real_map = self.real.slice(target_case)
+        label_map = np.asarray(new_map.label_map)
+        edit = volume_edit_region(real_map, label_map, self.margin)
+        result = inpaint_volume(self.pipeline, self.window, real_image, label_map, edit, seed,
+                                self.image_dtypes[target_case], self.settings.num_inference_steps, self.ignore_label,
+                                self.settings.batch_size, self.settings.volume_noise)
+        quality = model_free_volume_score(np.stack(result.channel_images).astype(np.float32), label_map, edit,
+                                          self.gates)
+        return MadeCase(result.channel_images, label_map,
+                        {"seed": seed, "generator": self.generator_record, "image_source": IMAGE_SOURCE,
+                         "sampler": {**self._sampler_record(), "volume_noise": self.settings.volume_noise},
+                         "inpaint": result.record()}, quality)
 
 
 def _zoom_origin(edit: np.ndarray, size: int):

@@ -26,7 +26,7 @@ from nnunet_synth.dataset.validation import (
 )
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.fold_cases import check_role_names, check_shard
-from nnunet_synth.generation import GenerationSettings, check_generator_for_fold
+from nnunet_synth.generation import GenerationSettings, check_generator_for_fold, generation_unit
 from nnunet_synth.generator.checkpoints import (
     FINAL_FOLDER,
     generator_run_folder,
@@ -35,6 +35,7 @@ from nnunet_synth.generator.checkpoints import (
 )
 from nnunet_synth.generator.config import TrainingSettings
 from nnunet_synth.masks.settings import BalancingSettings
+from nnunet_synth.sampling.inpaint import VOLUME_NOISES
 from nnunet_synth.writer.standalone_export import export_folder_name
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
@@ -62,7 +63,8 @@ class GenerateRequest:
     overwrite: bool = False
     export_id: int = None
     sampler: str = None                    # inpaint only: the scheduler of the inpainting generator
-    unit: str = None                       # copy-paste only: slice | volume (None: volume for 3D data)
+    unit: str = None                       # copy-paste and inpaint: slice | volume (None: volume for 3D data)
+    volume_noise: str = "aligned"          # inpaint volumes: the crops' initial noise
 
     @property
     def generator_mode(self) -> str:
@@ -77,6 +79,7 @@ class GeneratePlan:
     scan: DatasetScan
     training_cases: dict = field(default_factory=dict)      # fold -> the cases the generator / label maps see
     num_cases: dict = field(default_factory=dict)           # fold -> cases to make
+    units: dict = field(default_factory=dict)               # fold -> slice | volume (generators only)
 
 
 def check_generation_options(request: GenerateRequest):
@@ -95,9 +98,11 @@ def check_generation_options(request: GenerateRequest):
     check_number_range(balancing.p_shift, "--p-shift", 0, 1)
     check_number_range(balancing.p_dilate, "--p-dilate", 0, 1)
     balancing.mask_config().validate()
-    if request.unit == "volume" and request.image_source != "copy-paste":
-        raise NnsynthError(f"--unit volume needs --image-source copy-paste: the {request.image_source} source makes "
-                           f"slices")
+    if request.unit == "volume" and request.image_source == "generator":
+        raise NnsynthError("--unit volume needs --image-source copy-paste or inpaint: the whole-slice generator draws "
+                           "slices")
+    if request.volume_noise not in VOLUME_NOISES:
+        raise NnsynthError(f"--volume-noise {request.volume_noise}: choose one of {', '.join(VOLUME_NOISES)}")
     if request.image_source == "copy-paste":
         if request.noise_seeding_strength is not None:
             raise NnsynthError("--noise-seeding needs a generator: leave it out with --image-source copy-paste")
@@ -173,15 +178,22 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
             training_cases = list(config.training_cases)
         check_fold_classes(dataset, plan.scan, fold, training_cases)
         plan.training_cases[fold] = training_cases
+        units = fold_num_slices(plan.scan, training_cases)      # per real slice, or per real volume
+        if request.generator_mode is not None:
+            plan.units[fold] = generation_unit(dataset, request.generator_mode,
+                                               {case: plan.scan.num_slices[case] for case in training_cases},
+                                               request.unit)
+            units = len(training_cases) if plan.units[fold] == "volume" else units
         plan.num_cases[fold] = request.num_cases if request.num_cases is not None else \
-            max(1, round(request.ratio * fold_num_slices(plan.scan, training_cases)))
+            max(1, round(request.ratio * units))
         if request.generator_mode is not None and not request.overwrite:
             settings = GenerationSettings(num_cases=plan.num_cases[fold], seed=request.seed,
                                           num_inference_steps=request.num_inference_steps,
                                           target_share=request.target_share,
                                           noise_seeding_strength=request.noise_seeding_strength,
                                           batch_size=request.batch_size, balancing=request.balancing,
-                                          sampler=request.sampler)
+                                          sampler=request.sampler, unit=plan.units[fold],
+                                          volume_noise=request.volume_noise)
             store.check_fold_recipe(str(fold), settings.recipe(resolve_generator_path(generators[fold][0])))
     check_case_budget(dataset, sum(plan.num_cases.values()))
     return plan

@@ -33,6 +33,7 @@ from nnunet_synth.writer.synthetic_store import SyntheticStore
 BIN = Path(sys.executable).parent
 MS_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ms_lesions_3d"
 MS_ID, MS_EXPORT_ID, MS_RESUME_ID, MS_REFERENCE_ID, HU_COPY_ID = 515, 516, 517, 518, 519
+MS_INPAINT_EXPORT_ID, DOWNSTREAM_FIRST_ID = 520, 530
 RESUME_CASES = 3
 
 
@@ -288,17 +289,17 @@ def ms_planned_3d(ms_generated, nnunet_folders):
     return preprocessed
 
 
-def predict_validation_patient(dataset, trainer, folder, extra_environment):
-    """Stock nnUNetv2_predict (3d_fullres, CPU plans, fold 0) of the fold's validation patient; its prediction
-    and the reference label, each as (array, image)."""
+def predict_validation_patient(dataset, trainer, folder, extra_environment, fold=0):
+    """Stock nnUNetv2_predict (3d_fullres, CPU plans, fold ``fold``) of the fold's validation patient; its
+    prediction and the reference label, each as (array, image)."""
     validation = json.loads((Path(os.environ["nnUNet_preprocessed"]) / dataset.name / "splits_final.json")
-                            .read_text())[0]["val"]
+                            .read_text())[fold]["val"]
     inputs, outputs = folder / "in", folder / "out"
     inputs.mkdir()
     for image in dataset.cases[validation[0]]["images"]:
         shutil.copy(image, inputs)
     result = run(["nnUNetv2_predict", "-i", inputs, "-o", outputs, "-d", MS_ID, "-c", "3d_fullres", "-p",
-                  "nnUNetPlans_cpu", "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
+                  "nnUNetPlans_cpu", "-tr", trainer, "-f", str(fold), "-device", "cpu", "-npp", "1", "-nps", "1",
                   "--disable_tta"], **extra_environment)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return read(outputs / f"{validation[0]}.nii.gz"), read(dataset.cases[validation[0]]["label"])
@@ -360,3 +361,153 @@ def test_the_paste_trainer_trains_3d_fullres_with_3d_donors_of_the_training_pati
     (prediction, header), (reference, reference_header) = predict_validation_patient(dataset, trainer, tmp_path,
                                                                                      trainers)
     assert prediction.shape == reference.shape and header.GetSpacing() == reference_header.GetSpacing()
+
+
+@pytest.fixture(scope="module")
+def ms_inpainted(ms_generated, tmp_path_factory):
+    """Fold 1 of Dataset515 (training patients ms_07, ms_26) beside fold 0's copy-paste volumes: a tiny inpainting
+    generator (3 steps, 32 px crops) trained on fold 1's training patients, then
+    ``nnsynth_generate 515 --image-source inpaint --fold 1 -n 1`` (whole volumes, the default for 3D data)."""
+    import torch
+
+    from nnunet_synth.generator import TrainingSettings
+    from nnunet_synth.generator.training import train_generator
+    dataset, _, real_before = ms_generated
+    settings = TrainingSettings(preset="tiny", mode="inpaint", image_size=32, block_out_channels=(16, 32, 32, 32),
+                                batch_size=2, max_steps=3, warmup_steps=1, checkpoint_every=3, preview_every=100,
+                                preview_inference_steps=2, preview_count=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = train_generator(dataset, tmp_path_factory.mktemp("ms_inpaint") / "run", settings, fold=1,
+                                    progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    result = run([BIN / "nnsynth_generate", dataset.folder, "--image-source", "inpaint", "--fold", "1",
+                  "--generator", generator.final_folder, "-n", "1", "--inference-steps", "2", "--device", "cpu"])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return dataset, generator, result, real_before
+
+
+def test_inpaint_writes_whole_four_channel_volumes_with_the_real_voxels_outside_the_edit_region(ms_inpainted):
+    from nnunet_synth.sampling.inpaint import volume_edit_region
+    dataset, generator, result, real_before = ms_inpainted
+    store = SyntheticStore(dataset)
+    assert store.manifest["folds"]["1"]["settings"]["unit"] == "volume"
+    assert "fold 1: 1 synthetic cases" in result.stdout
+    case_ids = store.complete_case_ids("1")
+    assert len(case_ids) == 1
+    entry = store.cases[case_ids[0]]
+    assert entry["inpaint"]["unit"] == "volume" and entry["sampler"]["volume_noise"] == "aligned"
+    assert not set(entry["source_cases"]) & {"ms_19"}                  # fold 1's validation patient
+    target = dataset.cases[entry["source"]["target"]["case_id"]]
+    label, label_image = read(store.label_file(case_ids[0]))
+    target_label, _ = read(target["label"])
+    assert label.shape == target_label.shape and label.shape[0] > 1                # a whole volume
+    pasted = entry["source"]["pasted_pixels_per_class"]["1"]
+    assert pasted > 0 and int((label == 1).sum()) == int((target_label == 1).sum()) + pasted
+    edit = volume_edit_region(target_label, label, generator.config.training["edit_margin"])
+    assert int(edit.sum()) == entry["inpaint"]["edit_voxels"] and edit.any()
+    assert entry["quality"]["model_free"]["scored_slices"] == int(edit.reshape(len(edit), -1).any(axis=1).sum())
+    redrawn = False
+    for channel, (image_file, target_file) in enumerate(zip(store.image_files(case_ids[0]), target["images"])):
+        image, header = read(image_file)
+        target_image, target_header = read(target_file)
+        assert image.dtype == target_image.dtype and image.shape == target_image.shape
+        for written in (header, label_image):
+            assert written.GetSpacing() == target_header.GetSpacing()
+            assert written.GetOrigin() == target_header.GetOrigin()
+            assert written.GetDirection() == target_header.GetDirection()
+        assert np.array_equal(image[~edit], target_image[~edit]), channel           # real voxels, bit for bit
+        redrawn |= not np.array_equal(image[edit], target_image[edit])
+    assert redrawn and len(store.image_files(case_ids[0])) == 4
+    assert {path.name: path.read_bytes() for path in sorted(dataset.folder.rglob("*Tr/*"))} == real_before
+
+
+def test_the_inpainted_volumes_pass_nnunets_integrity_check_in_a_standalone_export(ms_inpainted, nnunet_folders):
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    from nnunet_synth.writer.standalone_export import export_standalone
+    dataset, _, _, _ = ms_inpainted
+    export = export_standalone(dataset, nnunet_folders["nnUNet_raw"], nnunet_folders["nnUNet_preprocessed"],
+                               MS_INPAINT_EXPORT_ID, folds=["1"])
+    assert len(list((Path(export) / "imagesTr").glob("synth_*"))) == 4          # one volume, 4 channels
+    verify_dataset_integrity(str(export), num_processes=1)                         # raises on a bad dataset
+
+
+@pytest.mark.slow
+def test_synthmix_trains_3d_fullres_on_inpainted_volumes_of_fold_1_and_the_stock_predict_runs(
+        ms_inpainted, ms_planned_3d, nnunet_folders, tmp_path):
+    """The stock nnUNetv2_train 3d_fullres fold 1 with nnUNetTrainerSynthMix_smoke: fold 1's inpainted volume is
+    preprocessed into the 3d_fullres pool and mixed in (fold 0's copy-paste volume is not fold 1's to use). The
+    3-step generator's volume fails the model-free gate, so the filter is off here."""
+    from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
+    dataset, _, _, _ = ms_inpainted
+    trainers = {"nnUNet_extTrainer": str(trainer_directory())}
+    trainer = "nnUNetTrainerSynthMix_smoke"
+    result = run(["nnUNetv2_train", MS_ID, "3d_fullres", "1", "-tr", trainer, "-p", "nnUNetPlans_cpu", "-device",
+                  "cpu"], timeout=1500, nnsynth_ratio="0.5", nnsynth_min_quality="none", **trainers)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    fold = nnunet_folders["nnUNet_results"] / dataset.name / f"{trainer}__nnUNetPlans_cpu__3d_fullres" / "fold_1"
+    summary = json.loads((fold / "synthmix.json").read_text())
+    store = SyntheticStore(dataset)
+    assert summary["configuration"] == "3d_fullres" and summary["used_synthetic_cases"] == store.complete_case_ids("1")
+    validation = json.loads((ms_planned_3d / "splits_final.json").read_text())[1]["val"]
+    for case_id in summary["used_synthetic_cases"]:
+        assert store.cases[case_id]["image_source"] == "inpaint"
+        assert not set(store.cases[case_id]["source_cases"]) & set(validation)
+    (prediction, header), (reference, reference_header) = predict_validation_patient(dataset, trainer, tmp_path,
+                                                                                     trainers, fold=1)
+    assert prediction.shape == reference.shape and header.GetSpacing() == reference_header.GetSpacing()
+
+
+def test_a_whole_slice_generator_arm_with_3d_patches_is_refused_in_one_line(ms_volumes_dataset_folder, tmp_path,
+                                                                            capsys):
+    from nnunet_synth.dataset_tools.evaluate import main
+    with pytest.raises(SystemExit) as stop:
+        main(["downstream", str(ms_volumes_dataset_folder), "--configuration", "3d_fullres", "--arms", "real_only",
+              "cbmat", "--test-patients", "1", "--output", str(tmp_path / "evaluation")])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and error.count("\n") == 1 and "whole volumes" in error and "cbmat" in error
+    assert not (tmp_path / "evaluation").exists()
+
+
+@pytest.mark.slow
+def test_the_downstream_evaluation_trains_and_predicts_3d_fullres_with_whole_synthetic_volumes(
+        ms_volumes_dataset_folder, nnunet_folders, tmp_path):
+    """nnsynth_evaluate downstream --configuration 3d_fullres on the MS volumes: one test patient kept out, the
+    copy_paste and inpaint arms (the inpainting generator trained here on the training patient only) train and
+    predict 3d_fullres on the same plans (nnU-Net plans the first arm, the second gets copies); their synthetic
+    cases are whole volumes of the training patient."""
+    output = tmp_path / "evaluation"
+    result = run([BIN / "nnsynth_evaluate", "downstream", ms_volumes_dataset_folder, "--configuration", "3d_fullres",
+                  "--arms", "copy_paste", "inpaint", "--budget", "smoke", "--test-patients", "1",
+                  "--amounts", "1", "--inpaint-steps", "2", "--inpaint-batch-size", "2", "--inpaint-inference-steps",
+                  "2", "--no-tta", "--first-id", DOWNSTREAM_FIRST_ID, "--device", "cpu", "--output", output],
+                 timeout=2400)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    patients = json.loads((output / "patients.json").read_text())
+    (setting, split), = patients.items()
+    runs = [json.loads(path.read_text()) for path in sorted((output / "runs").glob("*/*/repeat0/dice.json"))]
+    assert sorted(run["arm"] for run in runs) == ["copy_paste", "inpaint"]
+    for run_record in runs:
+        assert run_record["configuration"] == "3d_fullres" and set(run_record["cases"]) == set(split["test"])
+    plans = []
+    for index, source in ((0, "copy-paste"), (1, "inpaint")):
+        arm_dataset = RawDataset(next(nnunet_folders["nnUNet_raw"].glob(f"Dataset{DOWNSTREAM_FIRST_ID + index:03d}_*")))
+        assert list((nnunet_folders["nnUNet_results"] / arm_dataset.name).glob("*__3d_fullres/fold_0"))
+        arm_plans = json.loads((nnunet_folders["nnUNet_preprocessed"] / arm_dataset.name / "nnUNetPlans_cpu.json")
+                               .read_text())
+        assert arm_plans.pop("dataset_name") == arm_dataset.name          # nnU-Net finds its folder by this name
+        plans.append(arm_plans)
+        store = SyntheticStore(arm_dataset)
+        case_ids = store.complete_case_ids("0")
+        assert len(case_ids) == 1                                       # amount 1 x one training volume
+        entry = store.cases[case_ids[0]]
+        assert store.manifest["folds"]["0"]["settings"]["unit"] == "volume"
+        assert entry["source"]["target"]["slice_index"] is None and entry["image_source"] == source
+        assert set(entry["source_cases"]) <= set(split["training"])
+        label, _ = read(store.label_file(case_ids[0]))
+        assert label.shape[0] > 1                                       # a whole volume
+    assert plans[0] == plans[1]
+    assert "inpaint_x1 | copy_paste_x1" in (output / "summary.md").read_text()

@@ -159,15 +159,15 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
         return sum(int(dataset.load_case(identifier)[0].shape[1]) for identifier in dataset.identifiers)
 
     def _refuse_slices_for_3d_patches(self, store: SyntheticStore, case_ids):
-        """3D patches (3d_fullres, 3d_lowres) need synthetic cases that are whole volumes (copy-paste with unit
-        "volume"); a single-slice case would be a patch of padding."""
+        """3D patches (3d_fullres, 3d_lowres) need synthetic cases that are whole volumes (copy-paste or inpaint
+        with unit "volume"); a single-slice case would be a patch of padding."""
         folds = sorted({str(store.cases[case_id].get("fold")) for case_id in case_ids})
         slice_folds = [fold for fold in folds if store.fold_record(fold).get("settings", {}).get("unit") != "volume"]
         if slice_folds:
             raise NnsynthError(f"{store.manifest_file}: the synthetic cases of fold {slice_folds[0]} are single "
                                f"slices, and '{self.configuration_name}' trains 3D patches "
                                f"{self.configuration_manager.patch_size} that need whole volumes: run nnsynth_generate "
-                               f"{store.dataset.name} --fold {slice_folds[0]} --image-source copy-paste --unit volume "
+                               f"{store.dataset.name} --fold {slice_folds[0]} --image-source copy-paste (or inpaint) --unit volume "
                                f"--overwrite, train a 2d configuration, or set nnsynth_ratio=0 for a real-only run")
 
     def _synthetic_training_dataset(self, settings, validation_cases):

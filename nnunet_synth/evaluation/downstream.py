@@ -15,8 +15,14 @@ Arms (``--arms``; every arm of a setting gets the same plans, split, budget and 
     inpaint      + synthetic cases whose new lesions the inpainting generator (CBMAT, ``--mode inpaint``) drew inside
                  the target's real slice (given as ``--generator inpaint=FOLDER``, or trained here the same way)
 
+Configurations (``configuration``): every arm plans, trains and predicts the same nnU-Net configuration. With 3D
+patches (``3d_fullres``, ``3d_lowres``) a synthetic case is a whole real volume with lesions added (copy-paste or
+inpaint, unit "volume"), the amounts count volumes, and whole-slice generator arms are refused.
+
 Every arm is a copy of the real dataset (files copied, the user's dataset is never written to) under its own
-dataset id, so each arm has its own synthetic store, preprocessed folder and results folder. The synthetic arms
+dataset id, so each arm has its own synthetic store, preprocessed folder and results folder. nnU-Net plans and
+preprocesses the first arm of a setting; the other arms, copies of the same real files, get copies of its plans and
+preprocessed cases (``nnunet_runs.reuse_preprocessed``). The synthetic arms
 train with ``nnsynth_ratio`` = amount / (1 + amount) (amount = synthetic slices per real training slice);
 ``oversample`` centres the same share of its draws on the rarest class.
 
@@ -49,7 +55,7 @@ from nnunet_synth.evaluation.arm_generators import (
     check_arm_generator,
     train_arm_generator,
 )
-from nnunet_synth.evaluation.nnunet_runs import plan_and_preprocess, predict_and_score, train
+from nnunet_synth.evaluation.nnunet_runs import plan_and_preprocess, predict_and_score, reuse_preprocessed, train
 from nnunet_synth.evaluation.patients import PatientSplit, split_patients
 from nnunet_synth.evaluation.statistics import (
     DICE_FILE,
@@ -75,6 +81,7 @@ PASTE_BUDGET_TRAINERS = {budget: trainer.replace("SynthMix", "LesionPaste")
 REAL_ONLY, OVERSAMPLE, COPY_PASTE = "real_only", "oversample", "copy_paste"
 COPY_PASTE_ONLINE = "copy_paste_online"
 REAL_ARMS = (REAL_ONLY, OVERSAMPLE, COPY_PASTE_ONLINE)     # no synthetic cases
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 TRAINABLE_GENERATORS = tuple(ARM_GENERATORS)        # arms that train their generator when none is given
 SUMMARY_CSV, SUMMARY_MD, DIFFERENCES_CSV = "summary.csv", "summary.md", "differences.csv"
 GATE_FILE = "model_free_gate.json"    # per synthetic arm: the pass rate of its store's cases
@@ -83,7 +90,9 @@ GATE_FILE = "model_free_gate.json"    # per synthetic arm: the pass rate of its 
 @dataclass
 class DownstreamSettings:
     generators: dict                        # arm name (e.g. "mat", "cbmat") -> generator folder
-    amounts: list = field(default_factory=lambda: [1.0])   # synthetic slices per real training slice
+    amounts: list = field(default_factory=lambda: [1.0])   # synthetic slices (volumes) per real training slice
+                                                            # (volume)
+    configuration: str = "2d"               # the nnU-Net configuration every arm trains and predicts
     budget: str = "demo"
     cpu_plans: bool = True
     fold: int = 0
@@ -156,6 +165,38 @@ def plan_arms(settings: DownstreamSettings) -> list:
         for amount in settings.amounts:
             arms.append(Arm(name, None if generator is None else Path(generator), float(amount)))
     return arms
+
+
+def check_configuration(settings: DownstreamSettings):
+    """Refuse an unknown configuration, and whole-slice generator arms or a slice step with 3D patches (their
+    synthetic cases are single slices; a 3D model predicts whole volumes)."""
+    if settings.configuration not in CONFIGURATIONS:
+        raise NnsynthError(f"--configuration {settings.configuration}: choose one of {', '.join(CONFIGURATIONS)}")
+    if settings.configuration == "2d":
+        return
+    if settings.test_slice_step != 1:
+        raise NnsynthError(f"--test-slice-step thins the test patients' slices for 2d models; "
+                           f"{settings.configuration} predicts whole volumes: leave it out")
+    for arm in plan_arms(settings):
+        mode = _generator_mode(arm)
+        if mode == "slice":
+            raise NnsynthError(f"arm '{arm.name}' draws whole slices, and {settings.configuration} trains 3D patches "
+                               f"that need whole volumes: use the copy_paste and inpaint arms (or --configuration 2d)")
+
+
+def _generator_mode(arm: Arm):
+    """slice or inpaint for a generator arm, None for the arms without a generator."""
+    if not arm.synthetic or arm.name == COPY_PASTE:
+        return None
+    if arm.generator is None:
+        return ARM_GENERATORS[arm.name][0]
+    from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
+    return read_generator_config(resolve_generator_folder(arm.generator)).mode
+
+
+def case_unit(settings: DownstreamSettings):
+    """What one synthetic case is: a whole volume for 3D configurations; for 2d the source's default."""
+    return None if settings.configuration == "2d" else "volume"
 
 
 def check_generators_for_fold(dataset: RawDataset, settings: DownstreamSettings):
@@ -247,16 +288,17 @@ def evaluation_cases(dataset: RawDataset, fold: int, test_images=None, test_labe
 def make_synthetic_cases(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, generator_folder):
     from nnunet_synth.copy_paste import CopyPasteSettings, generate_copy_paste_cases, num_copy_paste_cases
     from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases, num_cases_for_ratio
+    unit = case_unit(settings)
     if arm.name == COPY_PASTE:
-        num_cases = num_copy_paste_cases(arm_dataset, settings.fold, arm.amount)
-        return generate_copy_paste_cases(arm_dataset, CopyPasteSettings(num_cases=num_cases, seed=settings.seed),
-                                         fold=settings.fold)
+        num_cases = num_copy_paste_cases(arm_dataset, settings.fold, arm.amount, unit)
+        return generate_copy_paste_cases(arm_dataset, CopyPasteSettings(num_cases=num_cases, seed=settings.seed,
+                                                                        unit=unit), fold=settings.fold)
     from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
-    num_cases = num_cases_for_ratio(arm_dataset, generator_folder, arm.amount)
+    num_cases = num_cases_for_ratio(arm_dataset, generator_folder, arm.amount, unit)
     if read_generator_config(resolve_generator_folder(generator_folder)).mode == "inpaint":
         # as nnsynth_generate --image-source inpaint: the sampler is named, so the fold's recipe records it
         generation = GenerationSettings(num_cases=num_cases, seed=settings.seed, sampler=DEFAULT_SAMPLER,
-                                        num_inference_steps=settings.inpaint_inference_steps)
+                                        num_inference_steps=settings.inpaint_inference_steps, unit=unit)
     else:
         generation = GenerationSettings(num_cases=num_cases, seed=settings.seed,
                                         num_inference_steps=settings.inference_steps)
@@ -287,18 +329,21 @@ def run_repeat(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, 
     """Train one run of an arm, predict the test set with stock nnU-Net, write its ``dice.json``."""
     trainer = arm.trainer(settings.budget)
     seed = settings.seed + repeat
-    train(arm_dataset, trainer, plans, settings.fold, settings.device, nnsynth_ratio=str(arm.ratio),
+    train(arm_dataset, trainer, plans, settings.fold, settings.device, settings.configuration,
+          nnsynth_ratio=str(arm.ratio),
           nnsynth_min_quality="none", nnsynth_seed=str(seed),
           nnsynth_rare_oversampling=str(arm.rare_oversampling(settings.amounts)),
           nnsynth_paste_probability=str(arm.paste_probability(settings.amounts)))
     images, labels, description = evaluation_cases(arm_dataset, settings.fold, test_images, test_labels)
     means, cases = predict_and_score(arm_dataset, images, labels, run_folder / "predictions", trainer, plans,
-                                     settings.fold, settings.device, per_case=True, tta=settings.tta)
+                                     settings.fold, settings.device, per_case=True, tta=settings.tta,
+                                     configuration=settings.configuration)
     run = {"setting": setting, "arm": arm.name, "label": arm.label, "amount": arm.amount,
            "ratio": round(arm.ratio, 4), "rare_oversampling": round(arm.rare_oversampling(settings.amounts), 4),
            "paste_probability": round(arm.paste_probability(settings.amounts), 4),
            "repeat": repeat, "seed": seed, "dataset": arm_dataset.name, "fold": settings.fold,
-           "trainer": trainer, "plans": plans, "tta": settings.tta, "evaluated_on": description, "mean": means,
+           "trainer": trainer, "plans": plans, "configuration": settings.configuration, "tta": settings.tta,
+           "evaluated_on": description, "mean": means,
            "cases": cases}
     write_json_atomic(run, run_folder / DICE_FILE)
     return run
@@ -307,7 +352,7 @@ def run_repeat(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, 
 def _model_folder(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, plans: str) -> Path:
     import os
     return (Path(os.environ["nnUNet_results"]) / arm_dataset.name /
-            f"{arm.trainer(settings.budget)}__{plans}__2d" / f"fold_{settings.fold}")
+            f"{arm.trainer(settings.budget)}__{plans}__{settings.configuration}" / f"fold_{settings.fold}")
 
 
 def run_setting(dataset: RawDataset, settings: DownstreamSettings, setting: str, split, first_id: int, raw_root: Path,
@@ -316,7 +361,7 @@ def run_setting(dataset: RawDataset, settings: DownstreamSettings, setting: str,
     arms = plan_arms(settings)
     if split is not None:
         check_generators_for_patients(settings, split)
-    runs = []
+    runs, planned = [], None      # planned: the setting's arm planned first, and its plans name
     for index, arm in enumerate(arms):
         case_ids = None if split is None else split.training + split.validation
         arm_dataset = copy_real_dataset(dataset, raw_root, first_id + index, arm, case_ids, setting)
@@ -343,7 +388,11 @@ def run_setting(dataset: RawDataset, settings: DownstreamSettings, setting: str,
                                                 training, arm.name, settings.generator)
             make_synthetic_cases(arm, arm_dataset, settings, generator)
             write_pass_rate(arm, arm_dataset, settings, setting, arm_folder)
-        plans = plan_and_preprocess(arm_dataset, preprocessed_root, settings.cpu_plans)
+        if planned is None:
+            planned = arm_dataset, plan_and_preprocess(arm_dataset, preprocessed_root, settings.cpu_plans,
+                                                       settings.configuration)
+        plans = planned[1] if planned[0] is arm_dataset else reuse_preprocessed(
+            planned[0], arm_dataset, preprocessed_root, planned[1], settings.configuration)
         for repeat, run_folder in enumerate(run_folders):
             if (run_folder / DICE_FILE).is_file():
                 runs.append(json.loads((run_folder / DICE_FILE).read_text()))
@@ -369,8 +418,7 @@ def run_downstream(dataset: RawDataset, settings: DownstreamSettings, raw_root, 
     if settings.repeats < 1:
         raise NnsynthError(f"--repeats must be at least 1, got {settings.repeats}")
     raw_root, output_folder, preprocessed_root = Path(raw_root), Path(output_folder), Path(preprocessed_root)
-    plan_arms(settings)     # unknown arm names and generators of the wrong mode stop here
-    check_compared_arms(settings)
+    check_downstream_settings(settings)
     output_folder.mkdir(parents=True, exist_ok=True)
     if not settings.chooses_patients:
         check_generators_for_fold(dataset, settings)
@@ -394,6 +442,14 @@ def run_downstream(dataset: RawDataset, settings: DownstreamSettings, raw_root, 
             run_setting(dataset, settings, setting, split, first_id, raw_root, preprocessed_root, output_folder,
                         test_images, test_labels)
     return write_outputs(output_folder, settings.compare)
+
+
+def check_downstream_settings(settings: DownstreamSettings):
+    """Unknown arm names, generators of the wrong mode, arms a configuration cannot train and unknown --compare
+    names stop here, before anything is copied or trained."""
+    plan_arms(settings)
+    check_configuration(settings)
+    check_compared_arms(settings)
 
 
 def check_compared_arms(settings: DownstreamSettings):

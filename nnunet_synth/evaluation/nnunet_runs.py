@@ -1,4 +1,5 @@
 """The stock nnU-Net commands as a user runs them (subprocesses), for the demo and the downstream evaluation."""
+import json
 import os
 import shutil
 import subprocess
@@ -30,26 +31,54 @@ def run_stock_command(args, unset=(), **environment):
     return result
 
 
-def plan_and_preprocess(dataset: RawDataset, preprocessed_root, cpu_plans: bool) -> str:
-    """Stock 2d planning and preprocessing; with ``cpu_plans`` also the small CPU plans. Returns the plans name."""
+def plan_and_preprocess(dataset: RawDataset, preprocessed_root, cpu_plans: bool, configuration: str = "2d") -> str:
+    """Stock planning and preprocessing of ``configuration``; with ``cpu_plans`` also the small CPU plans. Returns
+    the plans name."""
     from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
     # nnUNet_n_proc_DA=0 makes nnU-Net 2.8's planner call torch.set_num_threads(0): leave it out here
     dataset_id = dataset.name.split("_")[0][len("Dataset"):]        # this command takes ids only
-    run_stock_command(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "2d", "-np", "1", "-npfp", "1",
-                       "--verify_dataset_integrity"], unset=["nnUNet_n_proc_DA"])
+    run_stock_command(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", configuration, "-np", "1", "-npfp",
+                       "1", "--verify_dataset_integrity"], unset=["nnUNet_n_proc_DA"])
     if not cpu_plans:
         return "nnUNetPlans"
-    write_cpu_plans(Path(preprocessed_root) / dataset.name, "2d", "nnUNetPlans", CPU_PLANS)
+    write_cpu_plans(Path(preprocessed_root) / dataset.name, configuration, "nnUNetPlans", CPU_PLANS)
     return CPU_PLANS
 
 
-def train(dataset: RawDataset, trainer: str, plans: str, fold, device: str, **environment):
-    run_stock_command(["nnUNetv2_train", dataset.name, "2d", str(fold), "-tr", trainer, "-p", plans,
+def reuse_preprocessed(planned: RawDataset, dataset: RawDataset, preprocessed_root, plans: str,
+                       configuration: str = "2d") -> str:
+    """Give ``dataset`` the plans and preprocessed cases of ``planned``, an arm of the same setting planned by
+    ``plan_and_preprocess``: both hold copies of the same real files, so nnU-Net would plan and preprocess them
+    the same, and every arm of a setting then trains on the same plans. Copies the fingerprint, the plans (with
+    nnU-Net's ``dataset_name`` rewritten: the trainer finds the preprocessed folder by it), the configuration's
+    preprocessed cases and ``gt_segmentations/``; returns the plans name."""
+    from nnunet_synth.atomic import copy_file_atomic, write_json_atomic
+    source, target = Path(preprocessed_root) / planned.name, Path(preprocessed_root) / dataset.name
+    plan_names = dict.fromkeys(["nnUNetPlans", plans])
+    data_identifiers = set()
+    for name in plan_names:
+        content = json.loads((source / f"{name}.json").read_text())
+        content["dataset_name"] = dataset.name
+        data_identifiers.add(content["configurations"][configuration]["data_identifier"])
+        write_json_atomic(content, target / f"{name}.json")
+    for name in ("dataset.json", "dataset_fingerprint.json"):
+        copy_file_atomic(source / name, target / name)
+    for folder in sorted(data_identifiers) + ["gt_segmentations"]:
+        for path in sorted((source / folder).iterdir()):
+            destination = target / folder / path.name
+            if not destination.is_file() or destination.stat().st_size != path.stat().st_size:
+                copy_file_atomic(path, destination)
+    return plans
+
+
+def train(dataset: RawDataset, trainer: str, plans: str, fold, device: str, configuration: str = "2d",
+          **environment):
+    run_stock_command(["nnUNetv2_train", dataset.name, configuration, str(fold), "-tr", trainer, "-p", plans,
                        "-device", device], **environment)
 
 
 def predict_and_score(dataset: RawDataset, image_files, label_folder, output_folder, trainer: str, plans: str,
-                      fold, device: str, per_case: bool = False, tta: bool = True):
+                      fold, device: str, per_case: bool = False, tta: bool = True, configuration: str = "2d"):
     """Stock nnUNetv2_predict on ``image_files``, then nnU-Net's own evaluation against ``label_folder``.
 
     Returns ``{label name: mean Dice}`` over the predicted cases; with ``per_case`` also
@@ -63,7 +92,7 @@ def predict_and_score(dataset: RawDataset, image_files, label_folder, output_fol
     for image_file in image_files:
         shutil.copy(image_file, input_folder)
     run_stock_command(["nnUNetv2_predict", "-i", str(input_folder), "-o", str(output_folder), "-d", dataset.name,
-                       "-c", "2d", "-p", plans, "-tr", trainer, "-f", str(fold), "-device", device,
+                       "-c", configuration, "-p", plans, "-tr", trainer, "-f", str(fold), "-device", device,
                        "-npp", "1", "-nps", "1"] + ([] if tta else ["--disable_tta"]))
     labels = [value for value in dataset.labels.values() if value != 0]
     metrics = compute_metrics_on_folder(str(label_folder), str(output_folder), str(output_folder / "summary.json"),

@@ -83,7 +83,7 @@ class NnsynthInpaintPipeline(DiffusionPipeline):
     def image_size(self) -> int:
         return self.unet.config.sample_size
 
-    def _check_inputs(self, known_images, edit_masks, label_maps, seeds):
+    def _check_inputs(self, known_images, edit_masks, label_maps, seeds, noise=None):
         size, count = self.image_size, len(label_maps)
         if known_images.shape != (count, self.num_channels, size, size):
             raise ValueError(f"known_images must have shape ({count}, {self.num_channels}, {size}, {size}), got "
@@ -93,21 +93,24 @@ class NnsynthInpaintPipeline(DiffusionPipeline):
                              f"{edit_masks.shape} and {label_maps.shape}")
         if len(seeds) != count:
             raise ValueError(f"need one seed per crop: {len(seeds)} seeds for {count} crops")
+        if noise is not None and noise.shape != known_images.shape:
+            raise ValueError(f"noise must have the shape of known_images {known_images.shape}, got {noise.shape}")
         if label_maps.size and (label_maps.min() < 0 or label_maps.max() >= self.num_classes):
             raise ValueError(f"label values must lie in [0, {self.num_classes - 1}]")
 
     @torch.no_grad()
     def __call__(self, known_images, edit_masks, label_maps, seeds, num_inference_steps: int = 20,
-                 batch_size: int = 16, progress: bool = True) -> np.ndarray:
+                 batch_size: int = 16, progress: bool = True, noise=None) -> np.ndarray:
         """(N, channels, S, S) float32 in [-1, 1]: the crops with their edit regions drawn; pixels outside the edit
         mask are ``known_images`` exactly. ``known_images`` (N, C, S, S) in model space, ``edit_masks`` (N, S, S)
         bool, ``label_maps`` (N, S, S) int, ``seeds`` one int per crop (same seed, same device: same result
-        whatever the batch)."""
+        whatever the batch). ``noise`` (N, C, S, S): the initial noise of each crop instead of its seed's."""
         known_images = np.asarray(known_images, dtype=np.float32)
         edit_masks = np.asarray(edit_masks, dtype=bool)
         label_maps = np.asarray(label_maps)
         seeds = [int(seed) for seed in seeds]
-        self._check_inputs(known_images, edit_masks, label_maps, seeds)
+        noise = None if noise is None else np.asarray(noise, dtype=np.float32)
+        self._check_inputs(known_images, edit_masks, label_maps, seeds, noise)
         unet = self.unet.eval()
         device, unet_dtype = unet.device, unet.dtype
         alphas_cumprod = self.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
@@ -121,7 +124,8 @@ class NnsynthInpaintPipeline(DiffusionPipeline):
                                              self.num_classes)
             edit = mask[:, None].float()
             self.scheduler.set_timesteps(num_inference_steps, device=device)
-            sample = initial_noise(seeds[start:stop], self.image_size, self.num_channels).to(device)
+            sample = (initial_noise(seeds[start:stop], self.image_size, self.num_channels) if noise is None
+                      else torch.from_numpy(noise[start:stop])).to(device)
             sample = sample * self.scheduler.init_noise_sigma
             for timestep in self.scheduler.timesteps:
                 model_input = torch.cat([self.scheduler.scale_model_input(sample, timestep), condition], dim=1)

@@ -6,10 +6,16 @@ The edit region of a new map is where it differs from its target's real map, gro
 one after another so that later crops see the earlier ones' pixels as known), conditioned on the new map and on the
 real pixels around. Everything outside the edit region stays the target's real pixel, bit for bit; the label is
 the new map itself (no resampling).
+
+A volume (``inpaint_volume``) is drawn slice by slice along its first axis, each slice's edit region its own
+changes grown in-plane. Its crops take their initial noise from one noise field of the volume in slice
+coordinates (``VOLUME_NOISE`` "aligned"), so a voxel starts from the same noise in every slice and neighbouring
+slices of one lesion start alike; "per-slice" draws every slice's crops from their own seeds.
 """
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from nnunet_synth.dataset import ImageWindows
@@ -18,6 +24,7 @@ from nnunet_synth.generator.data import MODEL_MINIMUM
 from nnunet_synth.generator.inpaint_data import crop_origin, edit_region, take_crop
 
 CONTEXT_FRACTION = 8     # a crop's inner area leaves crop_size / 8 pixels of real context on every side
+VOLUME_NOISES = ("aligned", "per-slice")
 
 
 def map_edit_region(target_map: np.ndarray, new_map: np.ndarray, margin: int) -> np.ndarray:
@@ -102,14 +109,28 @@ class InpaintedSlice:
                 "edit_bbox": box, "crops": [[int(t.origin[0]), int(t.origin[1])] for t in self.tiles]}
 
 
+def noise_field(seed: int, shape, crop_size: int, num_channels: int) -> np.ndarray:
+    """(channels, H + 2 S, W + 2 S) Gaussian noise for slices of ``shape`` (H, W) and crops of side S: the crop
+    with top-left pixel (r, c) takes ``field[:, r + S:r + 2 S, c + S:c + 2 S]`` (crops may start outside a slice
+    that is smaller than one crop)."""
+    size = (num_channels, shape[0] + 2 * crop_size, shape[1] + 2 * crop_size)
+    return torch.randn(size, generator=torch.Generator("cpu").manual_seed(int(seed))).numpy()
+
+
+def _field_crop(field: np.ndarray, origin, crop_size: int) -> np.ndarray:
+    row, col = origin[0] + crop_size, origin[1] + crop_size
+    return field[:, row:row + crop_size, col:col + crop_size]
+
+
 def inpaint_slices(pipeline, window: ImageWindows, images, label_maps, edit_masks, seeds, dtypes,
-                   num_inference_steps: int, ignore_label=None, batch_size: int = 16) -> list:
+                   num_inference_steps: int, ignore_label=None, batch_size: int = 16, noise_fields=None) -> list:
     """Draw the edit region of each slice with ``pipeline`` (an ``NnsynthInpaintPipeline``), conditioned on its label
     map (native size) and the real pixels around.
 
     ``images`` (C, H, W) real slices in the dataset's units, ``label_maps`` (H, W) the maps to draw, ``edit_masks``
     (H, W) bool, ``seeds`` one per slice, ``dtypes`` the pixel type of each channel per slice. The crops of all
-    slices are sampled in rounds (round k = every slice's k-th crop), ``batch_size`` at a time.
+    slices are sampled in rounds (round k = every slice's k-th crop), ``batch_size`` at a time. ``noise_fields``:
+    one ``noise_field`` per slice whose crops take their initial noise from it (default: each crop's own seed).
     """
     crop_size = pipeline.image_size
     working = [window.to_model(np.asarray(image)) for image in images]
@@ -121,8 +142,10 @@ def inpaint_slices(pipeline, window: ImageWindows, images, label_maps, edit_mask
         known = np.stack([take_crop(working[i], tile.origin, crop_size, MODEL_MINIMUM) for i, tile in jobs])
         masks = np.stack([take_crop(pending[i], tile.origin, crop_size, False) for i, tile in jobs])
         maps = np.stack([take_crop(conditions[i], tile.origin, crop_size, 0) for i, tile in jobs])
+        noise = None if noise_fields is None else np.stack(
+            [_field_crop(noise_fields[i], tile.origin, crop_size) for i, tile in jobs])
         drawn = pipeline(known, masks, maps, [tile_seed(seeds[i], round_number) for i, _ in jobs],
-                         num_inference_steps=num_inference_steps, batch_size=batch_size, progress=False)
+                         num_inference_steps=num_inference_steps, batch_size=batch_size, progress=False, noise=noise)
         for (i, tile), crop in zip(jobs, drawn):
             _write_back(working[i], crop, tile)
             pending[i] &= ~tile.writes
@@ -143,3 +166,52 @@ def _write_back(model_image: np.ndarray, crop: np.ndarray, tile: Tile):
     """Copy the crop's pixels that ``tile`` writes into the slice (model space, in place)."""
     rows, cols = np.nonzero(tile.writes)
     model_image[:, rows, cols] = crop[:, rows - tile.origin[0], cols - tile.origin[1]]
+
+
+@dataclass
+class InpaintedVolume:
+    """A volume with its edit region drawn slice by slice: ``channel_images`` one (D, H, W) array per channel in the
+    dataset's units and pixel type (the real voxels outside ``edit``), ``edit`` (D, H, W) bool."""
+
+    channel_images: list
+    edit: np.ndarray
+    slices: dict            # slice index -> its InpaintedSlice
+
+    def record(self) -> dict:
+        """What the manifest keeps of the edit: its size, box and the crops of each edited slice."""
+        nonzero = np.nonzero(self.edit)
+        box = ([int(a.min()) for a in nonzero] + [int(a.max()) + 1 for a in nonzero]) if nonzero[0].size else None
+        return {"unit": "volume", "edit_voxels": int(self.edit.sum()), "edit_box": box,
+                "crops": {str(z): [[int(t.origin[0]), int(t.origin[1])] for t in result.tiles]
+                          for z, result in self.slices.items()}}
+
+
+def volume_edit_region(target_map: np.ndarray, new_map: np.ndarray, margin: int) -> np.ndarray:
+    """``map_edit_region`` of every slice of a (D, H, W) volume: its changes grown in-plane."""
+    edit = np.zeros(np.shape(new_map), dtype=bool)
+    for z in np.flatnonzero((np.asarray(new_map) != np.asarray(target_map)).reshape(len(edit), -1).any(axis=1)):
+        edit[z] = map_edit_region(target_map[z], new_map[z], margin)
+    return edit
+
+
+def inpaint_volume(pipeline, window: ImageWindows, image, label_map, edit, seed: int, dtypes,
+                   num_inference_steps: int, ignore_label=None, batch_size: int = 16,
+                   volume_noise: str = "aligned") -> InpaintedVolume:
+    """Draw the edit region (D, H, W) of a real volume ``image`` (C, D, H, W, the dataset's units) slice by slice,
+    every slice conditioned on its slice of ``label_map``; the crops' noise as ``volume_noise`` says (module
+    docstring)."""
+    if volume_noise not in VOLUME_NOISES:
+        raise ValueError(f"volume_noise must be one of {VOLUME_NOISES}, got {volume_noise!r}")
+    edited = [int(z) for z in np.flatnonzero(edit.reshape(len(edit), -1).any(axis=1))]
+    fields = None
+    if volume_noise == "aligned":
+        shared = noise_field(seed, edit.shape[1:], pipeline.image_size, pipeline.num_channels)
+        fields = [shared] * len(edited)       # one array: every slice's crops read the same field
+    results = inpaint_slices(pipeline, window, [image[:, z] for z in edited], [label_map[z] for z in edited],
+                             [edit[z] for z in edited], [tile_seed(seed, z) for z in edited],
+                             [dtypes] * len(edited), num_inference_steps, ignore_label, batch_size, fields)
+    channel_images = [np.asarray(image[channel]).astype(dtype) for channel, dtype in enumerate(dtypes)]
+    for z, result in zip(edited, results):
+        for channel, drawn in enumerate(result.channel_images):
+            channel_images[channel][z] = drawn
+    return InpaintedVolume(channel_images, edit, dict(zip(edited, results)))
