@@ -20,7 +20,12 @@ from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
 from nnunet_synth.evaluation.downstream import BUDGET_TRAINERS, CONFIGURATIONS
 from nnunet_synth.evaluation.report import DOWNSTREAM_CSV, FIDELITY_JSON, FIDELITY_PREVIEW, record_command, write_report
-from nnunet_synth.generator.inpaint_training import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER
+from nnunet_synth.generator.inpaint_training import (
+    DEFAULT_INFERENCE_STEPS,
+    DEFAULT_SAMPLER,
+    VOLUME_INFERENCE_STEPS,
+    VOLUME_SAMPLER,
+)
 from nnunet_synth.preflight import check_evaluation_request
 
 EVALUATION_FOLDER = "nnsynth_evaluation"
@@ -121,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "trained here for the inpaint arm (batch --inpaint-batch-size)")
     downstream.add_argument("--inpaint-batch-size", type=int, default=4, help="batch of the inpainting generator "
                             "trained here")
-    downstream.add_argument("--inpaint-inference-steps", type=int, default=DEFAULT_INFERENCE_STEPS,
-                            help=f"{DEFAULT_SAMPLER} steps of the inpaint arm (--inference-steps: the DDIM steps of "
-                            f"the whole-slice generators)")
+    downstream.add_argument("--inpaint-inference-steps", type=int,
+                            help=f"sampling steps of the inpaint arm (default {DEFAULT_INFERENCE_STEPS} "
+                            f"{DEFAULT_SAMPLER} steps for slices, {VOLUME_INFERENCE_STEPS} {VOLUME_SAMPLER} steps "
+                            "for volumes; --inference-steps: the DDIM steps of the whole-slice generators)")
     downstream.add_argument("--compare", type=arm_pair, nargs="+", metavar="ARM:OTHER", help="the pairs of the "
                             "paired-differences table (arm names or labels, e.g. inpaint:copy_paste "
                             "cbmat:copy_paste); default: every synthetic arm against copy_paste when it runs, and "

@@ -22,7 +22,13 @@ from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases
 from nnunet_synth.generator.checkpoints import FINAL_FOLDER, generator_run_folder
 from nnunet_synth.generator.config import PRESETS, TrainingSettings
 from nnunet_synth.generator.inpaint_pipeline import SAMPLERS
-from nnunet_synth.generator.inpaint_training import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER
+from nnunet_synth.generator.inpaint_training import (
+    DEFAULT_INFERENCE_STEPS,
+    DEFAULT_SAMPLER,
+    VOLUME_INFERENCE_STEPS,
+    VOLUME_SAMPLER,
+    sampling_defaults,
+)
 from nnunet_synth.generator.training import train_generator
 from nnunet_synth.masks.settings import BalancingSettings
 from nnunet_synth.preflight import GenerateRequest, check_generate_request
@@ -50,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unit", choices=("slice", "volume"), help="with --image-source copy-paste or inpaint: what "
                         "one synthetic case is: one slice, or a whole real volume with lesions added (default: volume "
                         "for 3D data, slice for 2D data); the generator makes slices")
-    parser.add_argument("--volume-noise", choices=VOLUME_NOISES, default="aligned", help="inpaint volumes: aligned "
-                        "(default): every slice's crops start from one noise field of the volume; per-slice: each "
-                        "slice's crops from their own seeds")
+    parser.add_argument("--volume-noise", choices=VOLUME_NOISES, default="per-slice", help="inpaint volumes: "
+                        "per-slice (default): each slice's crops start from their own seeds; aligned: every slice's "
+                        "crops from one noise field of the volume")
     parser.add_argument("--generator", help="a trained generator folder (default: train or reuse "
                         "$nnUNet_results/<Dataset>/nnsynth_generator_<preset>_fold<F>)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
@@ -61,9 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--inference-steps", type=int, help="sampling steps (default: 50 DDIM steps for the "
-                        f"generator, {DEFAULT_INFERENCE_STEPS} for inpaint)")
+                        f"generator; inpaint: {DEFAULT_INFERENCE_STEPS} for slices, {VOLUME_INFERENCE_STEPS} for "
+                        "volumes)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="--image-source inpaint: the scheduler "
-                        f"(default {DEFAULT_SAMPLER}; the whole-slice generator samples with DDIM)")
+                        f"(default {DEFAULT_SAMPLER} for slices, {VOLUME_SAMPLER} for volumes; the whole-slice "
+                        "generator samples with DDIM)")
     parser.add_argument("--batch-size", type=int, default=16, help="slices sampled at once")
     balance = parser.add_argument_group("label maps (class balance, Diff-Lung §2.3; shares are of the region: host + "
                                         "pathology classes, or without a host class the body plus the pathology)")
@@ -180,8 +188,7 @@ def request_from_args(args) -> GenerateRequest:
         ratio=args.ratio, target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
         balancing=balancing_from_args(args), num_shards=args.num_shards, shard_index=args.shard_index,
         overwrite=args.overwrite, export_id=args.export_standalone,
-        sampler=(args.sampler or DEFAULT_SAMPLER) if args.image_source == "inpaint" else args.sampler,
-        unit=args.unit, volume_noise=args.volume_noise)
+        sampler=args.sampler, unit=args.unit, volume_noise=args.volume_noise)
 
 
 @command_entry_point
@@ -192,12 +199,12 @@ def main(argv=None):
         raise NnsynthError("--export-standalone with --num-shards would export before the other shards are done: "
                            "export after all shards, by one more run without --num-shards")
     dataset = RawDataset.from_name(args.dataset)
-    if args.inference_steps is None:
-        args.inference_steps = DEFAULT_INFERENCE_STEPS if args.image_source == "inpaint" else 50
+    if args.inference_steps is None and args.image_source != "inpaint":
+        args.inference_steps = 50       # inpaint: per fold, from its unit (sampling_defaults)
     request = request_from_args(args)
     plan = check_generate_request(dataset, request)       # everything is checked before anything is written
     for fold in request.folds:
-        generate_for_fold(dataset, args, fold, plan.num_cases[fold])
+        generate_for_fold(dataset, args, fold, plan.num_cases[fold], plan.units.get(fold))
     if args.export_standalone is not None:
         if launched_state().num_processes > 1:
             launched_state().wait_for_everyone()      # every shard's cases are written
@@ -211,16 +218,17 @@ def main(argv=None):
         print(f"standalone dataset: {folder}")
 
 
-def generate_for_fold(dataset: RawDataset, args, fold, num_cases: int):
+def generate_for_fold(dataset: RawDataset, args, fold, num_cases: int, unit: str = None):
     if args.image_source == "copy-paste":
         return copy_paste_for_fold(dataset, args, fold, num_cases)
     generator_folder = generator_for_fold(dataset, args, fold)
     check_generator_mode(generator_folder, generator_mode(args), args.image_source)
-    settings = GenerationSettings(num_cases=num_cases, seed=args.seed, num_inference_steps=args.inference_steps,
+    sampler, steps = args.sampler, args.inference_steps
+    if args.image_source == "inpaint":     # named in the recipe, so that a later default never mixes into a fold
+        sampler, steps = sampling_defaults(unit, sampler, steps)
+    settings = GenerationSettings(num_cases=num_cases, seed=args.seed, num_inference_steps=steps,
                                   target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
-                                  batch_size=args.batch_size, balancing=balancing_from_args(args),
-                                  # named in the recipe, so that a later default never mixes into a fold's cases
-                                  sampler=(args.sampler or DEFAULT_SAMPLER) if args.image_source == "inpaint" else None,
+                                  batch_size=args.batch_size, balancing=balancing_from_args(args), sampler=sampler,
                                   unit=args.unit, volume_noise=args.volume_noise)
     summary = generate_synthetic_cases(dataset, generator_folder, settings, fold=fold, device=args.device,
                                        overwrite=args.overwrite, num_shards=args.num_shards,

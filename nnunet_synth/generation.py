@@ -50,7 +50,7 @@ class GenerationSettings:
     balancing: BalancingSettings = field(default_factory=BalancingSettings)
     sampler: str = None                 # inpainting generators: ddim, dpmsolver++ or unipc (None: the default)
     unit: str = None                    # inpainting generators: slice or volume (None: volume for 3D data)
-    volume_noise: str = "aligned"       # unit volume: the crops' initial noise (sampling.inpaint.VOLUME_NOISES)
+    volume_noise: str = "per-slice"     # unit volume: the crops' initial noise (sampling.inpaint.VOLUME_NOISES)
 
     def recipe(self, generator_folder) -> dict:
         """The fields that must agree between runs writing into one store (batch size does not matter); the unit
@@ -111,8 +111,8 @@ def generate_synthetic_cases(dataset: RawDataset, generator_folder, settings: Ge
     unet, config = load_generator(generator_folder, dataset, device)
     fold = str(config.fold if fold is None else fold)
     check_generator_for_fold(dataset, config, generator_folder, fold)
-    settings = replace(settings, unit=generation_unit(
-        dataset, config.mode, slice_counts(open_native_slices(dataset, config.training_cases)), settings.unit))
+    num_slices = slice_counts(open_native_slices(dataset, config.training_cases)) if config.mode == "inpaint" else {}
+    settings = replace(settings, unit=generation_unit(dataset, config.mode, num_slices, settings.unit))
     store = SyntheticStore(dataset)
     check_role_names(dataset, settings.balancing)      # bad names fail before anything is removed
     if overwrite:

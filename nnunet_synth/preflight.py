@@ -34,6 +34,7 @@ from nnunet_synth.generator.checkpoints import (
     resolve_generator_folder,
 )
 from nnunet_synth.generator.config import TrainingSettings
+from nnunet_synth.generator.inpaint_training import sampling_defaults
 from nnunet_synth.masks.settings import BalancingSettings
 from nnunet_synth.sampling.inpaint import VOLUME_NOISES
 from nnunet_synth.writer.standalone_export import export_folder_name
@@ -64,7 +65,7 @@ class GenerateRequest:
     export_id: int = None
     sampler: str = None                    # inpaint only: the scheduler of the inpainting generator
     unit: str = None                       # copy-paste and inpaint: slice | volume (None: volume for 3D data)
-    volume_noise: str = "aligned"          # inpaint volumes: the crops' initial noise
+    volume_noise: str = "per-slice"        # inpaint volumes: the crops' initial noise
 
     @property
     def generator_mode(self) -> str:
@@ -187,13 +188,14 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
         plan.num_cases[fold] = request.num_cases if request.num_cases is not None else \
             max(1, round(request.ratio * units))
         if request.generator_mode is not None and not request.overwrite:
+            sampler, steps = request.sampler, request.num_inference_steps
+            if request.image_source == "inpaint":
+                sampler, steps = sampling_defaults(plan.units[fold], sampler, steps)
             settings = GenerationSettings(num_cases=plan.num_cases[fold], seed=request.seed,
-                                          num_inference_steps=request.num_inference_steps,
-                                          target_share=request.target_share,
+                                          num_inference_steps=steps, target_share=request.target_share,
                                           noise_seeding_strength=request.noise_seeding_strength,
                                           batch_size=request.batch_size, balancing=request.balancing,
-                                          sampler=request.sampler, unit=plan.units[fold],
-                                          volume_noise=request.volume_noise)
+                                          sampler=sampler, unit=plan.units[fold], volume_noise=request.volume_noise)
             store.check_fold_recipe(str(fold), settings.recipe(resolve_generator_path(generators[fold][0])))
     check_case_budget(dataset, sum(plan.num_cases.values()))
     return plan

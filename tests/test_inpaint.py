@@ -332,8 +332,9 @@ def test_two_channels_and_the_ignore_label_inpaint_with_real_pixels_kept_in_both
     run = train_generator(dataset, tmp_path / "run", small_settings(max_steps=2), fold=0, progress=False)
     assert run.config.num_channels == 2 and run.config.unet_config["in_channels"] == 2 * 2 + 1 + 4
     from nnunet_synth.dataset_tools.generate import main
+    # the example's cases are stacks of independent slices, and this dataset.json does not say so (nnsynth_unit)
     main([dataset.name, "--image-source", "inpaint", "--generator", str(run.final_folder), "-n", "2",
-          "--inference-steps", "2", "--device", "cpu"])
+          "--inference-steps", "2", "--device", "cpu", "--unit", "slice"])
     store = SyntheticStore(dataset)
     reader = dataset.reader_writer()
     for case_id in store.complete_case_ids("0"):

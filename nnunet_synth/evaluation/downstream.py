@@ -68,7 +68,7 @@ from nnunet_synth.evaluation.statistics import (
     markdown_summary,
     summarize_runs,
 )
-from nnunet_synth.generator.inpaint_training import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER
+from nnunet_synth.generator.inpaint_training import sampling_defaults
 
 BUDGET_TRAINERS = {"smoke": "nnUNetTrainerSynthMix_smoke",   # 10 iterations: does the pipeline run
                    "debug": "nnUNetTrainerSynthMix_debug",   # 20 iterations
@@ -98,7 +98,7 @@ class DownstreamSettings:
     fold: int = 0
     seed: int = 0
     inference_steps: int = 50               # DDIM steps of the whole-slice generators
-    inpaint_inference_steps: int = DEFAULT_INFERENCE_STEPS   # steps of the inpainting generators' default sampler
+    inpaint_inference_steps: int = None     # steps of the inpainting generators (None: sampling_defaults)
     first_dataset_id: int = 700
     device: str = "cpu"
     arms: list = None                       # arm names; None = real_only + every generator
@@ -287,7 +287,14 @@ def evaluation_cases(dataset: RawDataset, fold: int, test_images=None, test_labe
 
 def make_synthetic_cases(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, generator_folder):
     from nnunet_synth.copy_paste import CopyPasteSettings, generate_copy_paste_cases, num_copy_paste_cases
-    from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases, num_cases_for_ratio
+    from nnunet_synth.dataset.native_slices import open_native_slices
+    from nnunet_synth.fold_cases import slice_counts
+    from nnunet_synth.generation import (
+        GenerationSettings,
+        generate_synthetic_cases,
+        generation_unit,
+        num_cases_for_ratio,
+    )
     unit = case_unit(settings)
     if arm.name == COPY_PASTE:
         num_cases = num_copy_paste_cases(arm_dataset, settings.fold, arm.amount, unit)
@@ -295,10 +302,14 @@ def make_synthetic_cases(arm: Arm, arm_dataset: RawDataset, settings: Downstream
                                                                         unit=unit), fold=settings.fold)
     from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
     num_cases = num_cases_for_ratio(arm_dataset, generator_folder, arm.amount, unit)
-    if read_generator_config(resolve_generator_folder(generator_folder)).mode == "inpaint":
+    config = read_generator_config(resolve_generator_folder(generator_folder))
+    if config.mode == "inpaint":
         # as nnsynth_generate --image-source inpaint: the sampler is named, so the fold's recipe records it
-        generation = GenerationSettings(num_cases=num_cases, seed=settings.seed, sampler=DEFAULT_SAMPLER,
-                                        num_inference_steps=settings.inpaint_inference_steps, unit=unit)
+        counts = slice_counts(open_native_slices(arm_dataset, config.training_cases))
+        sampler, steps = sampling_defaults(generation_unit(arm_dataset, config.mode, counts, unit), None,
+                                           settings.inpaint_inference_steps)
+        generation = GenerationSettings(num_cases=num_cases, seed=settings.seed, sampler=sampler,
+                                        num_inference_steps=steps, unit=unit)
     else:
         generation = GenerationSettings(num_cases=num_cases, seed=settings.seed,
                                         num_inference_steps=settings.inference_steps)

@@ -3,7 +3,8 @@ lesions do?
 
 The figure, per image channel: the mean absolute difference between a voxel and its neighbour in the next slice,
 over the pairs of neighbours (along the slice axis) that both lie inside a region. On the written synthetic
-volumes the region is the edited voxels (where the label differs from the target's: the pasted lesion voxels); on
+volumes the region is the edited voxels (where the label differs from the target's: the new lesion voxels, pasted or
+inpainted); on
 the real volumes of the fold's training cases it is their real lesion voxels (the pathology classes of the fold's
 label-map report). A process that fills each slice without its neighbours raises the synthetic figure above the
 real one; 3D components moved as a block keep it close.
@@ -47,12 +48,13 @@ def through_plane_consistency(dataset: RawDataset, fold="0") -> dict:
     training cases, per channel, with their ratio (synthetic / real; 1 = as consistent as real lesions)."""
     store = SyntheticStore(dataset)
     fold = str(fold)
-    case_ids = [case_id for case_id in store.complete_case_ids(fold)
-                if store.cases[case_id].get("copy_paste", {}).get("unit") == "volume"]
+    fold_record = store.manifest["folds"].get(fold, {})
+    volumes = fold_record.get("settings", {}).get("unit") == "volume"      # copy-paste or inpaint volumes
+    case_ids = store.complete_case_ids(fold) if volumes else []
     if not case_ids:
         raise NnsynthError(f"{store.manifest_file} holds no whole synthetic volumes of fold {fold}: run "
-                           f"nnsynth_generate {dataset.name} --fold {fold} --image-source copy-paste --unit volume")
-    fold_record = store.manifest["folds"][fold]
+                           f"nnsynth_generate {dataset.name} --fold {fold} --image-source copy-paste (or inpaint) "
+                           f"--unit volume")
     pathology = fold_record["label_map_report"]["pathology_classes"]
     reader = dataset.reader_writer()
     synthetic, real = _Accumulator(dataset.num_channels), _Accumulator(dataset.num_channels)

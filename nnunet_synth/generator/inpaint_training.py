@@ -22,6 +22,15 @@ from nnunet_synth.preview_grid import save_preview_grid
 INPAINT_PIPELINE_FILE = "nnsynth_inpaint_pipeline.py"
 DEFAULT_SAMPLER = "unipc"         # the best sampler at <= 20 steps on lesion-region fidelity (docs/inpainting.md)
 DEFAULT_INFERENCE_STEPS = 10
+# whole volumes: UniPC 10 drew the large edit regions of the MS volumes as noise, DDIM 50 did not (docs/volumes.md)
+VOLUME_SAMPLER, VOLUME_INFERENCE_STEPS = "ddim", 50
+
+
+def sampling_defaults(unit: str, sampler: str = None, num_inference_steps: int = None):
+    """(sampler, steps) of an inpainting generator: the given ones, else UniPC 10 for slices, DDIM 50 for volumes."""
+    volume = unit == "volume"
+    return (sampler or (VOLUME_SAMPLER if volume else DEFAULT_SAMPLER),
+            num_inference_steps or (VOLUME_INFERENCE_STEPS if volume else DEFAULT_INFERENCE_STEPS))
 
 
 def inpaint_pipeline(unet, generator_config: GeneratorConfig, sampler: str = DEFAULT_SAMPLER,

@@ -8,9 +8,10 @@ real pixels around. Everything outside the edit region stays the target's real p
 the new map itself (no resampling).
 
 A volume (``inpaint_volume``) is drawn slice by slice along its first axis, each slice's edit region its own
-changes grown in-plane. Its crops take their initial noise from one noise field of the volume in slice
-coordinates (``VOLUME_NOISE`` "aligned"), so a voxel starts from the same noise in every slice and neighbouring
-slices of one lesion start alike; "per-slice" draws every slice's crops from their own seeds.
+changes grown in-plane, every slice's crops from their own seeds ("per-slice"). "aligned" takes every crop's
+initial noise from one noise field of the volume in slice coordinates instead, so a voxel starts from the same
+noise in every slice: on the MS volumes that made the edited regions smoother along the slice axis than real
+lesions, with stripes in a coronal view (docs/volumes.md), so it is not the default.
 """
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from nnunet_synth.generator.inpaint_data import crop_origin, edit_region, take_c
 
 CONTEXT_FRACTION = 8     # a crop's inner area leaves crop_size / 8 pixels of real context on every side
 VOLUME_NOISES = ("aligned", "per-slice")
+SLICES_PER_ROUND = 16    # a volume's edited slices sampled together (their crops share batches)
 
 
 def map_edit_region(target_map: np.ndarray, new_map: np.ndarray, margin: int) -> np.ndarray:
@@ -175,15 +177,15 @@ class InpaintedVolume:
 
     channel_images: list
     edit: np.ndarray
-    slices: dict            # slice index -> its InpaintedSlice
+    tiles: dict             # edited slice index -> its crops (Tile)
 
     def record(self) -> dict:
         """What the manifest keeps of the edit: its size, box and the crops of each edited slice."""
         nonzero = np.nonzero(self.edit)
         box = ([int(a.min()) for a in nonzero] + [int(a.max()) + 1 for a in nonzero]) if nonzero[0].size else None
         return {"unit": "volume", "edit_voxels": int(self.edit.sum()), "edit_box": box,
-                "crops": {str(z): [[int(t.origin[0]), int(t.origin[1])] for t in result.tiles]
-                          for z, result in self.slices.items()}}
+                "crops": {str(z): [[int(t.origin[0]), int(t.origin[1])] for t in slice_tiles]
+                          for z, slice_tiles in self.tiles.items()}}
 
 
 def volume_edit_region(target_map: np.ndarray, new_map: np.ndarray, margin: int) -> np.ndarray:
@@ -196,7 +198,7 @@ def volume_edit_region(target_map: np.ndarray, new_map: np.ndarray, margin: int)
 
 def inpaint_volume(pipeline, window: ImageWindows, image, label_map, edit, seed: int, dtypes,
                    num_inference_steps: int, ignore_label=None, batch_size: int = 16,
-                   volume_noise: str = "aligned") -> InpaintedVolume:
+                   volume_noise: str = "per-slice") -> InpaintedVolume:
     """Draw the edit region (D, H, W) of a real volume ``image`` (C, D, H, W, the dataset's units) slice by slice,
     every slice conditioned on its slice of ``label_map``; the crops' noise as ``volume_noise`` says (module
     docstring)."""
@@ -207,11 +209,16 @@ def inpaint_volume(pipeline, window: ImageWindows, image, label_map, edit, seed:
     if volume_noise == "aligned":
         shared = noise_field(seed, edit.shape[1:], pipeline.image_size, pipeline.num_channels)
         fields = [shared] * len(edited)       # one array: every slice's crops read the same field
-    results = inpaint_slices(pipeline, window, [image[:, z] for z in edited], [label_map[z] for z in edited],
-                             [edit[z] for z in edited], [tile_seed(seed, z) for z in edited],
-                             [dtypes] * len(edited), num_inference_steps, ignore_label, batch_size, fields)
     channel_images = [np.asarray(image[channel]).astype(dtype) for channel, dtype in enumerate(dtypes)]
-    for z, result in zip(edited, results):
-        for channel, drawn in enumerate(result.channel_images):
-            channel_images[channel][z] = drawn
-    return InpaintedVolume(channel_images, edit, dict(zip(edited, results)))
+    tiles = {}
+    for start in range(0, len(edited), SLICES_PER_ROUND):      # bounded memory: a few slices in model space at once
+        chunk = edited[start:start + SLICES_PER_ROUND]
+        results = inpaint_slices(pipeline, window, [image[:, z] for z in chunk], [label_map[z] for z in chunk],
+                                 [edit[z] for z in chunk], [tile_seed(seed, z) for z in chunk], [dtypes] * len(chunk),
+                                 num_inference_steps, ignore_label, batch_size,
+                                 None if fields is None else fields[:len(chunk)])
+        for z, result in zip(chunk, results):
+            for channel, drawn in enumerate(result.channel_images):
+                channel_images[channel][z] = drawn
+            tiles[z] = result.tiles             # the record keeps the crops; the pixels are in channel_images
+    return InpaintedVolume(channel_images, edit, tiles)
