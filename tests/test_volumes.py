@@ -84,6 +84,20 @@ def ms_generated(ms_volumes_dataset_folder):
     return RawDataset(ms_volumes_dataset_folder), result, real_before
 
 
+def channels_beside_target(store: SyntheticStore, case_id: str, target: dict, label_image):
+    """(synthetic channel, target channel) arrays of every channel, after checking that each written channel and
+    the label have the target's pixel type, shape, spacing, origin and direction."""
+    for image_file, target_file in zip(store.image_files(case_id), target["images"]):
+        image, header = read(image_file)
+        target_image, target_header = read(target_file)
+        assert image.dtype == target_image.dtype and image.shape == target_image.shape
+        for written in (header, label_image):
+            assert written.GetSpacing() == target_header.GetSpacing()
+            assert written.GetOrigin() == target_header.GetOrigin()
+            assert written.GetDirection() == target_header.GetDirection()
+        yield image, target_image
+
+
 def check_whole_volumes(dataset: RawDataset, store: SyntheticStore, fold="0"):
     """Every case of ``fold``: the target's shape, geometry and pixel type in every channel; the target's voxels
     outside the pasted region's feathered edge and outside the recorded edit box, bit for bit; the label is the
@@ -109,14 +123,7 @@ def check_whole_volumes(dataset: RawDataset, store: SyntheticStore, fold="0"):
         outside_box[tuple(slice(start, stop) for start, stop in zip(box[:3], box[3:]))] = False
         assert not (changed & outside_box).any()
         edited_somewhere = False
-        for channel, (image_file, target_file) in enumerate(zip(store.image_files(case_id), target["images"])):
-            image, image_header = read(image_file)
-            target_image, target_header = read(target_file)
-            assert image.dtype == target_image.dtype and image.shape == target_image.shape
-            for header in (image_header, label_image):
-                assert header.GetSpacing() == target_header.GetSpacing()
-                assert header.GetOrigin() == target_header.GetOrigin()
-                assert header.GetDirection() == target_header.GetDirection()
+        for channel, (image, target_image) in enumerate(channels_beside_target(store, case_id, target, label_image)):
             assert np.array_equal(image[~reach], target_image[~reach]), (case_id, channel)
             assert np.array_equal(image[outside_box], target_image[outside_box]), (case_id, channel)
             edited_somewhere |= not np.array_equal(image[changed], target_image[changed])
@@ -411,14 +418,7 @@ def test_inpaint_writes_whole_four_channel_volumes_with_the_real_voxels_outside_
     assert int(edit.sum()) == entry["inpaint"]["edit_voxels"] and edit.any()
     assert entry["quality"]["model_free"]["scored_slices"] == int(edit.reshape(len(edit), -1).any(axis=1).sum())
     redrawn = False
-    for channel, (image_file, target_file) in enumerate(zip(store.image_files(case_ids[0]), target["images"])):
-        image, header = read(image_file)
-        target_image, target_header = read(target_file)
-        assert image.dtype == target_image.dtype and image.shape == target_image.shape
-        for written in (header, label_image):
-            assert written.GetSpacing() == target_header.GetSpacing()
-            assert written.GetOrigin() == target_header.GetOrigin()
-            assert written.GetDirection() == target_header.GetDirection()
+    for channel, (image, target_image) in enumerate(channels_beside_target(store, case_ids[0], target, label_image)):
         assert np.array_equal(image[~edit], target_image[~edit]), channel           # real voxels, bit for bit
         redrawn |= not np.array_equal(image[edit], target_image[edit])
     assert redrawn and len(store.image_files(case_ids[0])) == 4
