@@ -4,7 +4,8 @@
 # steps), then one balanced label map (seed 0, --map-cap 0.04: about 1.7x a real volume's lesion load) drawn five
 # ways into five copies of the dataset: inpaint with DDIM 50 (the volumes' default) and UniPC 10 (the slices'
 # default), each with per-slice (default) and aligned noise, and copy-paste. Writes through_plane.txt and the two
-# figures. Resumable: the generator and finished cases are reused.
+# figures, then the lesion-region fidelity of the generator on held-out lesion slices of fold 0's validation
+# patient (ms_07). Resumable: the generator and finished cases are reused.
 set -e
 cd "$(dirname "$0")/../../.."   # the repository root; outputs go to exp/ (ignored by git)
 export nnUNet_raw=$PWD/exp/raw nnUNet_preprocessed=$PWD/exp/pre nnUNet_results=$PWD/exp/res
@@ -37,3 +38,6 @@ print('  model-free gate:', 'passed' if q['passed'] else 'failed', 'worst slice 
 done | tee $HERE/through_plane.txt
 .venv/bin/python $HERE/make_figure.py 522 523 513 -o $HERE/figure.png       # DDIM 50: aligned, per-slice
 .venv/bin/python $HERE/make_figure.py 511 512 513 -o $HERE/figure_unipc10.png
+.venv/bin/nnsynth_evaluate fidelity 505 --inpaint-generator "$GENERATOR" --samplers unipc:10 --max-slices 12 --seeds 0 \
+    --device cpu --output exp/fidelity505
+cp exp/fidelity505/lesion_fidelity.{json,md} exp/fidelity505/lesion_fidelity_preview.png $HERE/
