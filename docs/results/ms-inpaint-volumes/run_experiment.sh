@@ -38,6 +38,6 @@ print('  model-free gate:', 'passed' if q['passed'] else 'failed', 'worst slice 
 done | tee $HERE/through_plane.txt
 .venv/bin/python $HERE/make_figure.py 522 523 513 -o $HERE/figure.png       # DDIM 50: aligned, per-slice
 .venv/bin/python $HERE/make_figure.py 511 512 513 -o $HERE/figure_unipc10.png
-.venv/bin/nnsynth_evaluate fidelity 505 --inpaint-generator "$GENERATOR" --samplers unipc:10 --max-slices 12 --seeds 0 \
+.venv/bin/nnsynth_evaluate fidelity 505 --inpaint-generator "$GENERATOR" --samplers unipc:10 ddim:50 --max-slices 12 --seeds 0 \
     --device cpu --output exp/fidelity505
 cp exp/fidelity505/lesion_fidelity.{json,md} exp/fidelity505/lesion_fidelity_preview.png $HERE/
