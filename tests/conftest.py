@@ -26,17 +26,17 @@ EXAMPLE_MAX_SLICES_PER_CASE = 9
 # `-n 2 --dist loadfile` a worker takes the next file when it is free, in collection order; alphabetical order
 # leaves the demo and the 3D volumes for the end, where one core waits on them while the other is idle.
 LONGEST_FILES_FIRST = (
+    "test_volumes.py",              # the 3D volumes: copy-paste, inpaint, 3d_fullres trainings and downstream
     "test_packaging.py",            # the demo's whole loop
     "test_baselines_and_repeats.py",
-    "test_volumes.py",
-    "test_five_folds.py",
     "test_gpu_kit.py",
-    "test_trainer_synthmix.py",
+    "test_five_folds.py",
     "test_bad_input.py",
     "test_generate.py",
-    "test_evaluate.py",
+    "test_trainer_synthmix.py",
     "test_any_dataset.py",
     "test_balancing_any_dataset.py",
+    "test_evaluate.py",
     "test_benchmarks.py",
 )
 
