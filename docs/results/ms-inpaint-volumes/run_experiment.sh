@@ -36,6 +36,10 @@ print(s.get('image_source', 'inpaint'), s.get('sampler'), s.get('num_inference_s
 print('  model-free gate:', 'passed' if q['passed'] else 'failed', 'worst slice score %.3f' % q['score'])" \
       "$folder/recordsSynth/synth_f0_00000.json"
 done | tee $HERE/through_plane.txt
+# the defaults on the default --map-cap (two dense maps), beside copy-paste of the same maps
+copy 524 MSDenseDefault && .venv/bin/nnsynth_generate 524 --image-source inpaint --generator "$GENERATOR" -n 2 --device cpu
+copy 509 MSCopyPaste && .venv/bin/nnsynth_generate 509 --image-source copy-paste -n 2
+for id in 524 509; do .venv/bin/python -m nnunet_synth.evaluation.through_plane $id --fold 0; done | tee -a $HERE/through_plane.txt
 .venv/bin/python $HERE/make_figure.py 522 523 513 -o $HERE/figure.png       # DDIM 50: aligned, per-slice
 .venv/bin/python $HERE/make_figure.py 511 512 513 -o $HERE/figure_unipc10.png
 .venv/bin/nnsynth_evaluate fidelity 505 --inpaint-generator "$GENERATOR" --samplers unipc:10 ddim:50 --max-slices 12 --seeds 0 \
