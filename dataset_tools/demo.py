@@ -9,7 +9,7 @@ nnUNet_results):
    cases with the model-free gate and save the preview grid (--image-source generator or copy-paste instead);
 3. the stock nnUNetv2_plan_and_preprocess (2d) plus small CPU plans that share its preprocessed data;
 4. the stock nnUNetv2_train with nnUNetTrainerSynthMix_demo (250 iterations, real + the synthetic cases that pass
-   the model-free gate), and how many were used;
+   the model-free gate, no final validation: step 5 predicts the same patient), and how many were used;
 5. the stock nnUNetv2_predict on fold 0's validation cases, scored with nnU-Net's own evaluation.
 
 A 250-iteration CPU model and a few-hundred-step generator show that the loop runs; they say nothing about

@@ -58,6 +58,13 @@ def pytest_configure(config):
     os.environ.setdefault("nnUNet_n_proc_DA", "0")
     os.environ.setdefault("nnUNet_def_n_proc", "1")
     os.environ.setdefault("nnUNet_compile", "f")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # one core per worker: two workers that each run torch on every core (nnUNetv2_train and nnUNetv2_predict
+        # call torch.set_num_threads(cpu_count) on a CPU) stall each other
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("nnsynth_cpu_threads", "1")
+        import torch
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

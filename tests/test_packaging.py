@@ -88,7 +88,7 @@ def test_demo_runs_the_whole_loop_with_stock_nnunet_commands(tmp_path):
     """The main job on the generated example as the README runs it (its defaults); called by path, with PATH not
     naming the venv."""
     demo = Path(sys.executable).parent / "nnsynth_demo"
-    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"], "OMP_NUM_THREADS": "1"}
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"], "OMP_NUM_THREADS": "1", "nnsynth_cpu_threads": "1"}
     result = subprocess.run([str(demo), "-o", str(tmp_path)],
                             capture_output=True, text=True, timeout=2400, env=env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]

@@ -417,7 +417,7 @@ def test_stock_commands_train_validate_continue_and_predict(planned_dataset, syn
     for case_id in cases:
         shutil.copy(synthetic_example_dataset / "imagesTr" / f"{case_id}_0000.nii.gz", input_folder)
     run_command(["nnUNetv2_predict", "-i", str(input_folder), "-o", str(output_folder), "-d", dataset, "-c", "2d",
-                 "-p", CPU_PLANS, "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env)
+                 "-p", CPU_PLANS, "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0"], env)
     lung_dice = []
     for case_id in cases:
         predicted_image = sitk.ReadImage(str(output_folder / f"{case_id}.nii.gz"))

@@ -306,7 +306,7 @@ def predict_validation_patient(dataset, trainer, folder, extra_environment, fold
     for image in dataset.cases[validation[0]]["images"]:
         shutil.copy(image, inputs)
     result = run(["nnUNetv2_predict", "-i", inputs, "-o", outputs, "-d", MS_ID, "-c", "3d_fullres", "-p",
-                  "nnUNetPlans_cpu", "-tr", trainer, "-f", str(fold), "-device", "cpu", "-npp", "1", "-nps", "1",
+                  "nnUNetPlans_cpu", "-tr", trainer, "-f", str(fold), "-device", "cpu", "-npp", "0", "-nps", "0",
                   "--disable_tta"], **extra_environment)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return read(outputs / f"{validation[0]}.nii.gz"), read(dataset.cases[validation[0]]["label"])
@@ -315,13 +315,14 @@ def predict_validation_patient(dataset, trainer, folder, extra_environment, fold
 @pytest.mark.slow
 def test_synthmix_trains_3d_fullres_on_the_whole_volumes_and_the_stock_predict_runs(ms_generated, ms_planned_3d,
                                                                                     nnunet_folders, tmp_path):
-    """The stock nnUNetv2_train 3d_fullres with nnUNetTrainerSynthMix_debug on Dataset515 (CPU plans): the whole
-    copy-paste volume of fold 0 is preprocessed into the 3d_fullres pool and mixed in; nnUNetv2_predict runs."""
+    """The stock nnUNetv2_train 3d_fullres with nnUNetTrainerSynthMix_smoke on Dataset515 (CPU plans): the whole
+    copy-paste volume of fold 0 is preprocessed into the 3d_fullres pool and mixed in; nnUNetv2_predict runs (in
+    place of nnU-Net's final validation, which the smoke budget skips: 3D iterations take seconds each here)."""
     from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
     dataset, _, _ = ms_generated
     trainers = {"nnUNet_extTrainer": str(trainer_directory())}
     preprocessed = ms_planned_3d
-    trainer = "nnUNetTrainerSynthMix_debug"
+    trainer = "nnUNetTrainerSynthMix_smoke"
     result = run(["nnUNetv2_train", MS_ID, "3d_fullres", "0", "-tr", trainer, "-p", "nnUNetPlans_cpu", "-device",
                   "cpu"], timeout=1500, nnsynth_ratio="0.5", **trainers)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]

@@ -91,9 +91,12 @@ def predict_and_score(dataset: RawDataset, image_files, label_folder, output_fol
     input_folder.mkdir(parents=True)
     for image_file in image_files:
         shutil.copy(image_file, input_folder)
+    # on a CPU the predictor has the cores to itself: -npp 0 -nps 0 is nnU-Net's sequential path, whose output is the
+    # same, without the two spawned worker processes that each import torch and nnU-Net again (seconds per call)
+    workers = "0" if device == "cpu" else "1"
     run_stock_command(["nnUNetv2_predict", "-i", str(input_folder), "-o", str(output_folder), "-d", dataset.name,
                        "-c", configuration, "-p", plans, "-tr", trainer, "-f", str(fold), "-device", device,
-                       "-npp", "1", "-nps", "1"] + ([] if tta else ["--disable_tta"]))
+                       "-npp", workers, "-nps", workers] + ([] if tta else ["--disable_tta"]))
     labels = [value for value in dataset.labels.values() if value != 0]
     metrics = compute_metrics_on_folder(str(label_folder), str(output_folder), str(output_folder / "summary.json"),
                                         dataset.reader_writer(), dataset.file_ending, labels, num_processes=1,

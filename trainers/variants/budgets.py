@@ -9,8 +9,9 @@ BUDGETS = {
     "demo": TrainingBudget(epochs=10, iterations_per_epoch=25, val_iterations_per_epoch=2),
     "medium": TrainingBudget(epochs=20, iterations_per_epoch=25, val_iterations_per_epoch=2),
 }
-# budgets that skip the final prediction of the fold's validation cases (the evaluation scores its own test set)
-WITHOUT_FINAL_VALIDATION = ("smoke", "short", "medium")
+# budgets that skip the final prediction of the fold's validation cases (the evaluation scores its own test set,
+# nnsynth_demo predicts the demo fold's validation cases with the stock nnUNetv2_predict)
+WITHOUT_FINAL_VALIDATION = ("smoke", "short", "demo", "medium")
 
 
 class nnUNetTrainerSynthMix_smoke(nnUNetTrainerSynthMix):
@@ -31,8 +32,10 @@ class nnUNetTrainerSynthMix_short(nnUNetTrainerSynthMix):
 
 
 class nnUNetTrainerSynthMix_demo(nnUNetTrainerSynthMix):
-    """10 epochs of 25 iterations (a few minutes on a CPU core with small plans): what nnsynth_demo trains"""
+    """10 epochs of 25 iterations (a few minutes on a CPU core with small plans), no final validation: what
+    nnsynth_demo trains (it predicts the fold's validation cases with nnUNetv2_predict afterwards)"""
     budget = BUDGETS["demo"]
+    predict_validation_cases = False
 
 
 class nnUNetTrainerSynthMix_medium(nnUNetTrainerSynthMix):

@@ -24,6 +24,7 @@ class nnUNetTrainerLesionPaste_short(nnUNetTrainerLesionPaste):
 
 class nnUNetTrainerLesionPaste_demo(nnUNetTrainerLesionPaste):
     budget = BUDGETS["demo"]
+    predict_validation_cases = False
 
 
 class nnUNetTrainerLesionPaste_medium(nnUNetTrainerLesionPaste):
