@@ -84,7 +84,7 @@ def predict_and_score(dataset: RawDataset, image_files, label_folder, output_fol
     Returns ``{label name: mean Dice}`` over the predicted cases; with ``per_case`` also
     ``{case id: {label name: Dice or None}}`` (None: the class is in neither reference nor prediction).
     """
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
     output_folder = Path(output_folder)
     input_folder = output_folder.parent / (output_folder.name + "_input")
     shutil.rmtree(input_folder, ignore_errors=True)
@@ -98,16 +98,17 @@ def predict_and_score(dataset: RawDataset, image_files, label_folder, output_fol
                        "-c", configuration, "-p", plans, "-tr", trainer, "-f", str(fold), "-device", device,
                        "-npp", workers, "-nps", workers] + ([] if tta else ["--disable_tta"]))
     labels = [value for value in dataset.labels.values() if value != 0]
-    metrics = compute_metrics_on_folder(str(label_folder), str(output_folder), str(output_folder / "summary.json"),
-                                        dataset.reader_writer(), dataset.file_ending, labels, num_processes=1,
-                                        chill=True)
     names = {value: name for name, value in dataset.labels.items()}
-    means = {names[int(value)]: float(scores["Dice"]) for value, scores in metrics["mean"].items()}
-    if not per_case:
-        return means
-    cases = {}
-    for entry in metrics["metric_per_case"]:
-        case_id = Path(entry["reference_file"]).name[:-len(dataset.file_ending)]
-        cases[case_id] = {names[int(value)]: None if np.isnan(scores["Dice"]) else float(scores["Dice"])
-                          for value, scores in entry["metrics"].items()}
-    return means, cases
+    # nnU-Net's per-case evaluation (compute_metrics), here in this process: compute_metrics_on_folder runs it in a
+    # spawned pool whose worker imports the calling command again (torch, diffusers, nnU-Net: about 10 s per call)
+    dice_per_case = {}
+    for prediction_file in sorted(output_folder.glob("*" + dataset.file_ending)):
+        metrics = compute_metrics(str(Path(label_folder) / prediction_file.name), str(prediction_file),
+                                  dataset.reader_writer(), labels)["metrics"]
+        dice_per_case[prediction_file.name[:-len(dataset.file_ending)]] = {names[value]: float(metrics[value]["Dice"])
+                                                                           for value in labels}
+    means = {names[value]: float(np.nanmean([dice[names[value]] for dice in dice_per_case.values()]))
+             for value in labels}
+    cases = {case_id: {name: None if np.isnan(value) else value for name, value in dice.items()}
+             for case_id, dice in dice_per_case.items()}
+    return (means, cases) if per_case else means
