@@ -253,7 +253,7 @@ def main(argv=None):
     if args.command == "downstream":
         from nnunet_synth.evaluation.downstream import check_downstream_settings
         settings = downstream_settings(args)
-        check_downstream_settings(settings)
+        check_downstream_settings(settings, dataset)
     folder = evaluation_folder(dataset, args.output)
     if args.command == "fidelity" and args.inpaint_generator:
         run_lesion_fidelity(args, dataset, folder)

@@ -430,19 +430,17 @@ def run_downstream(dataset: RawDataset, settings: DownstreamSettings, raw_root, 
         raise NnsynthError(f"--repeats must be at least 1, got {settings.repeats}")
     raw_root, output_folder, preprocessed_root = Path(raw_root), Path(output_folder), Path(preprocessed_root)
     check_downstream_settings(settings)
-    output_folder.mkdir(parents=True, exist_ok=True)
     if not settings.chooses_patients:
+        output_folder.mkdir(parents=True, exist_ok=True)
         check_generators_for_fold(dataset, settings)
         run_setting(dataset, settings, "all", None, settings.first_dataset_id, raw_root, preprocessed_root,
                     output_folder, test_images, test_labels)
     else:
         if test_images is not None:
             raise NnsynthError("--test-patients keeps its own test patients: leave out --test-images/--test-labels")
-        splits = {}
-        for real_cases in settings.real_cases or [None]:
-            split = split_patients(dataset.case_ids, settings.test_patients or 0, real_cases, settings.split_seed,
-                                   source=str(dataset.json_file))
-            splits[f"real{len(split.training)}"] = split
+        splits = patient_splits(dataset, settings)
+        check_online_paste_donors(settings, splits)
+        output_folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic({name: split.to_json() for name, split in splits.items()}, output_folder / "patients.json")
         test_cases = next(iter(splits.values())).test
         if test_cases:
@@ -455,12 +453,37 @@ def run_downstream(dataset: RawDataset, settings: DownstreamSettings, raw_root, 
     return write_outputs(output_folder, settings.compare)
 
 
-def check_downstream_settings(settings: DownstreamSettings):
-    """Unknown arm names, generators of the wrong mode, arms a configuration cannot train and unknown --compare
-    names stop here, before anything is copied or trained."""
+def patient_splits(dataset: RawDataset, settings: DownstreamSettings) -> dict:
+    """--test-patients / --real-cases: setting name (``real<N>``) -> its patient split."""
+    splits = {}
+    for real_cases in settings.real_cases or [None]:
+        split = split_patients(dataset.case_ids, settings.test_patients or 0, real_cases, settings.split_seed,
+                               source=str(dataset.json_file))
+        splits[f"real{len(split.training)}"] = split
+    return splits
+
+
+def check_online_paste_donors(settings: DownstreamSettings, splits: dict):
+    """copy_paste_online pastes lesions of the other training patients into a sample (never its own): a setting
+    with one training patient would train it as real_only."""
+    if COPY_PASTE_ONLINE not in {arm.name for arm in plan_arms(settings)}:
+        return
+    for setting, split in splits.items():
+        if len(split.training) < 2:
+            raise NnsynthError(f"{COPY_PASTE_ONLINE} pastes the lesions of other training patients into each sample, "
+                               f"and setting {setting} has {len(split.training)} training patient: keep fewer "
+                               f"--test-patients, pass --real-cases 2 or more, or leave out {COPY_PASTE_ONLINE}")
+
+
+def check_downstream_settings(settings: DownstreamSettings, dataset: RawDataset = None):
+    """Unknown arm names, generators of the wrong mode, arms a configuration cannot train, unknown --compare
+    names and (given the dataset) an online paste arm without donors stop here, before anything is copied or
+    trained."""
     plan_arms(settings)
     check_configuration(settings)
     check_compared_arms(settings)
+    if dataset is not None and settings.chooses_patients:
+        check_online_paste_donors(settings, patient_splits(dataset, settings))
 
 
 def check_compared_arms(settings: DownstreamSettings):
