@@ -29,8 +29,9 @@ def run_check(target, nnunet_raw):
 
 
 def check_here(dataset_folder):
-    """``nnsynth_check_dataset FOLDER`` in this process (no interpreter start-up): the same entry point, its
-    exit status and output. The console script itself runs in the subprocess rows above and below."""
+    """``nnsynth_check_dataset FOLDER`` (or a dataset name or id) in this process (no interpreter start-up): the
+    same entry point, its exit status and output. The console script itself runs in the subprocess rows above and
+    below."""
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
@@ -93,14 +94,16 @@ def test_dataset_json_without_required_keys(broken_copy):
     assert_one_line_error(check_here(broken_copy), "dataset.json", "file_ending")
 
 
-def test_unknown_dataset(broken_copy):
+def test_unknown_dataset(broken_copy, monkeypatch):
     assert_one_line_error(run_check("Dataset778", broken_copy.parent), "unknown dataset", "Dataset778")
-    assert_one_line_error(run_check("not-a-dataset", broken_copy.parent), "not-a-dataset")
+    monkeypatch.setenv("nnUNet_raw", str(broken_copy.parent))
+    assert_one_line_error(check_here("not-a-dataset"), "not-a-dataset")
 
 
-def test_dataset_by_short_name_and_id(broken_copy):
+def test_dataset_by_short_name_and_id(broken_copy, monkeypatch):
+    monkeypatch.setenv("nnUNet_raw", str(broken_copy.parent))
     for name in ("Dataset777", "777", "Dataset777_Broken"):
-        assert run_check(name, broken_copy.parent).returncode == 0
+        assert check_here(name).returncode == 0
 
 
 def test_undeclared_label_value(broken_copy):
@@ -576,7 +579,7 @@ def test_a_full_disk_while_writing_cases_is_one_line_and_the_rerun_completes(rea
 
 @pytest.mark.slow
 def test_a_concurrent_run_with_other_settings_is_refused_and_the_first_runs_cases_stay_intact(
-        real_hu_dataset_folder, nnunet_folders, tiny_generator):
+        real_hu_dataset_folder, nnunet_folders, tiny_generator, capsys):
     from nnunet_synth.dataset import RawDataset
     from nnunet_synth.writer.synthetic_store import SyntheticStore
     folder = copy_dataset(real_hu_dataset_folder, nnunet_folders["nnUNet_raw"], 786, "Concurrent")
@@ -602,12 +605,14 @@ def test_a_concurrent_run_with_other_settings_is_refused_and_the_first_runs_case
     assert {store.cases[case]["recipe"]["seed"] for case in cases} == {7}
     assert store.fold_record("0")["settings"]["seed"] == 7
     assert store.recipe_mismatches("0") == []
-    # after the first run, another seed is refused up front, and the same one resumes (writes nothing)
+    # after the first run, another seed is refused up front, and the same one resumes (writes nothing); in this
+    # process, as the console script's entry point
     synthetic_before = synthetic_file_hashes(folder)
-    assert_command_refused(run_command(*base, "--seed", "8", "--batch-size", "2"), "other settings", "seed 7 -> 8")
-    rerun = run_command(*base, "--seed", "7", "--batch-size", "2")
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "0 written now, 8 already there" in rerun.stdout
+    argv = [str(argument) for argument in base[1:]]
+    assert_refused(*run_main(generate_command.main, [*argv, "--seed", "8", "--batch-size", "2"], capsys),
+                   "other settings", "seed 7 -> 8")
+    generate_command.main([*argv, "--seed", "7", "--batch-size", "2"])
+    assert "0 written now, 8 already there" in capsys.readouterr().out
     assert synthetic_file_hashes(folder) == synthetic_before
     assert real_file_hashes(folder) == real_before
 

@@ -30,7 +30,7 @@ def environment(nnunet_folders, **extra) -> dict:
     from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
     env = {"PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ["HOME"],
            "nnUNet_extTrainer": str(trainer_directory()), "nnUNet_def_n_proc": "1", "nnUNet_compile": "f",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "nnsynth_cpu_threads": "1"}
     env.update({name: str(folder) for name, folder in nnunet_folders.items()})
     env.update(extra)
     return env

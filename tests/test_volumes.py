@@ -151,25 +151,23 @@ def test_copy_paste_writes_whole_four_channel_volumes_with_the_real_voxels_outsi
     assert {path.name: path.read_bytes() for path in sorted(dataset.folder.rglob("*Tr/*"))} == real_before
 
 
-@pytest.mark.slow
 def test_the_standalone_export_of_the_volumes_passes_nnunets_integrity_check(ms_generated, nnunet_folders):
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
     export = next(nnunet_folders["nnUNet_raw"].glob(f"Dataset{MS_EXPORT_ID}_*"))
     assert len(list((export / "imagesTr").glob("synth_*"))) == 4
-    # fingerprint, integrity check and 3d_fullres plans (preprocessing itself is nnU-Net's, and slow on 2 cores)
-    # (planning sets torch threads from nnUNet_n_proc_DA)
-    result = run(["nnUNetv2_plan_and_preprocess", "-d", MS_EXPORT_ID, "-c", "3d_fullres", "-np", "1", "-npfp", "1",
-                  "--no_pp", "--verify_dataset_integrity"], nnUNet_n_proc_DA="1")
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    plans = json.loads((nnunet_folders["nnUNet_preprocessed"] / export.name / "nnUNetPlans.json").read_text())
-    assert "3d_fullres" in plans["configurations"]
+    # the function nnUNetv2_plan_and_preprocess --verify_dataset_integrity runs (the stock planning of 3D volumes
+    # runs in the 3d_fullres tests)
+    verify_dataset_integrity(str(export), num_processes=1)                         # raises on a bad dataset
 
 
-def test_a_rerun_with_slices_instead_of_volumes_is_refused_in_one_line(ms_generated):
+def test_a_rerun_with_slices_instead_of_volumes_is_refused_in_one_line(ms_generated, capsys):
+    from nnunet_synth.dataset_tools.generate import main
     dataset, _, _ = ms_generated
-    result = run([BIN / "nnsynth_generate", dataset.folder, "--image-source", "copy-paste", "-r", "0.5", "--unit",
-                  "slice"])
-    assert result.returncode == 2 and "unit" in result.stderr and "Traceback" not in result.stderr
-    assert result.stderr.startswith("nnsynth: error: ") and result.stderr.count("\n") == 1
+    with pytest.raises(SystemExit) as stop:          # the console script's entry point, in this process
+        main([str(dataset.folder), "--image-source", "copy-paste", "-r", "0.5", "--unit", "slice"])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and "unit" in error and "Traceback" not in error
+    assert error.startswith("nnsynth: error: ") and error.count("\n") == 1
 
 
 @pytest.mark.slow
@@ -313,36 +311,6 @@ def predict_validation_patient(dataset, trainer, folder, extra_environment, fold
 
 
 @pytest.mark.slow
-def test_synthmix_trains_3d_fullres_on_the_whole_volumes_and_the_stock_predict_runs(ms_generated, ms_planned_3d,
-                                                                                    nnunet_folders, tmp_path):
-    """The stock nnUNetv2_train 3d_fullres with nnUNetTrainerSynthMix_smoke on Dataset515 (CPU plans): the whole
-    copy-paste volume of fold 0 is preprocessed into the 3d_fullres pool and mixed in; nnUNetv2_predict runs (in
-    place of nnU-Net's final validation, which the smoke budget skips: 3D iterations take seconds each here)."""
-    from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
-    dataset, _, _ = ms_generated
-    trainers = {"nnUNet_extTrainer": str(trainer_directory())}
-    preprocessed = ms_planned_3d
-    trainer = "nnUNetTrainerSynthMix_smoke"
-    result = run(["nnUNetv2_train", MS_ID, "3d_fullres", "0", "-tr", trainer, "-p", "nnUNetPlans_cpu", "-device",
-                  "cpu"], timeout=1500, nnsynth_ratio="0.5", **trainers)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    fold = nnunet_folders["nnUNet_results"] / dataset.name / f"{trainer}__nnUNetPlans_cpu__3d_fullres" / "fold_0"
-    summary = json.loads((fold / "synthmix.json").read_text())
-    store = SyntheticStore(dataset)
-    validation = json.loads((preprocessed / "splits_final.json").read_text())[0]["val"]
-    assert summary["configuration"] == "3d_fullres" and summary["used_synthetic_cases"] == store.complete_case_ids("0")
-    for case_id in summary["used_synthetic_cases"]:          # the fold rule: nothing of a validation patient
-        assert not set(store.cases[case_id]["source_cases"]) & set(validation)
-    # the pool holds the whole volume, preprocessed with the 3d_fullres plans
-    pool = Path(summary["pool_folder"])
-    assert pool == pool_folder(preprocessed, "nnUNetPlans_3d_fullres") and any(pool.glob("*_seg.b2nd"))
-    assert summary["exposure"]["num_real_slices"] == 2              # 3D patches: a real draw is a real case
-    assert (fold / "checkpoint_final.pth").is_file()
-    (prediction, header), (reference, reference_header) = predict_validation_patient(dataset, trainer, tmp_path,
-                                                                                     trainers)
-    assert prediction.shape == reference.shape and header.GetSpacing() == reference_header.GetSpacing()
-
-@pytest.mark.slow
 def test_the_paste_trainer_trains_3d_fullres_with_3d_donors_of_the_training_patients(ms_generated, ms_planned_3d,
                                                                                    nnunet_folders, tmp_path):
     """The stock nnUNetv2_train 3d_fullres with nnUNetTrainerLesionPaste_smoke on Dataset515 (real cases only):
@@ -437,32 +405,6 @@ def test_the_inpainted_volumes_pass_nnunets_integrity_check_in_a_standalone_expo
     verify_dataset_integrity(str(export), num_processes=1)                         # raises on a bad dataset
 
 
-@pytest.mark.slow
-def test_synthmix_trains_3d_fullres_on_inpainted_volumes_of_fold_1_and_the_stock_predict_runs(
-        ms_inpainted, ms_planned_3d, nnunet_folders, tmp_path):
-    """The stock nnUNetv2_train 3d_fullres fold 1 with nnUNetTrainerSynthMix_smoke: fold 1's inpainted volume is
-    preprocessed into the 3d_fullres pool and mixed in (fold 0's copy-paste volume is not fold 1's to use). The
-    3-step generator's volume fails the model-free gate, so the filter is off here."""
-    from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
-    dataset, _, _, _ = ms_inpainted
-    trainers = {"nnUNet_extTrainer": str(trainer_directory())}
-    trainer = "nnUNetTrainerSynthMix_smoke"
-    result = run(["nnUNetv2_train", MS_ID, "3d_fullres", "1", "-tr", trainer, "-p", "nnUNetPlans_cpu", "-device",
-                  "cpu"], timeout=1500, nnsynth_ratio="0.5", nnsynth_min_quality="none", **trainers)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    fold = nnunet_folders["nnUNet_results"] / dataset.name / f"{trainer}__nnUNetPlans_cpu__3d_fullres" / "fold_1"
-    summary = json.loads((fold / "synthmix.json").read_text())
-    store = SyntheticStore(dataset)
-    assert summary["configuration"] == "3d_fullres" and summary["used_synthetic_cases"] == store.complete_case_ids("1")
-    validation = json.loads((ms_planned_3d / "splits_final.json").read_text())[1]["val"]
-    for case_id in summary["used_synthetic_cases"]:
-        assert store.cases[case_id]["image_source"] == "inpaint"
-        assert not set(store.cases[case_id]["source_cases"]) & set(validation)
-    (prediction, header), (reference, reference_header) = predict_validation_patient(dataset, trainer, tmp_path,
-                                                                                     trainers, fold=1)
-    assert prediction.shape == reference.shape and header.GetSpacing() == reference_header.GetSpacing()
-
-
 def test_a_whole_slice_generator_arm_with_3d_patches_is_refused_in_one_line(ms_volumes_dataset_folder, tmp_path,
                                                                             capsys):
     from nnunet_synth.dataset_tools.evaluate import main
@@ -474,42 +416,68 @@ def test_a_whole_slice_generator_arm_with_3d_patches_is_refused_in_one_line(ms_v
     assert not (tmp_path / "evaluation").exists()
 
 
+def test_online_paste_with_one_training_patient_is_refused_in_one_line(ms_volumes_dataset_folder, tmp_path,
+                                                                       capsys):
+    from nnunet_synth.dataset_tools.evaluate import main
+    with pytest.raises(SystemExit) as stop:    # 3 patients: one tests, one validates, one trains
+        main(["downstream", str(ms_volumes_dataset_folder), "--configuration", "3d_fullres", "--arms", "real_only",
+              "copy_paste_online", "--test-patients", "1", "--output", str(tmp_path / "evaluation")])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and error.count("\n") == 1 and "copy_paste_online" in error
+    assert "1 training patient" in error and not (tmp_path / "evaluation").exists()
+
+
 @pytest.mark.slow
 def test_the_downstream_evaluation_trains_and_predicts_3d_fullres_with_whole_synthetic_volumes(
         ms_volumes_dataset_folder, nnunet_folders, tmp_path):
-    """nnsynth_evaluate downstream --configuration 3d_fullres on the MS volumes: one test patient kept out, the
-    copy_paste and inpaint arms (the inpainting generator trained here on the training patient only) train and
-    predict 3d_fullres on the same plans (nnU-Net plans the first arm, the second gets copies); their synthetic
-    cases are whole volumes of the training patient."""
+    """nnsynth_evaluate downstream --configuration 3d_fullres on the MS volumes, one test patient kept out: the stock
+    nnUNetv2_train 3d_fullres of the copy_paste and inpaint arms (nnUNetTrainerSynthMix_smoke; the inpainting
+    generator trained here on the training patient only) mixes their whole synthetic volumes, preprocessed into the
+    3d_fullres pool, into the 3D patches; both train on the same plans (nnU-Net plans the first arm, the second gets
+    copies) and the stock nnUNetv2_predict writes the test patient at its geometry. (copy_paste_online has one
+    training patient here, whose own lesions it never pastes: the paste trainer's 3D test trains on fold 0.)"""
     output = tmp_path / "evaluation"
+    arms = ("copy_paste", "inpaint")
     result = run([BIN / "nnsynth_evaluate", "downstream", ms_volumes_dataset_folder, "--configuration", "3d_fullres",
-                  "--arms", "copy_paste", "inpaint", "--budget", "smoke", "--test-patients", "1",
-                  "--amounts", "1", "--inpaint-steps", "2", "--inpaint-batch-size", "2", "--inpaint-inference-steps",
-                  "2", "--no-tta", "--first-id", DOWNSTREAM_FIRST_ID, "--device", "cpu", "--output", output],
-                 timeout=2400)
+                  "--arms", *arms, "--budget", "smoke", "--test-patients", "1", "--amounts", "1", "--inpaint-steps",
+                  "2", "--inpaint-batch-size", "2", "--inpaint-inference-steps", "2", "--no-tta", "--first-id",
+                  DOWNSTREAM_FIRST_ID, "--device", "cpu", "--output", output], timeout=2400)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     patients = json.loads((output / "patients.json").read_text())
     (setting, split), = patients.items()
     runs = [json.loads(path.read_text()) for path in sorted((output / "runs").glob("*/*/repeat0/dice.json"))]
-    assert sorted(run["arm"] for run in runs) == ["copy_paste", "inpaint"]
+    assert sorted(run["arm"] for run in runs) == sorted(arms)
     for run_record in runs:
         assert run_record["configuration"] == "3d_fullres" and set(run_record["cases"]) == set(split["test"])
+    for prediction in (output / "runs").glob("*/*/repeat0/predictions"):
+        (array, image), (reference, reference_image) = (read(prediction / f"{split['test'][0]}.nii.gz"),
+                                                        read(output / "test_set" / "labelsTs" /
+                                                             f"{split['test'][0]}.nii.gz"))
+        assert array.shape == reference.shape and image.GetSpacing() == reference_image.GetSpacing()
     plans = []
-    for index, source in ((0, "copy-paste"), (1, "inpaint")):
+    for index, arm in enumerate(arms):
         arm_dataset = RawDataset(next(nnunet_folders["nnUNet_raw"].glob(f"Dataset{DOWNSTREAM_FIRST_ID + index:03d}_*")))
-        assert list((nnunet_folders["nnUNet_results"] / arm_dataset.name).glob("*__3d_fullres/fold_0"))
-        arm_plans = json.loads((nnunet_folders["nnUNet_preprocessed"] / arm_dataset.name / "nnUNetPlans_cpu.json")
-                               .read_text())
+        preprocessed = nnunet_folders["nnUNet_preprocessed"] / arm_dataset.name
+        arm_plans = json.loads((preprocessed / "nnUNetPlans_cpu.json").read_text())
         assert arm_plans.pop("dataset_name") == arm_dataset.name          # nnU-Net finds its folder by this name
         plans.append(arm_plans)
+        fold, = (nnunet_folders["nnUNet_results"] / arm_dataset.name).glob("*__nnUNetPlans_cpu__3d_fullres/fold_0")
+        summary = json.loads((fold / "synthmix.json").read_text())
+        assert summary["configuration"] == "3d_fullres"
         store = SyntheticStore(arm_dataset)
         case_ids = store.complete_case_ids("0")
         assert len(case_ids) == 1                                       # amount 1 x one training volume
         entry = store.cases[case_ids[0]]
         assert store.manifest["folds"]["0"]["settings"]["unit"] == "volume"
-        assert entry["source"]["target"]["slice_index"] is None and entry["image_source"] == source
+        assert entry["source"]["target"]["slice_index"] is None
+        assert entry["image_source"] == {"copy_paste": "copy-paste", "inpaint": "inpaint"}[arm]
         assert set(entry["source_cases"]) <= set(split["training"])
         label, _ = read(store.label_file(case_ids[0]))
         assert label.shape[0] > 1                                       # a whole volume
+        # the trainer mixed it in: the whole volume, preprocessed with the 3d_fullres plans
+        assert summary["used_synthetic_cases"] == case_ids
+        pool = Path(summary["pool_folder"])
+        assert pool == pool_folder(preprocessed, "nnUNetPlans_3d_fullres") and any(pool.glob("*_seg.b2nd"))
+        assert summary["exposure"]["num_real_slices"] == len(split["training"])  # 3D patches: a draw is a case
     assert plans[0] == plans[1]
     assert "inpaint_x1 | copy_paste_x1" in (output / "summary.md").read_text()
