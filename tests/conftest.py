@@ -28,16 +28,17 @@ EXAMPLE_MAX_SLICES_PER_CASE = 9
 LONGEST_FILES_FIRST = (
     "test_volumes.py",              # the 3D volumes: copy-paste, inpaint, 3d_fullres trainings and downstream
     "test_packaging.py",            # the demo's whole loop
-    "test_baselines_and_repeats.py",
     "test_gpu_kit.py",
     "test_five_folds.py",
-    "test_bad_input.py",
+    "test_baselines_and_repeats.py",
     "test_generate.py",
+    "test_bad_input.py",
     "test_trainer_synthmix.py",
     "test_any_dataset.py",
     "test_balancing_any_dataset.py",
     "test_evaluate.py",
     "test_benchmarks.py",
+    "test_lesion_paste.py",
 )
 
 
@@ -96,6 +97,20 @@ def real_hu_dataset_folder(nnunet_folders):
     """The real Hounsfield-unit CT converted to Dataset502_RealHUCT (5 cases of 6 slices)."""
     from nnunet_synth.dataset_tools.convert_real_hu_ct import convert_real_hu_ct
     return convert_real_hu_ct(REAL_HU_SOURCE, nnunet_folders["nnUNet_raw"])
+
+
+def run_entry_point(main, argv, capsys):
+    """A command's entry point (what its console script calls) in this process, without an interpreter start-up:
+    (exit status, stdout, stderr). For one-line refusals; the console scripts themselves run in subprocesses
+    elsewhere."""
+    capsys.readouterr()
+    try:
+        main([str(argument) for argument in argv])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def convert_example_subset(output_root, dataset_id, dataset_name) -> Path:

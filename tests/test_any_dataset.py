@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import run_entry_point
 from test_five_folds import CPU_PLANS, environment, run
 
 from nnunet_synth.dataset import RawDataset, fit_slice
@@ -164,14 +165,13 @@ def test_ignore_pixels_condition_the_generator_as_unknown(ignore_dataset):
     np.testing.assert_array_equal(with_ignore, as_background)
 
 
-def test_ignore_cannot_be_named_a_pathology_class(ignore_dataset, nnunet_folders):
-    import subprocess
+def test_ignore_cannot_be_named_a_pathology_class(ignore_dataset, nnunet_folders, capsys):
+    from nnunet_synth.dataset_tools.generate import main
     dataset, _, _ = ignore_dataset
-    result = subprocess.run(["nnsynth_generate", str(IGNORE_ID), "--fold", "0", "--preset", "tiny", "-n", "1",
-                             "--pathology-classes", "ignore", "--device", "cpu", "--overwrite"],
-                            env=environment(nnunet_folders), capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "unannotated pixels" in result.stderr and "dataset.json" in result.stderr
+    code, _, error = run_entry_point(main, [IGNORE_ID, "--fold", "0", "--preset", "tiny", "-n", "1",
+                                            "--pathology-classes", "ignore", "--device", "cpu", "--overwrite"], capsys)
+    assert code != 0 and "Traceback" not in error
+    assert "unannotated pixels" in error and "dataset.json" in error
 
 
 # ---------------------------------------------------------------- region-based labels

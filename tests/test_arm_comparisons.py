@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import run_entry_point
 from scipy import ndimage
 
 from nnunet_synth.dataset import RawDataset
@@ -211,13 +212,14 @@ def test_the_inpaint_arm_is_planned_and_takes_an_inpainting_generator_only(slice
 
 
 def test_a_slice_generator_as_inpaint_is_refused_in_one_line_before_anything_is_copied(
-        example, slice_and_inpaint_generators, nnunet_folders, tmp_path):
+        example, slice_and_inpaint_generators, nnunet_folders, tmp_path, capsys):
+    from nnunet_synth.dataset_tools.evaluate import main
     slice_generator, _ = slice_and_inpaint_generators
-    result = subprocess.run([str(BIN / "nnsynth_evaluate"), "downstream", str(example.folder), "-o", str(tmp_path),
-                             "--generator", f"inpaint={slice_generator}", "--arms", "real_only", "inpaint",
-                             "--first-id", "764", "--device", "cpu"], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert result.stderr.startswith("nnsynth: error: ") and "needs a inpaint generator" in result.stderr
+    code, _, error = run_entry_point(main, ["downstream", example.folder, "-o", tmp_path, "--generator",
+                                            f"inpaint={slice_generator}", "--arms", "real_only", "inpaint",
+                                            "--first-id", "764", "--device", "cpu"], capsys)
+    assert code == 2 and error.count("\n") == 1
+    assert error.startswith("nnsynth: error: ") and "needs a inpaint generator" in error
     assert not list(nnunet_folders["nnUNet_raw"].glob("Dataset764_*"))
 
 

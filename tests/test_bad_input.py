@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import run_entry_point
 
 from nnunet_synth.dataset_tools import check_dataset as check_dataset_command
 from nnunet_synth.dataset_tools import clean as clean_command
@@ -345,11 +346,12 @@ def test_clean_refuses_a_fold_that_does_not_exist(generated_copy, capsys):
     assert synthetic_file_hashes(generated_copy) == synthetic_before
 
 
-def test_an_export_onto_an_existing_dataset_id_is_refused(generated_copy, tiny_generator, covid_dataset_folder):
+def test_an_export_onto_an_existing_dataset_id_is_refused(generated_copy, tiny_generator, covid_dataset_folder,
+                                                          capsys):
     before = sorted(p.name for p in generated_copy.parent.iterdir())
-    result = run_command("nnsynth_generate", generated_copy, "--generator", tiny_generator / "final", "-n", "4",
-                         "--seed", "7", *FAST_SAMPLING, "--export-standalone", "501")
-    assert_command_refused(result, "501", "Dataset501_Covid19Lung", "free id")
+    argv = [str(generated_copy), "--generator", str(tiny_generator / "final"), "-n", "4", "--seed", "7",
+            *FAST_SAMPLING, "--export-standalone", "501"]
+    assert_refused(*run_main(generate_command.main, argv, capsys), "501", "Dataset501_Covid19Lung", "free id")
     assert sorted(p.name for p in generated_copy.parent.iterdir()) == before
 
 
@@ -476,17 +478,16 @@ def test_a_damaged_generator_is_refused_in_one_line(generated_copy, tiny_generat
     assert synthetic_file_hashes(generated_copy) == synthetic_before
 
 
-def test_a_truncated_checkpoint_on_resume_is_refused_in_one_line(hu_copy, tiny_generator, tmp_path):
+def test_a_truncated_checkpoint_on_resume_is_refused_in_one_line(hu_copy, tiny_generator, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_generator, run)
     shutil.rmtree(run / "final")                    # resume from the newest checkpoint, which is damaged
     newest = sorted((run / "checkpoints").iterdir())[-1]
     _damage(newest / "model.safetensors", "truncated")
-    result = run_command("nnsynth_train_generator", hu_copy, "--fold", "0", "--preset", "tiny", "--output", run,
-                         "--image-size", "32", "--batch-size", "2", "--steps", "4", "--warmup-steps", "1",
-                         "--checkpoint-every", "2", "--preview-every", "100", "--preview-inference-steps", "2",
-                         "--no-progress")
-    assert_command_refused(result, newest.name, "cannot be read", "delete")
+    argv = [str(hu_copy), "--fold", "0", "--preset", "tiny", "--output", str(run), "--image-size", "32",
+            "--batch-size", "2", "--steps", "4", "--warmup-steps", "1", "--checkpoint-every", "2", "--preview-every",
+            "100", "--preview-inference-steps", "2", "--no-progress"]
+    assert_refused(*run_main(train_generator_command.main, argv, capsys), newest.name, "cannot be read", "delete")
 
 
 @pytest.mark.slow
@@ -503,16 +504,19 @@ def test_a_full_results_disk_during_training_is_one_line_and_leaves_no_final_mod
 
 # -- the environment: read-only dataset folder, full disk -----------------------------------------------------
 
-def test_a_read_only_dataset_folder_is_refused_before_training(real_hu_dataset_folder, tmp_path):
+def test_a_read_only_dataset_folder_is_refused_before_training(real_hu_dataset_folder, tmp_path, monkeypatch,
+                                                               capsys):
     source = copy_dataset(real_hu_dataset_folder, tmp_path / "writable", 784, "ReadOnly")
     raw = tmp_path / "raw"
     real_before = real_file_hashes(source)
     with mounted("ro", raw, source=source.parent):
         results = tmp_path / "results"
-        for command in (["nnsynth_generate", raw / source.name, "--preset", "tiny", "-n", "2", "--device", "cpu"],
-                        ["nnsynth_clean", raw / source.name]):
-            result = run_command(*command, nnUNet_raw=raw, nnUNet_results=results)
-            assert_command_refused(result, "Read-only file system", "writable")
+        monkeypatch.setenv("nnUNet_raw", str(raw))
+        monkeypatch.setenv("nnUNet_results", str(results))
+        for main, argv in ((generate_command.main, [str(raw / source.name), "--preset", "tiny", "-n", "2",
+                                                    "--device", "cpu"]),
+                           (clean_command.main, [str(raw / source.name)])):
+            assert_refused(*run_main(main, argv, capsys), "Read-only file system", "writable")
         assert not results.exists()
     assert real_file_hashes(source) == real_before
 
@@ -551,7 +555,7 @@ def wait_for_claim(process: subprocess.Popen, dataset_folder: Path, timeout=600)
 
 @pytest.mark.slow
 def test_a_full_disk_while_writing_cases_is_one_line_and_the_rerun_completes(real_hu_dataset_folder, tiny_generator,
-                                                                            tmp_path):
+                                                                            tmp_path, monkeypatch, capsys):
     with mounted("tmpfs", tmp_path / "small_raw", size="4m") as raw:
         folder = copy_dataset(real_hu_dataset_folder, raw, 785, "FullDisk")
         real_before = real_file_hashes(folder)
@@ -568,9 +572,10 @@ def test_a_full_disk_while_writing_cases_is_one_line_and_the_rerun_completes(rea
         assert_refused(running.returncode, stderr, "No space left on device", "free space", after_progress=True)
         assert _incomplete_synthetic_files(folder) == []           # complete or absent
         filler.unlink()
-        result = run_command(*command, nnUNet_raw=raw)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "6 synthetic cases" in result.stdout
+        monkeypatch.setenv("nnUNet_raw", str(raw))             # the rerun in this process
+        code, stdout, stderr = run_entry_point(generate_command.main, command[1:], capsys)
+        assert code == 0, stderr[-3000:]
+        assert "6 synthetic cases" in stdout
         assert _incomplete_synthetic_files(folder) == []
         assert real_file_hashes(folder) == real_before
 

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import run_entry_point
 from scipy.linalg import sqrtm
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from nnunet_synth.dataset import ImageWindows, RawDataset
+from nnunet_synth.dataset_tools import evaluate as evaluate_command
 from nnunet_synth.evaluation.fidelity import FidelitySettings, evaluate_generator_fidelity
 from nnunet_synth.generator import TrainingSettings
 from nnunet_synth.generator.training import train_generator
@@ -91,15 +93,15 @@ def test_fidelity_command_compares_ablation_modes_and_writes_the_report(evaluati
     assert "nnsynth_evaluate fidelity" in report and (tmp_path / "fidelity_preview.png").stat().st_size > 0
 
 
-def test_a_generator_trained_on_every_case_is_refused_for_fidelity(evaluation_dataset, tmp_path):
+def test_a_generator_trained_on_every_case_is_refused_for_fidelity(evaluation_dataset, tmp_path, capsys):
     settings = TrainingSettings(preset="tiny", image_size=32, batch_size=2, max_steps=1, warmup_steps=0,
                                 checkpoint_every=100, preview_every=100, preview_inference_steps=1)
     train_generator(evaluation_dataset, tmp_path / "all", settings, fold="all", progress=False)
-    result = subprocess.run([str(BIN / "nnsynth_evaluate"), "fidelity", str(DATASET_ID), "-o", str(tmp_path / "out"),
-                             "--generator", f"all={tmp_path / 'all'}", "--inference-steps", "2"],
-                            capture_output=True, text=True, env=one_thread_environment(), timeout=600)
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "held-out" in result.stderr and "--fold 0" in result.stderr
+    code, _, error = run_entry_point(evaluate_command.main, ["fidelity", DATASET_ID, "-o", tmp_path / "out",
+                                                             "--generator", f"all={tmp_path / 'all'}",
+                                                             "--inference-steps", "2"], capsys)
+    assert code == 2
+    assert error.count("\n") == 1 and "held-out" in error and "--fold 0" in error
 
 
 def dice(prediction, reference, value):
@@ -167,12 +169,12 @@ def test_downstream_arms_run_stock_nnunet_and_their_dice_is_recomputed(evaluatio
     assert features.distance(real, other) == pytest.approx(expected, rel=0.02, abs=1e-3)
 
 
-def test_downstream_refuses_a_generator_of_another_fold_before_training(evaluation_dataset, generators, tmp_path):
+def test_downstream_refuses_a_generator_of_another_fold_before_training(evaluation_dataset, generators, tmp_path,
+                                                                       capsys):
     """A fold-0 generator saw fold 1's validation case: evaluating fold 1 with it would leak that case."""
-    result = subprocess.run([str(BIN / "nnsynth_evaluate"), "downstream", str(DATASET_ID), "-o", str(tmp_path),
-                             "--generator", f"cbmat={generators['cbmat']}", "--fold", "1", "--first-id", "720",
-                             "--device", "cpu"], capture_output=True, text=True, env=one_thread_environment(),
-                            timeout=600)
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "fold 1's validation case" in result.stderr
+    code, _, error = run_entry_point(evaluate_command.main, [
+        "downstream", DATASET_ID, "-o", tmp_path, "--generator", f"cbmat={generators['cbmat']}", "--fold", "1",
+        "--first-id", "720", "--device", "cpu"], capsys)
+    assert code == 2
+    assert error.count("\n") == 1 and "fold 1's validation case" in error
     assert not list(Path(os.environ["nnUNet_raw"]).glob("Dataset720_*"))      # nothing copied or trained

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_entry_point
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
 from nnunet_synth.atomic import TEMP_PREFIX
@@ -205,13 +206,13 @@ def test_no_fold_may_use_a_case_that_depends_on_its_validation_cases(generated):
         "0": NUM_CASES, "1": 0, "2": 0, "3": 0, "4": 0, "all": 0}
 
 
-def test_a_generator_of_another_fold_is_refused_in_one_line(tiny_generator, generated):
+def test_a_generator_of_another_fold_is_refused_in_one_line(tiny_generator, generated, capsys):
+    from nnunet_synth.dataset_tools.generate import main
     folder = generated[0]
     before = synthetic_files(folder)
-    refused = subprocess.run(generate_command(983, tiny_generator, "--fold", "1"), capture_output=True, text=True,
-                             env=one_thread_environment(), timeout=900)
-    assert refused.returncode == 2
-    message = refused.stderr.strip().splitlines()
+    code, _, error = run_entry_point(main, generate_command(983, tiny_generator, "--fold", "1")[1:], capsys)
+    assert code == 2
+    message = error.strip().splitlines()
     assert len(message) == 1 and "fold 1's validation case" in message[0] and "--fold 1" in message[0]
     assert synthetic_files(folder) == before
 
@@ -301,12 +302,13 @@ def test_the_written_label_is_the_conditioning_map_at_the_slice_geometry(generat
     assert "goal" in result.stdout and "share of the region" in result.stdout
 
 
-def test_generate_exits_with_one_line_when_a_goal_cannot_be_reached(nnunet_folders, tiny_generator):
+def test_generate_exits_with_one_line_when_a_goal_cannot_be_reached(nnunet_folders, tiny_generator, capsys):
+    from nnunet_synth.dataset_tools.generate import main
     folder = convert_example(nnunet_folders, 979, "NoRaiseExample")
-    result = subprocess.run(generate_command(979, tiny_generator, "--min-donor-area", "100000"),
-                            capture_output=True, text=True, env=one_thread_environment(), timeout=600)
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.startswith("nnsynth: error:")]
+    code, _, error = run_entry_point(main, generate_command(979, tiny_generator, "--min-donor-area", "100000")[1:],
+                                     capsys)
+    assert code == 2
+    lines = [line for line in error.splitlines() if line.startswith("nnsynth: error:")]
     assert len(lines) == 1 and "the goal of class 2 cannot be reached" in lines[0]
     assert not (folder / MANIFEST_NAME).exists()
 
