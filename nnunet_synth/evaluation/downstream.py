@@ -429,7 +429,7 @@ def run_downstream(dataset: RawDataset, settings: DownstreamSettings, raw_root, 
     if settings.repeats < 1:
         raise NnsynthError(f"--repeats must be at least 1, got {settings.repeats}")
     raw_root, output_folder, preprocessed_root = Path(raw_root), Path(output_folder), Path(preprocessed_root)
-    check_downstream_settings(settings)
+    check_downstream_settings(settings, dataset)
     if not settings.chooses_patients:
         output_folder.mkdir(parents=True, exist_ok=True)
         check_generators_for_fold(dataset, settings)
@@ -439,7 +439,6 @@ def run_downstream(dataset: RawDataset, settings: DownstreamSettings, raw_root, 
         if test_images is not None:
             raise NnsynthError("--test-patients keeps its own test patients: leave out --test-images/--test-labels")
         splits = patient_splits(dataset, settings)
-        check_online_paste_donors(settings, splits)
         output_folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic({name: split.to_json() for name, split in splits.items()}, output_folder / "patients.json")
         test_cases = next(iter(splits.values())).test
