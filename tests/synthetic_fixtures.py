@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sampled_fingerprint import write_sampled_fingerprint
 
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases
@@ -115,10 +116,11 @@ def make_trainer(preprocessed, trainer_class, configuration="2d", plans=None, fo
 
 @pytest.fixture(scope="session")
 def planned_dataset(synthetic_example_dataset, nnunet_folders):
-    """Stock nnUNetv2_plan_and_preprocess (2d) of Dataset981 in a clean subprocess, plus small CPU plans sharing
-    its data. Returns its nnUNet_preprocessed folder."""
+    """Stock nnUNetv2_plan_and_preprocess (2d) of Dataset981 in a clean subprocess (on a sampled fingerprint,
+    ``sampled_fingerprint.py``), plus small CPU plans sharing its data. Returns its nnUNet_preprocessed folder."""
     from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
     # nnUNet_n_proc_DA=0 makes 2.8.1's planner call torch.set_num_threads(0): leave it unset for planning
+    write_sampled_fingerprint(SYNTHMIX_DATASET_ID, clean_environment(nnunet_folders))
     run_command(["nnUNetv2_plan_and_preprocess", "-d", str(SYNTHMIX_DATASET_ID), "-c", "2d", "-np", "1", "-npfp", "1",
                  "--verify_dataset_integrity"], clean_environment(nnunet_folders))
     preprocessed = nnunet_folders["nnUNet_preprocessed"] / synthetic_example_dataset.name

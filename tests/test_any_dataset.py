@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import run_entry_point
+from sampled_fingerprint import write_sampled_fingerprint
 from test_five_folds import CPU_PLANS, environment, run
 
 from nnunet_synth.dataset import RawDataset, fit_slice
@@ -70,6 +71,7 @@ def generate(dataset, nnunet_folders):
     env = environment(nnunet_folders)
     result = run(["nnsynth_generate", dataset_id, "--fold", "0", "--preset", "tiny", "-n", str(NUM_CASES),
                   "--inference-steps", "2", "--device", "cpu"], env)
+    write_sampled_fingerprint(dataset_id, env)           # the fingerprint's code on 10^5 samples, not 10^8
     run(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "2d", "-np", "1", "-npfp", "1",
          "--verify_dataset_integrity"],
         env)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sampled_fingerprint import write_sampled_fingerprint
 
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.generator import TrainingSettings
@@ -44,7 +45,8 @@ def run(args, env, timeout=1800):      # a safety net for a loaded 2-core machin
 
 @pytest.fixture(scope="module")
 def five_fold_dataset(nnunet_folders):
-    """The example with synthetic cases for all five folds, planned and preprocessed; returns the RawDataset."""
+    """The example with synthetic cases for all five folds, planned and preprocessed (on a sampled fingerprint,
+    ``sampled_fingerprint.py``); returns the RawDataset."""
     from conftest import convert_example_subset
 
     from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
@@ -59,6 +61,7 @@ def five_fold_dataset(nnunet_folders):
     generated = run(["nnsynth_generate", str(DATASET_ID), "--folds", "0", "1", "2", "3", "4", "--preset", "tiny",
                      "-n", str(CASES_PER_FOLD), "--inference-steps", "2", "--device", "cpu"], env)
     assert all(f"fold {fold}: {CASES_PER_FOLD} synthetic cases" in generated.stdout for fold in range(5))
+    write_sampled_fingerprint(DATASET_ID, env)
     run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1", "-npfp", "1",
          "--verify_dataset_integrity"], env)
     write_cpu_plans(nnunet_folders["nnUNet_preprocessed"] / dataset.name, "2d", "nnUNetPlans", CPU_PLANS)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from sampled_fingerprint import write_sampled_fingerprint
 from scipy import ndimage
 
 from nnunet_synth.atomic import TEMP_PREFIX
@@ -281,11 +282,12 @@ def test_adjacent_slices_inside_the_pasted_lesions_differ_as_in_real_lesions(ms_
 
 @pytest.fixture(scope="module")
 def ms_planned_3d(ms_generated, nnunet_folders):
-    """Dataset515 planned and preprocessed by the stock command for 3d_fullres, with the small CPU plans
-    (nnUNetPlans_cpu); its preprocessed folder."""
+    """Dataset515 planned and preprocessed by the stock command for 3d_fullres (on a sampled fingerprint,
+    ``sampled_fingerprint.py``), with the small CPU plans (nnUNetPlans_cpu); its preprocessed folder."""
     from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
     dataset, _, _ = ms_generated
     planning = {name: value for name, value in environment().items() if name != "nnUNet_n_proc_DA"}  # 2.8.1's planner
+    write_sampled_fingerprint(MS_ID, planning)
     result = subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(MS_ID), "-c", "3d_fullres", "-np", "1",
                              "-npfp", "1"], capture_output=True, text=True, env=planning, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
