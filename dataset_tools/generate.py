@@ -153,6 +153,23 @@ def format_share_table(report: dict, class_names) -> str:
     return "\n".join(lines)
 
 
+def balancing_notes(report: dict, class_names) -> list:
+    """Lines on the targets (how many new maps started from a lesion-free real map) and on the classes this fold
+    could not balance (absent from its training cases, no donor) or that the budget did not raise."""
+    from nnunet_synth.masks.balance import unraised_classes
+    lines = []
+    if "num_lesion_free_real_maps" in report:
+        lines.append(f"targets: {report['num_new_maps_on_lesion_free_targets']} of {report['num_new_maps']} new maps "
+                     f"start from a lesion-free real map ({report['num_lesion_free_real_maps']} of "
+                     f"{report['num_real_maps']} real maps are lesion-free; they are never donors)")
+    for entry in report.get("not_balanced", []):
+        lines.append(f"not balanced in this fold: {class_names[entry['class']]} ({entry['reason']})")
+    for entry in unraised_classes(report):
+        lines.append(f"not raised within the budget: {class_names[entry['class']]} (goal "
+                     f"{100 * entry['target_share']:.2f} %; more cases, -n / -r, would raise it)")
+    return lines
+
+
 def launched_state() -> PartialState:
     """The processes of ``accelerate launch`` (on GPUs), or of ``torchrun`` with ``ACCELERATE_USE_CPU=true`` (CPU
     processes, gloo: accelerate makes CPU processes distributed only when asked explicitly)."""
@@ -263,6 +280,8 @@ def print_summary(dataset: RawDataset, summary: dict, shard: str = ""):
           f"now, {summary['skipped']} already there); model-free quality gate passed by {summary['model_free_passed']} "
           f"of {summary['total']} ({100 * summary['model_free_passed'] / max(summary['total'], 1):.0f} %)")
     print(format_share_table(summary["label_map_report"], dataset.class_names))
+    for line in balancing_notes(summary["label_map_report"], dataset.class_names):
+        print(line)
     print(f"manifest: {summary['store']}")
     print(f"preview grid: {summary['preview']}")
     if str(fold) != "all":
