@@ -343,3 +343,19 @@ def test_a_label_origin_nnunet_only_warns_about_is_accepted_with_one_warning(sts
         image = sitk.ReadImage(dataset.cases[target]["images"][0])
         for written in (store.image_file(case_id, 0), store.label_file(case_id)):
             assert sitk.ReadImage(str(written)).GetOrigin() == pytest.approx(image.GetOrigin())
+
+
+def test_the_inpainting_generator_of_a_fold_without_a_class_trains_and_names_it(absent_class_dataset, tmp_path,
+                                                                               capsys):
+    from nnunet_synth.dataset_tools import train_generator as train_generator_command
+    from nnunet_synth.generator.checkpoints import read_generator_config
+    output = tmp_path / "inpaint_generator"
+    code, out, err = run_entry_point(train_generator_command.main, [
+        absent_class_dataset.folder, "--mode", "inpaint", "--preset", "tiny", "--image-size", "32", "--steps", "2",
+        "--warmup-steps", "1", "--checkpoint-every", "100", "--preview-every", "100", "--output", output,
+        "--no-progress"], capsys)
+    assert code == 0, err[-3000:]
+    warnings = [line for line in err.splitlines() if line.startswith("nnsynth: warning:")]
+    assert len(warnings) == 1 and "denser" in warnings[0] and "the fold's generator cannot learn it" in warnings[0]
+    config = read_generator_config(output / "final")
+    assert sorted(config.training_cases) == fold_training_cases(absent_class_dataset, "0")
