@@ -95,6 +95,8 @@ def check_generation_options(request: GenerateRequest):
     check_number_range(balancing.target_factor, "--target-factor", 1, None, low_open=True)
     check_number_range(balancing.max_target_share, "--max-target-share", 0, 1, low_open=True)
     check_number_range(balancing.map_class_share_cap, "--map-cap", 0, 1, low_open=True)
+    check_number_range(balancing.load_from_percentile, "--load-from-percentile", 0, 100)
+    check_number_range(balancing.load_cap_percentile, "--load-cap-percentile", 0, 100)
     check_number_range(balancing.p_rotate, "--p-rotate", 0, 1)
     check_number_range(balancing.p_shift, "--p-shift", 0, 1)
     check_number_range(balancing.p_dilate, "--p-dilate", 0, 1)

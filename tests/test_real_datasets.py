@@ -359,3 +359,27 @@ def test_the_inpainting_generator_of_a_fold_without_a_class_trains_and_names_it(
     assert len(warnings) == 1 and "denser" in warnings[0] and "the fold's generator cannot learn it" in warnings[0]
     config = read_generator_config(output / "final")
     assert sorted(config.training_cases) == fold_training_cases(absent_class_dataset, "0")
+
+
+@pytest.mark.slow
+def test_the_paste_trainer_of_a_fold_without_a_class_names_it_and_pastes_the_others(absent_class_dataset,
+                                                                                   nnunet_folders, capsys):
+    """The paste trainer's donors (``extract_donors``, as ``nnUNetTrainerLesionPaste`` calls it) from the stock
+    preprocessed fold-0 training cases: the lighter lesions are donors, the denser type is named once."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from nnunet_synth.trainers.pasting import extract_donors
+    dataset = absent_class_dataset
+    env = environment(nnunet_folders)
+    write_sampled_fingerprint(str(ABSENT_ID), env)
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(ABSENT_ID), "-c", "2d", "-np", "1"], env)
+    preprocessed = nnunet_folders["nnUNet_preprocessed"] / dataset.name
+    training = fold_training_cases(dataset, "0")
+    data_folder = str(preprocessed / "nnUNetPlans_2d")
+    real_dataset = infer_dataset_class(data_folder)(data_folder, training)
+    capsys.readouterr()
+    bank = extract_donors(real_dataset, training, json.loads((preprocessed / "dataset.json").read_text()),
+                          ("pathology",), two_d=True)
+    err = capsys.readouterr().err
+    assert bank.host_classes == (1,) and bank.paste_classes == (2,) and bank.by_class[2]
+    assert "class denser occurs in none of the fold's training cases" in err and err.count("nnsynth: warning:") == 1

@@ -16,8 +16,20 @@ the common pathology about where it was. A ``target_share`` (one value for every
 {class: share}) replaces the default goals; a class is never given a goal below its real share.
 
 **Targets.** A new map starts as a copy of a real target map, drawn among the maps with room for a paste with a
-probability proportional to the free fraction of its region (host tissue, or background body): lesion-free maps
-weigh most, a map whose region is half lesion weighs half. Adding lesions to healthy tissue is the main use.
+probability proportional to the free fraction of its region (host tissue, or background body): a map whose region
+is half lesion weighs half, and a lesion-free map (no pixel of a pathology class) weighs ``lesion_free_target_weight``
+times its free fraction. Adding lesions to healthy tissue is the main use; a lesion-free map is never a donor.
+
+**Per-map loads.** ``map_load="dense"`` (the default) pastes each new map until the running shares are back at the
+goals, up to ``max(map_class_share_cap, goal)`` of the map's region: with a fixed budget (``-r 0.5``) the goals can
+only be approached by filling every map to that cap. ``map_load="real"`` gives each new map one pathology class
+(the one furthest below its goal) and a load drawn from the real maps that hold it: the load (share of the map's
+region) of one such map, drawn uniformly among those at or above the ``load_from_percentile`` of the real loads
+(the shift toward the rare class: the upper half by default), never above their ``load_cap_percentile``; the map is
+pasted until it carries that load (at least one paste) and a paste that would take it beyond the cap is rejected.
+The number of maps then decides the dataset-level shares.
+Diff-Lung reports only shares over the whole augmented set; which load lifts the lesion without costing the common
+class is measured (docs/label-maps.md).
 
 Host classes: where pathology may be pasted (normal lung). By default the most frequent non-background class is
 the host only when it holds at least ``HOST_MIN_FOREGROUND_SHARE`` of the labelled foreground (normal lung: 88 %
@@ -69,6 +81,7 @@ SHARE_DEFINITION = ("pixel share of each class inside the region of interest (ho
                     "host class, the body plus the pathology pixels) over the real label maps plus the new maps")
 HOST_MIN_FOREGROUND_SHARE = 0.8   # the most frequent class is a host by default only if it is this much of the
                                   # foreground
+MAP_LOADS = ("dense", "real")
 TARGET_WEIGHTING = ("free fraction of the target's region (host tissue or background body), maps with room only; "
                     "lesion-free maps (no pixel of a pathology class) weigh lesion_free_target_weight times more")
 
@@ -92,6 +105,10 @@ class MaskGenerationConfig:
     common_share: float = 0.15          # a pathology class holding more of the region is common: kept, not raised
     map_class_share_cap: float = 0.3    # stop pasting a class into a map once it covers max(this, its goal) of
                                         # the map's region (Diff-Lung did not fill maps with disease)
+    map_load: str = "dense"             # dense: each map pasted up to the cap above; real: one class per map, to a
+                                        # load drawn from the real maps holding it (module docstring)
+    load_from_percentile: float = 50.0  # real loads: drawn among the real maps' loads at or above this percentile
+    load_cap_percentile: float = 95.0   # ... and never above this one
     max_attempts_per_map: int = 60      # rejected pastes allowed per new map
     max_discarded_maps: int = 50        # new maps in a row without any accepted paste before giving up
     targets_need_host: bool = True      # draw target maps only among maps with room to paste
@@ -110,6 +127,11 @@ class MaskGenerationConfig:
                      "max_pastes_per_map", "max_pastes_per_volume", "max_attempts_per_map", "max_discarded_maps"):
             if getattr(self, name) < 1:
                 raise NnsynthError(f"mask generation: {name}={getattr(self, name)} must be at least 1")
+        if self.map_load not in MAP_LOADS:
+            raise NnsynthError(f"mask generation: map_load={self.map_load!r} must be one of {', '.join(MAP_LOADS)}")
+        if not 0.0 <= self.load_from_percentile <= self.load_cap_percentile <= 100.0:
+            raise NnsynthError(f"mask generation: load_from_percentile={self.load_from_percentile} and "
+                               f"load_cap_percentile={self.load_cap_percentile} must satisfy 0 <= from <= cap <= 100")
         if not self.lesion_free_target_weight > 0.0:
             raise NnsynthError(f"mask generation: lesion_free_target_weight={self.lesion_free_target_weight} must be "
                                f"above 0")
@@ -412,10 +434,38 @@ class _Running:
         return counts / total if total > 0 else np.zeros(len(counts))
 
 
-def _make_new_map(label_maps, map_ids, target_index, running, goals, donors, placement, region, config, rng, tally):
+@dataclass
+class _Load:
+    """What one new map of the ``real`` map load carries: one class, pasted until it covers ``wanted`` of the map's
+    region, never beyond ``cap`` (a high percentile of the real maps' loads)."""
+
+    pathology_class: int
+    drawn: float          # the load of a real map holding the class, drawn uniformly from the upper part
+    wanted: float         # drawn, at most cap
+    cap: float
+
+    def record(self) -> dict:
+        return {"class": self.pathology_class, "drawn_real_load": self.drawn, "wanted": self.wanted, "cap": self.cap}
+
+
+def _draw_load(goals, running, real_loads, config, rng) -> _Load:
+    """The class a ``real``-load map serves (the one furthest below its goal, or least above it) and its load."""
+    shares = running.shares()
+    pathology_class = min(goals.goal, key=lambda c: (shares[c] / goals.goal[c], c))
+    loads = np.asarray(real_loads[pathology_class])
+    cap = float(np.percentile(loads, config.load_cap_percentile))
+    upper = loads[loads >= np.percentile(loads, config.load_from_percentile)]
+    drawn = float(upper[rng.integers(upper.size)])
+    return _Load(int(pathology_class), drawn, min(drawn, cap), cap)
+
+
+def _make_new_map(label_maps, map_ids, target_index, running, goals, donors, placement, region, config, rng, tally,
+                  real_loads=None):
     """Paste regions into a copy of one real map; return (NewLabelMap or None, its region pixels, rejected).
-    ``tally``: class -> [paste attempts, accepted pastes], updated."""
+    ``tally``: class -> [paste attempts, accepted pastes], updated. ``real_loads`` (the ``real`` map load): class ->
+    the loads of the real maps holding it."""
     num_classes = len(running.counts)
+    load = None if config.map_load == "dense" else _draw_load(goals, running, real_loads, config, rng)
     working = np.array(label_maps[target_index], copy=True)
     map_region = region.pixels(working, target_index)   # pastes stay inside the region: it does not change
     map_counts = np.bincount(working.ravel(), minlength=num_classes)[:num_classes]
@@ -424,11 +474,16 @@ def _make_new_map(label_maps, map_ids, target_index, running, goals, donors, pla
     max_rejected = config.max_attempts_per_map * max_pastes // config.max_pastes_per_map
     pastes, rejected = [], 0
     while len(pastes) < max_pastes and rejected < max_rejected:
-        open_classes = goals.classes_to_paste(running.shares(map_counts, map_region), map_counts / max(1, map_region),
-                                              config.map_class_share_cap)
-        if not open_classes:
-            break
-        pathology_class = open_classes[0]
+        if load is None:
+            open_classes = goals.classes_to_paste(running.shares(map_counts, map_region),
+                                                  map_counts / max(1, map_region), config.map_class_share_cap)
+            if not open_classes:
+                break
+            pathology_class = open_classes[0]
+        else:
+            pathology_class = load.pathology_class
+            if pastes and map_counts[pathology_class] >= load.wanted * map_region:
+                break
         if pathology_class not in allowed:
             allowed[pathology_class] = _Allowed(placement.mask(working, pathology_class, target_index))
         attempt = _try_paste(working, allowed[pathology_class], pathology_class, donors, placement, config, rng,
@@ -438,6 +493,9 @@ def _make_new_map(label_maps, map_ids, target_index, running, goals, donors, pla
             rejected += 1
             continue
         window, pasted_crop, record = attempt
+        if load is not None and map_counts[pathology_class] + record["pasted_pixels"] > load.cap * map_region:
+            rejected += 1                   # beyond what real maps show
+            continue
         replaced = working[window][pasted_crop]
         map_counts -= np.bincount(replaced, minlength=num_classes)[:num_classes]
         map_counts[pathology_class] += record["pasted_pixels"]
@@ -458,6 +516,8 @@ def _make_new_map(label_maps, map_ids, target_index, running, goals, donors, pla
         "pasted_pixels_per_class": {str(c): int(n) for c, n in sorted(per_class.items())},
         "rejected_pastes": rejected,
     }
+    if load is not None:
+        provenance["load"] = load.record()
     return NewLabelMap(working, provenance), map_region, rejected
 
 
@@ -683,7 +743,7 @@ def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classe
             break
         target_index = target_indices[rng.choice(len(target_indices), p=target_probabilities)]
         new_map, map_region, map_rejected = _make_new_map(label_maps, map_ids, target_index, running, goals, donors,
-                                                          placement, region, config, rng, tally)
+                                                          placement, region, config, rng, tally, targets.real_loads)
         rejected += map_rejected
         if new_map is None:
             discarded += 1
