@@ -64,8 +64,8 @@ def test_the_converted_volumes_are_the_sources_averaged_in_plane_on_the_sources_
 
 def test_nnunets_integrity_check_accepts_the_converted_dataset(sts_dataset_folder):
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-    # the function nnUNetv2_plan_and_preprocess --verify_dataset_integrity runs (the stock planning of the volumes
-    # runs before the 3d_fullres trainings)
+    # the function nnUNetv2_plan_and_preprocess --verify_dataset_integrity runs (the stock command runs with it
+    # before the 3d_fullres trainings)
     verify_dataset_integrity(str(sts_dataset_folder), num_processes=1)          # raises on a bad dataset
 
 
@@ -209,14 +209,15 @@ def test_inpaint_draws_3d_tumours_into_whole_hu_volumes_with_the_real_voxels_out
 # ------------------------------------------------------------------------------------------- 3d_fullres training
 @pytest.fixture(scope="module")
 def sts_planned_3d(sts_generated, nnunet_folders):
-    """Dataset550 planned and preprocessed by the stock command for 3d_fullres (sampled fingerprint), with the
-    small CPU plans (nnUNetPlans_cpu); its preprocessed folder."""
+    """Dataset550 checked, planned and preprocessed by the stock command for 3d_fullres (sampled fingerprint), with
+    the small CPU plans (nnUNetPlans_cpu); its preprocessed folder."""
     from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
     dataset, _, _ = sts_generated
     planning = {name: value for name, value in environment().items() if name != "nnUNet_n_proc_DA"}
     write_sampled_fingerprint(STS_ID, planning)
     result = subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(STS_ID), "-c", "3d_fullres", "-np", "1",
-                             "-npfp", "1"], capture_output=True, text=True, env=planning, timeout=900)
+                             "-npfp", "1", "--verify_dataset_integrity"], capture_output=True, text=True, env=planning,
+                            timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     preprocessed = nnunet_folders["nnUNet_preprocessed"] / dataset.name
     plans_file = write_cpu_plans(preprocessed, "3d_fullres")
