@@ -131,7 +131,11 @@ def dataset_folder_in_place(folder: Path):
         if folder.exists():
             previous = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + folder.name + "_old_", dir=folder.parent))
             os.replace(folder, previous / folder.name)
-            os.replace(temporary, folder)
+            try:
+                os.replace(temporary, folder)
+            except OSError:
+                os.replace(previous / folder.name, folder)         # the previous dataset back in its place
+                raise
             shutil.rmtree(previous)
         else:
             os.replace(temporary, folder)
