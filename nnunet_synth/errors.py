@@ -57,6 +57,7 @@ def command_entry_point(main_function):
 
     @functools.wraps(main_function)
     def wrapper(*args, **kwargs):
+        _WARNED.clear()             # warnings are once per command, also for commands run in one process
         try:
             return main_function(*args, **kwargs)
         except NnsynthError as error:
