@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     balance.add_argument("--load-from-percentile", type=float, help="--map-load real: draw among the real maps' loads "
                          "at or above this percentile (default 50: the upper half, toward the rare class)")
     balance.add_argument("--load-cap-percentile", type=float, help="--map-load real: a new map's load never above "
-                         "this percentile of the real maps' loads (default 95)")
+                         "this percentile of the real maps' loads (default 90)")
     balance.add_argument("--min-donor-area", type=int, help="connected regions smaller than this many pixels (voxels) "
                          "are never copied (default 20)")
     for name, default in (("rotate", 0.5), ("shift", 0.8), ("dilate", 0.3)):

@@ -19,6 +19,9 @@ STS_SOURCE = SHARED_DATA / "sts_ct_3d"
 # The soft-tissue sarcoma CT of the tests: six patients with small crops (47-57 slices), tumours of 0.65-3.6 % of
 # a volume, at half the in-plane resolution (about 70 x 70 x 50 voxels of 1.95 x 1.95 x 3.27 mm).
 STS_CASES = ("STS_008", "STS_015", "STS_019", "STS_024", "STS_025", "STS_050")
+# ... and one lesion-free case, as healthy scans are: the first 14 slices of STS_041's crop (its margin above the
+# tumour, which starts at slice 16)
+STS_HEALTHY, STS_HEALTHY_SLICES = "STS_041", 14
 # The small real example of the tests: the five shortest patients of the COVID-19 slices, every k-th slice of a
 # patient with k chosen so that at most 9 remain (every 2nd slice of case_10 and case_14, every 3rd of case_15,
 # case_17 and case_18): 37 slices.
@@ -247,7 +250,15 @@ def ms_lesions_dataset_folder(nnunet_folders):
 
 @pytest.fixture(scope="session")
 def sts_dataset_folder(nnunet_folders):
-    """The real sarcoma CT of STS_CASES (HU, tumour masks) averaged over 2x2 in-plane blocks: Dataset550_STSCT,
-    6 cases, nnU-Net's 5-fold split."""
+    """The real sarcoma CT of STS_CASES (HU, tumour masks) averaged over 2x2 in-plane blocks, and STS_HEALTHY cut to
+    its tumour-free first slices (a lesion-free case): Dataset550_STSCT, 7 cases, nnU-Net's 5-fold split."""
+    import SimpleITK as sitk
+
     from nnunet_synth.dataset_tools.convert_sts_ct import convert_sts_ct
-    return convert_sts_ct(STS_SOURCE, nnunet_folders["nnUNet_raw"], 550, "STSCT", case_ids=STS_CASES, downsample=2)
+    folder = convert_sts_ct(STS_SOURCE, nnunet_folders["nnUNet_raw"], 550, "STSCT",
+                            case_ids=(*STS_CASES, STS_HEALTHY), downsample=2)
+    case_id = "sts_" + STS_HEALTHY.removeprefix("STS_")
+    for path in (folder / "imagesTr" / f"{case_id}_0000.nii.gz", folder / "labelsTr" / f"{case_id}.nii.gz"):
+        sitk.WriteImage(sitk.ReadImage(str(path))[:, :, :STS_HEALTHY_SLICES], str(path), True)
+    assert not sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{case_id}.nii.gz"))).any()
+    return folder

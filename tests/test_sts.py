@@ -10,9 +10,9 @@ import subprocess
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import STS_CASES, STS_SOURCE, run_entry_point
+from conftest import STS_CASES, STS_HEALTHY, STS_HEALTHY_SLICES, STS_SOURCE, run_entry_point
 from sampled_fingerprint import write_sampled_fingerprint
-from test_volumes import BIN, channels_beside_target, check_whole_volumes, environment, read, run
+from test_volumes import BIN, channels_beside_target, check_whole_volumes, environment, inpaint_fold_one, read, run
 
 from nnunet_synth.atomic import TEMP_PREFIX
 from nnunet_synth.dataset import RawDataset
@@ -31,11 +31,16 @@ def source_digests(patients):
 # ------------------------------------------------------------------------------------------- the converter
 def test_the_converted_volumes_are_the_sources_averaged_in_plane_on_the_sources_grid(sts_dataset_folder):
     dataset = RawDataset(sts_dataset_folder)
-    assert dataset.case_ids == ["sts_" + patient.removeprefix("STS_") for patient in STS_CASES]
+    case_ids = ["sts_" + patient.removeprefix("STS_") for patient in STS_CASES]
+    healthy = "sts_" + STS_HEALTHY.removeprefix("STS_")
+    assert dataset.case_ids == sorted([*case_ids, healthy])
     dataset_json = json.loads((sts_dataset_folder / "dataset.json").read_text())
     assert dataset_json["channel_names"] == {"0": "CT"} and dataset_json["labels"] == {"background": 0, "tumour": 1}
-    assert dataset_json["numTraining"] == len(STS_CASES) and dataset_json["file_ending"] == ".nii.gz"
-    for patient, case_id in zip(STS_CASES, dataset.case_ids):
+    assert dataset_json["numTraining"] == len(STS_CASES) + 1 and dataset_json["file_ending"] == ".nii.gz"
+    healthy_image, healthy_label = (read(sts_dataset_folder / folder / name)[0] for folder, name in
+                                    (("imagesTr", f"{healthy}_0000.nii.gz"), ("labelsTr", f"{healthy}.nii.gz")))
+    assert healthy_image.shape[0] == STS_HEALTHY_SLICES and not healthy_label.any()      # the lesion-free case
+    for patient, case_id in zip(STS_CASES, case_ids):
         source_image, source_header = read(STS_SOURCE / patient / "CT.nii.gz")
         source_mask, _ = read(STS_SOURCE / patient / "GTV.nii.gz")
         image, header = read(sts_dataset_folder / "imagesTr" / f"{case_id}_0000.nii.gz")
@@ -161,25 +166,7 @@ def test_copy_paste_adds_3d_tumours_to_whole_real_volumes_and_the_tumour_voxels_
 def sts_inpainted(sts_generated, tmp_path_factory):
     """Fold 1 beside fold 0's copy-paste volumes: a tiny inpainting generator (3 steps, 32 px crops) trained on
     fold 1's training patients, then ``nnsynth_generate 550 --image-source inpaint --fold 1 -n 1``."""
-    import torch
-
-    from nnunet_synth.generator import TrainingSettings
-    from nnunet_synth.generator.training import train_generator
-    dataset, _, real_before = sts_generated
-    settings = TrainingSettings(preset="tiny", mode="inpaint", image_size=32, block_out_channels=(16, 32, 32, 32),
-                                batch_size=2, max_steps=3, warmup_steps=1, checkpoint_every=3, preview_every=100,
-                                preview_inference_steps=2, preview_count=1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        generator = train_generator(dataset, tmp_path_factory.mktemp("sts_inpaint") / "run", settings, fold=1,
-                                    progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    result = run([BIN / "nnsynth_generate", dataset.folder, "--image-source", "inpaint", "--fold", "1",
-                  "--generator", generator.final_folder, "-n", "1", "--inference-steps", "2", "--device", "cpu"])
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    return dataset, generator, result, real_before
+    return inpaint_fold_one(sts_generated, tmp_path_factory.mktemp("sts_inpaint"))
 
 
 def test_inpaint_draws_3d_tumours_into_whole_hu_volumes_with_the_real_voxels_outside_the_edit(sts_inpainted):

@@ -346,19 +346,25 @@ def ms_inpainted(ms_generated, tmp_path_factory):
     """Fold 1 of Dataset515 (training patients ms_07, ms_26) beside fold 0's copy-paste volumes: a tiny inpainting
     generator (3 steps, 32 px crops) trained on fold 1's training patients, then
     ``nnsynth_generate 515 --image-source inpaint --fold 1 -n 1`` (whole volumes, the default for 3D data)."""
+    return inpaint_fold_one(ms_generated, tmp_path_factory.mktemp("ms_inpaint"))
+
+
+def inpaint_fold_one(generated, work_folder):
+    """Fold 1 of a generated 3D dataset: a tiny inpainting generator (3 steps, 32 px crops) trained on fold 1's
+    training patients in ``work_folder``, then ``nnsynth_generate D --image-source inpaint --fold 1 -n 1``.
+    Returns (dataset, generator, the command's result, the real files before)."""
     import torch
 
     from nnunet_synth.generator import TrainingSettings
     from nnunet_synth.generator.training import train_generator
-    dataset, _, real_before = ms_generated
+    dataset, _, real_before = generated
     settings = TrainingSettings(preset="tiny", mode="inpaint", image_size=32, block_out_channels=(16, 32, 32, 32),
                                 batch_size=2, max_steps=3, warmup_steps=1, checkpoint_every=3, preview_every=100,
                                 preview_inference_steps=2, preview_count=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        generator = train_generator(dataset, tmp_path_factory.mktemp("ms_inpaint") / "run", settings, fold=1,
-                                    progress=False)
+        generator = train_generator(dataset, work_folder / "run", settings, fold=1, progress=False)
     finally:
         torch.set_num_threads(threads)
     result = run([BIN / "nnsynth_generate", dataset.folder, "--image-source", "inpaint", "--fold", "1",

@@ -108,7 +108,7 @@ class MaskGenerationConfig:
     map_load: str = "dense"             # dense: each map pasted up to the cap above; real: one class per map, to a
                                         # load drawn from the real maps holding it (module docstring)
     load_from_percentile: float = 50.0  # real loads: drawn among the real maps' loads at or above this percentile
-    load_cap_percentile: float = 95.0   # ... and never above this one
+    load_cap_percentile: float = 90.0   # ... and never above this one
     max_attempts_per_map: int = 60      # rejected pastes allowed per new map
     max_discarded_maps: int = 50        # new maps in a row without any accepted paste before giving up
     targets_need_host: bool = True      # draw target maps only among maps with room to paste
