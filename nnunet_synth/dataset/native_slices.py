@@ -42,14 +42,15 @@ META_NAME = "store.json"
 CACHE_FOLDER = "nnsynth_slice_cache"
 
 
-_FINGERPRINTS = {}       # (path, size, mtime, inode) -> sha256 of the bytes, for the life of this process
+_FINGERPRINTS = {}       # (path, inode, size, mtime, ctime) -> sha256 of the bytes, for the life of this process
 
 
 def file_fingerprint(path) -> str:
-    """sha256 of the file's bytes; hashed once per process for a file whose size, modification time and inode
-    stay the same (a command reads the key of its caches several times)."""
+    """sha256 of the file's bytes. A command reads the key of its caches several times: a file is hashed once per
+    process while its inode, size, modification and status-change times stay the same (any write changes the
+    status-change time, and it cannot be set back)."""
     stat = os.stat(path)
-    memo_key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    memo_key = (os.path.abspath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if memo_key not in _FINGERPRINTS:
         with open(path, "rb") as handle:
             _FINGERPRINTS[memo_key] = hashlib.file_digest(handle, "sha256").hexdigest()
