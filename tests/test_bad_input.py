@@ -850,7 +850,8 @@ def test_an_unknown_nnsynth_unit_is_refused_by_check_dataset(broken_copy):
 # -- the store: copy-paste runs of two folds at the same time ------------------------------------------------------
 
 @pytest.mark.slow
-def test_copy_paste_runs_of_two_folds_write_at_the_same_time(real_hu_dataset_folder, nnunet_folders, capsys):
+def test_copy_paste_runs_of_two_folds_write_at_the_same_time_and_one_fold_refuses_a_second_run(
+        real_hu_dataset_folder, nnunet_folders, capsys):
     from nnunet_synth.dataset import RawDataset
     from nnunet_synth.writer.synthetic_store import SyntheticStore
     folder = copy_dataset(real_hu_dataset_folder, nnunet_folders["nnUNet_raw"], 791, "TwoFolds")
@@ -859,6 +860,10 @@ def test_copy_paste_runs_of_two_folds_write_at_the_same_time(real_hu_dataset_fol
     try:
         wait_for_claim(first, folder)
         first.send_signal(signal.SIGSTOP)           # fold 0 holds the store (shared) and its claim, mid-run
+        code, stderr = run_main(generate_command.main, [str(folder), "--image-source", "copy-paste", "--fold", "0",
+                                                        "-n", "3"], capsys)
+        assert_refused(code, stderr, "fold_0.shard_0.lock", "same settings", "a rerun then resumes")
+        assert "--shard-index" not in stderr                  # copy-paste runs unsharded
         code, stdout, stderr = run_entry_point(generate_command.main, [str(folder), "--image-source", "copy-paste",
                                                                        "--fold", "1", "-n", "3"], capsys)
         assert code == 0, stderr[-3000:]
