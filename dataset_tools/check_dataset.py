@@ -51,13 +51,17 @@ def synthetic_usability(dataset: RawDataset) -> dict:
 
 def print_summary(dataset_folder):
     dataset = RawDataset(dataset_folder)
-    scan_dataset(dataset)          # every case: truncation, NaN/Inf, geometry, labels, constant images
+    scan = scan_dataset(dataset)   # every case: truncation, NaN/Inf, geometry, labels, constant images
     check_fold_recipes(dataset)
     summary = dataset_summary(dataset)
+    annotated = set(dataset.annotated_labels) - {0}
+    summary["lesion_free_cases"] = sorted(case_id for case_id, values in scan.classes.items()
+                                          if not annotated & set(values))
     shares = ", ".join(f"{name} {100 * share:.1f} %" for name, share in summary["class_pixel_share"].items())
     windows = "; ".join(f"{name} [{window['lower']:g}, {window['upper']:g}] ({window['source']})"
                         for name, window in zip(dataset.channel_list, summary["intensity_window"]))
-    print(f"{summary['dataset']} at {dataset_folder}: {summary['cases']} cases, {summary['slices']} slices; "
+    print(f"{summary['dataset']} at {dataset_folder}: {summary['cases']} cases, {summary['slices']} slices "
+          f"({len(summary['lesion_free_cases'])} cases without any annotated class); "
           f"class pixel shares: {shares}; intensity window per channel: {windows}")
     summary["synthetic_cases_per_fold"] = synthetic_usability(dataset)
     for fold, counts in summary["synthetic_cases_per_fold"].items():

@@ -30,6 +30,7 @@ from nnunet_synth.generator.inpaint_training import (
     sampling_defaults,
 )
 from nnunet_synth.generator.training import train_generator
+from nnunet_synth.masks.balance import MAP_LOADS
 from nnunet_synth.masks.settings import BalancingSettings
 from nnunet_synth.preflight import GenerateRequest, check_generate_request
 from nnunet_synth.sampling.inpaint import VOLUME_NOISES
@@ -87,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "common: kept at its real share, not raised (default 0.15)")
     balance.add_argument("--map-cap", type=float, dest="map_class_share_cap", help="in one new map a class covers at "
                          "most max(this, its goal) of the map's region (default 0.3)")
+    balance.add_argument("--map-load", choices=MAP_LOADS, help="dense (default): each new map pasted up to --map-cap; "
+                         "real: one class per new map, at the load of a real map holding it, drawn from those at or "
+                         "above --load-from-percentile, at most --load-cap-percentile of theirs")
+    balance.add_argument("--load-from-percentile", type=float, help="--map-load real: draw among the real maps' loads "
+                         "at or above this percentile (default 50: the upper half, toward the rare class)")
+    balance.add_argument("--load-cap-percentile", type=float, help="--map-load real: a new map's load never above "
+                         "this percentile of the real maps' loads (default 95)")
     balance.add_argument("--min-donor-area", type=int, help="connected regions smaller than this many pixels (voxels) "
                          "are never copied (default 20)")
     for name, default in (("rotate", 0.5), ("shift", 0.8), ("dilate", 0.3)):
@@ -132,7 +140,9 @@ def balancing_from_args(args) -> BalancingSettings:
     return BalancingSettings(host_classes=args.host_classes, pathology_classes=args.pathology_classes,
                              target_factor=args.target_factor, max_target_share=args.max_target_share,
                              common_share=args.common_share, min_donor_area=args.min_donor_area,
-                             map_class_share_cap=args.map_class_share_cap, p_rotate=args.p_rotate,
+                             map_class_share_cap=args.map_class_share_cap, map_load=args.map_load,
+                             load_from_percentile=args.load_from_percentile,
+                             load_cap_percentile=args.load_cap_percentile, p_rotate=args.p_rotate,
                              p_shift=args.p_shift, p_dilate=args.p_dilate)
 
 
@@ -151,6 +161,33 @@ def format_share_table(report: dict, class_names) -> str:
             note = f"  x{entry['factor']:.2f}" + note
         lines.append(f"  {name:<20} {100 * entry['share_before']:6.2f} % -> {100 * entry['share_after']:6.2f} %{note}")
     return "\n".join(lines)
+
+
+def balancing_notes(report: dict, class_names) -> list:
+    """Lines on the targets (how many new maps started from a lesion-free real map) and on the classes this fold
+    could not balance (absent from its training cases, no donor) or that the budget did not raise."""
+    from nnunet_synth.masks.balance import unraised_classes
+    lines = []
+    if "num_lesion_free_real_maps" in report:
+        lines.append(f"targets: {report['num_new_maps_on_lesion_free_targets']} of {report['num_new_maps']} new maps "
+                     f"start from a lesion-free real map ({report['num_lesion_free_real_maps']} of "
+                     f"{report['num_real_maps']} real maps are lesion-free; they are never donors)")
+    for value, loads in report.get("per_map_load", {}).items():
+        real, new = loads["real"], loads["new"]
+        if real and new:
+            lines.append(f"per-map load of {class_names[int(value)]} (share of the map's region, p10 / p50 / p90): "
+                         f"real maps holding it {_quantiles(real)} ({real['maps']}), new maps {_quantiles(new)} "
+                         f"({new['maps']})")
+    for entry in report.get("not_balanced", []):
+        lines.append(f"not balanced in this fold: {class_names[entry['class']]} ({entry['reason']})")
+    for entry in unraised_classes(report):
+        lines.append(f"not raised within the budget: {class_names[entry['class']]} (goal "
+                     f"{100 * entry['target_share']:.2f} %; more cases, -n / -r, would raise it)")
+    return lines
+
+
+def _quantiles(load: dict) -> str:
+    return " / ".join(f"{100 * load[key]:.1f} %" for key in ("p10", "p50", "p90"))
 
 
 def launched_state() -> PartialState:
@@ -263,6 +300,8 @@ def print_summary(dataset: RawDataset, summary: dict, shard: str = ""):
           f"now, {summary['skipped']} already there); model-free quality gate passed by {summary['model_free_passed']} "
           f"of {summary['total']} ({100 * summary['model_free_passed'] / max(summary['total'], 1):.0f} %)")
     print(format_share_table(summary["label_map_report"], dataset.class_names))
+    for line in balancing_notes(summary["label_map_report"], dataset.class_names):
+        print(line)
     print(f"manifest: {summary['store']}")
     print(f"preview grid: {summary['preview']}")
     if str(fold) != "all":

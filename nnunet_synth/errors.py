@@ -9,6 +9,18 @@ class NnsynthError(Exception):
     """An error the user can fix. The message is one line that names the file and the fix."""
 
 
+_WARNED = set()
+
+
+def warn_once(key, message: str):
+    """Print ``nnsynth: warning: <message>`` on stderr the first time ``key`` is warned about in this process: a
+    condition nnU-Net itself only warns about (the command goes on)."""
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    print(f"nnsynth: warning: {' '.join(message.split())}", file=sys.stderr)
+
+
 def first_line(error: BaseException) -> str:
     """The first non-empty line of an exception's message (libraries chain several), at most 200 characters."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -45,6 +57,7 @@ def command_entry_point(main_function):
 
     @functools.wraps(main_function)
     def wrapper(*args, **kwargs):
+        _WARNED.clear()             # warnings are once per command, also for commands run in one process
         try:
             return main_function(*args, **kwargs)
         except NnsynthError as error:

@@ -27,12 +27,14 @@ from tqdm import tqdm
 from nnunet_synth.dataset import ImageWindows, RawDataset
 from nnunet_synth.dataset.native_slices import NativeSlices, NativeVolumes, PackedRows, derived_rows, open_native_slices
 from nnunet_synth.dataset.raw_dataset import UNITS
+from nnunet_synth.dataset.validation import scan_dataset
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.masks import (
     MaskGenerationConfig,
     NewLabelMapsOnDisk,
     body_mask,
     check_goals_raised,
+    default_class_roles,
     generate_label_maps,
     pixel_counts,
     resolve_class_roles,
@@ -60,17 +62,48 @@ def check_role_names(dataset: RawDataset, balancing: BalancingSettings):
                                f"{list(dataset.labels)}): use label names")
 
 
-def class_roles(dataset: RawDataset, label_maps, balancing: BalancingSettings):
-    """Host and pathology classes (values): named in ``balancing`` (label names; host ``[]`` = none), else the
-    defaults of ``nnunet_synth.masks.default_class_roles``. nnU-Net's ignore label (unannotated pixels) is never
-    either: it is not counted, never copied and never pasted over, so new maps keep it where their target had it."""
+def class_roles(dataset: RawDataset, label_maps, balancing: BalancingSettings, dataset_counts=None):
+    """Host and pathology classes (values) of ``label_maps``: named in ``balancing`` (label names; host ``[]`` =
+    none), else the defaults of ``nnunet_synth.masks.default_class_roles``; see ``class_roles_from_counts``."""
+    return class_roles_from_counts(dataset, pixel_counts(label_maps, dataset.num_classes), balancing, dataset_counts)
+
+
+def class_roles_from_counts(dataset: RawDataset, counts, balancing: BalancingSettings, dataset_counts=None):
+    """Host and pathology classes (values) from pixel counts per label value (a fold's training cases). nnU-Net's
+    ignore label (unannotated pixels) is never either: it is not counted, never copied and never pasted over, so
+    new maps keep it where their target had it.
+
+    A declared class without a pixel here (absent from the fold's training cases) is a pathology class with nothing
+    to balance. Whether the class that is left is a host (normal lung) or a lesion type cannot be told from the
+    fold alone, so then the default host is that of ``dataset_counts`` (every case of the dataset): only which
+    class plays which role, no pixel of another case, reaches the fold."""
     check_role_names(dataset, balancing)
-    labels, counts = dict(dataset.labels), pixel_counts(label_maps, dataset.num_classes)
+    labels = dict(dataset.labels)
+    counts = _annotated_counts(dataset, counts)
+    declared = [value for value in labels.values() if value != 0 and value != dataset.ignore_label]
+    host_names = balancing.host_classes
+    absent = [value for value in declared if counts[value] == 0]
+    if absent and host_names is None and dataset_counts is not None and \
+            _annotated_counts(dataset, dataset_counts)[1:].any():
+        named = set(balancing.pathology_classes or [])
+        whole_host, _ = default_class_roles(_annotated_counts(dataset, dataset_counts))
+        names = {value: name for name, value in labels.items()}
+        host_names = [names[value] for value in whole_host if names[value] not in named and counts[value] > 0]
+    if not counts[1:].any():        # nothing annotated: the roles as named, every other class a pathology class
+        host = sorted(labels[name] for name in host_names or [])
+        named = balancing.pathology_classes
+        return host, sorted(labels[name] for name in named) if named else [v for v in sorted(declared) if v not in host]
     if dataset.ignore_label is not None:
         del labels["ignore"]
+    return resolve_class_roles(labels, counts, host_names, balancing.pathology_classes,
+                               source=str(dataset.json_file), declared=declared)
+
+
+def _annotated_counts(dataset: RawDataset, counts) -> np.ndarray:
+    counts = np.array(counts, dtype=np.int64)
+    if dataset.ignore_label is not None:
         counts[dataset.ignore_label] = 0
-    return resolve_class_roles(labels, counts, balancing.host_classes, balancing.pathology_classes,
-                               source=str(dataset.json_file))
+    return counts
 
 
 def slice_counts(slices: NativeSlices) -> dict:
@@ -135,7 +168,11 @@ def prepare_fold_maps(dataset: RawDataset, store: SyntheticStore, fold, recipe: 
 
     slices = open_native_slices(dataset, training_cases)    # read on demand from the on-disk store
     real = NativeVolumes(slices) if unit == "volume" else slices
-    host, pathology = class_roles(dataset, real.label_maps, settings.balancing)
+    fold_counts = pixel_counts(real.label_maps, dataset.num_classes)
+    dataset_counts = None
+    if any(fold_counts[value] == 0 for value in dataset.annotated_labels if value != 0):    # a class the fold lacks
+        dataset_counts = scan_dataset(dataset, progress=False).counts_of(dataset.case_ids, dataset.num_classes)
+    host, pathology = class_roles_from_counts(dataset, fold_counts, settings.balancing, dataset_counts)
     mask_config = settings.balancing.mask_config()
     body_masks = None if host else derived_rows(real.images, first_channel_body_mask, "body masks")
     new_maps, mask_report = generate_label_maps(

@@ -25,8 +25,8 @@ from nnunet_synth.dataset.validation import (
     fold_num_slices,
     scan_dataset,
 )
-from nnunet_synth.errors import NnsynthError
-from nnunet_synth.fold_cases import check_role_names, check_shard
+from nnunet_synth.errors import NnsynthError, warn_once
+from nnunet_synth.fold_cases import check_role_names, check_shard, class_roles_from_counts
 from nnunet_synth.generation import GenerationSettings, check_generator_for_fold, generation_unit
 from nnunet_synth.generator.checkpoints import (
     FINAL_FOLDER,
@@ -96,6 +96,8 @@ def check_generation_options(request: GenerateRequest):
     check_number_range(balancing.target_factor, "--target-factor", 1, None, low_open=True)
     check_number_range(balancing.max_target_share, "--max-target-share", 0, 1, low_open=True)
     check_number_range(balancing.map_class_share_cap, "--map-cap", 0, 1, low_open=True)
+    check_number_range(balancing.load_from_percentile, "--load-from-percentile", 0, 100)
+    check_number_range(balancing.load_cap_percentile, "--load-cap-percentile", 0, 100)
     check_number_range(balancing.p_rotate, "--p-rotate", 0, 1)
     check_number_range(balancing.p_shift, "--p-shift", 0, 1)
     check_number_range(balancing.p_dilate, "--p-dilate", 0, 1)
@@ -181,7 +183,7 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
                                    f"leave out --generator to train one")
             check_generator_for_fold(dataset, config, folder, str(fold))
             training_cases = list(config.training_cases)
-        check_fold_classes(dataset, plan.scan, fold, training_cases)
+        check_fold_pathology(dataset, plan.scan, fold, training_cases, request.balancing, request.generator_mode)
         plan.training_cases[fold] = training_cases
         units = fold_num_slices(plan.scan, training_cases)      # per real slice, or per real volume
         if request.generator_mode is not None:
@@ -208,6 +210,24 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
     return plan
 
 
+def check_fold_pathology(dataset: RawDataset, scan: DatasetScan, fold, training_cases, balancing: BalancingSettings,
+                         generator_mode=None) -> list:
+    """The fold's pathology classes (the balancer's roles on its training cases' pixel counts) that none of its
+    training cases holds: one warning line each, since the fold goes on without them. A fold with no pathology
+    pixel at all is refused (``validation.check_fold_classes``). Returns the absent classes."""
+    counts = scan.counts_of(training_cases, dataset.num_classes)
+    host, pathology = class_roles_from_counts(dataset, counts, balancing, scan.counts_of(dataset.case_ids,
+                                                                                         dataset.num_classes))
+    absent = check_fold_classes(dataset, scan, fold, training_cases, pathology, host)
+    for entry in absent:
+        learnt = "; the fold's generator cannot learn it" if generator_mode is not None else ""
+        warn_once(("absent class", str(fold), entry["class"]),
+                  f"{dataset.json_file}: class {entry['name']} occurs in none of fold {fold}'s training cases (only "
+                  f"in {', '.join(entry['held_by'][:5]) or 'no case'}): it is not balanced in this fold{learnt}; "
+                  f"the other classes are")
+    return absent
+
+
 def resolve_generator_path(folder):
     """The folder a recipe names: ``final/`` of a run folder, or the folder itself (also before it exists)."""
     folder = Path(folder)
@@ -227,7 +247,7 @@ def check_training_request(dataset: RawDataset, settings, fold, run_folder, devi
     if dataset_cache_root(dataset) is not None:
         check_writable(dataset_cache_root(dataset), "the slice store")
     scan = scan_dataset(dataset, progress)
-    check_fold_classes(dataset, scan, fold, fold_training_cases(dataset, fold))
+    check_fold_pathology(dataset, scan, fold, fold_training_cases(dataset, fold), BalancingSettings(), resolved.mode)
     return resolved
 
 

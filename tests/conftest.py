@@ -15,6 +15,10 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 COVID_SOURCE = SHARED_DATA / "covid19_ct_slices"
 REAL_HU_SOURCE = SHARED_DATA / "real_hu_ct"
 MS_SOURCE = SHARED_DATA / "ms_lesions_3d"
+STS_SOURCE = SHARED_DATA / "sts_ct_3d"
+# The soft-tissue sarcoma CT of the tests: six patients with small crops (47-57 slices), tumours of 0.65-3.6 % of
+# a volume, at half the in-plane resolution (about 70 x 70 x 50 voxels of 1.95 x 1.95 x 3.27 mm).
+STS_CASES = ("STS_008", "STS_015", "STS_019", "STS_024", "STS_025", "STS_050")
 # The small real example of the tests: the five shortest patients of the COVID-19 slices, every k-th slice of a
 # patient with k chosen so that at most 9 remain (every 2nd slice of case_10 and case_14, every 3rd of case_15,
 # case_17 and case_18): 37 slices.
@@ -27,6 +31,7 @@ EXAMPLE_MAX_SLICES_PER_CASE = 9
 # leaves the demo and the 3D volumes for the end, where one core waits on them while the other is idle.
 LONGEST_FILES_FIRST = (
     "test_volumes.py",              # the 3D volumes: copy-paste, inpaint, 3d_fullres trainings and downstream
+    "test_sts.py",                  # the sarcoma CT: copy-paste, inpaint, two 3d_fullres trainings
     "test_packaging.py",            # the demo's whole loop
     "test_gpu_kit.py",
     "test_five_folds.py",
@@ -49,7 +54,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
-    if not COVID_SOURCE.is_dir() or not REAL_HU_SOURCE.is_dir() or not MS_SOURCE.is_dir():
+    if not all(source.is_dir() for source in (COVID_SOURCE, REAL_HU_SOURCE, MS_SOURCE, STS_SOURCE)):
         raise pytest.UsageError(f"the real test data is missing: expected {SHARED_DATA} beside the repository")
     # console scripts (ours and nnU-Net's) live beside the interpreter that runs the tests
     scripts_folder = os.path.dirname(sys.executable)
@@ -238,3 +243,11 @@ def ms_lesions_dataset_folder(nnunet_folders):
     from nnunet_synth.dataset_tools.convert_ms_lesions import convert_ms_lesions
     return convert_ms_lesions(MS_SOURCE, nnunet_folders["nnUNet_raw"], 505, "MSLesions", downsample=2,
                               preprocessed_root=nnunet_folders["nnUNet_preprocessed"])
+
+
+@pytest.fixture(scope="session")
+def sts_dataset_folder(nnunet_folders):
+    """The real sarcoma CT of STS_CASES (HU, tumour masks) averaged over 2x2 in-plane blocks: Dataset550_STSCT,
+    6 cases, nnU-Net's 5-fold split."""
+    from nnunet_synth.dataset_tools.convert_sts_ct import convert_sts_ct
+    return convert_sts_ct(STS_SOURCE, nnunet_folders["nnUNet_raw"], 550, "STSCT", case_ids=STS_CASES, downsample=2)

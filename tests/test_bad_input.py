@@ -138,10 +138,29 @@ def test_nan_in_image(broken_copy):
     assert_one_line_error(check_here(broken_copy), "hu_03_0000.mha", "NaN")
 
 
-def test_empty_label_map(broken_copy):
+def test_a_lesion_free_label_map_is_accepted_as_nnunet_accepts_it(broken_copy):
     label_file = broken_copy / "labelsTr" / "hu_04.nii.gz"
     rewrite_volume(label_file, lambda a: np.zeros_like(a))
-    assert_one_line_error(check_here(broken_copy), "hu_04.nii.gz", "empty")
+    result = check_here(broken_copy)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+@pytest.mark.parametrize("what", ["origin", "direction"])
+def test_a_label_origin_or_direction_unlike_the_images_is_one_warning_as_in_nnunet(broken_copy, what):
+    """nnU-Net refuses another spacing (a row of CORRUPTIONS) but only warns about origin and direction."""
+    for case in ("hu_01", "hu_02"):
+        label_file = broken_copy / "labelsTr" / f"{case}.nii.gz"
+        image = sitk.ReadImage(str(label_file))
+        if what == "origin":
+            image.SetOrigin([o + 9 for o in image.GetOrigin()])
+        else:
+            image.SetDirection([-d if i == 0 else d for i, d in enumerate(image.GetDirection())])
+        sitk.WriteImage(image, str(label_file))
+    result = check_here(broken_copy)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nnsynth: warning: ") and "hu_01.nii.gz" in lines[0], lines
+    assert f"has {what}" in lines[0]
 
 
 def test_wrong_dimensionality(broken_copy):
@@ -391,11 +410,6 @@ CORRUPTIONS = {
     "label spacing": ("labelsTr/{case}.nii.gz", _with_geometry(sitk.Image.SetSpacing,
                                                                lambda im: [s * 1.5 for s in im.GetSpacing()]),
                       "spacing"),
-    "label origin": ("labelsTr/{case}.nii.gz", _with_geometry(sitk.Image.SetOrigin,
-                                                             lambda im: [o + 9 for o in im.GetOrigin()]), "origin"),
-    "label direction": ("labelsTr/{case}.nii.gz", _with_geometry(
-        sitk.Image.SetDirection, lambda im: [-d if i == 0 else d for i, d in enumerate(im.GetDirection())]),
-        "direction"),
     "label -1": ("labelsTr/{case}.nii.gz", _with_array(_negative_label), "[-1]"),
     "constant image": ("imagesTr/{case}_0000.nii.gz", _with_array(lambda a: np.full_like(a, 40)), "constant"),
 }
@@ -430,19 +444,20 @@ def test_a_corrupt_case_is_refused_by_check_and_by_generate_before_training(corr
     assert real_file_hashes(folder) == real_before
 
 
-def test_a_class_only_in_the_folds_validation_case_is_refused_before_training(real_hu_dataset_folder,
-                                                                           nnunet_folders, capsys):
+def test_a_fold_whose_training_cases_hold_no_annotation_is_refused_before_training(real_hu_dataset_folder,
+                                                                                  nnunet_folders, capsys):
+    """Every training case of fold 0 lesion-free (background only): nothing to learn or balance in that fold. (A
+    fold that lacks only some classes goes on without them: tests/test_real_datasets.py.)"""
     from nnunet_synth.dataset import RawDataset
     from nnunet_synth.dataset.splits import fold_training_cases
-    folder = copy_dataset(real_hu_dataset_folder, nnunet_folders["nnUNet_raw"], 783, "ClassInValidation")
+    folder = copy_dataset(real_hu_dataset_folder, nnunet_folders["nnUNet_raw"], 783, "NoAnnotationInTraining")
     dataset = RawDataset(folder)
-    stomach = dataset.labels["stomach"]
     for case in fold_training_cases(dataset, 0):
-        _rewrite(dataset.cases[case]["label"], _with_array(lambda a: np.where(a == stomach, 0, a).astype(a.dtype)))
+        _rewrite(dataset.cases[case]["label"], _with_array(lambda a: np.zeros_like(a)))
     real_before = real_file_hashes(folder)
     code, stderr = run_main(generate_command.main, [str(folder), "--preset", "tiny", "-n", "2", "--device", "cpu"],
                             capsys)
-    assert_refused(code, stderr, "stomach", "fold 0")
+    assert_refused(code, stderr, "fold 0", "hold no pixel of any pathology class")
     assert not (Path(os.environ["nnUNet_results"]) / folder.name).exists()
     assert real_file_hashes(folder) == real_before
 

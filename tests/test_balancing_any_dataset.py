@@ -151,3 +151,46 @@ def test_balancing_whole_volumes_uses_3d_components_inside_the_brain(ms_lesions_
     combined = (real_share * sum(int((b | (v == 1)).sum()) for v, b in zip(volumes, bodies)) + new_voxels) / (
         sum(int((b | (v == 1)).sum()) for v, b in zip(volumes, bodies)) + new_brain)
     assert combined == pytest.approx(report["shares_after"]["1"], rel=1e-9)
+
+
+def per_map_loads_from_files(dataset: RawDataset, host, pathology, fold="0"):
+    """(real, new) per-map loads of the pathology classes (their share of the map's region: host + pathology, or
+    without a host the body plus the pathology), from the label and image files: per slice for 2D data, per
+    volume for 3D; real maps without the class are left out."""
+    reader = dataset.reader_writer()
+    volumes = dataset.declared_unit != "slice"
+
+    def loads(image, label):
+        maps = [(image[:, z], label[z]) for z in range(label.shape[0])] if not volumes else [(image, label)]
+        found = []
+        for map_image, map_label in maps:
+            lesion = np.isin(map_label, pathology)
+            region = np.isin(map_label, host + pathology) if host else body_mask(map_image[0]) | lesion
+            if lesion.any():
+                found.append(lesion.sum() / region.sum())
+        return found
+
+    real = [load for case_id in fold_training_cases(dataset, fold) for load in loads(*dataset.read_case(case_id)[:2])]
+    store = SyntheticStore(dataset)
+    new = []
+    for case_id in store.complete_case_ids(fold):
+        image = reader.read_images([str(p) for p in store.image_files(case_id)])[0]
+        new += loads(image, reader.read_seg(str(store.label_file(case_id)))[0][0].astype(int))
+    return np.asarray(real), np.asarray(new)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["covid", "ms"])
+def test_real_map_loads_lie_inside_the_real_distribution(which, covid_dataset_folder, ms_lesions_dataset_folder):
+    """``--map-load real``: the new maps' median load lies between the real lesion-bearing maps' median and p90,
+    and their p90 is at most the real p95 (Dataset501 fold 0 at -r 0.5: per slice, lesion share of the lung;
+    the MS volumes: per volume, lesion share of the brain)."""
+    folder, host, pathology = ((covid_dataset_folder, [1], [2]) if which == "covid" else
+                               (ms_lesions_dataset_folder, [], [1]))
+    output = generate_copy_paste(folder, "--map-load", "real", "--overwrite")
+    assert "per-map load of lesion" in output
+    real, new = per_map_loads_from_files(RawDataset(folder), host, pathology)
+    assert len(new) == len(SyntheticStore(RawDataset(folder)).complete_case_ids("0"))
+    real_p50, real_p90, real_p95 = np.percentile(real, [50, 90, 95])
+    assert real_p50 <= np.median(new) <= real_p90, (np.percentile(real, [10, 50, 90, 95]), np.percentile(new, [50, 90]))
+    assert np.percentile(new, 90) <= real_p95 * 1.0001, (real_p95, np.percentile(new, 90))

@@ -315,6 +315,6 @@ def test_a_goal_that_cannot_be_reached_is_a_one_line_error(real_maps):
     config = MaskGenerationConfig(min_pasted_pixels=5000, max_discarded_maps=3)
     new_maps, report = generate_label_maps(label_maps, map_ids, max_new_maps=10, config=config, stop_at_target=False)
     assert new_maps == [] and report["stopped_because"] == "no_placement"
-    with pytest.raises(NnsynthError, match="could not raise pathology class 2") as error:
+    with pytest.raises(NnsynthError, match="could not paste pathology class 2 at all") as error:
         check_goals_raised(report, "dataset.json")
     assert "\n" not in str(error.value)

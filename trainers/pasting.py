@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from nnunet_synth.atomic import write_json_atomic
 from nnunet_synth.copy_paste import FEATHER_PIXELS, DonorPatch, donor_patch, feather_weights, place_patch, rotate_patch
-from nnunet_synth.errors import NnsynthError
+from nnunet_synth.errors import NnsynthError, warn_once
 from nnunet_synth.masks import (
     MaskGenerationConfig,
     Region,
@@ -146,8 +146,14 @@ def extract_donors(dataset, case_ids, dataset_json: dict, paste_classes, two_d: 
                 counts[value] += number
         classes_in_case[case_id] = set(values.tolist())
     named = None if paste_classes in (("rarest",), ("pathology",)) else list(paste_classes)
-    host, pathology = resolve_class_roles(labels, counts, pathology_names=named,
-                                          source="nnsynth_paste_classes")
+    # a class absent from the fold's training cases stays a pathology class, without donors
+    host, pathology = resolve_class_roles(labels, counts, pathology_names=named, source="nnsynth_paste_classes",
+                                          declared=[value for value in labels.values() if value != 0])
+    names = {value: name for name, value in labels.items()}
+    for c in pathology:
+        if counts[c] == 0:
+            warn_once(("absent class", c), f"class {names.get(c, c)} occurs in none of the fold's training cases: it "
+                      f"has no donor and is not pasted in this fold; the other classes are")
     if paste_classes == ("rarest",):
         present = [c for c in pathology if counts[c] > 0]
         if not present:
@@ -181,6 +187,11 @@ def extract_donors(dataset, case_ids, dataset_json: dict, paste_classes, two_d: 
         raise NnsynthError(f"nnsynth_paste_classes={','.join(paste_classes)}: the fold's training cases have no "
                            f"component of class {pathology} with at least {config.min_donor_area} pixels: name "
                            f"other classes or set nnsynth_paste_probability=0")
+    for c in pathology:
+        if counts[c] > 0 and not by_class[c]:
+            warn_once(("no donors", c), f"class {names.get(c, c)} has no component of at least "
+                      f"{config.min_donor_area} pixels in the fold's training cases: it is not pasted in this fold; "
+                      f"the other classes are")
     return DonorBank({c: d for c, d in by_class.items() if d}, tuple(host),
                      tuple(c for c in pathology if by_class[c]), {c: int(n) for c, n in enumerate(counts)})
 

@@ -14,7 +14,7 @@ from nnunetv2.paths import nnUNet_raw
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-from nnunet_synth.errors import NnsynthError
+from nnunet_synth.errors import NnsynthError, warn_once
 
 REQUIRED_KEYS = ("labels", "numTraining", "file_ending")
 # optional dataset.json key (nnU-Net ignores it): "slice" when each case is a stack of independent 2D slices
@@ -109,22 +109,33 @@ def _parse_labels(dataset_json: dict, json_file: Path):
     return integer_labels, ignore, regions
 
 
-def check_same_geometry(image_properties: dict, label_properties: dict, image_file, label_file):
+def check_same_geometry(image_properties: dict, label_properties: dict, image_file, label_file, warn_key=None):
     """Image and label on one grid, compared as nnU-Net's ``verify_dataset_integrity.check_cases`` does
-    (``np.allclose``): spacing, and for SimpleITK-read files origin and direction (nnU-Net only warns about those;
-    a synthetic case takes the image's geometry, so a label placed elsewhere would be copied misplaced)."""
-    compared = [("spacing", image_properties.get("spacing"), label_properties.get("spacing"))]
+    (``np.allclose``): a different spacing is refused, as nnU-Net refuses it; a different origin or direction (for
+    SimpleITK-read files) gets one warning per ``warn_key``, as nnU-Net only warns. nnU-Net then trains the label on
+    the image's grid, and a synthetic case is written in the image's geometry, so both read the label the same way."""
+    image_spacing, label_spacing = image_properties.get("spacing"), label_properties.get("spacing")
+    if image_spacing is not None and label_spacing is not None and (
+            len(image_spacing) != len(label_spacing) or not np.allclose(image_spacing, label_spacing)):
+        raise NnsynthError(f"{label_file} has spacing {_rounded(label_spacing)} but its image {image_file} has "
+                           f"{_rounded(image_spacing)}: label and image must share their spacing (resample the "
+                           f"label onto the image's grid)")
     image_sitk, label_sitk = image_properties.get("sitk_stuff"), label_properties.get("sitk_stuff")
-    if image_sitk is not None and label_sitk is not None:
-        compared += [(name, image_sitk[name], label_sitk[name]) for name in ("origin", "direction")]
-    for name, image_value, label_value in compared:
-        if image_value is None or label_value is None:
-            continue
+    if image_sitk is None or label_sitk is None:
+        return
+    for name in ("origin", "direction"):
+        image_value, label_value = image_sitk[name], label_sitk[name]
         if len(image_value) != len(label_value) or not np.allclose(image_value, label_value):
-            raise NnsynthError(f"{label_file} has {name} {tuple(round(float(v), 6) for v in label_value)} but its "
-                               f"image {image_file} has {tuple(round(float(v), 6) for v in image_value)}: label and "
-                               f"image must share spacing, origin and direction (resample or copy the image's "
-                               f"geometry onto the label)")
+            warn_once(("geometry", warn_key or str(label_file)),
+                      f"{label_file} has {name} {_rounded(label_value)} but its image {image_file} has "
+                      f"{_rounded(image_value)} (nnU-Net warns about this and trains the label on the image's grid; "
+                      f"synthetic cases are written in the image's geometry; further cases of the dataset are not "
+                      f"named): copy the image's geometry onto the label if it is meant to lie there")
+            return
+
+
+def _rounded(values) -> tuple:
+    return tuple(round(float(v), 6) for v in values)
 
 
 class RawDataset:
@@ -238,7 +249,7 @@ class RawDataset:
         if label.shape[1:] != image.shape[1:]:
             raise NnsynthError(f"{label_file} has shape {label.shape[1:]} but its image {image_file} has "
                                f"{image.shape[1:]}: label and image must lie on the same grid")
-        check_same_geometry(properties, label_properties, image_file, label_file)
+        check_same_geometry(properties, label_properties, image_file, label_file, warn_key=str(self.folder))
         if not np.all(np.isfinite(image)):
             raise NnsynthError(f"{image_file} contains NaN or infinite values: replace them (e.g. with the "
                                f"minimum intensity) before using the dataset")
@@ -253,9 +264,6 @@ class RawDataset:
         if undeclared:
             raise NnsynthError(f"{label_file} holds label values {undeclared} that {self.json_file} does not declare: "
                                f"add them to 'labels' or remap them")
-        if not set(label_values.astype(int).tolist()) - {0, self.ignore_label}:
-            raise NnsynthError(f"{label_file} is empty (background{'/ignore' if self.ignore_label else ''} only): "
-                               f"remove case {case_id} from the dataset or add its annotation")
         return image, label[0].astype(np.int16), properties
 
     def source_dtype(self, case_id: str, channel: int = 0) -> np.dtype:

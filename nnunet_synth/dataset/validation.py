@@ -24,7 +24,7 @@ from nnunet_synth.atomic import write_json_atomic
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.errors import NnsynthError
 
-SCAN_FORMAT = 2                      # 2: files keyed by their content (sha256), not their modification times
+SCAN_FORMAT = 3                      # 3: files keyed by their content (sha256), not their modification times
 NIFTI_ENDINGS = (".nii", ".nii.gz")
 MAX_SEED = 2 ** 32 - 1               # numpy's legacy seeding range; case seeds are seed * 1_000_003 + index
 MAX_INFERENCE_STEPS = 1000           # the generator's training timesteps (DDIM cannot take more)
@@ -198,13 +198,23 @@ def check_dataset_id_free(dataset_id: int, source: RawDataset, export_name: str)
 
 @dataclass
 class DatasetScan:
-    """What a full read of the dataset found: per case its slice count and the label values present."""
+    """What a full read of the dataset found: per case its slice count, the label values present and the pixels
+    of each label value."""
 
     num_slices: dict = field(default_factory=dict)      # case_id -> slices
     classes: dict = field(default_factory=dict)         # case_id -> sorted label values present
+    pixel_counts: dict = field(default_factory=dict)    # case_id -> pixels per label value (index = value)
 
     def to_dict(self) -> dict:
-        return {"num_slices": self.num_slices, "classes": self.classes}
+        return {"num_slices": self.num_slices, "classes": self.classes, "pixel_counts": self.pixel_counts}
+
+    def counts_of(self, case_ids, num_values: int) -> np.ndarray:
+        """Pixels per label value (index = value, ``num_values`` entries) over ``case_ids``."""
+        counts = np.zeros(num_values, dtype=np.int64)
+        for case_id in case_ids:
+            found = self.pixel_counts[case_id][:num_values]
+            counts[:len(found)] += found
+        return counts
 
 
 def verify_nifti_file(path, role: str):
@@ -253,7 +263,7 @@ def scan_dataset(dataset: RawDataset, progress=True) -> DatasetScan:
     if remembered is not None and remembered.is_file():
         try:
             saved = json.loads(remembered.read_text())
-            return DatasetScan(saved["num_slices"], saved["classes"])
+            return DatasetScan(saved["num_slices"], saved["classes"], saved["pixel_counts"])
         except (OSError, ValueError, KeyError):
             pass                                    # scan again
     scan = DatasetScan()
@@ -269,6 +279,7 @@ def scan_dataset(dataset: RawDataset, progress=True) -> DatasetScan:
         _check_case_content(dataset, case_id, image)
         scan.num_slices[case_id] = int(label_map.shape[0])
         scan.classes[case_id] = sorted(int(v) for v in np.unique(label_map))
+        scan.pixel_counts[case_id] = [int(n) for n in np.bincount(label_map.ravel().astype(np.int64))]
     if remembered is not None:
         try:
             write_json_atomic({**key, **scan.to_dict()}, remembered)
@@ -277,21 +288,28 @@ def scan_dataset(dataset: RawDataset, progress=True) -> DatasetScan:
     return scan
 
 
-def check_fold_classes(dataset: RawDataset, scan: DatasetScan, fold, training_cases, class_names=None):
-    """Every annotated class (or those named) occurs in one of the fold's training cases: a class seen only in its
-    validation cases can neither be learnt by the fold's generator nor balanced in its label maps."""
+def check_fold_classes(dataset: RawDataset, scan: DatasetScan, fold, training_cases, pathology_values,
+                       host_values=()) -> list:
+    """The pathology classes (values) that occur in none of the fold's training cases, with the cases that hold
+    them: such a class can be neither learnt by the fold's generator nor balanced in its label maps, so the fold goes
+    on without it (the caller says so). Refused only when the fold's training cases hold no pixel of any pathology
+    class at all: there is nothing to copy, paste or learn."""
     present = set()
     for case_id in training_cases:
         present.update(scan.classes[case_id])
-    wanted = class_names if class_names is not None else [
-        name for name, value in dataset.labels.items() if value != 0 and value != dataset.ignore_label]
-    missing = [name for name in wanted if dataset.labels[name] not in present]
-    if missing:
-        holders = sorted(case_id for case_id, values in scan.classes.items()
-                         if any(dataset.labels[name] in values for name in missing))
-        raise NnsynthError(f"{dataset.json_file}: class(es) {', '.join(missing)} occur in none of fold {fold}'s "
-                           f"training cases (only in {', '.join(holders[:5]) or 'no case'}): add annotated cases, "
-                           f"move them to training in splits_final.json, or use another fold")
+    missing = [value for value in pathology_values if value not in present]
+    names = {value: name for name, value in dataset.labels.items()}
+    if missing and len(missing) == len(pathology_values):
+        raise NnsynthError(f"{dataset.json_file}: fold {fold}'s {len(training_cases)} training cases hold no pixel of "
+                           f"any pathology class ({', '.join(names[v] for v in missing)}; host classes: "
+                           f"{', '.join(names[v] for v in host_values) or 'none'}), so there is nothing to balance or "
+                           f"learn: add annotated cases to the fold's training cases (splits_final.json), use another "
+                           f"fold, or name the classes with --host-classes / --pathology-classes")
+    absent = []
+    for value in missing:
+        holders = sorted(case_id for case_id, values in scan.classes.items() if value in values)
+        absent.append({"class": int(value), "name": names[value], "held_by": holders})
+    return absent
 
 
 def fold_num_slices(scan: DatasetScan, case_ids) -> int:

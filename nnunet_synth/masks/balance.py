@@ -16,8 +16,20 @@ the common pathology about where it was. A ``target_share`` (one value for every
 {class: share}) replaces the default goals; a class is never given a goal below its real share.
 
 **Targets.** A new map starts as a copy of a real target map, drawn among the maps with room for a paste with a
-probability proportional to the free fraction of its region (host tissue, or background body): lesion-free maps
-weigh most, a map whose region is half lesion weighs half. Adding lesions to healthy tissue is the main use.
+probability proportional to the free fraction of its region (host tissue, or background body): a map whose region
+is half lesion weighs half, and a lesion-free map (no pixel of a pathology class) weighs ``lesion_free_target_weight``
+times its free fraction. Adding lesions to healthy tissue is the main use; a lesion-free map is never a donor.
+
+**Per-map loads.** ``map_load="dense"`` (the default) pastes each new map until the running shares are back at the
+goals, up to ``max(map_class_share_cap, goal)`` of the map's region: with a fixed budget (``-r 0.5``) the goals can
+only be approached by filling every map to that cap. ``map_load="real"`` gives each new map one pathology class
+(the one furthest below its goal) and a load drawn from the real maps that hold it: the load (share of the map's
+region) of one such map, drawn uniformly among those at or above the ``load_from_percentile`` of the real loads
+(the shift toward the rare class: the upper half by default), never above their ``load_cap_percentile``; the map is
+pasted until it carries that load (at least one paste) and a paste that would take it beyond the cap is rejected.
+The number of maps then decides the dataset-level shares.
+Diff-Lung reports only shares over the whole augmented set; which load lifts the lesion without costing the common
+class is measured (docs/label-maps.md).
 
 Host classes: where pathology may be pasted (normal lung). By default the most frequent non-background class is
 the host only when it holds at least ``HOST_MIN_FOREGROUND_SHARE`` of the labelled foreground (normal lung: 88 %
@@ -69,7 +81,9 @@ SHARE_DEFINITION = ("pixel share of each class inside the region of interest (ho
                     "host class, the body plus the pathology pixels) over the real label maps plus the new maps")
 HOST_MIN_FOREGROUND_SHARE = 0.8   # the most frequent class is a host by default only if it is this much of the
                                   # foreground
-TARGET_WEIGHTING = "free fraction of the target's region (host tissue or background body), maps with room only"
+MAP_LOADS = ("dense", "real")
+TARGET_WEIGHTING = ("free fraction of the target's region (host tissue or background body), maps with room only; "
+                    "lesion-free maps (no pixel of a pathology class) weigh lesion_free_target_weight times more")
 
 
 @dataclass
@@ -91,9 +105,15 @@ class MaskGenerationConfig:
     common_share: float = 0.15          # a pathology class holding more of the region is common: kept, not raised
     map_class_share_cap: float = 0.3    # stop pasting a class into a map once it covers max(this, its goal) of
                                         # the map's region (Diff-Lung did not fill maps with disease)
+    map_load: str = "dense"             # dense: each map pasted up to the cap above; real: one class per map, to a
+                                        # load drawn from the real maps holding it (module docstring)
+    load_from_percentile: float = 50.0  # real loads: drawn among the real maps' loads at or above this percentile
+    load_cap_percentile: float = 95.0   # ... and never above this one
     max_attempts_per_map: int = 60      # rejected pastes allowed per new map
     max_discarded_maps: int = 50        # new maps in a row without any accepted paste before giving up
     targets_need_host: bool = True      # draw target maps only among maps with room to paste
+    lesion_free_target_weight: float = 2.0  # a lesion-free real map is this much more likely a target (healthy
+                                            # tissue is where new lesions are most needed); never a donor
     prior_min_maps: int = 10            # no host class: paste where the class occurs in at least this many real maps
     prior_min_fraction: float = 0.1     # ... or this fraction of the maps that hold the class, if fewer (few volumes)
     prior_dilation: int = 2             # ... grown by this many pixels of the prior's grid
@@ -107,6 +127,14 @@ class MaskGenerationConfig:
                      "max_pastes_per_map", "max_pastes_per_volume", "max_attempts_per_map", "max_discarded_maps"):
             if getattr(self, name) < 1:
                 raise NnsynthError(f"mask generation: {name}={getattr(self, name)} must be at least 1")
+        if self.map_load not in MAP_LOADS:
+            raise NnsynthError(f"mask generation: map_load={self.map_load!r} must be one of {', '.join(MAP_LOADS)}")
+        if not 0.0 <= self.load_from_percentile <= self.load_cap_percentile <= 100.0:
+            raise NnsynthError(f"mask generation: load_from_percentile={self.load_from_percentile} and "
+                               f"load_cap_percentile={self.load_cap_percentile} must satisfy 0 <= from <= cap <= 100")
+        if not self.lesion_free_target_weight > 0.0:
+            raise NnsynthError(f"mask generation: lesion_free_target_weight={self.lesion_free_target_weight} must be "
+                               f"above 0")
         if not self.target_factor > 1.0:
             raise NnsynthError(f"mask generation: target_factor={self.target_factor} must be above 1")
 
@@ -147,20 +175,25 @@ def pixel_counts(label_maps, num_classes: int) -> np.ndarray:
     return counts
 
 
-def default_class_roles(counts: np.ndarray):
+def default_class_roles(counts: np.ndarray, declared=None):
     """(host classes, pathology classes) from pixel counts: host = the most frequent non-background class if it
-    holds at least HOST_MIN_FOREGROUND_SHARE of the foreground (normal tissue), else none; pathology = the other
-    non-background classes present."""
+    holds at least HOST_MIN_FOREGROUND_SHARE of the foreground (normal tissue) and another class is present, else
+    none; pathology = the other non-background classes present.
+
+    ``declared``: the annotated classes of the dataset (default: those present). A declared class absent from these
+    maps (a fold whose training cases lack it) is still a pathology class, with no pixel to balance."""
     present = [c for c in range(1, len(counts)) if counts[c] > 0]
     if not present:
         raise NnsynthError("mask generation needs at least one pathology class in the real maps; found only background")
+    classes = sorted(set(present) | set(declared or ()))
     most_frequent = max(present, key=lambda c: (counts[c], -c))
     if len(present) > 1 and counts[most_frequent] >= HOST_MIN_FOREGROUND_SHARE * sum(counts[c] for c in present):
-        return [most_frequent], [c for c in present if c != most_frequent]
-    return [], present
+        return [most_frequent], [c for c in classes if c != most_frequent]
+    return [], classes
 
 
-def resolve_class_roles(labels: dict, counts, host_names=None, pathology_names=None, source="mask generation"):
+def resolve_class_roles(labels: dict, counts, host_names=None, pathology_names=None, source="mask generation",
+                        declared=None):
     """(host values, pathology values) from label names (``labels`` name -> value); a missing list takes the
     default of ``default_class_roles``, the other list is respected. ``host_names=[]`` means no host class.
     Naming only the pathology classes never makes the region those classes alone: without a host the region is
@@ -173,13 +206,13 @@ def resolve_class_roles(labels: dict, counts, host_names=None, pathology_names=N
 
     host = None if host_names is None else values(host_names, "host classes")
     pathology = None if pathology_names is None else values(pathology_names, "pathology classes")
-    return complete_class_roles(counts, host, pathology)
+    return complete_class_roles(counts, host, pathology, declared)
 
 
-def complete_class_roles(counts, host_classes=None, pathology_classes=None):
+def complete_class_roles(counts, host_classes=None, pathology_classes=None, declared=None):
     """(host values, pathology values): a missing (None) list is the default of ``default_class_roles`` without the
     classes of the other list; a given list is kept. Pathology values sorted."""
-    default_host, default_pathology = default_class_roles(np.asarray(counts))
+    default_host, default_pathology = default_class_roles(np.asarray(counts), declared)
     if host_classes is None:
         host_classes = [c for c in default_host if pathology_classes is None or c not in pathology_classes]
     if pathology_classes is None:
@@ -401,9 +434,38 @@ class _Running:
         return counts / total if total > 0 else np.zeros(len(counts))
 
 
-def _make_new_map(label_maps, map_ids, target_index, running, goals, donors, placement, region, config, rng):
-    """Paste regions into a copy of one real map; return (NewLabelMap or None, its region pixels, rejected)."""
+@dataclass
+class _Load:
+    """What one new map of the ``real`` map load carries: one class, pasted until it covers ``wanted`` of the map's
+    region, never beyond ``cap`` (a high percentile of the real maps' loads)."""
+
+    pathology_class: int
+    drawn: float          # the load of a real map holding the class, drawn uniformly from the upper part
+    wanted: float         # drawn, at most cap
+    cap: float
+
+    def record(self) -> dict:
+        return {"class": self.pathology_class, "drawn_real_load": self.drawn, "wanted": self.wanted, "cap": self.cap}
+
+
+def _draw_load(goals, running, real_loads, config, rng) -> _Load:
+    """The class a ``real``-load map serves (the one furthest below its goal, or least above it) and its load."""
+    shares = running.shares()
+    pathology_class = min(goals.goal, key=lambda c: (shares[c] / goals.goal[c], c))
+    loads = np.asarray(real_loads[pathology_class])
+    cap = float(np.percentile(loads, config.load_cap_percentile))
+    upper = loads[loads >= np.percentile(loads, config.load_from_percentile)]
+    drawn = float(upper[rng.integers(upper.size)])
+    return _Load(int(pathology_class), drawn, min(drawn, cap), cap)
+
+
+def _make_new_map(label_maps, map_ids, target_index, running, goals, donors, placement, region, config, rng, tally,
+                  real_loads=None):
+    """Paste regions into a copy of one real map; return (NewLabelMap or None, its region pixels, rejected).
+    ``tally``: class -> [paste attempts, accepted pastes], updated. ``real_loads`` (the ``real`` map load): class ->
+    the loads of the real maps holding it."""
     num_classes = len(running.counts)
+    load = None if config.map_load == "dense" else _draw_load(goals, running, real_loads, config, rng)
     working = np.array(label_maps[target_index], copy=True)
     map_region = region.pixels(working, target_index)   # pastes stay inside the region: it does not change
     map_counts = np.bincount(working.ravel(), minlength=num_classes)[:num_classes]
@@ -412,23 +474,33 @@ def _make_new_map(label_maps, map_ids, target_index, running, goals, donors, pla
     max_rejected = config.max_attempts_per_map * max_pastes // config.max_pastes_per_map
     pastes, rejected = [], 0
     while len(pastes) < max_pastes and rejected < max_rejected:
-        open_classes = goals.classes_to_paste(running.shares(map_counts, map_region), map_counts / max(1, map_region),
-                                              config.map_class_share_cap)
-        if not open_classes:
-            break
-        pathology_class = open_classes[0]
+        if load is None:
+            open_classes = goals.classes_to_paste(running.shares(map_counts, map_region),
+                                                  map_counts / max(1, map_region), config.map_class_share_cap)
+            if not open_classes:
+                break
+            pathology_class = open_classes[0]
+        else:
+            pathology_class = load.pathology_class
+            if pastes and map_counts[pathology_class] >= load.wanted * map_region:
+                break
         if pathology_class not in allowed:
             allowed[pathology_class] = _Allowed(placement.mask(working, pathology_class, target_index))
         attempt = _try_paste(working, allowed[pathology_class], pathology_class, donors, placement, config, rng,
                              map_ids)
+        tally.setdefault(pathology_class, [0, 0])[0] += 1
         if attempt is None:
             rejected += 1
             continue
         window, pasted_crop, record = attempt
+        if load is not None and map_counts[pathology_class] + record["pasted_pixels"] > load.cap * map_region:
+            rejected += 1                   # beyond what real maps show
+            continue
         replaced = working[window][pasted_crop]
         map_counts -= np.bincount(replaced, minlength=num_classes)[:num_classes]
         map_counts[pathology_class] += record["pasted_pixels"]
         working[window][pasted_crop] = pathology_class
+        tally[pathology_class][1] += 1
         for mask in allowed.values():       # pasted pixels are pathology now: no longer host or background
             mask.remove(window, pasted_crop)
         pastes.append(record)
@@ -444,6 +516,8 @@ def _make_new_map(label_maps, map_ids, target_index, running, goals, donors, pla
         "pasted_pixels_per_class": {str(c): int(n) for c, n in sorted(per_class.items())},
         "rejected_pastes": rejected,
     }
+    if load is not None:
+        provenance["load"] = load.record()
     return NewLabelMap(working, provenance), map_region, rejected
 
 
@@ -464,23 +538,57 @@ def _collect_donors(label_maps, goals: Goals, min_area) -> dict:
     return {c: found for c, found in donors.items() if found}
 
 
-def _target_weights(label_maps, goals, donors, placement, region, config):
-    """(indices, probabilities) of the real maps a new map may start from (module docstring: weighted by the free
-    fraction of the map's region, among maps with room for a paste of a class that has donors)."""
-    indices, weights = [], []
+@dataclass
+class _Targets:
+    """The real maps a new map may start from, their probabilities, which of them are lesion-free, and the
+    pathology load (class share of the region) of every real map that holds the class."""
+
+    indices: list
+    probabilities: np.ndarray
+    lesion_free: set                 # indices of real maps without a pathology pixel
+    num_lesion_free_maps: int        # among all real maps (targets or not)
+    real_loads: dict                 # class -> [share of the map's region, per real map holding the class]
+
+
+def _target_weights(label_maps, goals, donors, placement, region, config) -> _Targets:
+    """The target maps (module docstring: weighted by the free fraction of the map's region, among maps with room
+    for a paste of a class that has donors; lesion-free maps ``lesion_free_target_weight`` times more)."""
+    indices, weights, lesion_free = [], [], set()
+    real_loads = {c: [] for c in goals.real}
+    num_lesion_free = 0
     for index, label_map in enumerate(label_maps):
         label_map = np.asarray(label_map)
+        region_pixels = region.pixels(label_map, index)
+        class_pixels = {c: int((label_map == c).sum()) for c in goals.real}
+        for c, pixels in class_pixels.items():
+            if pixels and region_pixels:
+                real_loads[c].append(pixels / region_pixels)
+        free_of_lesion = not any(class_pixels.values())
+        num_lesion_free += free_of_lesion
         if config.targets_need_host and not any(placement.mask(label_map, c, index).sum() >= config.min_pasted_pixels
                                                 for c in donors):
             continue
-        region_pixels = region.pixels(label_map, index)
         if region_pixels == 0:
             continue
-        pathology_pixels = int(np.isin(label_map, list(goals.real)).sum())
+        weight = max(region_pixels - sum(class_pixels.values()), 0) / region_pixels + 1e-3
+        if free_of_lesion:
+            lesion_free.add(index)
+            weight *= config.lesion_free_target_weight
         indices.append(index)
-        weights.append(max(region_pixels - pathology_pixels, 0) / region_pixels + 1e-3)
+        weights.append(weight)
     weights = np.asarray(weights)
-    return indices, weights / weights.sum() if len(weights) else weights
+    return _Targets(indices, weights / weights.sum() if len(weights) else weights, lesion_free, num_lesion_free,
+                    real_loads)
+
+
+def load_quantiles(loads) -> dict:
+    """Mean and p10 / p50 / p90 of per-map loads (shares of the map's region); None for no map."""
+    if not len(loads):
+        return None
+    loads = np.asarray(loads, dtype=float)
+    p10, p50, p90 = np.percentile(loads, [10, 50, 90])
+    return {"maps": int(loads.size), "mean": float(loads.mean()), "p10": float(p10), "p50": float(p50),
+            "p90": float(p90)}
 
 
 def _check_inputs(label_maps, map_ids, host_classes, pathology_classes, num_classes, max_new_maps):
@@ -546,17 +654,29 @@ def _report(real, running, goals, region, host_classes, pathology_classes, new_m
 
 
 def check_goals_raised(report: dict, source) -> None:
-    """Raise a one-line error when balancing raised none of the pathology classes that were below their goal
-    (the goal was impossible: no room to paste, or no donor that fits); say which and why."""
-    failed = [entry for entry in report["classes"] if entry["role"] == "pathology" and entry["target_share"] is not None
-              and entry["target_share"] > entry["share_before"] and not entry["share_after"] > entry["share_before"]]
-    if failed:
-        entry = failed[0]
-        raise NnsynthError(f"{source}: balancing could not raise pathology class {entry['class']} "
-                           f"({100 * entry['share_before']:.2f} % -> {100 * entry['share_after']:.2f} % of the region "
-                           f"({report['region']}), goal {100 * entry['target_share']:.2f} %, stopped: "
-                           f"{report['stopped_because']}): name the classes with --host-classes / "
-                           f"--pathology-classes or raise --target-factor / --map-cap")
+    """Raise a one-line error for a pathology class below its goal that could not be pasted at all: every attempt
+    to paste it was rejected (no room where it may go, or no donor that fits), over a whole map's attempts or until
+    the loop gave up. A class that a small budget (``-n``) raised little, or not at all because other classes came
+    first, is not an error: the budget is honoured (``unraised_classes`` names them)."""
+    attempts_per_map = report["config"]["max_attempts_per_map"]
+    for entry in report["classes"]:
+        if entry["role"] != "pathology" or entry["target_share"] is None or \
+                not entry["target_share"] > entry["share_before"]:
+            continue
+        tally = report.get("pastes_per_class", {}).get(str(entry["class"]), {"attempts": 0, "accepted": 0})
+        if tally["accepted"] == 0 and tally["attempts"] > 0 and (
+                tally["attempts"] >= attempts_per_map or report["stopped_because"] == "no_placement"):
+            raise NnsynthError(f"{source}: balancing could not paste pathology class {entry['class']} at all "
+                               f"({tally['attempts']} attempts rejected: no room where it may go in "
+                               f"{report['region']}, or no donor that fits; stopped: {report['stopped_because']}): "
+                               f"name the classes with --host-classes / --pathology-classes, or lower "
+                               f"--min-donor-area")
+
+
+def unraised_classes(report: dict) -> list:
+    """Pathology classes below their goal whose share did not rise (the budget ran out first), as report entries."""
+    return [entry for entry in report["classes"] if entry["role"] == "pathology" and entry["target_share"] is not None
+            and entry["target_share"] > entry["share_before"] and not entry["share_after"] > entry["share_before"]]
 
 
 def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classes=None, target_share=None,
@@ -596,11 +716,14 @@ def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classe
     goals = resolve_goals(target_share, pathology_classes, real.shares(), config)
     donors = _collect_donors(label_maps, goals, config.min_donor_area)
     placement = Placement(label_maps, map_ids, host_classes, pathology_classes, config, body_masks)
-    target_indices, target_probabilities = _target_weights(label_maps, goals, donors, placement, region, config)
+    targets = _target_weights(label_maps, goals, donors, placement, region, config)
+    target_indices, target_probabilities = targets.indices, targets.probabilities
     if not target_indices:
         raise NnsynthError(f"mask generation: no real map has {config.min_pasted_pixels} pixels where classes "
                            f"{list(donors)} may be pasted (host classes {host_classes})")
-    goals.goal = {c: g for c, g in goals.goal.items() if c in donors}   # a kept class without donors is left as is
+    for c in [c for c in goals.goal if c not in donors]:                # a kept class without donors is left as is
+        goals.rule[c] = f"no connected region of at least {config.min_donor_area} pixels to copy: kept as is"
+        del goals.goal[c]
 
     rng = np.random.default_rng(seed)
     seed = int(seed) if isinstance(seed, (int, np.integer)) else None   # recorded only when it replays the run
@@ -608,6 +731,8 @@ def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classe
     new_maps = [] if new_maps is None else new_maps
     rejected = discarded = discarded_in_row = 0
     stopped_because = "target_reached" if stop_at_target else "budget"
+    tally, new_loads = {}, {c: [] for c in pathology_classes}
+    on_lesion_free = 0
 
     while not stop_at_target or goals.open(running.shares()):
         if len(new_maps) >= max_new_maps:
@@ -618,7 +743,7 @@ def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classe
             break
         target_index = target_indices[rng.choice(len(target_indices), p=target_probabilities)]
         new_map, map_region, map_rejected = _make_new_map(label_maps, map_ids, target_index, running, goals, donors,
-                                                          placement, region, config, rng)
+                                                          placement, region, config, rng, tally, targets.real_loads)
         rejected += map_rejected
         if new_map is None:
             discarded += 1
@@ -627,9 +752,24 @@ def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classe
         discarded_in_row = 0
         new_map.provenance["index"] = len(new_maps)
         new_map.provenance["seed"] = seed
-        running.counts += np.bincount(new_map.label_map.ravel(), minlength=num_classes)[:num_classes]
+        map_counts = np.bincount(new_map.label_map.ravel(), minlength=num_classes)[:num_classes]
+        running.counts += map_counts
         running.region_pixels += map_region
+        on_lesion_free += target_index in targets.lesion_free
+        for c in pathology_classes:
+            if map_counts[c] and map_region:
+                new_loads[c].append(map_counts[c] / map_region)
         new_maps.append(new_map)
     report = _report(real, running, goals, region, host_classes, pathology_classes, new_maps, max_new_maps, seed,
                      stopped_because, rejected, discarded, config, len(label_maps), placement)
+    report.update({
+        "num_lesion_free_real_maps": int(targets.num_lesion_free_maps),
+        "num_new_maps_on_lesion_free_targets": int(on_lesion_free),
+        "pastes_per_class": {str(c): {"attempts": tally.get(c, [0, 0])[0], "accepted": tally.get(c, [0, 0])[1]}
+                             for c in pathology_classes},
+        "not_balanced": [{"class": int(c), "reason": goals.rule[c]} for c in pathology_classes
+                         if c not in goals.goal],
+        "per_map_load": {str(c): {"real": load_quantiles(targets.real_loads.get(c, [])),
+                                  "new": load_quantiles(new_loads[c])} for c in pathology_classes},
+    })
     return new_maps, report

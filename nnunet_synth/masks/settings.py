@@ -17,6 +17,9 @@ class BalancingSettings:
     common_share: float = None
     min_donor_area: int = None
     map_class_share_cap: float = None
+    map_load: str = None
+    load_from_percentile: float = None
+    load_cap_percentile: float = None
     p_rotate: float = None
     p_shift: float = None
     p_dilate: float = None
