@@ -45,7 +45,7 @@ def build_example_workspace(workdir: Path, covid_source: Path) -> str:
     from nnunet_synth.generator.checkpoints import FINAL_FOLDER
     subprocess.run([str(Path(sys.executable).parent / "nnsynth_convert_covid19"),
                     str(covid_source), *EXAMPLE_SELECTION, "-o", str(workdir / "nnUNet_raw"), "-d",
-                    str(EXAMPLE_ID), "-n", EXAMPLE_NAME], check=True, capture_output=True)
+                    str(EXAMPLE_ID), "-n", EXAMPLE_NAME, "--overwrite"], check=True, capture_output=True)
     folder = workdir / "nnUNet_raw" / f"Dataset{EXAMPLE_ID}_{EXAMPLE_NAME}"
     dataset = RawDataset(folder)
     settings = TrainingSettings(preset="tiny", image_size=32, batch_size=4, max_steps=3, warmup_steps=1,

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from nnunet_synth.dataset.raw_dataset import UNIT_KEY
 from nnunet_synth.dataset.writing import write_dataset_json_atomic, write_volume
+from nnunet_synth.dataset_tools.dataset_target import add_overwrite_argument, check_target, converted_dataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
 
 LABELS = {"background": 0, "lung": 1, "lesion": 2}
@@ -81,27 +82,27 @@ COVID19_ABOUT = {
 
 
 def convert_covid19_ct_slices(source_folder, output_root, dataset_id=501, dataset_name="Covid19Lung", cases=None,
-                              about=None):
-    """Write ``Dataset{id}_{name}`` under ``output_root``; return its folder. Safe to rerun.
+                              about=None, overwrite=False):
+    """Write ``Dataset{id}_{name}`` under ``output_root``; return its folder. An existing dataset with that id is
+    refused unless ``overwrite`` (then replaced as a whole: dataset_target.py).
 
     ``cases``: the case table to convert (default: all of cases.csv; see ``select_slices``). ``about``: the
     dataset.json description, reference and license (default: those of the COVID-19 CT slices).
     """
     source_folder = Path(source_folder)
     cases = read_case_table(source_folder) if cases is None else cases
-    dataset_folder = Path(output_root) / ("Dataset%03d_%s" % (dataset_id, dataset_name))
-    for case_id, slice_files in tqdm(cases.items(), desc="converting COVID-19 slices", unit="case"):
-        slices = [read_slice(source_folder, name) for name in slice_files]
-        image = np.stack([s[0] for s in slices])
-        label_map = np.stack([s[1] for s in slices])
-        write_volume(image, dataset_folder / "imagesTr" / f"{case_id}_0000.nii.gz")
-        write_volume(label_map, dataset_folder / "labelsTr" / f"{case_id}.nii.gz")
-    # dataset.json last: its presence marks a complete conversion.
-    write_dataset_json_atomic(
-        dataset_folder, channel_names={0: "CT"}, labels=LABELS, num_training_cases=len(cases),
-        file_ending=".nii.gz", dataset_name=dataset_folder.name, converted_by="nnunet-synth convert_covid19_ct_slices",
-        **(COVID19_ABOUT if about is None else about),
-        **{UNIT_KEY: "slice"})      # a case stacks a patient's slices, with gaps: copy-paste works slice by slice
+    with converted_dataset(output_root, dataset_id, dataset_name, overwrite) as (staging, dataset_folder):
+        for case_id, slice_files in tqdm(cases.items(), desc="converting COVID-19 slices", unit="case"):
+            slices = [read_slice(source_folder, name) for name in slice_files]
+            image = np.stack([s[0] for s in slices])
+            label_map = np.stack([s[1] for s in slices])
+            write_volume(image, staging / "imagesTr" / f"{case_id}_0000.nii.gz")
+            write_volume(label_map, staging / "labelsTr" / f"{case_id}.nii.gz")
+        write_dataset_json_atomic(
+            staging, channel_names={0: "CT"}, labels=LABELS, num_training_cases=len(cases),
+            file_ending=".nii.gz", dataset_name=dataset_folder.name,
+            converted_by="nnunet-synth convert_covid19_ct_slices", **(COVID19_ABOUT if about is None else about),
+            **{UNIT_KEY: "slice"})  # a case stacks a patient's slices, with gaps: copy-paste works slice by slice
     return dataset_folder
 
 
@@ -110,6 +111,7 @@ def add_output_arguments(parser, default_id, default_name):
                         help="folder that receives the dataset (default: $nnUNet_raw)")
     parser.add_argument("-d", "--dataset-id", type=int, default=default_id)
     parser.add_argument("-n", "--dataset-name", default=default_name)
+    add_overwrite_argument(parser)
 
 
 def output_root_from_args(args) -> Path:
@@ -129,9 +131,11 @@ def main(argv=None):
     parser.add_argument("--max-slices-per-case", type=int, metavar="N",
                         help="keep every k-th slice of a case, k chosen so that at most N remain (default: all)")
     args = parser.parse_args(argv)
+    output_root = output_root_from_args(args)
+    check_target(output_root, args.dataset_id, args.dataset_name, args.overwrite)
     cases = select_slices(Path(args.source_folder), args.cases, args.max_slices_per_case)
-    folder = convert_covid19_ct_slices(args.source_folder, output_root_from_args(args), args.dataset_id,
-                                       args.dataset_name, cases)
+    folder = convert_covid19_ct_slices(args.source_folder, output_root, args.dataset_id, args.dataset_name, cases,
+                                       overwrite=args.overwrite)
     from nnunet_synth.dataset_tools.check_dataset import print_summary
     print_summary(folder)
 

@@ -18,6 +18,7 @@ from nnunet_synth.atomic import atomic_path
 from nnunet_synth.dataset.writing import write_dataset_json_atomic
 from nnunet_synth.dataset_tools.check_dataset import print_summary
 from nnunet_synth.dataset_tools.convert_covid19_ct_slices import add_output_arguments, output_root_from_args
+from nnunet_synth.dataset_tools.dataset_target import converted_dataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
 
 CHANNELS = ("FLAIR", "T1", "T1POST", "T2")
@@ -36,36 +37,35 @@ def _write(image: sitk.Image, path: Path):
 
 
 def convert_ms_lesions(source_folder, raw_root, dataset_id: int = 505, name: str = "MSLesions", downsample: int = 1,
-                       preprocessed_root=None) -> Path:
-    """Write ``Dataset<id>_<name>`` under ``raw_root`` (and its splits file); return the dataset folder."""
+                       preprocessed_root=None, overwrite=False) -> Path:
+    """Write ``Dataset<id>_<name>`` under ``raw_root`` (and its splits file); return the dataset folder. An
+    existing dataset with that id is refused unless ``overwrite`` (then replaced as a whole: dataset_target.py)."""
     source_folder = Path(source_folder)
     patients = sorted(p for p in source_folder.glob("patient*") if p.is_dir())
     if not patients:
         raise NnsynthError(f"{source_folder}: no patientNN folders: point at the ms_lesions_3d folder")
     if downsample < 1:
         raise NnsynthError(f"downsample={downsample}: must be at least 1")
-    folder = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
-    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
     case_ids = []
-    for patient in patients:
-        case_id = f"ms_{patient.name.removeprefix('patient')}"
-        for channel, channel_name in enumerate(CHANNELS):
-            image = sitk.Cast(_read(patient / f"{channel_name}.nii.gz"), sitk.sitkFloat32)
+    with converted_dataset(raw_root, dataset_id, name, overwrite) as (staging, folder):
+        for patient in patients:
+            case_id = f"ms_{patient.name.removeprefix('patient')}"
+            for channel, channel_name in enumerate(CHANNELS):
+                image = sitk.Cast(_read(patient / f"{channel_name}.nii.gz"), sitk.sitkFloat32)
+                if downsample > 1:
+                    image = sitk.BinShrink(image, [downsample] * 3)
+                _write(image, staging / "imagesTr" / f"{case_id}_{channel:04d}.nii.gz")
+            label = _read(patient / "lesions.nii.gz")
             if downsample > 1:
-                image = sitk.BinShrink(image, [downsample] * 3)
-            _write(image, folder / "imagesTr" / f"{case_id}_{channel:04d}.nii.gz")
-        label = _read(patient / "lesions.nii.gz")
-        if downsample > 1:
-            fraction = sitk.BinShrink(sitk.Cast(label > 0, sitk.sitkFloat32), [downsample] * 3)
-            label = sitk.Cast(fraction >= 0.5, sitk.sitkUInt8)
-        else:
-            label = sitk.Cast(label > 0, sitk.sitkUInt8)
-        _write(label, folder / "labelsTr" / f"{case_id}.nii.gz")
-        case_ids.append(case_id)
-    write_dataset_json_atomic(folder, channel_names={i: c for i, c in enumerate(CHANNELS)}, labels=LABELS,
-                              num_training_cases=len(case_ids), file_ending=".nii.gz", dataset_name=folder.name,
-                              reference="Lesjak et al., Neuroinformatics 2017 (CC BY)")
+                fraction = sitk.BinShrink(sitk.Cast(label > 0, sitk.sitkFloat32), [downsample] * 3)
+                label = sitk.Cast(fraction >= 0.5, sitk.sitkUInt8)
+            else:
+                label = sitk.Cast(label > 0, sitk.sitkUInt8)
+            _write(label, staging / "labelsTr" / f"{case_id}.nii.gz")
+            case_ids.append(case_id)
+        write_dataset_json_atomic(staging, channel_names={i: c for i, c in enumerate(CHANNELS)}, labels=LABELS,
+                                  num_training_cases=len(case_ids), file_ending=".nii.gz", dataset_name=folder.name,
+                                  reference="Lesjak et al., Neuroinformatics 2017 (CC BY)")
     preprocessed_root = preprocessed_root or os.environ.get("nnUNet_preprocessed")
     if preprocessed_root:
         splits_file = Path(preprocessed_root) / folder.name / "splits_final.json"
@@ -92,7 +92,7 @@ def main(argv=None):
     parser.add_argument("--downsample", type=int, default=1, help="average blocks of N voxels per axis (default 1)")
     args = parser.parse_args(argv)
     folder = convert_ms_lesions(args.source_folder, output_root_from_args(args), args.dataset_id, args.dataset_name,
-                                args.downsample)
+                                args.downsample, overwrite=args.overwrite)
     print(f"lesion voxels per case: {lesion_voxel_counts(folder)}")
     print_summary(folder)
 

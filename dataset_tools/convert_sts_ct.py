@@ -7,23 +7,20 @@ tumour fraction >= 0.5, so image and label keep identical geometry. 22 patients:
 
 Every source file is checked (present, image and mask on one grid, mask values 0 and 1) before anything is
 written; the cases are written into a temporary folder beside the dataset folder, which is renamed into place at
-the end, so an interrupted conversion leaves no half-written dataset.
+the end, so an interrupted conversion leaves no half-written dataset (``dataset_target.converted_dataset``, shared
+by every converter: an existing dataset of that id is refused unless ``--overwrite``).
 """
 import argparse
-import contextlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_synth.atomic import TEMP_PREFIX
 from nnunet_synth.dataset.writing import write_dataset_json_atomic, write_volume
 from nnunet_synth.dataset_tools.check_dataset import print_summary
 from nnunet_synth.dataset_tools.convert_covid19_ct_slices import add_output_arguments, output_root_from_args
-from nnunet_synth.errors import NnsynthError, command_entry_point, storage_error
+from nnunet_synth.dataset_tools.dataset_target import check_target, converted_dataset
+from nnunet_synth.errors import NnsynthError, command_entry_point
 
 IMAGE_NAME, MASK_NAME = "CT.nii.gz", "GTV.nii.gz"
 LABELS = {"background": 0, "tumour": 1}
@@ -110,51 +107,17 @@ def _write(image: sitk.Image, path: Path):
     write_volume(sitk.GetArrayFromImage(image), path, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def dataset_folder_in_place(folder: Path):
-    """Yield a temporary folder beside ``folder``; when the block ends without an error, rename it to ``folder``
-    (an existing folder of that name is replaced whole); on an error remove it."""
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        temporary = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + folder.name + "_", dir=folder.parent))
-        temporary.chmod(0o777 & ~_umask())          # mkdtemp makes it private; the dataset folder is not
-    except OSError as error:
-        raise storage_error(folder, error) from None
-    try:
-        yield temporary
-        if folder.exists():
-            previous = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + folder.name + "_old_", dir=folder.parent))
-            os.replace(folder, previous / folder.name)
-            try:
-                os.replace(temporary, folder)
-            except OSError:
-                os.replace(previous / folder.name, folder)         # the previous dataset back in its place
-                raise
-            shutil.rmtree(previous)
-        else:
-            os.replace(temporary, folder)
-    except OSError as error:
-        raise storage_error(folder, error) from None
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-
-
 def convert_sts_ct(source_folder, raw_root, dataset_id: int = 508, name: str = "STSCT", case_ids=None,
-                   max_cases=None, downsample: int = 1) -> Path:
-    """Write ``Dataset<id>_<name>`` under ``raw_root``; return the dataset folder. The source is only read."""
+                   max_cases=None, downsample: int = 1, overwrite=False) -> Path:
+    """Write ``Dataset<id>_<name>`` under ``raw_root``; return the dataset folder. The source is only read. An
+    existing dataset with that id is refused unless ``overwrite`` (then replaced as a whole: dataset_target.py)."""
     if downsample < 1:
         raise NnsynthError(f"--downsample {downsample}: must be at least 1")
+    check_target(raw_root, dataset_id, name, overwrite)
     patients = select_patients(source_folder, case_ids, max_cases)
     for patient in patients:
         check_patient(patient)
-    folder = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
-    with dataset_folder_in_place(folder) as temporary:
+    with converted_dataset(raw_root, dataset_id, name, overwrite) as (temporary, folder):
         for patient in patients:
             case_id = case_id_of(patient)
             image, mask = shrink(sitk.ReadImage(str(patient / IMAGE_NAME)), sitk.ReadImage(str(patient / MASK_NAME)),
@@ -187,7 +150,7 @@ def main(argv=None):
                         help="average blocks of N x N voxels in-plane, slices kept (default 1)")
     args = parser.parse_args(argv)
     folder = convert_sts_ct(args.source_folder, output_root_from_args(args), args.dataset_id, args.dataset_name,
-                            args.cases, args.max_cases, args.downsample)
+                            args.cases, args.max_cases, args.downsample, overwrite=args.overwrite)
     print(f"tumour voxels per case: {tumour_voxel_counts(folder)}")
     print_summary(folder)
 

@@ -25,12 +25,14 @@ from pathlib import Path
 from nnunet_synth.atomic import write_json_atomic
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.dataset.splits import real_crossval_split
+from nnunet_synth.dataset.validation import check_number_range
 from nnunet_synth.dataset_tools.check_dataset import print_summary
 from nnunet_synth.dataset_tools.convert_covid19_ct_slices import (
     convert_covid19_ct_slices,
     read_case_table,
     select_slices,
 )
+from nnunet_synth.dataset_tools.dataset_target import dataset_folder_name
 from nnunet_synth.errors import NnsynthError, command_entry_point
 from nnunet_synth.evaluation.nnunet_runs import CPU_PLANS, plan_and_preprocess, predict_and_score, train
 from nnunet_synth.example.phantom import PHANTOM_ABOUT, PhantomSettings, write_chest_phantom
@@ -79,11 +81,16 @@ def convert_step(work_folder: Path, raw_root: Path, source, patients: int, slice
         raise NnsynthError(f"{raw_root}: this demo folder holds datasets of an earlier nnsynth_demo version: pass "
                            f"another -o (or remove the folder)")
     write_json_atomic(demo_input, input_file)
+    dataset_id, dataset_name = PHANTOM_DATASET if source is None else SOURCE_DATASET
+    converted = raw_root / dataset_folder_name(dataset_id, dataset_name)
     if source is None:
         phantom_folder = write_chest_phantom(work_folder / "chest_phantom")
         print(f"generated example (no real data) written to {phantom_folder}")
-        return convert_covid19_ct_slices(phantom_folder, raw_root, *PHANTOM_DATASET, about=PHANTOM_ABOUT)
-    return convert_covid19_ct_slices(source, raw_root, *SOURCE_DATASET, cases=cases)
+    if (converted / "dataset.json").is_file():
+        return converted        # a rerun of this demo: its dataset (and the synthetic cases beside it) are kept
+    if source is None:
+        return convert_covid19_ct_slices(phantom_folder, raw_root, dataset_id, dataset_name, about=PHANTOM_ABOUT)
+    return convert_covid19_ct_slices(source, raw_root, dataset_id, dataset_name, cases=cases)
 
 
 def describe_input(demo_input: dict) -> str:
@@ -178,6 +185,7 @@ def main(argv=None):
     if args.patients < 1 or args.slices_per_patient < 0:
         raise NnsynthError(f"--patients must be at least 1 and --slices-per-patient at least 0, got {args.patients} "
                            f"and {args.slices_per_patient}")
+    check_number_range(args.ratio, "--ratio", low=0, low_open=True)
     work_folder = Path(args.work_folder).resolve()
     folders = prepare_demo_environment(work_folder)
     timings = {}

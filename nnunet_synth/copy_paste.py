@@ -290,10 +290,12 @@ def generate_copy_paste_cases(dataset: RawDataset, settings: CopyPasteSettings, 
     settings = replace(settings, unit=resolve_unit(
         dataset, slice_counts(open_native_slices(dataset, training_cases)), settings.unit))
     store = SyntheticStore(dataset)
-    with store.exclusive_writer():
-        if overwrite:
-            check_role_names(dataset, settings.balancing)      # bad names fail before anything is removed
+    if overwrite:
+        check_role_names(dataset, settings.balancing)      # bad names fail before anything is removed
+        with store.exclusive_writer():
             store.remove_fold(fold)
+    # as the generators' runs: the store shared (other folds may write at the same time), this fold claimed
+    with store.shared_writer(), store.fold_writer(fold, settings.recipe(), batch_size=1):
         # no generator: generator_training_cases lists the cases the maps and the gate came from
         fold_maps = prepare_fold_maps(dataset, store, fold, settings.recipe(), training_cases, settings,
                                       settings.unit)

@@ -3,6 +3,7 @@ every case of the dataset, the folds' classes, the folders it writes, the budget
 recipe. A command calls ``check_generate_request`` first; a bad request then costs a second, not a trained
 generator (``docs/checks.md`` lists the checks)."""
 import os
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,9 @@ def check_generation_options(request: GenerateRequest):
                            "slices")
     if request.volume_noise not in VOLUME_NOISES:
         raise NnsynthError(f"--volume-noise {request.volume_noise}: choose one of {', '.join(VOLUME_NOISES)}")
+    if request.volume_noise == "aligned" and request.image_source != "inpaint":
+        raise NnsynthError("--volume-noise aligned chooses the initial noise of an inpainting generator's volumes "
+                           "(the other image sources do not sample volumes): use it with --image-source inpaint")
     if request.image_source == "copy-paste":
         if request.noise_seeding_strength is not None:
             raise NnsynthError("--noise-seeding needs a generator: leave it out with --image-source copy-paste")
@@ -187,6 +191,9 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
                                                {case: plan.scan.num_slices[case] for case in training_cases},
                                                request.unit)
             units = len(training_cases) if plan.units[fold] == "volume" else units
+            if request.volume_noise == "aligned" and plan.units[fold] != "volume":
+                raise NnsynthError(f"--volume-noise aligned aligns the noise of a volume's slices, but a case of "
+                                   f"{dataset.name} is one slice (2D data, or --unit slice): leave out --volume-noise")
         plan.num_cases[fold] = request.num_cases if request.num_cases is not None else \
             max(1, round(request.ratio * units))
         if request.generator_mode is not None and not request.overwrite:
@@ -256,6 +263,12 @@ def check_evaluation_request(dataset: RawDataset, command: str, options, progres
             check_seed(seed, "--seeds")
         check_int_range(options.max_slices, "--max-slices", 1)
         check_int_range(options.feature_fold, "--feature-fold", 0)
+        for name, folder in options.generator:
+            mode = read_generator_config(resolve_generator_folder(folder)).mode
+            if mode != "slice":
+                raise NnsynthError(f"{folder}: --generator {name}=... holds an {mode} generator, and fidelity "
+                                   f"--generator scores whole-slice generators: pass it as --inpaint-generator "
+                                   f"{folder} (lesion-region fidelity)")
     else:
         check_seed(options.seed)
         check_seed(options.split_seed, "--split-seed")
@@ -272,4 +285,9 @@ def check_evaluation_request(dataset: RawDataset, command: str, options, progres
         check_int_range(options.inpaint_batch_size, "--inpaint-batch-size", 1)
         check_int_range(options.inpaint_inference_steps, "--inpaint-inference-steps", 1)
         check_int_range(options.first_id, "--first-id", 1, 999)
-    scan_dataset(dataset, progress)
+    scan = scan_dataset(dataset, progress)
+    if command == "downstream" and options.configuration != "2d" and \
+            statistics.median(scan.num_slices.values()) == 1:
+        # nnU-Net plans 3D configurations only when the median case is more than one slice thick
+        raise NnsynthError(f"--configuration {options.configuration}: the cases of {dataset.name} are 2D (one slice "
+                           f"each), for which nnU-Net plans only the 2d configuration: use --configuration 2d")

@@ -673,7 +673,219 @@ def test_a_passed_scan_is_remembered_until_a_file_changes(real_hu_dataset_folder
     with monkeypatch.context() as patched:                  # read back, not scanned again
         patched.setattr(RawDataset, "read_case", lambda *args: pytest.fail("the scan read a case again"))
         assert scan_dataset(RawDataset(folder), progress=False) == scan
+    # corrupted in place, its size and modification time put back: the content key scans it again
+    label = folder / "labelsTr" / "hu_03.nii.gz"
+    stat, data = label.stat(), bytearray(label.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    label.write_bytes(bytes(data))
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (label.stat().st_size, label.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    with pytest.raises(NnsynthError, match="hu_03.nii.gz"):
+        scan_dataset(RawDataset(folder), progress=False)
     image = folder / "imagesTr" / "hu_02_0000.nii.gz"
     os.truncate(image, image.stat().st_size // 2)
     with pytest.raises(NnsynthError, match="truncated"):
         scan_dataset(RawDataset(folder), progress=False)
+
+
+# -- trainer settings: rows of BAD_VALUES in test_trainer_settings.py (through the stock nnUNetv2_train) -----------
+
+# -- converters: ids, existing datasets, --slices-per-case --------------------------------------------------------
+
+def _tree_hashes(folder: Path) -> dict:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_converters_refuse_ids_outside_1_to_999_and_a_zero_slices_per_case(tmp_path, capsys):
+    from conftest import COVID_SOURCE, MS_SOURCE, REAL_HU_SOURCE
+
+    from nnunet_synth.dataset_tools import convert_covid19_ct_slices, convert_ms_lesions, convert_real_hu_ct
+    output = tmp_path / "raw"
+    for main, source in ((convert_covid19_ct_slices.main, COVID_SOURCE), (convert_real_hu_ct.main, REAL_HU_SOURCE),
+                         (convert_ms_lesions.main, MS_SOURCE)):
+        for dataset_id in ("0", "1000"):
+            assert_refused(*run_main(main, [str(source), "-o", str(output), "-d", dataset_id], capsys),
+                           f"-d/--dataset-id {dataset_id}", "1 .. 999")
+    assert_refused(*run_main(convert_real_hu_ct.main, [str(REAL_HU_SOURCE), "-o", str(output), "--slices-per-case",
+                                                        "0"], capsys), "--slices-per-case 0", "1 .. 30")
+    assert not output.exists()
+
+
+def test_converters_refuse_an_existing_dataset_and_overwrite_replaces_it_whole(tmp_path, capsys):
+    from conftest import COVID_SOURCE, MS_SOURCE, REAL_HU_SOURCE
+
+    from nnunet_synth.dataset_tools import convert_covid19_ct_slices, convert_ms_lesions, convert_real_hu_ct
+    raw = tmp_path / "raw"
+    covid = [str(COVID_SOURCE), "-o", str(raw), "-d", "511", "--max-slices-per-case", "2"]
+    code, _, stderr = run_entry_point(convert_covid19_ct_slices.main, [*covid, "--cases", "case_10", "case_14"],
+                                      capsys)
+    assert code == 0, stderr
+    existing = raw / "Dataset511_Covid19Lung"
+    before = _tree_hashes(existing)
+    assert "imagesTr/case_10_0000.nii.gz" in before
+    for main, argv in ((convert_covid19_ct_slices.main, [*covid, "--cases", "case_15"]),
+                       (convert_covid19_ct_slices.main, [*covid, "-n", "OtherName"]),      # same id, other name
+                       (convert_real_hu_ct.main, [str(REAL_HU_SOURCE), "-o", str(raw), "-d", "511"]),
+                       (convert_ms_lesions.main, [str(MS_SOURCE), "-o", str(raw), "-d", "511", "--downsample", "4"])):
+        assert_refused(*run_main(main, argv, capsys), str(existing), "already exists", "--overwrite")
+        assert _tree_hashes(existing) == before                      # byte for byte
+        assert sorted(path.name for path in raw.iterdir()) == ["Dataset511_Covid19Lung"]
+    code, _, stderr = run_entry_point(convert_covid19_ct_slices.main, [*covid, "--cases", "case_15", "--overwrite"],
+                                      capsys)
+    assert code == 0, stderr
+    after = _tree_hashes(existing)
+    assert sorted(after) == ["dataset.json", "imagesTr/case_15_0000.nii.gz", "labelsTr/case_15.nii.gz"]
+    assert json.loads((existing / "dataset.json").read_text())["numTraining"] == 1
+    assert sorted(path.name for path in raw.iterdir()) == ["Dataset511_Covid19Lung"]     # nothing left beside it
+    # --overwrite onto another name with that id: the old folder goes, the new one takes its place
+    code, _, stderr = run_entry_point(convert_real_hu_ct.main, [str(REAL_HU_SOURCE), "-o", str(raw), "-d", "511",
+                                                                 "--overwrite"], capsys)
+    assert code == 0, stderr
+    assert sorted(path.name for path in raw.iterdir()) == ["Dataset511_RealHUCT"]
+
+
+# -- 2D natural-image data: RGB and truncated label PNGs, 3D configurations --------------------------------------
+
+@pytest.fixture(scope="module")
+def png_dataset(nnunet_folders):
+    """Dataset789_PngSlices: eight real COVID slices as 2D PNG cases (the CT PNG itself; lung 1, lesion 2)."""
+    from conftest import COVID_SOURCE
+    from skimage import io
+
+    from nnunet_synth.dataset.writing import write_dataset_json_atomic, write_volume
+    from nnunet_synth.dataset_tools.convert_covid19_ct_slices import read_case_table, read_slice
+    folder = Path(nnunet_folders["nnUNet_raw"]) / "Dataset789_PngSlices"
+    slice_files = [files[len(files) // 2] for files in list(read_case_table(COVID_SOURCE).values())[:8]]
+    (folder / "imagesTr").mkdir(parents=True)
+    for index, slice_file in enumerate(slice_files):
+        _, label_map = read_slice(COVID_SOURCE, slice_file)
+        assert io.imread(COVID_SOURCE / "ct" / slice_file).ndim == 2           # a greyscale PNG, copied as it is
+        shutil.copyfile(COVID_SOURCE / "ct" / slice_file, folder / "imagesTr" / f"png_{index:02d}_0000.png")
+        write_volume(label_map, folder / "labelsTr" / f"png_{index:02d}.png")
+    write_dataset_json_atomic(folder, channel_names={0: "CT"}, labels={"background": 0, "lung": 1, "lesion": 2},
+                              num_training_cases=len(slice_files), file_ending=".png", dataset_name=folder.name)
+    return folder
+
+
+@pytest.fixture
+def png_copy(png_dataset, tmp_path):
+    return copy_dataset(png_dataset, tmp_path / "raw", 790, "PngCopy")
+
+
+def test_an_rgb_label_png_is_refused_by_check_and_generate_with_the_conversion(png_copy, capsys):
+    from skimage import io
+    label_file = png_copy / "labelsTr" / "png_03.png"
+    grey = io.imread(label_file)
+    io.imsave(label_file, np.stack([grey] * 3, axis=-1), check_contrast=False)
+    real_before = real_file_hashes(png_copy)
+    for main, argv in ((check_dataset_command.main, [str(png_copy)]),
+                       (generate_command.main, [str(png_copy), "--image-source", "copy-paste", "-n", "2"])):
+        assert_refused(*run_main(main, argv, capsys), "png_03.png", "3 channels", "single-channel",
+                       "skimage.io.imread(path)[..., 0]")
+    assert real_file_hashes(png_copy) == real_before
+
+
+def test_a_truncated_label_png_is_named_not_its_image(png_copy, capsys):
+    label_file = png_copy / "labelsTr" / "png_02.png"
+    os.truncate(label_file, label_file.stat().st_size // 2)
+    assert_refused(*run_main(check_dataset_command.main, [str(png_copy)], capsys), str(label_file))
+
+
+def test_a_3d_configuration_on_2d_data_is_refused_before_the_evaluation_folder(png_dataset, tmp_path, capsys):
+    from nnunet_synth.dataset_tools import evaluate as evaluate_command
+    output = tmp_path / "evaluation"
+    preprocessed = Path(os.environ["nnUNet_preprocessed"]) / png_dataset.name
+    before = sorted(preprocessed.rglob("*")) if preprocessed.exists() else []
+    argv = ["downstream", str(png_dataset), "--arms", "real_only", "--configuration", "3d_fullres", "-o", str(output)]
+    assert_refused(*run_main(evaluate_command.main, argv, capsys), "--configuration 3d_fullres", "2D",
+                   "--configuration 2d")
+    assert not output.exists()
+    assert [path for path in (sorted(preprocessed.rglob("*")) if preprocessed.exists() else [])
+            if "nnsynth_slice_cache" not in str(path)] == [p for p in before if "nnsynth_slice_cache" not in str(p)]
+
+
+def test_aligned_volume_noise_is_refused_without_an_inpainting_generator_and_on_2d_data(png_dataset, hu_copy,
+                                                                                      tiny_generator, capsys):
+    results = Path(os.environ["nnUNet_results"]) / png_dataset.name
+    for argv, fragment in [
+            ([str(hu_copy), "--image-source", "copy-paste", "-n", "2", "--volume-noise", "aligned"],
+             "--image-source inpaint"),
+            ([str(hu_copy), "--generator", str(tiny_generator / "final"), "-n", "2", "--volume-noise", "aligned",
+              *FAST_SAMPLING], "--image-source inpaint"),
+            ([str(png_dataset), "--image-source", "inpaint", "--preset", "tiny", "-n", "2", "--volume-noise",
+              "aligned", "--device", "cpu"], "one slice")]:
+        synthetic_before = synthetic_file_hashes(Path(argv[0]))
+        assert_refused(*run_main(generate_command.main, argv, capsys), "--volume-noise aligned", fragment)
+        assert synthetic_file_hashes(Path(argv[0])) == synthetic_before
+    assert not results.exists()                     # refused before an inpainting generator was trained
+
+
+# -- evaluation generators, demo options, nnsynth_unit ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_inpaint_generator(hu_copy, tmp_path_factory):
+    """A 2-step tiny inpainting generator (32 px crops) on fold 0 of ``hu_copy``; its run folder."""
+    from nnunet_synth.dataset import RawDataset
+    from nnunet_synth.generator import TrainingSettings
+    from nnunet_synth.generator.training import train_generator
+    settings = TrainingSettings(preset="tiny", mode="inpaint", image_size=32, batch_size=2, max_steps=2,
+                                warmup_steps=1, checkpoint_every=2, preview_every=100, preview_inference_steps=2)
+    run_folder = tmp_path_factory.mktemp("bad_input_inpaint") / "run"
+    train_generator(RawDataset(hu_copy), run_folder, settings, fold=0, progress=False)
+    return run_folder
+
+
+def test_an_inpainting_generator_as_a_fidelity_generator_is_refused(hu_copy, tiny_inpaint_generator, tmp_path,
+                                                                    capsys):
+    from nnunet_synth.dataset_tools import evaluate as evaluate_command
+    output = tmp_path / "evaluation"
+    argv = ["fidelity", str(hu_copy), "--generator", f"cbmat={tiny_inpaint_generator}", "--device", "cpu", "-o",
+            str(output)]
+    assert_refused(*run_main(evaluate_command.main, argv, capsys), "cbmat=", "inpaint generator",
+                   f"--inpaint-generator {tiny_inpaint_generator}")
+    assert not output.exists()
+
+
+def test_the_demo_refuses_a_ratio_that_is_not_a_finite_positive_number(tmp_path, capsys):
+    from nnunet_synth.dataset_tools import demo as demo_command
+    for ratio in ("nan", "inf", "0", "-1"):
+        argv = ["-o", str(tmp_path / "demo"), "--stop-after", "convert", "--ratio", ratio]
+        assert_refused(*run_main(demo_command.main, argv, capsys), "--ratio")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_an_unknown_nnsynth_unit_is_refused_by_check_dataset(broken_copy):
+    dataset_json = json.loads((broken_copy / "dataset.json").read_text())
+    dataset_json["nnsynth_unit"] = "cube"
+    (broken_copy / "dataset.json").write_text(json.dumps(dataset_json))
+    assert_one_line_error(check_here(broken_copy), "dataset.json", "nnsynth_unit", "'cube'")
+
+
+# -- the store: copy-paste runs of two folds at the same time ------------------------------------------------------
+
+@pytest.mark.slow
+def test_copy_paste_runs_of_two_folds_write_at_the_same_time_and_one_fold_refuses_a_second_run(
+        real_hu_dataset_folder, nnunet_folders, capsys):
+    from nnunet_synth.dataset import RawDataset
+    from nnunet_synth.writer.synthetic_store import SyntheticStore
+    folder = copy_dataset(real_hu_dataset_folder, nnunet_folders["nnUNet_raw"], 791, "TwoFolds")
+    real_before = real_file_hashes(folder)
+    first = start_command("nnsynth_generate", folder, "--image-source", "copy-paste", "--fold", "0", "-n", "3")
+    try:
+        wait_for_claim(first, folder)
+        first.send_signal(signal.SIGSTOP)           # fold 0 holds the store (shared) and its claim, mid-run
+        code, stderr = run_main(generate_command.main, [str(folder), "--image-source", "copy-paste", "--fold", "0",
+                                                        "-n", "3"], capsys)
+        assert_refused(code, stderr, "fold_0.shard_0.lock", "same settings", "a rerun then resumes")
+        assert "--shard-index" not in stderr                  # copy-paste runs unsharded
+        code, stdout, stderr = run_entry_point(generate_command.main, [str(folder), "--image-source", "copy-paste",
+                                                                       "--fold", "1", "-n", "3"], capsys)
+        assert code == 0, stderr[-3000:]
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, stderr = first.communicate(timeout=900)
+    assert first.returncode == 0, stderr[-3000:]
+    store = SyntheticStore(RawDataset(folder))
+    assert (len(store.complete_case_ids("0")), len(store.complete_case_ids("1"))) == (3, 3)
+    assert real_file_hashes(folder) == real_before

@@ -2,6 +2,7 @@
 command line, and sampling (seeded, batch-independent, shape and range)."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -124,6 +125,33 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_run(example, unin
     assert config["trained_steps"] == 5 and config["labels"] == example.labels
     assert config["ablation"]["mode"] == "cbmat" and config["ablation"]["protected_classes"] == ["lung"]
     assert config["training_cases"] == example.case_ids[:2]
+
+
+def test_a_gpu_preset_trained_on_a_cpu_prints_its_estimated_time_and_the_cpu_preset_once(example, tmp_path,
+                                                                                         monkeypatch, capsys):
+    from nnunet_synth.generator import training
+    monkeypatch.setattr(training, "GPU_PRESETS", ("tiny",))     # the tiny preset stands in for one meant for a GPU
+    monkeypatch.setattr(training, "CPU_ESTIMATE_STEPS", 2)
+    capsys.readouterr()
+    train_generator(example, tmp_path / "run", small_settings(max_steps=4, checkpoint_every=4),
+                    case_ids=example.case_ids[:2], progress=False)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "meant for a GPU" in line]
+    assert len(warnings) == 1, warnings
+    assert re.fullmatch(r"nnsynth: warning: preset 'tiny' is meant for a GPU; on this CPU a step takes [\d.]+ s, so "
+                        r"the 4 steps of this run would take about \d+(\.\d)? (s|min|h|days): to train on a CPU use "
+                        r"--preset tiny \(or a machine with a GPU\)", warnings[0]), warnings[0]
+
+
+def test_the_cpu_estimate_is_the_time_per_step_times_the_steps_and_only_for_gpu_presets_on_a_cpu():
+    from nnunet_synth.generator.training import CpuCostTimer, cpu_cost_warning, format_duration
+    line = cpu_cost_warning("default", 720.0, 3, 50_000)       # 4 minutes a step, the default preset's steps
+    assert "a step takes 240.0 s" in line and "the 50000 steps of this run would take about 139 days" in line
+    assert line.endswith("use --preset tiny (or a machine with a GPU)")
+    assert [format_duration(s) for s in (40, 720, 5.3 * 3600, 3 * 86400)] == ["40 s", "12 min", "5.3 h", "3 days"]
+    assert CpuCostTimer("default", torch.device("cpu"), 10).active
+    assert not CpuCostTimer("tiny", torch.device("cpu"), 10).active
+    assert not CpuCostTimer("default", torch.device("cuda"), 10).active
+    assert not CpuCostTimer("default", torch.device("cpu"), 10, enabled=False).active      # not the main process
 
 
 KILL_STEPS, KILL_CHECKPOINT_EVERY = 30, 3

@@ -6,6 +6,7 @@ import shutil
 import tracemalloc
 
 import numpy as np
+import SimpleITK as sitk
 
 from nnunet_synth.dataset import RawDataset, class_pixel_frequencies, dataset_intensity_window, iter_slices
 from nnunet_synth.dataset.native_slices import (
@@ -52,7 +53,15 @@ def test_the_store_holds_every_slice_bit_for_bit_and_follows_changes_of_the_file
     assert again.folder == store.folder and (again.folder / META_NAME).stat().st_mtime_ns == built   # not rebuilt
 
     label_file = dataset.cases[dataset.case_ids[0]]["label"]
-    os.utime(label_file, ns=(built + 10**9, built + 10**9))      # the file changed: another store
+    os.utime(label_file, ns=(built + 10**9, built + 10**9))      # touched, same bytes: the same store
+    touched = open_native_slices(RawDataset(folder), dataset.case_ids, root=tmp_path / "cache", progress=False)
+    assert touched.folder == store.folder
+    label = sitk.ReadImage(label_file)
+    array = sitk.GetArrayFromImage(label)
+    array[0, 0, 0] = 1 - min(array[0, 0, 0], 1)                  # one voxel relabelled: the content changed
+    changed_label = sitk.GetImageFromArray(array)
+    changed_label.CopyInformation(label)
+    sitk.WriteImage(changed_label, label_file, True)
     changed = open_native_slices(RawDataset(folder), dataset.case_ids, root=tmp_path / "cache", progress=False)
     assert changed.folder != store.folder
 

@@ -88,8 +88,14 @@ def test_the_command_copies_a_full_resolution_patient_bit_for_bit_and_leaves_the
         assert written.dtype == source.dtype and np.array_equal(written, source)
         for name in ("GetSpacing", "GetOrigin", "GetDirection"):
             assert getattr(header, name)() == getattr(source_header, name)()
-    # a rerun writes the dataset again, whole: here the first patient of the folder, which replaces sts_019
+    # a rerun is refused (the dataset exists); with --overwrite it writes the dataset again, whole: here the first
+    # patient of the folder, which replaces sts_019
     code, _, err = run_entry_point(main, [STS_SOURCE, "-o", tmp_path, "-d", 551, "--max-cases", 1], capsys)
+    assert code == 2 and err.startswith(f"nnsynth: error: {folder}: dataset id 551 already exists") \
+        and "--overwrite" in err, err
+    assert sorted(path.name for path in (folder / "labelsTr").iterdir()) == ["sts_019.nii.gz"]
+    code, _, err = run_entry_point(main, [STS_SOURCE, "-o", tmp_path, "-d", 551, "--max-cases", 1, "--overwrite"],
+                                   capsys)
     assert code == 0, err
     assert sorted(path.name for path in (folder / "labelsTr").iterdir()) == ["sts_004.nii.gz"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["Dataset551_STSCT"]

@@ -17,9 +17,11 @@ from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_i
 BAD_VALUES = [
     ("nnsynth_ratio", "1.5", "outside [0, 1]"), ("nnsynth_ratio", "half", "not a number"),
     ("nnsynth_min_quality", "good", "not a number"), ("nnsynth_min_quality", "nan", "not a finite number"),
+    ("nnsynth_min_quality", "-1", "outside [0, 1], the range of every quality score"),
     ("nnsynth_quality_key", "fid", "unknown quality key"),
     ("nnsynth_rare_oversampling", "2", "outside [0, 1]"), ("nnsynth_rare_oversampling", "often", "not a number"),
     ("nnsynth_seed", "abc", "not an integer"), ("nnsynth_seed", "1.5", "not an integer"),
+    ("nnsynth_seed", "-1", "outside 0 .. 4294967295"), ("nnsynth_seed", "99999999999", "outside 0 .. 4294967295"),
     ("nnsynth_cpu_threads", "abc", "not an integer"), ("nnsynth_cpu_threads", "0", "must be at least 1"),
     ("nnsynth_paste_probability", "1.1", "outside [0, 1]"), ("nnsynth_paste_probability", "x", "not a number"),
     ("nnsynth_paste_components", "0", "must be at least 1"), ("nnsynth_paste_components", "two", "not an integer"),

@@ -71,8 +71,11 @@ def _positive_integer(variable: str, fix: str, allow_unset: bool) -> Callable[[s
 def _min_quality(text: str) -> Optional[float]:
     if text.strip().lower() in NO_VALUE_WORDS:
         return None
-    return _number("nnsynth_min_quality", text, "give the lowest quality score a synthetic case needs, e.g. "
-                                                "nnsynth_min_quality=0.5, or 'none' for no filter")
+    fix = "give the lowest quality score a synthetic case needs, e.g. nnsynth_min_quality=0.5, or 'none' for no filter"
+    value = _number("nnsynth_min_quality", text, fix)
+    if not 0.0 <= value <= 1.0:            # every quality score (model-free score, Dice, IoU) lies in [0, 1]
+        raise SettingError("nnsynth_min_quality", text, "outside [0, 1], the range of every quality score", fix)
+    return value
 
 
 def _quality_key(text: str) -> str:
@@ -82,14 +85,20 @@ def _quality_key(text: str) -> str:
     return text
 
 
+MAX_SEED = 2 ** 32 - 1       # numpy's limit (np.random.seed)
+
+
 def _seed(text: str) -> Optional[int]:
     if text.strip().lower() in NO_VALUE_WORDS:
         return None
+    fix = f"give the training seed, an integer in 0 .. {MAX_SEED}, e.g. nnsynth_seed=1, or unset it"
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise SettingError("nnsynth_seed", text, "not an integer", "give the training seed, e.g. nnsynth_seed=1, "
-                                                                  "or unset it") from None
+        raise SettingError("nnsynth_seed", text, "not an integer", fix) from None
+    if not 0 <= value <= MAX_SEED:
+        raise SettingError("nnsynth_seed", text, f"outside 0 .. {MAX_SEED}", fix)
+    return value
 
 
 def _paste_classes(text: str) -> Tuple[str, ...]:

@@ -10,10 +10,10 @@ else a temporary folder removed with the store object) holding:
 - ``properties.pkl``: nnU-Net's reader properties per case (the geometry that writing a case needs);
 - ``store.json``: what the key covers.
 
-The key is a hash of the cases' files (names, sizes, modification times) and the labels: any change makes a new
-store. One pass over the raw cases builds it (one case in memory at a time) under a temporary name of its own
-process, renamed when complete; when several processes (shards) build it at once, each keeps the first complete
-one. Rows are read with ``os.pread``, so a process holds only the slices it asks for.
+The key is a hash of the cases' files (names, sizes and a sha256 of each file's bytes) and the labels: any change
+makes a new store. One pass over the raw cases builds it (one case in memory at a time) under a temporary name of
+its own process, renamed when complete; when several processes (shards) build it at once, each keeps the first
+complete one. Rows are read with ``os.pread``, so a process holds only the slices it asks for.
 
 ``NativeVolumes`` reads the same store case by case: a 3D case is stacked from its slice rows when it is asked for
 (copy-paste of whole volumes), so one store serves both and a volume is never held longer than it is used.
@@ -42,14 +42,29 @@ META_NAME = "store.json"
 CACHE_FOLDER = "nnsynth_slice_cache"
 
 
+_FINGERPRINTS = {}       # (path, inode, size, mtime, ctime) -> sha256 of the bytes, for the life of this process
+
+
+def file_fingerprint(path) -> str:
+    """sha256 of the file's bytes. A command reads the key of its caches several times: a file is hashed once per
+    process while its inode, size, modification and status-change times stay the same (any write changes the
+    status-change time, and it cannot be set back)."""
+    stat = os.stat(path)
+    memo_key = (os.path.abspath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if memo_key not in _FINGERPRINTS:
+        with open(path, "rb") as handle:
+            _FINGERPRINTS[memo_key] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return _FINGERPRINTS[memo_key]
+
+
 def case_files_key(dataset: RawDataset, case_ids) -> list:
-    """[file name, size, modification time] of every image and label file of ``case_ids``: what a cache of these
-    cases depends on."""
+    """[file name, size, sha256 of the bytes] of every image and label file of ``case_ids``: what a cache of these
+    cases (and the remembered dataset scan) depends on. A file changed in place, even with its size and
+    modification time put back, gets a new key."""
     files = []
     for case_id in case_ids:
         for path in [*dataset.cases[case_id]["images"], dataset.cases[case_id]["label"]]:
-            stat = os.stat(path)
-            files.append([os.path.basename(path), stat.st_size, stat.st_mtime_ns])
+            files.append([os.path.basename(path), os.path.getsize(path), file_fingerprint(path)])
     return files
 
 

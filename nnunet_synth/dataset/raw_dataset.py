@@ -226,14 +226,22 @@ class RawDataset:
         files = self.cases[case_id]
         reader = self.reader_writer()
         image_file, label_file = files["images"][0], files["label"]
-        try:
-            image, properties = reader.read_images(files["images"])
-            label, label_properties = reader.read_seg(label_file)
-        except (RuntimeError, ValueError, OSError, AssertionError) as error:
-            raise NnsynthError(f"cannot read case {case_id} ({image_file}): "
-                               f"{str(error).strip() or type(error).__name__}; "
-                               f"store images and labels as 2D or 3D {self.file_ending} files, "
-                               f"one per channel") from None
+
+        def read(path, read_function, argument):
+            try:
+                return read_function(argument)
+            except (RuntimeError, ValueError, OSError, AssertionError, SyntaxError) as error:
+                raise NnsynthError(f"cannot read case {case_id} ({path}): "
+                                   f"{str(error).strip() or type(error).__name__}; "
+                                   f"store images and labels as 2D or 3D {self.file_ending} files, "
+                                   f"one per channel") from None
+
+        image, properties = read(image_file, reader.read_images, files["images"])
+        label, label_properties = read(label_file, reader.read_seg, label_file)     # a bad label is named itself
+        if label.shape[0] != 1:
+            raise NnsynthError(f"{label_file} has {label.shape[0]} channels (an RGB or RGBA image?): a label map has "
+                               f"one: save it as a single-channel (greyscale) file, e.g. skimage.io.imsave(path, "
+                               f"skimage.io.imread(path)[..., 0])")
         if image.ndim != 4 or image.shape[0] != self.num_channels:
             raise NnsynthError(f"{image_file} has shape {image.shape[1:]} with {image.shape[0]} channels where "
                                f"{self.json_file} declares {self.num_channels}: give one 2D or 3D file per channel "

@@ -6,7 +6,8 @@ The dataset scan reads every case once (``RawDataset.read_case``: shapes, label 
 geometry as nnU-Net's ``verify_dataset_integrity.check_cases`` compares it) and decodes NIfTI files a second
 time with nibabel, because SimpleITK reads a truncated ``.nii(.gz)`` without an error (the missing voxels
 come back as 0) and turns NaN/Inf into 0.0. A scan that passed is remembered beside the slice store, keyed by
-the files' names, sizes and modification times, so later commands on unchanged files skip it.
+the files' names, sizes and a sha256 of their bytes (``native_slices.case_files_key``), so later commands on
+unchanged files skip the decoding, and a file changed in place is scanned again.
 """
 import hashlib
 import json
@@ -23,7 +24,7 @@ from nnunet_synth.atomic import write_json_atomic
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.errors import NnsynthError
 
-SCAN_FORMAT = 2
+SCAN_FORMAT = 3                      # 3: files keyed by their content (sha256), not their modification times
 NIFTI_ENDINGS = (".nii", ".nii.gz")
 MAX_SEED = 2 ** 32 - 1               # numpy's legacy seeding range; case seeds are seed * 1_000_003 + index
 MAX_INFERENCE_STEPS = 1000           # the generator's training timesteps (DDIM cannot take more)
@@ -256,6 +257,7 @@ def _scan_file(dataset: RawDataset, key: dict):
 def scan_dataset(dataset: RawDataset, progress=True) -> DatasetScan:
     """Read and check every case of ``dataset`` (not only one fold's): see the module docstring. Remembered for
     unchanged files."""
+    dataset.declared_unit                           # dataset.json's nnsynth_unit, when given, is slice or volume
     key = scan_key(dataset)
     remembered = _scan_file(dataset, key)
     if remembered is not None and remembered.is_file():

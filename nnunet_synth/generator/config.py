@@ -53,6 +53,12 @@ PRESETS = {
     },
 }
 
+# Presets meant for a GPU. Trained on a CPU, ``default`` took about 4 minutes a step on a 2-core machine, so its
+# 50 000 steps would take months: the training loop times the first steps and prints its estimate and the preset to
+# use instead (training.cpu_cost_warning).
+GPU_PRESETS = ("default",)
+CPU_PRESET = "tiny"
+
 # ``--mode inpaint``: ``image_size`` is the side of the native-resolution crops the inpainting generator trains on
 # and fills. ``tiny`` (64 px crops, about 1.5 M parameters) trains on a CPU; ``default`` (160 px crops, five
 # levels) is for a GPU.

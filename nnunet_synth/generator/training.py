@@ -11,6 +11,8 @@ import dataclasses
 import errno
 import pickle
 import shutil
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +55,8 @@ from nnunet_synth.generator.checkpoints import (
     write_generator_config,
 )
 from nnunet_synth.generator.config import (
+    CPU_PRESET,
+    GPU_PRESETS,
     NUM_TRAIN_TIMESTEPS,
     GeneratorConfig,
     TrainingSettings,
@@ -72,6 +76,10 @@ CHANGEABLE_ON_RESUME = ("checkpoint_every", "preview_every", "keep_checkpoints",
                         "preview_count", "compile", "channels_last", "data_workers")
 # losses are copied to the host (one sync) every this many steps, and at checkpoints and the end
 LOSS_SYNC_EVERY = 25
+# a preset meant for a GPU, trained on a CPU: the first steps are timed (this many, or fewer once they took
+# CPU_ESTIMATE_SECONDS), then one line gives the estimated training time and the preset to use instead
+CPU_ESTIMATE_STEPS = 3
+CPU_ESTIMATE_SECONDS = 60.0
 
 
 @dataclass
@@ -438,6 +446,48 @@ def write_final(run_folder: Path, ema: EMAModel, config: GeneratorConfig, previe
     return final_folder
 
 
+def format_duration(seconds: float) -> str:
+    """``seconds`` in the largest unit that keeps the number readable: 40 s, 12 min, 5.3 h, 139 days."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+def cpu_cost_warning(preset: str, seconds: float, steps_timed: int, steps_in_run: int) -> str:
+    """The line printed when a preset meant for a GPU trains on a CPU: ``steps_timed`` steps took ``seconds``, the
+    run has ``steps_in_run`` steps (this call's, from its start or resume step)."""
+    per_step = seconds / steps_timed
+    return (f"nnsynth: warning: preset '{preset}' is meant for a GPU; on this CPU a step takes {per_step:.1f} s, so "
+            f"the {steps_in_run} steps of this run would take about {format_duration(per_step * steps_in_run)}: to "
+            f"train on a CPU use --preset {CPU_PRESET} (or a machine with a GPU)")
+
+
+class CpuCostTimer:
+    """Times the first steps of a GPU preset on a CPU and prints ``cpu_cost_warning`` once (on stderr, above the
+    progress bar); does nothing on a GPU or for a CPU preset."""
+
+    def __init__(self, preset: str, device: torch.device, steps_in_run: int, enabled: bool = True):
+        self.active = enabled and device.type == "cpu" and preset in GPU_PRESETS and steps_in_run > 0
+        self.preset, self.steps_in_run = preset, steps_in_run
+        self.seconds, self.steps = 0.0, 0
+
+    def start(self):
+        self.started = time.perf_counter()
+
+    def stop(self):
+        if not self.active:
+            return
+        self.seconds += time.perf_counter() - self.started
+        self.steps += 1
+        if self.steps >= CPU_ESTIMATE_STEPS or self.seconds >= CPU_ESTIMATE_SECONDS:
+            tqdm.write(cpu_cost_warning(self.preset, self.seconds, self.steps, self.steps_in_run), file=sys.stderr)
+            self.active = False
+
+
 def _with_errno(error: BaseException, folder) -> BaseException:
     """Writers other than Python's (torch, safetensors) lose the errno of a full disk: put it back when the disk
     holding ``folder`` is (nearly) full."""
@@ -535,8 +585,11 @@ def train_generator(dataset: RawDataset, run_folder, settings: TrainingSettings,
 
     bar = tqdm(range(start_step, settings.max_steps), initial=start_step, total=settings.max_steps,
                desc="generator", unit="step", disable=not (progress and is_main))
+    cpu_cost = CpuCostTimer(settings.preset, device, settings.max_steps - start_step, enabled=is_main)
     for step in bar:
+        cpu_cost.start()
         pending.append((step + 1, training_step(state, step)))
+        cpu_cost.stop()
         done = step + 1
         is_last = done == settings.max_steps
         is_checkpoint = done % settings.checkpoint_every == 0 or is_last

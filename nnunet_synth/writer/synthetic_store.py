@@ -252,9 +252,10 @@ class SyntheticStore:
                                        f"settings ({', '.join(changed)}): wait for it to finish and rerun with its "
                                        f"settings, or write another fold (--fold)")
                 if path == mine:
+                    shards = "" if recipe.get("image_source") == "copy-paste" else \
+                        ", or start another --shard-index of --num-shards"       # copy-paste runs unsharded
                     raise NnsynthError(f"{path}: {who} is writing shard {shard_index} of fold {fold} with the same "
-                                       f"settings: wait for it to finish (a rerun then resumes), or start another "
-                                       f"--shard-index of --num-shards")
+                                       f"settings: wait for it to finish (a rerun then resumes){shards}")
             self.manifest = self._read_manifest()       # the fold's cases and recipe as they are on disk now
             self.check_fold_recipe(fold, recipe)
             try:
