@@ -297,7 +297,7 @@ def ms_planned_3d(ms_generated, nnunet_folders):
     return preprocessed
 
 
-def predict_validation_patient(dataset, trainer, folder, extra_environment, fold=0, plans="nnUNetPlans_cpu"):
+def predict_validation_patient(dataset, trainer, folder, extra_environment, fold=0):
     """Stock nnUNetv2_predict (3d_fullres, CPU plans, fold ``fold``) of the fold's validation patient; its
     prediction and the reference label, each as (array, image)."""
     validation = json.loads((Path(os.environ["nnUNet_preprocessed"]) / dataset.name / "splits_final.json")
@@ -307,7 +307,7 @@ def predict_validation_patient(dataset, trainer, folder, extra_environment, fold
     for image in dataset.cases[validation[0]]["images"]:
         shutil.copy(image, inputs)
     result = run(["nnUNetv2_predict", "-i", inputs, "-o", outputs, "-d", MS_ID, "-c", "3d_fullres", "-p",
-                  plans, "-tr", trainer, "-f", str(fold), "-device", "cpu", "-npp", "0", "-nps", "0",
+                  "nnUNetPlans_cpu", "-tr", trainer, "-f", str(fold), "-device", "cpu", "-npp", "0", "-nps", "0",
                   "--disable_tta"], **extra_environment)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return read(outputs / f"{validation[0]}.nii.gz"), read(dataset.cases[validation[0]]["label"])
@@ -370,30 +370,24 @@ def train_resenc_3d(dataset, trainer, **extra_environment):
 
 
 @pytest.mark.slow
-def test_synthmix_trains_3d_fullres_with_the_resenc_m_plans_and_stock_predict_runs(ms_generated, ms_planned_resenc,
-                                                                                  tmp_path):
+def test_synthmix_trains_3d_fullres_with_the_resenc_m_plans(ms_generated, ms_planned_resenc):
     """nnUNetv2_train 515 3d_fullres 0 -tr nnUNetTrainerSynthMix_smoke -p nnUNetResEncUNetMPlans_cpu mixes fold 0's
     copy-paste volumes from the 3d_fullres pool the stock plans share into the patches of a residual-encoder
-    UNet; the stock nnUNetv2_predict -p nnUNetResEncUNetMPlans_cpu writes the validation patient at its geometry
-    with the declared labels."""
-    from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
+    UNet. (The stock prediction with these plans is tested in 2d, test_resenc.py: with the halved patch a 3D
+    prediction takes 36 sliding windows, 34 s on the 2-core test machine.)"""
     dataset, _, _ = ms_generated
     resenc = json.loads((ms_planned_resenc / f"{RESENC_PLANS}.json").read_text())
     cpu = json.loads((ms_planned_resenc / f"{RESENC_CPU_PLANS}.json").read_text())
     assert resenc["configurations"]["3d_fullres"]["data_identifier"] == "nnUNetPlans_3d_fullres"
     assert resenc["configurations"]["3d_fullres"]["patch_size"] == [64, 96, 80]
     assert cpu["configurations"]["3d_fullres"]["patch_size"] == [32, 48, 32]       # halved, divisible by 2^4
-    trainer = "nnUNetTrainerSynthMix_smoke"
-    fold, summary = train_resenc_3d(dataset, trainer, nnsynth_ratio="0.5", nnsynth_min_quality="none")
+    fold, summary = train_resenc_3d(dataset, "nnUNetTrainerSynthMix_smoke", nnsynth_ratio="0.5",
+                                    nnsynth_min_quality="none")
     store = SyntheticStore(dataset)
     assert summary["configuration"] == "3d_fullres" and summary["settings"]["ratio"] == 0.5
     assert summary["used_synthetic_cases"] == store.complete_case_ids("0")
     assert summary["pool_folder"] == str(pool_folder(ms_planned_resenc, "nnUNetPlans_3d_fullres"))
     assert_residual_encoder_checkpoint(fold, "3d_fullres", resenc, cpu)
-    (prediction, header), (reference, reference_header) = predict_validation_patient(
-        dataset, trainer, tmp_path, {"nnUNet_extTrainer": str(trainer_directory())}, plans=RESENC_CPU_PLANS)
-    assert prediction.shape == reference.shape and header.GetSpacing() == reference_header.GetSpacing()
-    assert set(np.unique(prediction)) <= {0, 1}
 
 
 @pytest.mark.slow
@@ -406,9 +400,9 @@ def test_the_paste_trainer_trains_3d_fullres_with_the_resenc_m_plans(ms_generate
     paste = summary["lesion_paste"]
     assert set(paste["donor_cases"]) <= set(split["train"]) and paste["counts"]["samples_pasted"] > 0
     assert int(paste["counts"]["pixels_added"]["1"]) > 0
-    assert_residual_encoder_checkpoint(fold, "3d_fullres", json.loads((ms_planned_resenc / f"{RESENC_PLANS}.json")
-                                                                      .read_text()),
-                                       json.loads((ms_planned_resenc / f"{RESENC_CPU_PLANS}.json").read_text()))
+    resenc, cpu = (json.loads((ms_planned_resenc / f"{name}.json").read_text()) for name in (RESENC_PLANS,
+                                                                                             RESENC_CPU_PLANS))
+    assert_residual_encoder_checkpoint(fold, "3d_fullres", resenc, cpu)
 
 
 @pytest.fixture(scope="module")
