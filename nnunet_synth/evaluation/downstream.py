@@ -521,6 +521,7 @@ def write_outputs(output_folder: Path, compare=None) -> list:
     runs.sort(key=lambda run: (run["setting"], arm_order(run), run["repeat"]))
     rows = [{key: run[key] for key in ("setting", "arm", "label", "amount", "ratio", "rare_oversampling", "repeat",
                                        "seed", "dataset", "fold", "evaluated_on")}
+            | {"configuration": run.get("configuration", "2d"), "plans": run.get("plans", "")}
             | {f"dice_{name}": round(value, 4) for name, value in run["mean"].items()} for run in runs]
     write_rows_csv(rows, output_folder / "downstream.csv")
     summary = summarize_runs(runs)
