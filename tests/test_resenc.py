@@ -7,6 +7,7 @@ on a CPU the trainings use their CPU copy ``nnUNetResEncUNetMPlans_cpu`` (``cpu_
 residual encoder, its blocks per stage, kernels, strides and patch, and narrows the features to 8..32 with batch 2.
 The 3d_fullres counterpart is in ``test_volumes.py`` (beside the MS volumes it reuses)."""
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,18 +28,19 @@ from synthetic_fixtures import (
     run_command,
 )
 
-from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
-from nnunet_synth.evaluation.nnunet_runs import planner_plans_name
+from nnunet_synth.dataset import RawDataset
+from nnunet_synth.evaluation.nnunet_runs import plan_and_preprocess, planner_plans_name, reuse_preprocessed
 from nnunet_synth.trainers.synthetic_pool import pool_folder, pool_record_file, preprocessing_signature
 
 
 @pytest.fixture(scope="module")
-def resenc_planned(planned_dataset, nnunet_folders):
-    """The stock ``nnUNetv2_plan_and_preprocess -d 981 -c 2d -pl nnUNetPlannerResEncM`` (the fingerprint of the
-    stock planning reused), plus the CPU copy of its plans. Returns the preprocessed folder."""
-    run_command(["nnUNetv2_plan_and_preprocess", "-d", str(SYNTHMIX_DATASET_ID), "-c", "2d", "-pl", RESENC_PLANNER,
-                 "-np", "1", "-npfp", "1"], clean_environment(nnunet_folders))
-    write_cpu_plans(planned_dataset, "2d", RESENC_PLANS, RESENC_CPU_PLANS)
+def resenc_planned(planned_dataset, synthetic_example_dataset, nnunet_folders):
+    """The downstream evaluation's planning step with ``--planner nnUNetPlannerResEncM``: the stock
+    ``nnUNetv2_plan_and_preprocess -d 981 -c 2d -pl nnUNetPlannerResEncM --verify_dataset_integrity`` (the
+    fingerprint of the stock planning reused), plus the CPU copy of its plans. Returns the preprocessed folder."""
+    plans = plan_and_preprocess(RawDataset(synthetic_example_dataset), nnunet_folders["nnUNet_preprocessed"],
+                                cpu_plans=True, configuration="2d", planner=RESENC_PLANNER)
+    assert plans == RESENC_CPU_PLANS
     return planned_dataset
 
 
@@ -111,3 +113,23 @@ def test_lesion_paste_trains_with_the_resenc_m_plans(resenc_planned, synthetic_e
     assert int(counts["pixels_added"]["2"]) > 0
     assert_residual_encoder_checkpoint(fold, "2d", load_plans(resenc_planned, RESENC_PLANS),
                                        load_plans(resenc_planned, RESENC_CPU_PLANS))
+
+
+@pytest.mark.slow
+def test_another_arm_gets_the_resenc_plans_and_their_preprocessed_cases(resenc_planned, synthetic_example_dataset,
+                                                                       nnunet_folders):
+    """The downstream evaluation plans its first arm and copies the plans to the others: with --planner
+    nnUNetPlannerResEncM the copies are the ResEnc M plans and their CPU copy (nnUNetPlans is not needed)."""
+    other = SimpleNamespace(name="Dataset982_SynthMixExampleResEncCopy")       # only its name is used
+    root = nnunet_folders["nnUNet_preprocessed"]
+    assert reuse_preprocessed(RawDataset(synthetic_example_dataset), other, root, RESENC_CPU_PLANS, "2d",
+                              RESENC_PLANNER) == RESENC_CPU_PLANS
+    target = root / other.name
+    assert sorted(path.name for path in target.glob("*Plans*.json")) == [f"{RESENC_PLANS}.json",
+                                                                        f"{RESENC_CPU_PLANS}.json"]
+    for name in (RESENC_PLANS, RESENC_CPU_PLANS):
+        copied, source = load_plans(target, name), load_plans(resenc_planned, name)
+        assert copied.pop("dataset_name") == other.name
+        assert copied == {key: value for key, value in source.items() if key != "dataset_name"}
+    assert sorted(path.name for path in (target / "nnUNetPlans_2d").iterdir()) == sorted(
+        path.name for path in (resenc_planned / "nnUNetPlans_2d").iterdir())
