@@ -2,7 +2,7 @@
 SynthMix and LesionPaste trainers, 2d, on the small real COVID example (Dataset981 of the trainer tests, planned
 by the stock planner first, so its fingerprint and preprocessed slices are reused).
 
-The ResEnc M plans are GPU plans (32..512 features, 6 residual blocks per deep stage, batch 12 on this example):
+The ResEnc M plans are GPU plans (32..512 features, 6 residual blocks per deep stage, batch 40 on this example):
 on a CPU the trainings use their CPU copy ``nnUNetResEncUNetMPlans_cpu`` (``cpu_plans.py``), which keeps the
 residual encoder, its blocks per stage, kernels, strides and patch, and narrows the features to 8..32 with batch 2.
 The 3d_fullres counterpart is in ``test_volumes.py`` (beside the MS volumes it reuses)."""
