@@ -8,6 +8,7 @@
       --real-cases 4 8 --generator-preset tiny --generator-steps 400
   nnsynth_evaluate downstream D --arms real_only copy_paste cbmat inpaint --test-patients 4 --real-cases 4 8 \
       --compare inpaint:copy_paste cbmat:copy_paste
+  nnsynth_evaluate downstream D --arms real_only copy_paste --planner nnUNetPlannerResEncM --plans default
   nnsynth_evaluate report D
 """
 import argparse
@@ -19,6 +20,7 @@ import torch
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
 from nnunet_synth.evaluation.downstream import BUDGET_TRAINERS, CONFIGURATIONS
+from nnunet_synth.evaluation.nnunet_runs import STOCK_PLANNER
 from nnunet_synth.evaluation.report import DOWNSTREAM_CSV, FIDELITY_JSON, FIDELITY_PREVIEW, record_command, write_report
 from nnunet_synth.generator.inpaint_training import (
     DEFAULT_INFERENCE_STEPS,
@@ -92,8 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     downstream.add_argument("--budget", choices=tuple(BUDGET_TRAINERS), default="demo",
                             help="SynthMix trainer: smoke 10 iterations, debug 20, short 100, medium 500, demo 250, "
                             "full nnU-Net's 1000 epochs (smoke, short and medium skip the fold's final validation)")
+    downstream.add_argument("--planner", default=STOCK_PLANNER, help=f"nnU-Net's experiment planner of every arm "
+                            f"(nnUNetv2_plan_and_preprocess -pl), e.g. nnUNetPlannerResEncM: plans "
+                            f"nnUNetResEncUNetMPlans (default {STOCK_PLANNER}: plans nnUNetPlans)")
     downstream.add_argument("--plans", choices=("cpu", "default"), default="cpu",
-                            help="cpu = small network for CPU runs; default = nnU-Net's own plans")
+                            help="cpu = a copy of the planner's plans with a small network for CPU runs "
+                            "(<plans>_cpu); default = the planner's own plans")
     downstream.add_argument("--fold", type=int, default=0)
     downstream.add_argument("--seed", type=int, default=0)
     downstream.add_argument("--first-id", type=int, default=700, help="dataset ids of the arms' copies start here")
@@ -223,7 +229,7 @@ def downstream_settings(args):
         raise NnsynthError("downstream needs arms: pass --arms (e.g. real_only oversample copy_paste mat cbmat) or "
                            "--generator NAME=FOLDER")
     return DownstreamSettings(generators=dict(args.generator), amounts=args.amounts,
-                              configuration=args.configuration, budget=args.budget,
+                              configuration=args.configuration, budget=args.budget, planner=args.planner,
                               cpu_plans=args.plans == "cpu", fold=args.fold, seed=args.seed,
                               inference_steps=args.inference_steps,
                               inpaint_inference_steps=args.inpaint_inference_steps, first_dataset_id=args.first_id,

@@ -172,6 +172,19 @@ def test_the_outputs_hold_the_differences_table_and_the_pass_rates(tmp_path):
     assert summary.index("difference to real only") < summary.index("### Paired differences")
 
 
+def test_the_report_names_the_configuration_and_plans_the_arms_trained(tmp_path):
+    """downstream.csv and report.md say which configuration and plans (e.g. the ResEnc preset's CPU copy) trained."""
+    from nnunet_synth.evaluation.downstream import write_outputs
+    from nnunet_synth.evaluation.report import write_report
+    runs = [dict(run, configuration="3d_fullres", plans="nnUNetResEncUNetMPlans_cpu")
+            for run in make_runs("real_only", BASE) + make_runs("copy_paste", BASE + 0.1)]
+    write_runs(tmp_path, runs)
+    rows = write_outputs(tmp_path)
+    assert {(row["configuration"], row["plans"]) for row in rows} == {("3d_fullres", "nnUNetResEncUNetMPlans_cpu")}
+    report = write_report(tmp_path).read_text()
+    assert "nnU-Net 3d_fullres with plans nnUNetResEncUNetMPlans_cpu, same plans" in report
+
+
 @pytest.fixture(scope="module")
 def example(nnunet_folders):
     from conftest import convert_example_subset

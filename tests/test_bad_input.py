@@ -650,13 +650,15 @@ def test_check_dataset_reports_a_fold_whose_cases_disagree_with_its_recipe(gener
 def test_bad_evaluation_options_are_refused_before_the_evaluation_folder_is_made(hu_copy, tmp_path, capsys):
     from nnunet_synth.dataset_tools import evaluate as evaluate_command
     output = tmp_path / "evaluation"
-    for argv, fragment in [(["fidelity", str(hu_copy), "--generator", "g=/nowhere", "--inference-steps", "0"],
-                            "--inference-steps"),
-                           (["fidelity", str(hu_copy), "--generator", "g=/nowhere", "--seeds", "-3"], "--seeds"),
-                           (["fidelity", str(hu_copy), "--generator", "g=/nowhere", "--device", "foo"], "--device"),
-                           (["downstream", str(hu_copy), "--arms", "real_only", "--amounts", "nan"], "--amounts"),
-                           (["downstream", str(hu_copy), "--arms", "real_only", "--repeats", "0"], "--repeats")]:
-        assert_refused(*run_main(evaluate_command.main, [*argv, "-o", str(output)], capsys), fragment)
+    for argv, *fragments in [(["fidelity", str(hu_copy), "--generator", "g=/nowhere", "--inference-steps", "0"],
+                              "--inference-steps"),
+                             (["fidelity", str(hu_copy), "--generator", "g=/nowhere", "--seeds", "-3"], "--seeds"),
+                             (["fidelity", str(hu_copy), "--generator", "g=/nowhere", "--device", "foo"], "--device"),
+                             (["downstream", str(hu_copy), "--arms", "real_only", "--amounts", "nan"], "--amounts"),
+                             (["downstream", str(hu_copy), "--arms", "real_only", "--repeats", "0"], "--repeats"),
+                             (["downstream", str(hu_copy), "--arms", "real_only", "--planner", "nnUNetPlannerResEncS"],
+                              "--planner nnUNetPlannerResEncS", "no experiment planner", "nnUNetPlannerResEncM")]:
+        assert_refused(*run_main(evaluate_command.main, [*argv, "-o", str(output)], capsys), *fragments)
         assert not output.exists()
 
 

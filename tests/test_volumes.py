@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from resenc import RESENC_CPU_PLANS, RESENC_PLANNER, RESENC_PLANS, assert_residual_encoder_checkpoint
 from sampled_fingerprint import write_sampled_fingerprint
 from scipy import ndimage
 
@@ -339,6 +340,69 @@ def test_the_paste_trainer_trains_3d_fullres_with_3d_donors_of_the_training_pati
     (prediction, header), (reference, reference_header) = predict_validation_patient(dataset, trainer, tmp_path,
                                                                                      trainers)
     assert prediction.shape == reference.shape and header.GetSpacing() == reference_header.GetSpacing()
+
+
+@pytest.fixture(scope="module")
+def ms_planned_resenc(ms_planned_3d):
+    """nnU-Net's residual-encoder preset M for Dataset515's 3d_fullres: the stock ``nnUNetv2_plan_experiment -pl
+    nnUNetPlannerResEncM`` (its 3d_fullres data identifier is the stock plans' ``nnUNetPlans_3d_fullres``, so the
+    cases ``ms_planned_3d`` preprocessed are those ``nnUNetv2_plan_and_preprocess -pl`` would write again; the 2d
+    test runs that command), and its CPU copy with the patch halved per axis (64 x 96 x 80 -> 32 x 48 x 32, a
+    tenth of the voxels: a full patch costs about 6 s per iteration on a CPU core). Its preprocessed folder."""
+    from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
+    planning = {name: value for name, value in environment().items() if name != "nnUNet_n_proc_DA"}  # 2.8.1's planner
+    result = subprocess.run(["nnUNetv2_plan_experiment", "-d", str(MS_ID), "-pl", RESENC_PLANNER], capture_output=True,
+                            text=True, env=planning, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    write_cpu_plans(ms_planned_3d, "3d_fullres", RESENC_PLANS, RESENC_CPU_PLANS, patch_scale=0.5)
+    return ms_planned_3d
+
+
+def train_resenc_3d(dataset, trainer, **extra_environment):
+    """The stock nnUNetv2_train 515 3d_fullres 0 -p nnUNetResEncUNetMPlans_cpu; the fold folder and synthmix.json."""
+    from nnunet_synth.dataset_tools.trainer_dir import trainer_directory
+    result = run(["nnUNetv2_train", MS_ID, "3d_fullres", "0", "-tr", trainer, "-p", RESENC_CPU_PLANS, "-device", "cpu"],
+                 timeout=1500, nnUNet_extTrainer=str(trainer_directory()), **extra_environment)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    fold = (Path(os.environ["nnUNet_results"]) / dataset.name / f"{trainer}__{RESENC_CPU_PLANS}__3d_fullres" /
+            "fold_0")
+    return fold, json.loads((fold / "synthmix.json").read_text())
+
+
+@pytest.mark.slow
+def test_synthmix_trains_3d_fullres_with_the_resenc_m_plans(ms_generated, ms_planned_resenc):
+    """nnUNetv2_train 515 3d_fullres 0 -tr nnUNetTrainerSynthMix_smoke -p nnUNetResEncUNetMPlans_cpu mixes fold 0's
+    copy-paste volumes from the 3d_fullres pool the stock plans share into the patches of a residual-encoder
+    UNet. (The stock prediction with these plans is tested in 2d, test_resenc.py: with the halved patch a 3D
+    prediction takes 36 sliding windows, 34 s on the 2-core test machine.)"""
+    dataset, _, _ = ms_generated
+    resenc = json.loads((ms_planned_resenc / f"{RESENC_PLANS}.json").read_text())
+    cpu = json.loads((ms_planned_resenc / f"{RESENC_CPU_PLANS}.json").read_text())
+    assert resenc["configurations"]["3d_fullres"]["data_identifier"] == "nnUNetPlans_3d_fullres"
+    assert resenc["configurations"]["3d_fullres"]["patch_size"] == [64, 96, 80]
+    assert cpu["configurations"]["3d_fullres"]["patch_size"] == [32, 48, 32]       # halved, divisible by 2^4
+    fold, summary = train_resenc_3d(dataset, "nnUNetTrainerSynthMix_smoke", nnsynth_ratio="0.5",
+                                    nnsynth_min_quality="none")
+    store = SyntheticStore(dataset)
+    assert summary["configuration"] == "3d_fullres" and summary["settings"]["ratio"] == 0.5
+    assert summary["used_synthetic_cases"] == store.complete_case_ids("0")
+    assert summary["pool_folder"] == str(pool_folder(ms_planned_resenc, "nnUNetPlans_3d_fullres"))
+    assert_residual_encoder_checkpoint(fold, "3d_fullres", resenc, cpu)
+
+
+@pytest.mark.slow
+def test_the_paste_trainer_trains_3d_fullres_with_the_resenc_m_plans(ms_generated, ms_planned_resenc):
+    """nnUNetv2_train 515 3d_fullres 0 -tr nnUNetTrainerLesionPaste_smoke -p nnUNetResEncUNetMPlans_cpu pastes 3D
+    lesion components of fold 0's training patients into the patches of a residual-encoder UNet."""
+    dataset, _, _ = ms_generated
+    fold, summary = train_resenc_3d(dataset, "nnUNetTrainerLesionPaste_smoke", nnsynth_paste_probability="1")
+    split = json.loads((ms_planned_resenc / "splits_final.json").read_text())[0]
+    paste = summary["lesion_paste"]
+    assert set(paste["donor_cases"]) <= set(split["train"]) and paste["counts"]["samples_pasted"] > 0
+    assert int(paste["counts"]["pixels_added"]["1"]) > 0
+    resenc, cpu = (json.loads((ms_planned_resenc / f"{name}.json").read_text()) for name in (RESENC_PLANS,
+                                                                                             RESENC_CPU_PLANS))
+    assert_residual_encoder_checkpoint(fold, "3d_fullres", resenc, cpu)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,11 @@ Configurations (``configuration``): every arm plans, trains and predicts the sam
 patches (``3d_fullres``, ``3d_lowres``) a synthetic case is a whole real volume with lesions added (copy-paste or
 inpaint, unit "volume"), the amounts count volumes, and whole-slice generator arms are refused.
 
+Planner (``planner``): every arm is planned by the same nnU-Net experiment planner, the stock ``ExperimentPlanner``
+(plans ``nnUNetPlans``) or e.g. the residual-encoder preset ``nnUNetPlannerResEncM`` (plans
+``nnUNetResEncUNetMPlans``); with ``cpu_plans`` the arms train the small CPU copy of those plans (``<plans>_cpu``,
+``cpu_plans.py``).
+
 Every arm is a copy of the real dataset (files copied, the user's dataset is never written to) under its own
 dataset id, so each arm has its own synthetic store, preprocessed folder and results folder. nnU-Net plans and
 preprocesses the first arm of a setting; the other arms, copies of the same real files, get copies of its plans and
@@ -55,7 +60,14 @@ from nnunet_synth.evaluation.arm_generators import (
     check_arm_generator,
     train_arm_generator,
 )
-from nnunet_synth.evaluation.nnunet_runs import plan_and_preprocess, predict_and_score, reuse_preprocessed, train
+from nnunet_synth.evaluation.nnunet_runs import (
+    STOCK_PLANNER,
+    plan_and_preprocess,
+    planner_plans_name,
+    predict_and_score,
+    reuse_preprocessed,
+    train,
+)
 from nnunet_synth.evaluation.patients import PatientSplit, split_patients
 from nnunet_synth.evaluation.statistics import (
     DICE_FILE,
@@ -94,6 +106,7 @@ class DownstreamSettings:
                                                             # (volume)
     configuration: str = "2d"               # the nnU-Net configuration every arm trains and predicts
     budget: str = "demo"
+    planner: str = STOCK_PLANNER            # nnU-Net's experiment planner (-pl) of every arm, e.g. nnUNetPlannerResEncM
     cpu_plans: bool = True
     fold: int = 0
     seed: int = 0
@@ -401,9 +414,9 @@ def run_setting(dataset: RawDataset, settings: DownstreamSettings, setting: str,
             write_pass_rate(arm, arm_dataset, settings, setting, arm_folder)
         if planned is None:
             planned = arm_dataset, plan_and_preprocess(arm_dataset, preprocessed_root, settings.cpu_plans,
-                                                       settings.configuration)
+                                                       settings.configuration, settings.planner)
         plans = planned[1] if planned[0] is arm_dataset else reuse_preprocessed(
-            planned[0], arm_dataset, preprocessed_root, planned[1], settings.configuration)
+            planned[0], arm_dataset, preprocessed_root, planned[1], settings.configuration, settings.planner)
         for repeat, run_folder in enumerate(run_folders):
             if (run_folder / DICE_FILE).is_file():
                 runs.append(json.loads((run_folder / DICE_FILE).read_text()))
@@ -475,10 +488,11 @@ def check_online_paste_donors(settings: DownstreamSettings, splits: dict):
 
 
 def check_downstream_settings(settings: DownstreamSettings, dataset: RawDataset = None):
-    """Unknown arm names, generators of the wrong mode, arms a configuration cannot train, unknown --compare
-    names and (given the dataset) an online paste arm without donors stop here, before anything is copied or
-    trained."""
+    """Unknown arm names, generators of the wrong mode, arms a configuration cannot train, an unknown planner,
+    unknown --compare names and (given the dataset) an online paste arm without donors stop here, before anything
+    is copied or trained."""
     plan_arms(settings)
+    planner_plans_name(settings.planner)
     check_configuration(settings)
     check_compared_arms(settings)
     if dataset is not None and settings.chooses_patients:
@@ -507,6 +521,7 @@ def write_outputs(output_folder: Path, compare=None) -> list:
     runs.sort(key=lambda run: (run["setting"], arm_order(run), run["repeat"]))
     rows = [{key: run[key] for key in ("setting", "arm", "label", "amount", "ratio", "rare_oversampling", "repeat",
                                        "seed", "dataset", "fold", "evaluated_on")}
+            | {"configuration": run.get("configuration", "2d"), "plans": run.get("plans", "")}
             | {f"dice_{name}": round(value, 4) for name, value in run["mean"].items()} for run in runs]
     write_rows_csv(rows, output_folder / "downstream.csv")
     summary = summarize_runs(runs)

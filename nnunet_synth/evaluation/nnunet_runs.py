@@ -1,4 +1,6 @@
 """The stock nnU-Net commands as a user runs them (subprocesses), for the demo and the downstream evaluation."""
+import functools
+import inspect
 import json
 import os
 import shutil
@@ -12,7 +14,32 @@ from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.trainer_lookup import ext_trainer_value
 
-CPU_PLANS = "nnUNetPlans_cpu"
+STOCK_PLANNER = "ExperimentPlanner"            # nnUNetv2_plan_and_preprocess's default -pl
+CPU_SUFFIX = "_cpu"
+CPU_PLANS = "nnUNetPlans" + CPU_SUFFIX
+RESENC_PLANNERS = ("nnUNetPlannerResEncM", "nnUNetPlannerResEncL", "nnUNetPlannerResEncXL")
+
+
+@functools.lru_cache(maxsize=None)
+def planner_plans_name(planner: str) -> str:
+    """The plans name nnU-Net's experiment planner class ``planner`` writes (its ``plans_name`` default):
+    ``nnUNetPlans`` for ExperimentPlanner, ``nnUNetResEncUNetMPlans`` for nnUNetPlannerResEncM, ... The class is
+    found as ``nnUNetv2_plan_and_preprocess -pl`` finds it."""
+    import nnunetv2
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+    planner_class = recursive_find_python_class(str(Path(nnunetv2.__path__[0]) / "experiment_planning"), planner,
+                                                current_module="nnunetv2.experiment_planning")
+    if not isinstance(planner_class, type) or not issubclass(planner_class, ExperimentPlanner):
+        raise NnsynthError(f"--planner {planner}: nnU-Net has no experiment planner of that name: use "
+                           f"{STOCK_PLANNER} (nnU-Net's default), {', '.join(RESENC_PLANNERS)} (the residual-encoder "
+                           f"presets) or another planner class under nnunetv2/experiment_planning")
+    plans_name = inspect.signature(planner_class).parameters.get("plans_name")
+    if plans_name is None or not isinstance(plans_name.default, str):
+        raise NnsynthError(f"--planner {planner}: {planner_class.__module__}.{planner} has no default plans name "
+                           f"(its plans_name argument), so the plans it writes are not known here: use a planner "
+                           f"that has one, e.g. {STOCK_PLANNER} or {RESENC_PLANNERS[0]}")
+    return plans_name.default
 
 
 def run_stock_command(args, unset=(), **environment):
@@ -31,30 +58,32 @@ def run_stock_command(args, unset=(), **environment):
     return result
 
 
-def plan_and_preprocess(dataset: RawDataset, preprocessed_root, cpu_plans: bool, configuration: str = "2d") -> str:
-    """Stock planning and preprocessing of ``configuration``; with ``cpu_plans`` also the small CPU plans. Returns
-    the plans name."""
+def plan_and_preprocess(dataset: RawDataset, preprocessed_root, cpu_plans: bool, configuration: str = "2d",
+                        planner: str = STOCK_PLANNER) -> str:
+    """Stock planning (``-pl planner``) and preprocessing of ``configuration``; with ``cpu_plans`` also the small
+    CPU plans (``<plans>_cpu``). Returns the plans name to train with."""
     from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
     # nnUNet_n_proc_DA=0 makes nnU-Net 2.8's planner call torch.set_num_threads(0): leave it out here
     dataset_id = dataset.name.split("_")[0][len("Dataset"):]        # this command takes ids only
-    run_stock_command(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", configuration, "-np", "1", "-npfp",
-                       "1", "--verify_dataset_integrity"], unset=["nnUNet_n_proc_DA"])
+    run_stock_command(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", configuration, "-pl", planner, "-np",
+                       "1", "-npfp", "1", "--verify_dataset_integrity"], unset=["nnUNet_n_proc_DA"])
+    plans = planner_plans_name(planner)
     if not cpu_plans:
-        return "nnUNetPlans"
-    write_cpu_plans(Path(preprocessed_root) / dataset.name, configuration, "nnUNetPlans", CPU_PLANS)
-    return CPU_PLANS
+        return plans
+    write_cpu_plans(Path(preprocessed_root) / dataset.name, configuration, plans, plans + CPU_SUFFIX)
+    return plans + CPU_SUFFIX
 
 
 def reuse_preprocessed(planned: RawDataset, dataset: RawDataset, preprocessed_root, plans: str,
-                       configuration: str = "2d") -> str:
+                       configuration: str = "2d", planner: str = STOCK_PLANNER) -> str:
     """Give ``dataset`` the plans and preprocessed cases of ``planned``, an arm of the same setting planned by
     ``plan_and_preprocess``: both hold copies of the same real files, so nnU-Net would plan and preprocess them
-    the same, and every arm of a setting then trains on the same plans. Copies the fingerprint, the plans (with
-    nnU-Net's ``dataset_name`` rewritten: the trainer finds the preprocessed folder by it), the configuration's
-    preprocessed cases and ``gt_segmentations/``; returns the plans name."""
+    the same, and every arm of a setting then trains on the same plans. Copies the fingerprint, the plans
+    ``planner`` wrote and ``plans`` (with nnU-Net's ``dataset_name`` rewritten: the trainer finds the preprocessed
+    folder by it), the configuration's preprocessed cases and ``gt_segmentations/``; returns the plans name."""
     from nnunet_synth.atomic import copy_file_atomic, write_json_atomic
     source, target = Path(preprocessed_root) / planned.name, Path(preprocessed_root) / dataset.name
-    plan_names = dict.fromkeys(["nnUNetPlans", plans])
+    plan_names = dict.fromkeys([planner_plans_name(planner), plans])
     data_identifiers = set()
     for name in plan_names:
         content = json.loads((source / f"{name}.json").read_text())

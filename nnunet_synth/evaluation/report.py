@@ -65,8 +65,10 @@ def downstream_section(folder: Path, raw_root: Path = None) -> str:
               "seed"] + [c.replace("dice_", "Dice ") for c in dice_columns]
     table = [[row["setting"], row["label"], row["amount"], row["ratio"], row["rare_oversampling"], row["repeat"],
               row["seed"]] + [row[c] for c in dice_columns] for row in rows]
-    text = ["## Downstream", "", f"nnU-Net 2d, same plans, split, budget and test set for every arm of a setting; "
-            f"evaluated on {rows[0]['evaluated_on']}."]
+    trained = ", ".join(dict.fromkeys(f"{row.get('configuration') or '2d'}"
+                                      + (f" with plans {row['plans']}" if row.get("plans") else "") for row in rows))
+    text = ["## Downstream", "", f"nnU-Net {trained}, same plans, split, budget and test set for every arm of a "
+            f"setting; evaluated on {rows[0]['evaluated_on']}."]
     if (folder / SUMMARY_MD).is_file():
         text += ["", "Mean Dice over runs and test cases; sd over the runs' means; 95 % intervals by bootstrap over "
                  "runs and test cases; differences paired by seed and test case.", "",
