@@ -42,6 +42,7 @@ LONGEST_FILES_FIRST = (
     "test_generate.py",
     "test_bad_input.py",
     "test_trainer_synthmix.py",
+    "test_real_datasets.py",        # lesion-free cases, absent classes, any budget, label geometry: stock runs
     "test_resenc.py",               # the ResEnc M planning and two 2d trainings
     "test_any_dataset.py",
     "test_balancing_any_dataset.py",

@@ -1,15 +1,15 @@
 """Real datasets as they come: what nnU-Net trains on is accepted, on copies of the real data.
 
-- Dataset960: 2D, binary (background + tumour, no host class), one case per real STS CT slice; a third of the cases
+- Dataset930: 2D, binary (background + tumour, no host class), one case per real STS CT slice; a third of the cases
   are lesion-free slices (the tumour-free margin of each crop). Checked, balanced (lesion-free cases are targets,
   never donors, and the new maps hold more tumour per map than the real tumour-bearing ones), planned, trained
   with SynthMix and the paste trainer and predicted with the stock commands.
-- Dataset961: 3D, binary, whole STS volumes (downsampled) and two lesion-free volumes (the tumour-free slab of two
+- Dataset931: 3D, binary, whole STS volumes (downsampled) and two lesion-free volumes (the tumour-free slab of two
   further patients); balanced as whole volumes, lesion-free volumes as targets.
-- Dataset962: normal lung and two lesion types (the COVID slices' lesions split by density), the denser type only in
+- Dataset932: normal lung and two lesion types (the COVID slices' lesions split by density), the denser type only in
   fold 0's validation cases: fold 0 runs, balances the other type and names the missing one.
-- Dataset963: region-based labels (``"lesion": [1, 2], "consolidation": 2``) with ``-n 4``: exactly four cases.
-- Dataset964: a copy of Dataset960 whose first label's origin differs from its image's (nnU-Net warns): accepted
+- Dataset933: region-based labels (``"lesion": [1, 2], "consolidation": 2``) with ``-n 4``: exactly four cases.
+- Dataset934: a copy of Dataset930 whose first label's origin differs from its image's (nnU-Net warns): accepted
   with one warning, synthetic cases in the image's geometry.
 """
 import json
@@ -32,7 +32,7 @@ from nnunet_synth.masks import body_mask
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 STS_SOURCE = SHARED_DATA / "sts_ct_3d"
-SLICES_ID, VOLUMES_ID, ABSENT_ID, REGIONS_ID, ORIGIN_ID = 960, 961, 962, 963, 964
+SLICES_ID, VOLUMES_ID, ABSENT_ID, REGIONS_ID, ORIGIN_ID, LESION_FREE_ONLY_ID = 930, 931, 932, 933, 934, 935
 STS_PATIENTS = 10                       # the first ten patients that have a tumour-free margin
 TUMOUR_FREE_MARGIN = 14                 # slices 0..13 of these crops hold no tumour (checked when built)
 PER_MAP_RAISED = 1.5
@@ -68,7 +68,7 @@ def write_patient_splits(dataset_folder, preprocessed_root, patient_of: dict, nu
 
 
 def build_sts_slices(folder, preprocessed_root):
-    """Dataset960: per patient two tumour slices (its largest tumour section and the slice halfway to the tumour's
+    """Dataset930: per patient two tumour slices (its largest tumour section and the slice halfway to the tumour's
     top) and one tumour-free slice of its margin, 2x coarser in-plane, as 2D cases."""
     patient_of = {}
     for patient, ct, mask, spacing in sts_patients():
@@ -89,7 +89,7 @@ def build_sts_slices(folder, preprocessed_root):
 
 
 def build_sts_volumes(folder):
-    """Dataset961: five whole STS volumes (3x coarser in-plane) and the tumour-free slab of two more patients."""
+    """Dataset931: five whole STS volumes (3x coarser in-plane) and the tumour-free slab of two more patients."""
     patients = sts_patients()[:7]
     for index, (patient, ct, mask, spacing) in enumerate(patients):
         keep = slice(None) if index < 5 else slice(0, TUMOUR_FREE_MARGIN)
@@ -274,8 +274,8 @@ def test_a_class_absent_from_the_folds_training_cases_is_named_and_the_fold_runs
 
 
 def test_a_fold_without_any_pathology_pixel_is_refused_in_one_line(sts_slices, nnunet_folders, capsys):
-    """Only the lesion-free cases of Dataset960, as a dataset: nothing to balance in any fold."""
-    folder = nnunet_folders["nnUNet_raw"] / "Dataset965_STSLesionFreeOnly"
+    """Only the lesion-free cases of Dataset930, as a dataset: nothing to balance in any fold."""
+    folder = nnunet_folders["nnUNet_raw"] / f"Dataset{LESION_FREE_ONLY_ID}_STSLesionFreeOnly"
     free = [c for c in sts_slices.case_ids if lesion_free(sts_slices, c)]
     for case_id in free:
         for source, target in ((sts_slices.cases[case_id]["images"][0], f"imagesTr/{case_id}_0000.nii.gz"),
