@@ -62,12 +62,6 @@ def check_role_names(dataset: RawDataset, balancing: BalancingSettings):
                                f"{list(dataset.labels)}): use label names")
 
 
-def class_roles(dataset: RawDataset, label_maps, balancing: BalancingSettings, dataset_counts=None):
-    """Host and pathology classes (values) of ``label_maps``: named in ``balancing`` (label names; host ``[]`` =
-    none), else the defaults of ``nnunet_synth.masks.default_class_roles``; see ``class_roles_from_counts``."""
-    return class_roles_from_counts(dataset, pixel_counts(label_maps, dataset.num_classes), balancing, dataset_counts)
-
-
 def class_roles_from_counts(dataset: RawDataset, counts, balancing: BalancingSettings, dataset_counts=None):
     """Host and pathology classes (values) from pixel counts per label value (a fold's training cases). nnU-Net's
     ignore label (unannotated pixels) is never either: it is not counted, never copied and never pasted over, so
