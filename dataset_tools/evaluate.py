@@ -10,6 +10,7 @@
       --compare inpaint:copy_paste cbmat:copy_paste
   nnsynth_evaluate downstream D --arms real_only copy_paste --planner nnUNetPlannerResEncM --plans default
   nnsynth_evaluate report D
+  nnsynth_evaluate lesions PREDICTION_FOLDER LABEL_FOLDER -d D [--bins 20 200] [-o lesions.json]
 """
 import argparse
 import os
@@ -72,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a trained generator (run folder or final/); repeat to compare")
         sub.add_argument("--inference-steps", type=int, default=50, help="DDIM steps")
         sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    lesions = commands.add_parser("lesions", help="per-lesion metrics of a prediction folder (docs/evaluation.md)")
+    lesions.add_argument("predictions", help="folder of predicted label maps")
+    lesions.add_argument("labels", help="folder of the reference label maps (same file names)")
+    lesions.add_argument("-d", "--dataset", required=True, help="dataset folder, name or id (labels, file ending)")
+    lesions.add_argument("--bins", nargs="+", metavar="EDGE", help="size-bin edges in mm^2 (2D) or "
+                         "mm^3 (3D) for every class (default: terciles of the reference lesions of LABEL_FOLDER)")
+    lesions.add_argument("-o", "--output", help="write the metrics to this json file (default: print only)")
     fidelity = commands.choices["fidelity"]
     fidelity.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     fidelity.add_argument("--max-slices", type=int, help="at most this many held-out slices (evenly spread)")
@@ -251,9 +259,26 @@ def run_downstream_command(args, dataset: RawDataset, folder: Path, settings):
           f"{folder / 'downstream.png'}")
 
 
+def run_lesions_command(args):
+    """Per-lesion metrics of any prediction folder; everything is checked before the output is written."""
+    from nnunet_synth.atomic import write_json_atomic
+    from nnunet_synth.evaluation.lesions import check_size_bins, dataset_lesion_metrics, format_lesion_table
+    bins = check_size_bins(args.bins) if args.bins is not None else None
+    dataset = RawDataset.from_name(args.dataset)
+    if args.output and not Path(args.output).parent.is_dir():
+        raise NnsynthError(f"{args.output}: its folder does not exist: create it or pass another -o")
+    result = dataset_lesion_metrics(args.predictions, args.labels, dataset, bins)
+    print(format_lesion_table(result))
+    if args.output:
+        write_json_atomic(result, Path(args.output))
+        print(f"lesions: {args.output}")
+
+
 @command_entry_point
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command == "lesions":
+        return run_lesions_command(args)
     dataset = RawDataset.from_name(args.dataset)
     check_evaluation_request(dataset, args.command, args)     # before the folder is made or anything runs
     if args.command == "downstream":
