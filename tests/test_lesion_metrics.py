@@ -116,3 +116,68 @@ def test_real_covid_labels_with_smallest_lesions_dropped(tmp_path, capsys):
                                           dataset.folder, "-o", bad], capsys)
     assert code != 0 and err.startswith("nnsynth: error:") and len(err.strip().splitlines()) == 1
     assert not bad.exists()
+
+
+def test_downstream_runs_get_lesions_and_paired_differences(tmp_path):
+    """Two stored arms (predictions kept, no lesions.json, as after a rerun of a finished experiment): each run gets
+    its lesions.json with the experiment's bins, and the summary its per-lesion table and paired differences."""
+    import csv
+
+    from nnunet_synth.dataset import RawDataset
+    from nnunet_synth.evaluation.downstream import SUMMARY_MD, write_outputs
+    from nnunet_synth.evaluation.downstream_lesions import (
+        BINS_FILE,
+        LESION_DIFFERENCES_CSV,
+        LESION_SUMMARY_CSV,
+        write_run_lesions,
+    )
+    dataset = RawDataset(convert_example_subset(tmp_path / "raw", 602, "LesionRuns"))
+    value = max(dataset.labels.values())
+    lesion_class = max(dataset.labels, key=dataset.labels.get)
+    reader = dataset.reader_writer()
+    output = tmp_path / "evaluation"
+    for arm, drop in (("real_only", True), ("copy_paste", False)):
+        for repeat in (0, 1):
+            folder = output / "runs" / "all" / (arm if arm == "real_only" else f"{arm}_x1") / f"repeat{repeat}"
+            (folder / "predictions").mkdir(parents=True)
+            cases = {}
+            for case_id in dataset.case_ids:
+                segmentation, properties = reader.read_seg(str(dataset.cases[case_id]["label"]))
+                reference = segmentation[0] == value
+                components, count = ndimage.label(reference, structure=np.ones((3, 3, 3)))
+                if drop and count >= 2:
+                    smallest = 1 + int(np.argmin(np.bincount(components.ravel())[1:]))
+                    segmentation[0][components == smallest] = 0
+                predicted = segmentation[0] == value
+                cases[case_id] = {lesion_class: 2 * float((reference & predicted).sum()) /
+                                  max(1.0, float(reference.sum() + predicted.sum()))}
+                reader.write_seg(segmentation[0], str(folder / "predictions" / f"{case_id}{dataset.file_ending}"),
+                                 properties)
+            run = {"setting": "all", "arm": arm, "label": folder.parent.name, "amount": 0.0 if drop else 1.0,
+                   "ratio": 0.0 if drop else 0.5, "rare_oversampling": 0.0, "repeat": repeat, "seed": repeat,
+                   "dataset": dataset.name, "fold": 0, "evaluated_on": "every case",
+                   "mean": {lesion_class: float(np.mean([c[lesion_class] for c in cases.values()]))}, "cases": cases}
+            (folder / "dice.json").write_text(json.dumps(run))
+            write_run_lesions(dataset, folder, dataset.folder / "labelsTr", output)
+    bins = json.loads((output / BINS_FILE).read_text())["size_bins"][lesion_class]
+    assert len(bins) == 2 and bins[0] < bins[1]
+    stored = output / "runs" / "all" / "real_only" / "repeat0" / "lesions.json"
+    first = json.loads(stored.read_text())
+    assert first["size_bins"][lesion_class] == bins and first["pooled"][lesion_class]["false_positives"] == 0
+    stored.unlink()                           # a stored run without lesions.json gets it again, the same
+    write_run_lesions(dataset, stored.parent, dataset.folder / "labelsTr", output)
+    assert json.loads(stored.read_text()) == first
+    write_outputs(output)
+    with open(output / LESION_SUMMARY_CSV) as handle:
+        summary = {(row["label"], row["class"]): row for row in csv.DictReader(handle)}
+    small = f"{lesion_class} sensitivity < {bins[0]:g}"
+    assert float(summary[("copy_paste_x1", small)]["mean"]) == 1.0
+    assert float(summary[("real_only", small)]["mean"]) < 1.0
+    assert float(summary[("real_only", f"{lesion_class} FP")]["mean"]) == 0.0
+    with open(output / LESION_DIFFERENCES_CSV) as handle:
+        differences = {(row["arm"], row["other"], row["class"]): row for row in csv.DictReader(handle)}
+    assert float(differences[("copy_paste_x1", "real_only", small)]["diff"]) > 0
+    assert float(differences[("copy_paste_x1", "real_only", f"{lesion_class} FP")]["diff"]) == 0
+    text = (output / SUMMARY_MD).read_text()
+    assert "### Per-lesion metrics" in text and text.index("mean Dice") < text.index("### Per-lesion metrics")
+    assert f"| all | copy_paste_x1 | {small} | 2 x " in text

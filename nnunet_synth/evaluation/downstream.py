@@ -60,6 +60,7 @@ from nnunet_synth.evaluation.arm_generators import (
     check_arm_generator,
     train_arm_generator,
 )
+from nnunet_synth.evaluation.downstream_lesions import write_lesion_outputs, write_run_lesions
 from nnunet_synth.evaluation.nnunet_runs import (
     STOCK_PLANNER,
     plan_and_preprocess,
@@ -396,6 +397,9 @@ def run_setting(dataset: RawDataset, settings: DownstreamSettings, setting: str,
         arm_folder = output_folder / "runs" / setting / arm.label
         if all((folder / DICE_FILE).is_file() for folder in run_folders):       # a finished arm of a rerun
             runs += [json.loads((folder / DICE_FILE).read_text()) for folder in run_folders]
+            for folder in run_folders:
+                write_run_lesions(dataset, folder, evaluation_cases(arm_dataset, settings.fold, test_images,
+                                                                    test_labels)[1], output_folder)
             if arm.synthetic and not (arm_folder / GATE_FILE).is_file():
                 write_pass_rate(arm, arm_dataset, settings, setting, arm_folder)
             continue
@@ -425,6 +429,8 @@ def run_setting(dataset: RawDataset, settings: DownstreamSettings, setting: str,
                   f"(seed {settings.seed + repeat})", flush=True)
             runs.append(run_repeat(arm, arm_dataset, settings, plans, repeat, run_folder, setting,
                                    preprocessed_root, test_images, test_labels))
+            write_run_lesions(dataset, run_folder, evaluation_cases(arm_dataset, settings.fold, test_images,
+                                                                    test_labels)[1], output_folder)
             model = _model_folder(arm, arm_dataset, settings, plans)
             if repeat < settings.repeats - 1 and model.is_dir():     # the next run starts from an empty folder
                 shutil.rmtree(run_folder / "model", ignore_errors=True)
@@ -532,9 +538,11 @@ def write_outputs(output_folder: Path, compare=None) -> list:
                    output_folder / DIFFERENCES_CSV, DIFFERENCE_COLUMNS)
     gate_files = sorted((output_folder / "runs").glob(f"*/*/{GATE_FILE}"))
     pass_rates = [json.loads(path.read_text()) for path in gate_files]
+    lesions = write_lesion_outputs(output_folder, compare, write_rows_csv)
     with atomic_path(output_folder / SUMMARY_MD, suffix=".md") as temp_name:
-        Path(temp_name).write_text("\n\n".join([markdown_summary(summary), markdown_differences(differences),
-                                                 markdown_pass_rates(pass_rates)]) + "\n")
+        Path(temp_name).write_text("\n\n".join([markdown_summary(summary), markdown_differences(differences)]
+                                                + ([lesions] if lesions else []) + [markdown_pass_rates(pass_rates)])
+                                   + "\n")
     plot_downstream(runs, summary, output_folder / "downstream.png")
     return rows
 

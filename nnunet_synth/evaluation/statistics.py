@@ -221,8 +221,8 @@ def verdict(row: dict) -> str:
     return "not different"
 
 
-def markdown_summary(rows: list) -> str:
-    header = ["setting", "arm", "class", "runs x cases", "mean Dice", "sd (runs)", "95 % interval",
+def markdown_summary(rows: list, value_name: str = "mean Dice") -> str:
+    header = ["setting", "arm", "class", "runs x cases", value_name, "sd (runs)", "95 % interval",
               "difference to real only [95 % interval]", "beyond the interval?"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
