@@ -11,6 +11,9 @@ from scipy import ndimage
 
 from nnunet_synth.evaluation.lesions import lesion_metrics, per_case_values
 
+SLICE_STRUCTURE = np.ones((3, 3, 3))
+SLICE_STRUCTURE[0] = SLICE_STRUCTURE[2] = 0      # the COVID files stack independent slices (nnsynth_unit slice)
+
 
 def write(array, path, spacing):
     image = sitk.GetImageFromArray(array.astype(np.uint8))
@@ -44,8 +47,8 @@ def test_2d_missed_split_and_false_positives(tmp_path):
         {"< 1": (1, 0), "1-3": (1, 1), ">= 3": (1, 1)}
     assert sorted(result["per_case"]["a"]["lesion"]["sizes"]) == [0.25, 2.25, 4.0]
     values = per_case_values(result)
-    assert values["a"]["lesion sensitivity < 1"] == 0.0 and values["a"]["lesion FP"] == 2.0
-    assert values["b"]["lesion lesion F1"] is None and values["b"]["lesion sensitivity < 1"] is None
+    assert values["a"]["lesion: sensitivity < 1"] == 0.0 and values["a"]["lesion: FP"] == 2.0
+    assert values["b"]["lesion: lesion F1"] is None and values["b"]["lesion: sensitivity < 1"] is None
 
 
 def test_3d_per_class_split_and_terciles(tmp_path):
@@ -70,6 +73,12 @@ def test_3d_per_class_split_and_terciles(tmp_path):
     cells = a["sensitivity_per_bin"]
     assert cells["< 28.667"]["detected"] == 1 and cells[">= 41.333"]["detected"] == 1
     assert math.isnan(cells["28.667-41.333"]["sensitivity"])
+    per_slice = lesion_metrics(tmp_path / "predictions", tmp_path / "labels", {"a": 1, "b": 2}, ".nii.gz",
+                               size_bins=[5], per_slice=True)
+    a = per_slice["classes"]["a"]            # 2 + 3 slices of lesion; slice 6 of the second is missed
+    assert per_slice["unit"] == "mm^2" and (a["reference_lesions"], a["detected"]) == (5, 3)
+    assert {name: (cell["lesions"], cell["detected"]) for name, cell in a["sensitivity_per_bin"].items()} == \
+        {"< 5": (2, 1), ">= 5": (3, 2)}                 # 4 mm^2 slices of the first lesion, 9 mm^2 of the second
 
 
 def test_real_covid_labels_with_smallest_lesions_dropped(tmp_path, capsys):
@@ -84,7 +93,7 @@ def test_real_covid_labels_with_smallest_lesions_dropped(tmp_path, capsys):
     for case_id in dataset.case_ids:
         label_file = dataset.cases[case_id]["label"]
         segmentation, properties = reader.read_seg(str(label_file))
-        components, count = ndimage.label(segmentation[0] == value, structure=np.ones((3, 3, 3)))
+        components, count = ndimage.label(segmentation[0] == value, structure=SLICE_STRUCTURE)
         total += count
         if count >= 2:                       # the prediction misses the case's smallest lesion
             sizes = np.bincount(components.ravel())[1:]
@@ -98,6 +107,7 @@ def test_real_covid_labels_with_smallest_lesions_dropped(tmp_path, capsys):
     assert code == 0, out
     result = json.loads(output.read_text())
     metrics = result["classes"][lesion_class]
+    assert result["unit"] == "mm^2" and result["connectivity"].endswith("per slice")
     assert metrics["reference_lesions"] == total and metrics["detected"] == total - dropped
     assert metrics["false_positives"] == 0 and metrics["precision"] == 1.0
     cells = list(metrics["sensitivity_per_bin"].values())
@@ -144,7 +154,7 @@ def test_downstream_runs_get_lesions_and_paired_differences(tmp_path):
             for case_id in dataset.case_ids:
                 segmentation, properties = reader.read_seg(str(dataset.cases[case_id]["label"]))
                 reference = segmentation[0] == value
-                components, count = ndimage.label(reference, structure=np.ones((3, 3, 3)))
+                components, count = ndimage.label(reference, structure=SLICE_STRUCTURE)
                 if drop and count >= 2:
                     smallest = 1 + int(np.argmin(np.bincount(components.ravel())[1:]))
                     segmentation[0][components == smallest] = 0
@@ -170,14 +180,14 @@ def test_downstream_runs_get_lesions_and_paired_differences(tmp_path):
     write_outputs(output)
     with open(output / LESION_SUMMARY_CSV) as handle:
         summary = {(row["label"], row["class"]): row for row in csv.DictReader(handle)}
-    small = f"{lesion_class} sensitivity < {bins[0]:g}"
+    small = f"{lesion_class}: sensitivity < {bins[0]:g}"
     assert float(summary[("copy_paste_x1", small)]["mean"]) == 1.0
     assert float(summary[("real_only", small)]["mean"]) < 1.0
-    assert float(summary[("real_only", f"{lesion_class} FP")]["mean"]) == 0.0
+    assert float(summary[("real_only", f"{lesion_class}: FP")]["mean"]) == 0.0
     with open(output / LESION_DIFFERENCES_CSV) as handle:
         differences = {(row["arm"], row["other"], row["class"]): row for row in csv.DictReader(handle)}
     assert float(differences[("copy_paste_x1", "real_only", small)]["diff"]) > 0
-    assert float(differences[("copy_paste_x1", "real_only", f"{lesion_class} FP")]["diff"]) == 0
+    assert float(differences[("copy_paste_x1", "real_only", f"{lesion_class}: FP")]["diff"]) == 0
     text = (output / SUMMARY_MD).read_text()
     assert "### Per-lesion metrics" in text and text.index("mean Dice") < text.index("### Per-lesion metrics")
     assert f"| all | copy_paste_x1 | {small} | 2 x " in text

@@ -32,28 +32,35 @@ def _reader(file_ending: str, example_file):
                                                     verbose=False)()
 
 
-def read_label_map(path, reader):
+def read_label_map(path, reader, per_slice: bool = False):
     """(integer label array without nnU-Net's channel axis, size of one pixel/voxel, unit). nnU-Net reads a 2D
-    file as one slice (shape 1 x Y x X); its area is the product of the in-plane spacing."""
+    file as one slice (shape 1 x Y x X); its area is the product of the in-plane spacing. ``per_slice``: the file
+    is a stack of independent slices (``nnsynth_unit`` "slice"), kept 3D and measured in mm^2."""
     segmentation, properties = reader.read_seg(str(path))
     array = np.asarray(segmentation[0]).astype(np.int64)
     spacing = [float(s) for s in properties["spacing"]]
     if array.shape[0] == 1:
         return array[0], float(np.prod(spacing[-2:])), "mm^2"
+    if per_slice:
+        return array, float(np.prod(spacing[-2:])), "mm^2"
     return array, float(np.prod(spacing)), "mm^3"
 
 
-def _components(mask: np.ndarray):
-    return ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, mask.ndim))
+def _components(mask: np.ndarray, per_slice: bool = False):
+    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
+    if per_slice and mask.ndim == 3:        # no neighbours across the stacked slices
+        structure[0] = structure[2] = False
+    return ndimage.label(mask, structure=structure)
 
 
-def case_lesions(reference: np.ndarray, prediction: np.ndarray, class_value: int, voxel_size: float) -> dict:
+def case_lesions(reference: np.ndarray, prediction: np.ndarray, class_value: int, voxel_size: float,
+                 per_slice: bool = False) -> dict:
     """One class of one case: reference lesion sizes, which are detected, predicted components, false positives."""
     if reference.shape != prediction.shape:
         raise NnsynthError(f"prediction shape {prediction.shape} differs from its label's {reference.shape}: "
                            f"predict the same cases the labels describe")
-    reference_components, references = _components(reference == class_value)
-    predicted_components, predicted = _components(prediction == class_value)
+    reference_components, references = _components(reference == class_value, per_slice)
+    predicted_components, predicted = _components(prediction == class_value, per_slice)
     sizes = np.bincount(reference_components.ravel(), minlength=references + 1)[1:]
     hit = reference_components[predicted_components > 0]
     detected = np.isin(np.arange(1, references + 1), hit)
@@ -114,14 +121,15 @@ def class_summary(records: list, edges, cases: int) -> dict:
             "precision": precision, "recall": recall, "f1": _f1(precision, recall), "sensitivity_per_bin": per_bin}
 
 
-def reference_size_bins(label_files, reader, class_values: dict, quantiles=(1 / 3, 2 / 3)) -> dict:
+def reference_size_bins(label_files, reader, class_values: dict, quantiles=(1 / 3, 2 / 3),
+                        per_slice: bool = False) -> dict:
     """Per class: the bin edges at ``quantiles`` (default terciles) of the reference lesion sizes in
     ``label_files``; a class with no lesion gets no edges (one bin)."""
     sizes = {name: [] for name in class_values}
     for path in label_files:
-        array, voxel_size, _ = read_label_map(path, reader)
+        array, voxel_size, _ = read_label_map(path, reader, per_slice)
         for name, value in class_values.items():
-            components, count = _components(array == value)
+            components, count = _components(array == value, per_slice)
             if count:
                 sizes[name] += list(np.bincount(components.ravel())[1:] * voxel_size)
     return {name: sorted({round(float(edge), 3) for edge in np.quantile(values, quantiles)}) if values else []
@@ -144,10 +152,12 @@ def _paired_files(prediction_folder: Path, label_folder: Path, file_ending: str)
     return [(p.name[:-len(file_ending)], p, label_folder / p.name) for p in predictions]
 
 
-def lesion_metrics(prediction_folder, label_folder, labels: dict, file_ending: str, size_bins=None) -> dict:
+def lesion_metrics(prediction_folder, label_folder, labels: dict, file_ending: str, size_bins=None,
+                   per_slice: bool = False) -> dict:
     """Per-lesion metrics of every prediction in ``prediction_folder`` against the same-named file in
     ``label_folder``. ``labels``: class name -> label value (background left out); ``size_bins``: one list of
-    edges for every class, or class name -> edges; None = terciles of these reference lesions (recorded)."""
+    edges for every class, or class name -> edges; None = terciles of these reference lesions (recorded);
+    ``per_slice``: 3D files are stacks of independent 2D slices (components and sizes per slice)."""
     prediction_folder, label_folder = Path(prediction_folder), Path(label_folder)
     classes = {name: int(value) for name, value in labels.items() if int(value) != 0}
     if isinstance(size_bins, dict):
@@ -157,27 +167,30 @@ def lesion_metrics(prediction_folder, label_folder, labels: dict, file_ending: s
     files = _paired_files(prediction_folder, label_folder, file_ending)
     reader = _reader(file_ending, files[0][2])
     if size_bins is None:
-        edges = reference_size_bins([label for _, _, label in files], reader, classes)
+        edges = reference_size_bins([label for _, _, label in files], reader, classes, per_slice=per_slice)
     per_case, records, unit = {}, {name: [] for name in classes}, None
     for case_id, prediction_file, label_file in files:
-        reference, voxel_size, unit = read_label_map(label_file, reader)
-        prediction, _, _ = read_label_map(prediction_file, reader)
+        reference, voxel_size, unit = read_label_map(label_file, reader, per_slice)
+        prediction, _, _ = read_label_map(prediction_file, reader, per_slice)
         per_case[case_id] = {}
         for name, value in classes.items():
-            record = case_lesions(reference, prediction, value, voxel_size)
+            record = case_lesions(reference, prediction, value, voxel_size, per_slice)
             records[name].append(record)
             per_case[case_id][name] = {**class_summary([record], edges[name], 1), "sizes": record["sizes"]}
-    return {"rule": DETECTION_RULE, "connectivity": CONNECTIVITY, "unit": unit, "size_bins": edges,
+    return {"rule": DETECTION_RULE, "connectivity": CONNECTIVITY + (", per slice" if per_slice else ""),
+            "unit": unit, "size_bins": edges,
             "cases": len(files), "classes": {name: class_summary(records[name], edges[name], len(files))
                                               for name in classes},
             "per_case": per_case}
 
 
 def dataset_lesion_metrics(prediction_folder, label_folder, dataset, size_bins=None) -> dict:
-    """``lesion_metrics`` with the labels and file ending of a ``RawDataset``."""
+    """``lesion_metrics`` with the labels and file ending of a ``RawDataset``; a dataset of stacked slices
+    (``nnsynth_unit`` "slice") is measured per slice."""
     labels = {name: value for name, value in dataset.labels.items()
               if value != 0 and value != dataset.ignore_label}
-    return lesion_metrics(prediction_folder, label_folder, labels, dataset.file_ending, size_bins)
+    return lesion_metrics(prediction_folder, label_folder, labels, dataset.file_ending, size_bins,
+                          per_slice=dataset.declared_unit == "slice")
 
 
 def dataset_size_bins(dataset, case_ids=None) -> dict:
@@ -186,7 +199,8 @@ def dataset_size_bins(dataset, case_ids=None) -> dict:
     files = [Path(dataset.cases[case_id]["label"]) for case_id in case_ids]
     labels = {name: value for name, value in dataset.labels.items()
               if value != 0 and value != dataset.ignore_label}
-    return reference_size_bins(files, _reader(dataset.file_ending, files[0]), labels)
+    return reference_size_bins(files, _reader(dataset.file_ending, files[0]), labels,
+                               per_slice=dataset.declared_unit == "slice")
 
 
 def per_case_values(result: dict) -> dict:
@@ -198,9 +212,9 @@ def per_case_values(result: dict) -> dict:
         row = {}
         for name, metrics in classes.items():
             for bin_name, cell in metrics["sensitivity_per_bin"].items():
-                row[f"{name} sensitivity {bin_name}"] = cell["sensitivity"]
-            row[f"{name} FP"] = float(metrics["false_positives"])
-            row[f"{name} lesion F1"] = metrics["f1"]
+                row[f"{name}: sensitivity {bin_name}"] = cell["sensitivity"]
+            row[f"{name}: FP"] = float(metrics["false_positives"])
+            row[f"{name}: lesion F1"] = metrics["f1"]
         values[case_id] = {key: (None if np.isnan(value) else value) for key, value in row.items()}
     return values
 
