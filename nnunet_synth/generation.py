@@ -60,6 +60,7 @@ class GenerationSettings:
         """The fields that must agree between runs writing into one store (batch size does not matter); the unit
         and the volume noise are named when a case is a volume."""
         left_out = ("batch_size", "num_cases") + (() if self.unit == "volume" else ("unit", "volume_noise"))
+        left_out += ("clip_x0",) if self.clip_x0 is None else ()      # as stores written before it was recorded
         recipe = {k: v for k, v in asdict(self).items() if k not in left_out}
         recipe["balancing"] = self.balancing.to_recipe()
         recipe["generator"] = str(Path(generator_folder).resolve())
