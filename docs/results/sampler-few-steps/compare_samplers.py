@@ -32,6 +32,14 @@ CONFIGURATIONS = {
     "dpmsolver++ 10, no clip": ("dpmsolver++", 10, False, {}),
     "dpmsolver++ 10, clip": ("dpmsolver++", 10, True, {}),
     "dpmsolver++ 20, clip": ("dpmsolver++", 20, True, {}),
+    # which part of the gap to DDIM 50 is the step count and which the solver
+    "ddim 10": ("ddim", 10, True, {}),
+    "ddim 20": ("ddim", 20, True, {}),
+    "unipc 10, clip, order 1": ("unipc", 10, True, {"solver_order": 1}),
+    "unipc 50, clip": ("unipc", 50, True, {}),
+    "unipc 10, clip, leading": ("unipc", 10, True, {"timestep_spacing": "leading"}),
+    "dpmsolver++ 10, clip, leading": ("dpmsolver++", 10, True, {"timestep_spacing": "leading"}),
+    "unipc 10, clip, final sigma_min": ("unipc", 10, True, {"final_sigmas_type": "sigma_min"}),
 }
 
 

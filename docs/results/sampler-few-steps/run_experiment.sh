@@ -28,7 +28,7 @@ copy() {   # copy ID NAME: the real files and the split of Dataset605 under anot
   [ -f "exp/raw/Dataset$1_$2/dataset.json" ] || cp -r exp/raw/Dataset605_MSLesions/{imagesTr,labelsTr,dataset.json} "exp/raw/Dataset$1_$2/"
   cp exp/pre/Dataset605_MSLesions/splits_final.json "exp/pre/Dataset$1_$2/"
 }
-volume() {   # volume ID NAME [SAMPLER STEPS]: one balanced volume, timed (none given: the default sampler)
+volume() {   # volume ID NAME SAMPLER STEPS: one balanced volume, timed
   copy "$1" "$2"
   options=()
   [ -n "$3" ] && options=(--sampler "$3" --inference-steps "$4")
@@ -37,7 +37,8 @@ volume() {   # volume ID NAME [SAMPLER STEPS]: one balanced volume, timed (none 
       "${options[@]}" --device cpu 2> exp/time_$2.txt
   grep -E "Elapsed|User time|Maximum resident" exp/time_$2.txt > $HERE/time_$2.txt
 }
-volume 606 MSDefault
+volume 606 MSUniPC10 unipc 10
 volume 607 MSDpmSolver20 dpmsolver++ 20
+volume 609 MSDdim20 ddim 20   # the volumes' default
 volume 608 MSDdim50 ddim 50
-.venv/bin/python $HERE/volume_samplers.py 608 606 607 -o $HERE/volumes.png --table $HERE/volumes.md
+.venv/bin/python $HERE/volume_samplers.py 608 609 606 607 -o $HERE/volumes.png --table $HERE/volumes.md
