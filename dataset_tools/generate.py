@@ -18,7 +18,7 @@ from accelerate.utils import parse_flag_from_env
 
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
-from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases
+from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases, inpaint_sampling
 from nnunet_synth.generator.checkpoints import FINAL_FOLDER, generator_run_folder
 from nnunet_synth.generator.config import PRESETS, TrainingSettings
 from nnunet_synth.generator.inpaint_pipeline import SAMPLERS
@@ -27,13 +27,13 @@ from nnunet_synth.generator.inpaint_training import (
     DEFAULT_SAMPLER,
     VOLUME_INFERENCE_STEPS,
     VOLUME_SAMPLER,
-    sampling_defaults,
 )
 from nnunet_synth.generator.training import train_generator
 from nnunet_synth.masks.balance import MAP_LOADS
 from nnunet_synth.masks.settings import BalancingSettings
 from nnunet_synth.preflight import GenerateRequest, check_generate_request
 from nnunet_synth.sampling.inpaint import VOLUME_NOISES
+from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,10 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--inference-steps", type=int, help="sampling steps (default: 50 DDIM steps for the "
                         f"generator; inpaint: {DEFAULT_INFERENCE_STEPS} for slices, {VOLUME_INFERENCE_STEPS} for "
-                        "volumes)")
+                        "volumes, or a fold's recorded steps when it resumes)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="--image-source inpaint: the scheduler "
-                        f"(default {DEFAULT_SAMPLER} for slices, {VOLUME_SAMPLER} for volumes; the whole-slice "
-                        "generator samples with DDIM)")
+                        f"(default {DEFAULT_SAMPLER} for slices, {VOLUME_SAMPLER} for volumes, or a fold's recorded "
+                        "one when it resumes; the whole-slice generator samples with DDIM)")
     parser.add_argument("--batch-size", type=int, default=16, help="slices sampled at once")
     balance = parser.add_argument_group("label maps (class balance, Diff-Lung §2.3; shares are of the region: host + "
                                         "pathology classes, or without a host class the body plus the pathology)")
@@ -260,13 +260,13 @@ def generate_for_fold(dataset: RawDataset, args, fold, num_cases: int, unit: str
         return copy_paste_for_fold(dataset, args, fold, num_cases)
     generator_folder = generator_for_fold(dataset, args, fold)
     check_generator_mode(generator_folder, generator_mode(args), args.image_source)
-    sampler, steps = args.sampler, args.inference_steps
+    sampler, steps, clip_x0 = args.sampler, args.inference_steps, None
     if args.image_source == "inpaint":     # named in the recipe, so that a later default never mixes into a fold
-        sampler, steps = sampling_defaults(unit, sampler, steps)
+        sampler, steps, clip_x0 = inpaint_sampling(SyntheticStore(dataset), fold, unit, sampler, steps)
     settings = GenerationSettings(num_cases=num_cases, seed=args.seed, num_inference_steps=steps,
                                   target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
                                   batch_size=args.batch_size, balancing=balancing_from_args(args), sampler=sampler,
-                                  unit=args.unit, volume_noise=args.volume_noise)
+                                  unit=args.unit, volume_noise=args.volume_noise, clip_x0=clip_x0)
     summary = generate_synthetic_cases(dataset, generator_folder, settings, fold=fold, device=args.device,
                                        overwrite=args.overwrite, num_shards=args.num_shards,
                                        shard_index=args.shard_index)

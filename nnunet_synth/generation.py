@@ -28,6 +28,7 @@ from nnunet_synth.fold_cases import (
     write_slice_preview,
 )
 from nnunet_synth.generator.checkpoints import load_generator, read_generator_config, resolve_generator_folder
+from nnunet_synth.generator.inpaint_training import sampling_defaults
 from nnunet_synth.inpainting import InpaintBlocks, write_inpaint_preview
 from nnunet_synth.masks.settings import BalancingSettings
 from nnunet_synth.sampling import sample_images
@@ -51,15 +52,30 @@ class GenerationSettings:
     sampler: str = None                 # inpainting generators: ddim, dpmsolver++ or unipc (None: the default)
     unit: str = None                    # inpainting generators: slice or volume (None: volume for 3D data)
     volume_noise: str = "per-slice"     # unit volume: the crops' initial noise (sampling.inpaint.VOLUME_NOISES)
+    clip_x0: bool = None                # inpainting generators: the clean-image estimate clipped to [-1, 1] at
+                                        # every step (inpaint_pipeline.make_scheduler); None: not clipped, as
+                                        # stores written before the clipping was recorded
 
     def recipe(self, generator_folder) -> dict:
         """The fields that must agree between runs writing into one store (batch size does not matter); the unit
         and the volume noise are named when a case is a volume."""
         left_out = ("batch_size", "num_cases") + (() if self.unit == "volume" else ("unit", "volume_noise"))
+        left_out += ("clip_x0",) if self.clip_x0 is None else ()      # as stores written before it was recorded
         recipe = {k: v for k, v in asdict(self).items() if k not in left_out}
         recipe["balancing"] = self.balancing.to_recipe()
         recipe["generator"] = str(Path(generator_folder).resolve())
         return recipe
+
+
+def inpaint_sampling(store: SyntheticStore, fold, unit: str, sampler: str = None, num_inference_steps: int = None):
+    """(sampler, steps, clip_x0) of an inpainting fold: those given; with neither sampler nor steps given, those of
+    the fold's recipe in ``store`` (a store resumes as it was written, whatever today's default); else
+    ``sampling_defaults`` with the estimate clipped."""
+    recorded = store.manifest["folds"].get(str(fold), {}).get("settings") or {}
+    if sampler is None and num_inference_steps is None and recorded.get("sampler") is not None:
+        return recorded["sampler"], recorded["num_inference_steps"], recorded.get("clip_x0")
+    sampler, num_inference_steps = sampling_defaults(unit, sampler, num_inference_steps)
+    return sampler, num_inference_steps, True
 
 
 def num_cases_for_ratio(dataset: RawDataset, generator_folder, ratio: float, unit=None) -> int:

@@ -27,7 +27,12 @@ from nnunet_synth.dataset.validation import (
 )
 from nnunet_synth.errors import NnsynthError, warn_once
 from nnunet_synth.fold_cases import check_role_names, check_shard, class_roles_from_counts
-from nnunet_synth.generation import GenerationSettings, check_generator_for_fold, generation_unit
+from nnunet_synth.generation import (
+    GenerationSettings,
+    check_generator_for_fold,
+    generation_unit,
+    inpaint_sampling,
+)
 from nnunet_synth.generator.checkpoints import (
     FINAL_FOLDER,
     generator_run_folder,
@@ -35,7 +40,6 @@ from nnunet_synth.generator.checkpoints import (
     resolve_generator_folder,
 )
 from nnunet_synth.generator.config import TrainingSettings
-from nnunet_synth.generator.inpaint_training import sampling_defaults
 from nnunet_synth.masks.settings import BalancingSettings
 from nnunet_synth.sampling.inpaint import VOLUME_NOISES
 from nnunet_synth.writer.standalone_export import export_folder_name
@@ -197,14 +201,15 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
         plan.num_cases[fold] = request.num_cases if request.num_cases is not None else \
             max(1, round(request.ratio * units))
         if request.generator_mode is not None and not request.overwrite:
-            sampler, steps = request.sampler, request.num_inference_steps
+            sampler, steps, clip_x0 = request.sampler, request.num_inference_steps, None
             if request.image_source == "inpaint":
-                sampler, steps = sampling_defaults(plan.units[fold], sampler, steps)
+                sampler, steps, clip_x0 = inpaint_sampling(store, fold, plan.units[fold], sampler, steps)
             settings = GenerationSettings(num_cases=plan.num_cases[fold], seed=request.seed,
                                           num_inference_steps=steps, target_share=request.target_share,
                                           noise_seeding_strength=request.noise_seeding_strength,
                                           batch_size=request.batch_size, balancing=request.balancing,
-                                          sampler=sampler, unit=plan.units[fold], volume_noise=request.volume_noise)
+                                          sampler=sampler, unit=plan.units[fold], volume_noise=request.volume_noise,
+                                          clip_x0=clip_x0)
             store.check_fold_recipe(str(fold), settings.recipe(resolve_generator_path(generators[fold][0])))
     check_case_budget(dataset, sum(plan.num_cases.values()))
     return plan

@@ -349,3 +349,74 @@ def test_two_channels_and_the_ignore_label_inpaint_with_real_pixels_kept_in_both
         for channel in range(2):
             real_channel = raw_image[channel, target["slice_index"]].astype(image.dtype)
             assert np.array_equal(image[channel, 0][~edit], real_channel[~edit])
+
+
+def test_a_fold_written_before_the_clipped_default_resumes_with_its_recorded_sampler(uninterrupted_run,
+                                                                                      nnunet_folders, capsys):
+    """A store written by the earlier volume default (DDIM, recipe without clip_x0) resumes as it was recorded when
+    rerun without --sampler / --inference-steps: the missing case is redrawn bit for bit, nothing is refused."""
+    dataset = convert_example(nnunet_folders, 640, "InpaintOldRecipe")
+    generator = uninterrupted_run.final_folder
+    run_generate(dataset, generator, "--sampler", "ddim")
+    store = SyntheticStore(dataset)
+    before = checksums(store)
+    for path in [store.manifest_file] + [store.record_file(case_id) for case_id in store.complete_case_ids("0")]:
+        record = json.loads(path.read_text())      # as the earlier code wrote them: no clip_x0 in the recipe
+        for recipe in [record.get("recipe")] + [fold.get("settings") for fold in record.get("folds", {}).values()]:
+            if recipe is not None:
+                recipe.pop("clip_x0")
+        path.write_text(json.dumps(record))
+    removed = sorted(store.complete_case_ids("0"))[2]
+    store.record_file(removed).unlink()
+    store.label_file(removed).unlink()
+    capsys.readouterr()
+    from nnunet_synth.dataset_tools.generate import main
+    main([dataset.name, "--image-source", "inpaint", "--generator", str(generator), "-n", "4", "--batch-size", "2",
+          "--seed", "3", "--device", "cpu"])                     # neither --sampler nor --inference-steps
+    assert "1 written now, 3 already there" in capsys.readouterr().out
+    assert checksums(SyntheticStore(dataset)) == before
+    settings = SyntheticStore(dataset).manifest["folds"]["0"]["settings"]
+    assert settings["sampler"] == "ddim" and settings["num_inference_steps"] == 2 and "clip_x0" not in settings
+
+
+@pytest.fixture(scope="module")
+def briefly_trained_run(example, tmp_path_factory):
+    """An undertrained inpainting generator on the example's real COVID slices (its clean-image estimates of a large
+    edit region leave [-1, 1] at the first steps, as the CPU preset's do)."""
+    settings = small_settings(batch_size=8, max_steps=SPECKLE_TRAINING_STEPS, warmup_steps=5, learning_rate=2e-3,
+                              checkpoint_every=1000)
+    return train_generator(example, tmp_path_factory.mktemp("brief") / "run", settings, fold=0, progress=False)
+
+
+SPECKLE_TRAINING_STEPS = 300
+
+
+def test_the_default_few_step_sampler_draws_a_large_edit_without_salt_and_pepper(example, briefly_trained_run):
+    """UniPC 10 (the slices' default) on real slices' lesions grown by 6 px: the share of speckle pixels (off their
+    3 x 3 median by a quarter of the range) inside the edit stays within the real pixels' range; unclipped, as the
+    multistep solvers were built before, it does not."""
+    from nnunet_synth.evaluation.lesion_fidelity import speckle_fraction
+    from nnunet_synth.generator.inpaint_training import sampling_defaults
+    unet, config = load_generator(briefly_trained_run.final_folder, example)
+    window = ImageWindows.from_dict(config.window)
+    _, pathology = class_roles_of(config)
+    store = open_native_slices(example, example.case_ids, progress=False)
+    rows = [row for row in range(len(store)) if 100 <= np.isin(store.label_maps[row], pathology).sum() <= 3000][:4]
+    assert len(rows) == 4
+    images = [store.images[row] for row in rows]
+    maps = [store.label_maps[row].astype(np.int64) for row in rows]
+    edits = [edit_region(np.isin(m, pathology), 6) for m in maps]
+
+    def speckle(sampler, steps, clip_x0):
+        pipeline = inpaint_pipeline(unet, config, sampler, "cpu", clip_x0)
+        drawn = inpaint_slices(pipeline, window, images, maps, edits, [1, 2, 3, 4], [[np.float32]] * 4, steps)
+        return np.mean([speckle_fraction(d.model_image, e) for d, e in zip(drawn, edits)])
+
+    real = np.mean([speckle_fraction(window.to_model(image), edit) for image, edit in zip(images, edits)])
+    allowed = max(2 * real, 0.02)
+    assert sampling_defaults("slice")[0] in ("unipc", "dpmsolver++") and sampling_defaults("slice")[1] <= 20
+    assert sampling_defaults("volume")[1] <= 20
+    clipped, unclipped = speckle(*sampling_defaults("slice"), True), speckle("unipc", 10, False)
+    print(f"speckle: real {real:.4f}, default {clipped:.4f}, unclipped UniPC 10 {unclipped:.4f}")
+    assert clipped <= allowed, (real, clipped)
+    assert unclipped > allowed, (real, unclipped)             # the unclipped estimate: salt-and-pepper

@@ -447,7 +447,8 @@ def test_inpaint_writes_whole_four_channel_volumes_with_the_real_voxels_outside_
     assert len(case_ids) == 1
     entry = store.cases[case_ids[0]]
     assert entry["inpaint"]["unit"] == "volume" and entry["sampler"]["volume_noise"] == "per-slice"
-    assert entry["sampler"]["scheduler"] == "ddim"                      # the volumes' default sampler
+    assert entry["sampler"]["scheduler"] == "ddim" and entry["sampler"]["clip_x0"]   # the volumes' default sampler
+    assert store.manifest["folds"]["1"]["settings"]["clip_x0"] is True
     assert not set(entry["source_cases"]) & {"ms_19"}                  # fold 1's validation patient
     target = dataset.cases[entry["source"]["target"]["case_id"]]
     label, label_image = read(store.label_file(case_ids[0]))

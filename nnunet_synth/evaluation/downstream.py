@@ -81,7 +81,6 @@ from nnunet_synth.evaluation.statistics import (
     markdown_summary,
     summarize_runs,
 )
-from nnunet_synth.generator.inpaint_training import sampling_defaults
 
 BUDGET_TRAINERS = {"smoke": "nnUNetTrainerSynthMix_smoke",   # 10 iterations: does the pipeline run
                    "debug": "nnUNetTrainerSynthMix_debug",   # 20 iterations
@@ -307,8 +306,10 @@ def make_synthetic_cases(arm: Arm, arm_dataset: RawDataset, settings: Downstream
         GenerationSettings,
         generate_synthetic_cases,
         generation_unit,
+        inpaint_sampling,
         num_cases_for_ratio,
     )
+    from nnunet_synth.writer.synthetic_store import SyntheticStore
     unit = case_unit(settings)
     if arm.name == COPY_PASTE:
         num_cases = num_copy_paste_cases(arm_dataset, settings.fold, arm.amount, unit)
@@ -320,10 +321,11 @@ def make_synthetic_cases(arm: Arm, arm_dataset: RawDataset, settings: Downstream
     if config.mode == "inpaint":
         # as nnsynth_generate --image-source inpaint: the sampler is named, so the fold's recipe records it
         counts = slice_counts(open_native_slices(arm_dataset, config.training_cases))
-        sampler, steps = sampling_defaults(generation_unit(arm_dataset, config.mode, counts, unit), None,
-                                           settings.inpaint_inference_steps)
+        sampler, steps, clip_x0 = inpaint_sampling(SyntheticStore(arm_dataset), settings.fold,
+                                                   generation_unit(arm_dataset, config.mode, counts, unit), None,
+                                                   settings.inpaint_inference_steps)
         generation = GenerationSettings(num_cases=num_cases, seed=settings.seed, sampler=sampler,
-                                        num_inference_steps=steps, unit=unit)
+                                        num_inference_steps=steps, unit=unit, clip_x0=clip_x0)
     else:
         generation = GenerationSettings(num_cases=num_cases, seed=settings.seed,
                                         num_inference_steps=settings.inference_steps)

@@ -13,7 +13,9 @@ generator's ``edit_margin``, exactly as generation edits a map. Sources compared
 
 Figures (model space [-1, 1], data range 2): PSNR of the edit region's pixels, the mean of the SSIM map
 (torchmetrics) over the edit region, and the 1-Wasserstein distance of the edit region's intensities (dataset
-units, scipy) against the real pixels; means over channels.
+units, scipy) against the real pixels; means over channels. Speckle: the share of edit pixels that stand out from
+their 3 x 3 median by more than ``SPECKLE_STEP`` (model space), the salt-and-pepper a sampler draws when its
+clean-image estimates run out of range (``generator.inpaint_pipeline.CLIP_X0_OPTIONS``); real lesions have few.
 """
 import time
 from dataclasses import dataclass
@@ -38,6 +40,20 @@ from nnunet_synth.generator.inpaint_data import edit_region, pathology_component
 from nnunet_synth.generator.inpaint_training import class_roles_of, inpaint_pipeline
 from nnunet_synth.sampling import sample_images
 from nnunet_synth.sampling.inpaint import inpaint_slices
+
+SPECKLE_STEP = 0.5     # a quarter of the model range [-1, 1]
+
+
+def speckle_fraction(model_image: np.ndarray, edit: np.ndarray) -> float:
+    """The share of ``edit`` (H, W) pixels of ``model_image`` (C, H, W, model space) that differ from their 3 x 3
+    median by more than ``SPECKLE_STEP`` in any channel (0 for an empty edit)."""
+    if not edit.any():
+        return 0.0
+    image = np.asarray(model_image, dtype=np.float32)
+    outlier = np.zeros(edit.shape, dtype=bool)
+    for channel in image:
+        outlier |= np.abs(channel - ndimage.median_filter(channel, size=3, mode="nearest")) > SPECKLE_STEP
+    return float(outlier[edit].mean())
 
 
 @dataclass
@@ -77,9 +93,12 @@ def held_out_lesions(dataset: RawDataset, config, max_slices: int) -> HeldOutLes
 def region_metrics(real_images, filled_images, edits, window: ImageWindows) -> dict:
     """PSNR and SSIM (model space) of the edit regions and the 1-Wasserstein distance of their intensities (dataset
     units), means over channels; images (C, H, W) in the dataset's units."""
-    psnr, ssim, real_values, filled_values = [], [], [], []
+    psnr, ssim, real_values, filled_values, speckle = [], [], [], [], []
     for real, filled, edit in zip(real_images, filled_images, edits):
         real_model, filled_model = window.to_model(real), window.to_model(filled)
+        pixels = edit.sum()
+        speckle.append((speckle_fraction(filled_model, edit) * pixels, speckle_fraction(real_model, edit) * pixels,
+                        pixels))
         region = torch.from_numpy(edit)
         for channel in range(len(real)):
             real_t = torch.from_numpy(real_model[channel])[None, None]
@@ -93,7 +112,9 @@ def region_metrics(real_images, filled_images, edits, window: ImageWindows) -> d
         filled_values.append(np.asarray(filled)[:, edit])
     real_values, filled_values = np.concatenate(real_values, axis=1), np.concatenate(filled_values, axis=1)
     w1 = np.mean([wasserstein_distance(r, f) for r, f in zip(real_values, filled_values)])
-    return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "w1": float(w1)}
+    speckled, real_speckled, pixels = np.sum(speckle, axis=0)
+    return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "w1": float(w1),
+            "speckle": float(speckled / max(pixels, 1)), "real_speckle": float(real_speckled / max(pixels, 1))}
 
 
 def copy_paste_fill(lesions: HeldOutLesions, donors, donor_components, pathology, seed: int) -> list:
@@ -161,7 +182,8 @@ def evaluate_lesion_fidelity(dataset: RawDataset, inpaint_generator, settings: L
             metrics.append(region_metrics(lesions.images, filled, lesions.edits, window))
             previews.setdefault(f"{source} {sampler or ''} {steps or ''}".strip(), filled)
         rows.append({"source": source, "sampler": sampler, "steps": steps,
-                     **{key: float(np.mean([m[key] for m in metrics])) for key in ("psnr", "ssim", "w1")},
+                     **{key: float(np.mean([m[key] for m in metrics]))
+                        for key in ("psnr", "ssim", "w1", "speckle", "real_speckle")},
                      "seconds_per_slice": ((time.perf_counter() - started)
                                            / (len(settings.seeds) * len(lesions.images)))})
 
@@ -185,9 +207,10 @@ def evaluate_lesion_fidelity(dataset: RawDataset, inpaint_generator, settings: L
 
 def format_fidelity_table(result: dict) -> str:
     """A Markdown table of the rows."""
-    lines = ["| source | sampler | steps | PSNR (dB) | SSIM | W1 (dataset units) | s / slice |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| source | sampler | steps | PSNR (dB) | SSIM | W1 (dataset units) | speckle % (real) | s / slice |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         lines.append(f"| {row['source']} | {row['sampler'] or '-'} | {row['steps'] or '-'} | {row['psnr']:.2f} | "
-                     f"{row['ssim']:.3f} | {row['w1']:.2f} | {row['seconds_per_slice']:.2f} |")
+                     f"{row['ssim']:.3f} | {row['w1']:.2f} | {100 * row['speckle']:.2f} "
+                     f"({100 * row['real_speckle']:.2f}) | {row['seconds_per_slice']:.2f} |")
     return "\n".join(lines)

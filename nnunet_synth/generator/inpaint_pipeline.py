@@ -30,13 +30,23 @@ SAMPLERS = {
     "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "unipc": (UniPCMultistepScheduler, {"solver_order": 2}),
 }
+# The clean-image estimate clipped to the model range [-1, 1] at every step. DDIM does it through the DDPM config's
+# clip_sample; the multistep solvers have no clip_sample and clip only with thresholding (Imagen's dynamic
+# thresholding, Saharia et al. 2022, whose per-image scale s is held at sample_max_value = 1, i.e. plain clipping).
+# Without it an undertrained model's estimates of large edit regions leave [-1, 1] by far at the first, noisiest
+# steps, a few-step solver carries them into the result and the final clamp turns them into salt-and-pepper
+# pixels (docs/inpainting.md, "Few-step samplers").
+CLIP_X0_OPTIONS = {"thresholding": True, "sample_max_value": 1.0}
 
 
-def make_scheduler(sampler: str, scheduler_config):
-    """The scheduler named ``sampler`` (see ``SAMPLERS``) from a DDPM scheduler config."""
+def make_scheduler(sampler: str, scheduler_config, clip_x0: bool = True):
+    """The scheduler named ``sampler`` (see ``SAMPLERS``) from a DDPM scheduler config; ``clip_x0``: its clean-image
+    estimate clipped to [-1, 1] at every step (DDIM always does, through the DDPM config's clip_sample)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     scheduler_class, options = SAMPLERS[sampler]
+    if clip_x0 and scheduler_class is not DDIMScheduler:
+        options = {**options, **CLIP_X0_OPTIONS}
     return scheduler_class.from_config(dict(scheduler_config), **options)
 
 
