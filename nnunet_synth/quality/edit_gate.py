@@ -36,6 +36,7 @@ RING = 2                    # pixels (voxels) of the ring around a lesion, and o
 MIN_COMPONENT_PIXELS = 8    # smaller lesion components are too few pixels for percentiles
 CALIBRATION_PERCENTILE = 99.0
 MARGIN = 1.0
+MIN_COMPONENTS = 50         # fewer real components of a class: too few to set its limits, not scored
 MAX_COMPONENTS = 3000       # real components a gate is fitted on, per class (evenly spread)
 MAX_CASES = 2000            # real slices or volumes read for the fit (evenly spread)
 
@@ -157,7 +158,8 @@ def _class_reference(found: list, calibration_percentile: float) -> dict:
 def fit_edit_gate(images, label_maps, classes, calibration_percentile=CALIBRATION_PERCENTILE, margin=MARGIN,
                   max_cases: int = MAX_CASES) -> EditGate:
     """Fit on real pairs (``images[i]`` (C, ...) beside ``label_maps[i]``: slices or volumes, lists or on-disk
-    sequences): the lesion components of ``classes``. None when the real cases hold no such component."""
+    sequences): the lesion components of ``classes``. A class with fewer than MIN_COMPONENTS real components is
+    left out (its edits are not scored); None when no class is left."""
     per_channel_values = None
     for i in evenly_spread(len(images), max_cases):
         label_map = np.asarray(label_maps[i])
@@ -172,7 +174,10 @@ def fit_edit_gate(images, label_maps, classes, calibration_percentile=CALIBRATIO
     if per_channel_values is None or not any(per_channel_values):
         return None
     per_channel_values = [{value: [found[j] for j in evenly_spread(len(found), MAX_COMPONENTS)]
-                           for value, found in sorted(channel_values.items())} for channel_values in per_channel_values]
+                           for value, found in sorted(channel_values.items()) if len(found) >= MIN_COMPONENTS}
+                          for channel_values in per_channel_values]
+    if not any(per_channel_values):
+        return None
     return EditGate([{value: _class_reference(found, calibration_percentile) for value, found in channel_values.items()}
                      for channel_values in per_channel_values], margin)
 
@@ -181,8 +186,9 @@ def edit_gate_score(image: np.ndarray, label_map: np.ndarray, edited: np.ndarray
                     classes=None) -> dict:
     """Score the lesion components of ``label_map`` that touch ``edited`` in ``image`` (C, ...):
     ``{"score", "passed", "components", "worst"}``; without an edited lesion component, score 1 and passed
-    (nothing to judge). ``classes``: the pathology classes (default: those the gate was fitted on)."""
-    classes = sorted(gate.reference[0]) if classes is None else classes
+    (nothing to judge). ``classes``: the pathology classes (those the gate holds no reference for are not
+    scored; default: those it was fitted on)."""
+    classes = sorted(gate.reference[0]) if classes is None else [v for v in classes if v in gate.reference[0]]
     per_channel = case_features(image, label_map, classes, np.asarray(edited, dtype=bool))
     worst, passed, count = None, True, 0
     for channel, found in enumerate(per_channel):
