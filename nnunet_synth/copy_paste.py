@@ -338,7 +338,8 @@ class CopyPasteBlocks:
             quality = model_free_volume_score(np.stack(channel_images).astype(np.float32), label_map,
                                               label_map != target_map, self.gates)
         return MadeCase(channel_images, label_map, {"seed": self.settings.seed, "image_source": IMAGE_SOURCE,
-                                                    "generator": None, "copy_paste": copy_paste}, quality)
+                                                    "generator": None, "copy_paste": copy_paste}, quality,
+                        label_map != target_map)
 
 
 def write_copy_paste_preview(dataset: RawDataset, store: SyntheticStore, fold, real, unit: str):

@@ -43,6 +43,7 @@ from nnunet_synth.masks.balance import Placement
 from nnunet_synth.masks.settings import BalancingSettings
 from nnunet_synth.preview_grid import save_preview_grid
 from nnunet_synth.provenance import GENERATOR_TRAINING_CASES, SOURCE_CASES, label_map_source_cases
+from nnunet_synth.quality.edit_gate import EditGate, edit_gate_score, fit_edit_gate, joined_quality
 from nnunet_synth.quality.model_free import channel_gates_to_dict, fit_channel_gates, model_free_channel_score
 from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
 
@@ -138,6 +139,7 @@ class FoldMaps:
     mask_config: MaskGenerationConfig
     body_masks: PackedRows              # per real map (datasets without a host class), else None
     image_dtypes: dict                  # case id -> pixel type of each image channel's file
+    edit_gate: EditGate = None          # the edit gate (None: the training cases hold no lesion component)
 
     def placement(self):
         """Where pastes may land on a dataset without a host class (``balance.Placement``); None with one."""
@@ -179,23 +181,29 @@ def prepare_fold_maps(dataset: RawDataset, store: SyntheticStore, fold, recipe: 
     quality_gates = fit_channel_gates(slices.images, slices.label_maps)    # on the fold's training slices
     fold_record["label_map_report"] = mask_report
     fold_record["model_free_gate"] = channel_gates_to_dict(quality_gates)
+    # on the fold's training lesions (whole volumes with unit "volume": 3D components)
+    edit_gate = fit_edit_gate(real.images, real.label_maps, pathology)
+    fold_record["edit_gate"] = None if edit_gate is None else edit_gate.to_dict()
     store.save_manifest()
     image_dtypes = {case_id: [dataset.source_dtype(case_id, channel) for channel in range(dataset.num_channels)]
                     for case_id in training_cases}
     return FoldMaps(real, new_maps, mask_report, quality_gates, host, pathology, mask_config, body_masks,
-                    image_dtypes)
+                    image_dtypes, edit_gate)
 
 
 @dataclass
 class MadeCase:
     """One synthetic case of a block: its image channels (dataset units and pixel types), its label map, what the
     manifest records of how it was made (seed, generator, sampler and the like) and, when the source scores it
-    itself, its model-free score (None: the score of the whole image, ``model_free_channel_score``)."""
+    itself, its model-free score (None: the score of the whole image, ``model_free_channel_score``); ``edited``:
+    where the source changed the real image (an inpainted or pasted case; None: the whole image was made), the
+    region the edit gate scores."""
 
     channel_images: list
     label_map: np.ndarray
     record: dict
     quality: dict = None
+    edited: np.ndarray = None
 
 
 def check_shard(num_shards: int, shard_index: int):
@@ -219,7 +227,8 @@ def write_fold_cases(store: SyntheticStore, fold, fold_maps: FoldMaps, make_case
                      description: str, batch_size: int = 1, unit: str = "slice", num_shards: int = 1,
                      shard_index: int = 0) -> dict:
     """Make the cases of shard ``shard_index``'s blocks that are not complete yet with the block source
-    ``make_cases``, score them with the fold's model-free gate and write them; then save the manifest and the
+    ``make_cases``, score them with the fold's model-free gate (and an edited case with the edit gate too: it
+    passes only when both pass) and write them; then save the manifest and the
     preview (``write_preview()``, its path). Returns the summary: counts written/skipped/total, the label-map
     report, how many passed the gate, the preview and manifest paths, and the unit."""
     new_maps = fold_maps.new_maps
@@ -234,8 +243,12 @@ def write_fold_cases(store: SyntheticStore, fold, fold_maps: FoldMaps, make_case
                 continue
             provenance = new_maps[index].provenance
             target_case = provenance["target"]["case_id"]
+            image = np.stack(made.channel_images).astype(np.float32)
             quality = made.quality if made.quality is not None else model_free_channel_score(
-                np.stack(made.channel_images).astype(np.float32), made.label_map, fold_maps.gates)
+                image, made.label_map, fold_maps.gates)
+            if made.edited is not None and fold_maps.edit_gate is not None:
+                quality = joined_quality(quality, edit_gate_score(image, made.label_map, made.edited,
+                                                                  fold_maps.edit_gate, fold_maps.pathology))
             entry = {"fold": fold, SOURCE_CASES: label_map_source_cases(provenance), "source": provenance,
                      **made.record, "quality": {"model_free": quality}}
             store.write_case(synthetic_case_id(index, fold), made.channel_images, made.label_map,

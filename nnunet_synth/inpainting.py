@@ -62,8 +62,8 @@ class InpaintBlocks:
                                    self.settings.num_inference_steps, self.ignore_label, self.settings.batch_size)
         return [MadeCase(result.channel_images, np.asarray(label_map),
                          {"seed": seed, "generator": self.generator_record, "image_source": IMAGE_SOURCE,
-                          "sampler": self._sampler_record(), "inpaint": result.record()})
-                for seed, result, label_map in zip(seeds, inpainted, label_maps)]
+                          "sampler": self._sampler_record(), "inpaint": result.record()}, edited=edit)
+                for seed, result, label_map, edit in zip(seeds, inpainted, label_maps, edits)]
 
     def volume_case(self, index: int, seed: int) -> MadeCase:
         """The target's whole volume with the new map's changes (plus the in-plane margin) drawn slice by slice."""
@@ -80,7 +80,7 @@ class InpaintBlocks:
         return MadeCase(result.channel_images, label_map,
                         {"seed": seed, "generator": self.generator_record, "image_source": IMAGE_SOURCE,
                          "sampler": {**self._sampler_record(), "volume_noise": self.settings.volume_noise},
-                         "inpaint": result.record()}, quality)
+                         "inpaint": result.record()}, quality, edit)
 
 
 def _zoom_origin(edit: np.ndarray, size: int):

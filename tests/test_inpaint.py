@@ -197,7 +197,12 @@ def test_inpainted_cases_keep_every_real_pixel_outside_the_edit_and_their_label_
         assert not np.array_equal(image[0, 0][edit], raw_image[edit])
         assert entry["image_source"] == "inpaint" and entry["sampler"]["scheduler"] in SAMPLERS
         assert entry["generator"]["mode"] == "inpaint" and target["case_id"] in entry["source_cases"]
-        assert "passed" in entry["quality"]["model_free"]
+        quality = entry["quality"]["model_free"]
+        assert "passed" in quality
+        # the edit gate scored the edit wherever the fold has one; passed only when both gates pass
+        assert ("edit_gate" in quality) == (store.manifest["folds"]["0"]["edit_gate"] is not None)
+        if "edit_gate" in quality:
+            assert quality["passed"] == (quality["slice_gate"]["passed"] and quality["edit_gate"]["passed"])
     fold_record = store.manifest["folds"]["0"]
     assert sorted(fold_record["generator_training_cases"]) == sorted(
         json.loads((uninterrupted_run.final_folder / "generator_config.json").read_text())["training_cases"])
