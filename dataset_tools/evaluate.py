@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     downstream.add_argument("--amounts", type=float, nargs="+", default=[1.0],
                             help="synthetic slices per real training slice, or volumes per real training volume "
                             "with a 3D configuration (one arm per generator and amount)")
+    downstream.add_argument("--map-loads", nargs="+", default=["dense"], metavar="LOAD",
+                            help="the load of the synthetic arms' new label maps, one arm per value: dense (each new "
+                            "map pasted up to nnsynth_generate's --map-cap) or real (one class per new map, at a real "
+                            "map's load; arm label suffix _real), as nnsynth_generate --map-load")
     downstream.add_argument("--configuration", choices=CONFIGURATIONS, default="2d",
                             help="the nnU-Net configuration every arm trains and predicts (3D ones: the copy_paste "
                             "and inpaint arms make whole volumes)")
@@ -245,6 +249,7 @@ def downstream_settings(args):
                               test_patients=args.test_patients, real_cases=args.real_cases,
                               split_seed=args.split_seed, tta=not args.no_tta,
                               test_slice_step=args.test_slice_step, compare=args.compare,
+                              map_loads=args.map_loads,
                               generator=ArmGeneratorSettings(args.generator_preset, args.generator_steps,
                                                              args.generator_lr, args.seed, args.inpaint_steps,
                                                              args.inpaint_batch_size))

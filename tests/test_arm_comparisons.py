@@ -318,3 +318,41 @@ def test_the_inpaint_arms_cases_are_made_as_the_inpaint_source_makes_them(exampl
         outside = ~ndimage.binary_dilation(label != real_label[target["slice_index"]], iterations=3)
         assert np.array_equal(image[outside], real[target["slice_index"]][outside])
     assert model_free_pass_rate(arm_dataset, 0)["cases"] == expected
+
+
+def test_map_loads_make_one_arm_each_and_a_bad_load_is_refused_in_one_line(example, nnunet_folders, tmp_path,
+                                                                            capsys):
+    from nnunet_synth.dataset_tools.evaluate import main
+    from nnunet_synth.evaluation.downstream import DownstreamSettings, plan_arms
+    arms = plan_arms(DownstreamSettings(generators={}, arms=["real_only", "copy_paste", "inpaint"], amounts=[0.5],
+                                        map_loads=["dense", "real"]))
+    assert [arm.label for arm in arms] == ["real_only", "copy_paste_x0.5", "copy_paste_x0.5_real", "inpaint_x0.5",
+                                           "inpaint_x0.5_real"]
+    assert arms[1].balancing.to_recipe() is None        # the default maps: a recipe as nnsynth_generate's
+    assert arms[2].balancing.to_recipe() == {"map_load": "real"}
+    code, _, error = run_entry_point(main, ["downstream", example.folder, "-o", tmp_path, "--arms", "real_only",
+                                            "copy_paste", "--map-loads", "sparse", "--first-id", "763",
+                                            "--device", "cpu"], capsys)
+    assert code == 2 and error.count("\n") == 1
+    assert error.startswith("nnsynth: error: --map-loads sparse: choose among dense, real")
+    assert not list(nnunet_folders["nnUNet_raw"].glob("Dataset763_*"))
+
+
+def test_a_real_load_arm_writes_maps_at_real_loads_and_records_them(example, tmp_path):
+    """Copy-paste cases of a ``--map-loads real`` arm in a copy of the example: the store's recipe asks for real
+    loads, and the arm's record holds the real and new maps' per-map loads, the new ones within the real ones."""
+    import shutil
+
+    from nnunet_synth.evaluation.downstream import Arm, DownstreamSettings, make_synthetic_cases, write_pass_rate
+    folder = example.folder.parent / "Dataset966_ArmExampleRealLoads"
+    shutil.copytree(example.folder, folder)
+    arm = Arm("copy_paste", None, 0.5, "real")
+    make_synthetic_cases(arm, RawDataset(folder), DownstreamSettings(generators={}), None)
+    manifest = json.loads((folder / "synthetic.json").read_text())
+    assert manifest["folds"]["0"]["settings"]["balancing"] == {"map_load": "real"}
+    write_pass_rate(arm, RawDataset(folder), DownstreamSettings(generators={}), "real3", tmp_path)
+    record = json.loads((tmp_path / "model_free_gate.json").read_text())
+    assert record["label"] == "copy_paste_x0.5_real" and record["map_load"] == "real"
+    for loads in record["per_map_load"].values():
+        if loads["new"] is not None:
+            assert loads["new"]["p50"] <= loads["real"]["p90"] + 1e-9

@@ -81,6 +81,7 @@ from nnunet_synth.evaluation.statistics import (
     markdown_summary,
     summarize_runs,
 )
+from nnunet_synth.masks.balance import MAP_LOADS, MaskGenerationConfig
 
 BUDGET_TRAINERS = {"smoke": "nnUNetTrainerSynthMix_smoke",   # 10 iterations: does the pipeline run
                    "debug": "nnUNetTrainerSynthMix_debug",   # 20 iterations
@@ -96,7 +97,8 @@ REAL_ARMS = (REAL_ONLY, OVERSAMPLE, COPY_PASTE_ONLINE)     # no synthetic cases
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 TRAINABLE_GENERATORS = tuple(ARM_GENERATORS)        # arms that train their generator when none is given
 SUMMARY_CSV, SUMMARY_MD, DIFFERENCES_CSV = "summary.csv", "summary.md", "differences.csv"
-GATE_FILE = "model_free_gate.json"    # per synthetic arm: the pass rate of its store's cases
+GATE_FILE = "model_free_gate.json"    # per synthetic arm: the pass rate of its store's cases, its maps' loads
+DEFAULT_MAP_LOAD = MaskGenerationConfig.map_load
 
 
 @dataclass
@@ -123,6 +125,8 @@ class DownstreamSettings:
     tta: bool = True                        # nnUNetv2_predict's mirroring test-time augmentation
     test_slice_step: int = 1                # --test-patients: keep every n-th slice of each test patient
     compare: list = None                    # (arm, other arm) pairs of the differences table; None = the default
+    map_loads: list = field(default_factory=lambda: ["dense"])   # per synthetic arm, the load of its new maps
+                                                                  # (masks.balance.MAP_LOADS); each is an arm
 
     @property
     def chooses_patients(self) -> bool:
@@ -134,6 +138,7 @@ class Arm:
     name: str
     generator: Path = None
     amount: float = 0.0
+    map_load: str = DEFAULT_MAP_LOAD
 
     @property
     def synthetic(self) -> bool:
@@ -141,7 +146,17 @@ class Arm:
 
     @property
     def label(self) -> str:
-        return self.name if not self.synthetic else f"{self.name}_x{self.amount:g}"
+        """``copy_paste_x0.5`` with the default maps, ``copy_paste_x0.5_real`` with ``--map-loads real``."""
+        if not self.synthetic:
+            return self.name
+        suffix = "" if self.map_load == DEFAULT_MAP_LOAD else f"_{self.map_load}"
+        return f"{self.name}_x{self.amount:g}{suffix}"
+
+    @property
+    def balancing(self):
+        """The arm's BalancingSettings: the default maps leave map_load unset, as ``nnsynth_generate`` does."""
+        from nnunet_synth.masks.settings import BalancingSettings
+        return BalancingSettings(map_load=None if self.map_load == DEFAULT_MAP_LOAD else self.map_load)
 
     @property
     def ratio(self) -> float:
@@ -164,6 +179,9 @@ def plan_arms(settings: DownstreamSettings) -> list:
     for amount in settings.amounts:
         if amount <= 0:
             raise NnsynthError(f"synthetic amounts must be positive, got {amount}")
+    for map_load in settings.map_loads:
+        if map_load not in MAP_LOADS:
+            raise NnsynthError(f"--map-loads {map_load}: choose among {', '.join(MAP_LOADS)}")
     arms = []
     for name in dict.fromkeys(names):
         if name in REAL_ARMS:
@@ -176,7 +194,8 @@ def plan_arms(settings: DownstreamSettings) -> list:
         if generator is not None:
             check_arm_generator(name, generator)
         for amount in settings.amounts:
-            arms.append(Arm(name, None if generator is None else Path(generator), float(amount)))
+            for map_load in dict.fromkeys(settings.map_loads):
+                arms.append(Arm(name, None if generator is None else Path(generator), float(amount), map_load))
     return arms
 
 
@@ -314,7 +333,8 @@ def make_synthetic_cases(arm: Arm, arm_dataset: RawDataset, settings: Downstream
     if arm.name == COPY_PASTE:
         num_cases = num_copy_paste_cases(arm_dataset, settings.fold, arm.amount, unit)
         return generate_copy_paste_cases(arm_dataset, CopyPasteSettings(num_cases=num_cases, seed=settings.seed,
-                                                                        unit=unit), fold=settings.fold)
+                                                                        balancing=arm.balancing, unit=unit),
+                                         fold=settings.fold)
     from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
     num_cases = num_cases_for_ratio(arm_dataset, generator_folder, arm.amount, unit)
     config = read_generator_config(resolve_generator_folder(generator_folder))
@@ -325,10 +345,11 @@ def make_synthetic_cases(arm: Arm, arm_dataset: RawDataset, settings: Downstream
                                                    generation_unit(arm_dataset, config.mode, counts, unit), None,
                                                    settings.inpaint_inference_steps)
         generation = GenerationSettings(num_cases=num_cases, seed=settings.seed, sampler=sampler,
-                                        num_inference_steps=steps, unit=unit, clip_x0=clip_x0)
+                                        num_inference_steps=steps, unit=unit, clip_x0=clip_x0,
+                                        balancing=arm.balancing)
     else:
         generation = GenerationSettings(num_cases=num_cases, seed=settings.seed,
-                                        num_inference_steps=settings.inference_steps)
+                                        num_inference_steps=settings.inference_steps, balancing=arm.balancing)
     return generate_synthetic_cases(arm_dataset, generator_folder, generation, fold=settings.fold,
                                     device=settings.device)
 
@@ -345,10 +366,16 @@ def model_free_pass_rate(arm_dataset: RawDataset, fold) -> dict:
 
 
 def write_pass_rate(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, setting: str, folder: Path):
+    """The arm's gate pass rate and, per pathology class, the real and new maps' per-map loads (the fold's
+    label-map report)."""
+    from nnunet_synth.writer.synthetic_store import SyntheticStore
     rate = model_free_pass_rate(arm_dataset, settings.fold)
     if rate["cases"]:
+        report = SyntheticStore(arm_dataset).manifest["folds"].get(str(settings.fold), {}).get("label_map_report", {})
         write_json_atomic({"setting": setting, "arm": arm.name, "label": arm.label, "dataset": arm_dataset.name,
-                           "fold": settings.fold, "model_free": rate}, folder / GATE_FILE)
+                           "fold": settings.fold, "map_load": arm.map_load, "model_free": rate,
+                           "region": report.get("region"), "per_map_load": report.get("per_map_load")},
+                          folder / GATE_FILE)
 
 
 def run_repeat(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, plans: str, repeat: int,
@@ -366,7 +393,8 @@ def run_repeat(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, 
                                      settings.fold, settings.device, per_case=True, tta=settings.tta,
                                      configuration=settings.configuration)
     run = {"setting": setting, "arm": arm.name, "label": arm.label, "amount": arm.amount,
-           "ratio": round(arm.ratio, 4), "rare_oversampling": round(arm.rare_oversampling(settings.amounts), 4),
+           "map_load": arm.map_load if arm.synthetic else None, "ratio": round(arm.ratio, 4),
+           "rare_oversampling": round(arm.rare_oversampling(settings.amounts), 4),
            "paste_probability": round(arm.paste_probability(settings.amounts), 4),
            "repeat": repeat, "seed": seed, "dataset": arm_dataset.name, "fold": settings.fold,
            "trainer": trainer, "plans": plans, "configuration": settings.configuration, "tta": settings.tta,
@@ -529,7 +557,8 @@ def write_outputs(output_folder: Path, compare=None) -> list:
     runs.sort(key=lambda run: (run["setting"], arm_order(run), run["repeat"]))
     rows = [{key: run[key] for key in ("setting", "arm", "label", "amount", "ratio", "rare_oversampling", "repeat",
                                        "seed", "dataset", "fold", "evaluated_on")}
-            | {"configuration": run.get("configuration", "2d"), "plans": run.get("plans", "")}
+            | {"configuration": run.get("configuration", "2d"), "plans": run.get("plans", ""),
+               "map_load": run.get("map_load", DEFAULT_MAP_LOAD if run["amount"] else None)}
             | {f"dice_{name}": round(value, 4) for name, value in run["mean"].items()} for run in runs]
     write_rows_csv(rows, output_folder / "downstream.csv")
     summary = summarize_runs(runs)

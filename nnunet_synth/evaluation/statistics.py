@@ -256,16 +256,28 @@ def markdown_differences(rows: list) -> str:
     return "\n".join(lines)
 
 
+def _loads_text(per_map_load) -> str:
+    """Per pathology class: the real lesion-bearing maps' and the new maps' load (share of the region), p50 / p90."""
+    def quantiles(q):
+        return "-" if not q else f"{100 * q['p50']:.1f} / {100 * q['p90']:.1f} %"
+    return "; ".join(f"class {value}: real {quantiles(loads['real'])}, new {quantiles(loads['new'])}"
+                     for value, loads in (per_map_load or {}).items())
+
+
 def markdown_pass_rates(records: list) -> str:
-    """Each synthetic arm's model-free gate pass rate (records of ``downstream.model_free_pass_rate``)."""
-    lines = ["### Model-free gate", "", "Share of each synthetic arm's cases that pass the model-free gate "
-             "(docs/quality.md), from the arm's synthetic store; the arms train on every case, passed or not.", "",
-             "| setting | arm | synthetic cases | scored | passed | pass rate |", "|---|---|---|---|---|---|"]
+    """Each synthetic arm's model-free gate pass rate and its maps' per-map loads (records of
+    ``downstream.write_pass_rate``)."""
+    lines = ["### Model-free gate and per-map loads", "", "Share of each synthetic arm's cases that pass the "
+             "model-free gate (docs/quality.md), from the arm's synthetic store; the arms train on every case, passed "
+             "or not. Per-map load: a pathology class's share of the map's region (p50 / p90) over the real maps "
+             "holding it and over the arm's new maps (docs/label-maps.md).", "",
+             "| setting | arm | synthetic cases | scored | passed | pass rate | per-map load |",
+             "|---|---|---|---|---|---|---|"]
     for record in sorted(records, key=lambda record: (record["setting"], arm_order(record))):
         rate = record["model_free"]
         share = f"{rate['passed'] / rate['scored']:.1%}" if rate["scored"] else ""
         lines.append(f"| {record['setting']} | {record['label']} | {rate['cases']} | {rate['scored']} | "
-                     f"{rate['passed']} | {share} |")
+                     f"{rate['passed']} | {share} | {_loads_text(record.get('per_map_load'))} |")
     if not records:
-        lines.append("| no synthetic arm ran | | | | | |")
+        lines.append("| no synthetic arm ran | | | | | | |")
     return "\n".join(lines)
