@@ -11,7 +11,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # installed name of each source folder (pyproject.toml maps dataset_tools/ and trainers/ into the package)
 SOURCE_FOLDERS = {"nnunet_synth": REPO_ROOT / "nnunet_synth", "nnunet_synth.dataset_tools": REPO_ROOT / "dataset_tools",
                   "nnunet_synth.trainers": REPO_ROOT / "trainers"}
-BASE = ("errors", "atomic", "preview_grid", "trainer_lookup")   # importable from every layer
+BASE = ("errors", "atomic", "preview_grid", "trainer_lookup", "nnunet_paths")   # importable from every layer
 LAYERS = [
     ("dataset",),
     ("masks",),
@@ -19,7 +19,7 @@ LAYERS = [
     ("sampling",),
     ("quality",),
     ("writer", "provenance"),
-    ("generation", "copy_paste", "inpainting", "volumes", "preflight", "image_sources", "fold_cases"),
+    ("generation", "copy_paste", "inpainting", "preflight", "fold_cases"),
     ("evaluation", "example"),
     ("trainers",),
     ("dataset_tools",),
@@ -82,6 +82,16 @@ def test_the_fold_orchestration_imports_no_image_source():
     imported = [name for _, name in imported_modules(path, "nnunet_synth.fold_cases")
                 if name.startswith("nnunet_synth.") and name.split(".")[1] in sources]
     assert not imported, imported
+
+
+def test_every_listed_module_exists():
+    """A name in ``LAYERS`` or ``BASE`` is a module or package of ours, so the lists cannot drift from the code."""
+    installed = {name.split(".")[1]: folder for name, folder in SOURCE_FOLDERS.items() if "." in name}
+    package = SOURCE_FOLDERS["nnunet_synth"]
+    missing = [name for name in [*BASE, *(n for names in LAYERS for n in names)]
+               if name not in installed and not (package / f"{name}.py").is_file()
+               and not (package / name / "__init__.py").is_file()]
+    assert not missing, f"listed in tests/test_layers.py but not in nnunet_synth/: {missing}"
 
 
 @pytest.mark.parametrize("module", ["nnunet_synth.masks.balance", "nnunet_synth.generation",
