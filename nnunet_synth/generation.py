@@ -28,13 +28,12 @@ from nnunet_synth.fold_cases import (
     write_slice_preview,
 )
 from nnunet_synth.generator.checkpoints import load_generator, read_generator_config, resolve_generator_folder
+from nnunet_synth.generator.data import MODEL_MINIMUM
 from nnunet_synth.generator.inpaint_training import sampling_defaults
 from nnunet_synth.inpainting import InpaintBlocks, write_inpaint_preview
 from nnunet_synth.masks.settings import BalancingSettings
 from nnunet_synth.sampling import sample_images
 from nnunet_synth.writer.synthetic_store import SyntheticStore
-
-MODEL_MINIMUM = -1.0
 
 
 @dataclass

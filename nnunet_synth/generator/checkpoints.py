@@ -156,14 +156,6 @@ def load_generator(folder, dataset=None, device="cpu"):
     return unet.to(device).eval(), config
 
 
-
-def load_pipeline(folder, dataset=None, device="cpu"):
-    """``(NnsynthPipeline, GeneratorConfig)`` of a trained generator (see ``load_generator``)."""
-    from nnunet_synth.generator.inference import generator_pipeline
-    unet, config = load_generator(folder, dataset, device)
-    return generator_pipeline(unet, config, device), config
-
-
 def save_pipeline_folder(pipeline, folder, pipeline_file: str = PIPELINE_FILE):
     """Save ``pipeline`` (an NnsynthPipeline or NnsynthInpaintPipeline) so that ``DiffusionPipeline.from_pretrained(
     folder, trust_remote_code=True)`` finds its class: diffusers takes a list ``_class_name`` [module, class] as the
