@@ -128,7 +128,7 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
         summary["seed"] = settings.seed
         summary["rare_oversampling"] = self._rare_oversampling(dataset_tr)
         if settings.ratio < 1 and len(dataset_tr.identifiers) == 0:
-            raise NnsynthError(f"fold {self.fold} has no real training case; a ratio below 1 needs some")
+            raise NnsynthError(f"fold {self.fold} has no real training case; a batch share (nnsynth_ratio) below 1 needs some")
         self.synth_summary = summary
         self._report(summary)
         return SynthMixDataset(dataset_tr, synthetic_dataset), dataset_val
@@ -278,7 +278,7 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
         """The training data loader: nnU-Net's, drawing ``ratio`` of each batch from the synthetic cases (and
         centring ``rare_oversampling`` of the real draws on the rarest class)."""
         loader = SynthMixDataLoader(dataset_tr, batch_size, patch_size, final_patch_size, label_manager,
-                                    synthetic_ratio=self.synth_settings.ratio, **kwargs)
+                                    synthetic_share=self.synth_settings.ratio, **kwargs)
         rare = self.synth_summary["rare_oversampling"]
         if rare["probability"] > 0:
             loader.enable_rare_oversampling(rare["class"], rare["probability"])
