@@ -70,7 +70,8 @@ def child(stage: str, dataset_folder: str, args) -> dict:
     from nnunet_synth.generator import TrainingSettings
     from nnunet_synth.generator.training import train_generator
     dataset = RawDataset(dataset_folder)
-    run_folder = Path(os.environ["nnUNet_results"]) / dataset.name / "scale_generator"
+    from nnunet_synth.nnunet_paths import require_nnunet_folder
+    run_folder = require_nnunet_folder("nnUNet_results", "the benchmark's generator") / dataset.name / "scale_generator"
     result = {"stage": stage, "dataset": dataset.name, "cases": len(dataset.case_ids)}
     if stage == "cache":
         from nnunet_synth.generator.slice_cache import open_slice_cache, slice_cache_root

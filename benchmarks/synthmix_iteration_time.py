@@ -61,10 +61,11 @@ def build_example_workspace(workdir: Path, covid_source: Path) -> str:
 
 
 def make_trainer(trainer_class, dataset: str, configuration: str, plans_identifier: str, device):
-    from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_synth.nnunet_paths import require_nnunet_folder
     name = maybe_convert_to_dataset_name(dataset)
-    base = Path(nnUNet_preprocessed.get()) / name
+    base = require_nnunet_folder("nnUNet_preprocessed", "the benchmark's plans") / name
     with open(base / f"{plans_identifier}.json") as handle:
         plans = json.load(handle)
     with open(base / "dataset.json") as handle:

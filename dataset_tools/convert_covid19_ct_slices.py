@@ -115,8 +115,8 @@ def add_output_arguments(parser, default_id, default_name):
 
 
 def output_root_from_args(args) -> Path:
-    import os
-    root = args.output_root or os.environ.get("nnUNet_raw")
+    from nnunet_synth.nnunet_paths import nnunet_folder
+    root = args.output_root or nnunet_folder("nnUNet_raw")
     if not root:
         raise NnsynthError("no output folder: pass --output-root or export nnUNet_raw=/path/to/nnUNet_raw")
     return Path(root)

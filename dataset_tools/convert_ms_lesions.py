@@ -8,7 +8,6 @@ is written into ``$nnUNet_preprocessed/<dataset>/`` unless one exists there.
 """
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from nnunet_synth.dataset_tools.check_dataset import print_summary
 from nnunet_synth.dataset_tools.convert_covid19_ct_slices import add_output_arguments, output_root_from_args
 from nnunet_synth.dataset_tools.dataset_target import converted_dataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
+from nnunet_synth.nnunet_paths import nnunet_folder
 
 CHANNELS = ("FLAIR", "T1", "T1POST", "T2")
 LABELS = {"background": 0, "lesion": 1}
@@ -66,7 +66,7 @@ def convert_ms_lesions(source_folder, raw_root, dataset_id: int = 505, name: str
         write_dataset_json_atomic(staging, channel_names={i: c for i, c in enumerate(CHANNELS)}, labels=LABELS,
                                   num_training_cases=len(case_ids), file_ending=".nii.gz", dataset_name=folder.name,
                                   reference="Lesjak et al., Neuroinformatics 2017 (CC BY)")
-    preprocessed_root = preprocessed_root or os.environ.get("nnUNet_preprocessed")
+    preprocessed_root = preprocessed_root or nnunet_folder("nnUNet_preprocessed")
     if preprocessed_root:
         splits_file = Path(preprocessed_root) / folder.name / "splits_final.json"
         if not splits_file.is_file():

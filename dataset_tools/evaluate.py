@@ -13,7 +13,6 @@
   nnsynth_evaluate lesions PREDICTION_FOLDER LABEL_FOLDER -d D [--bins 20 200] [-o lesions.json]
 """
 import argparse
-import os
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from nnunet_synth.generator.inpaint_training import (
     VOLUME_INFERENCE_STEPS,
     VOLUME_SAMPLER,
 )
+from nnunet_synth.nnunet_paths import nnunet_folder, require_nnunet_folder
 from nnunet_synth.preflight import check_evaluation_request
 
 EVALUATION_FOLDER = "nnsynth_evaluation"
@@ -159,10 +159,8 @@ def evaluation_folder(dataset: RawDataset, output) -> Path:
     if output:
         folder = Path(output)
     else:
-        results = os.environ.get("nnUNet_results")
-        if not results:
-            raise NnsynthError("nnUNet_results is not set: export nnUNet_results=/path or pass --output")
-        folder = Path(results) / dataset.name / EVALUATION_FOLDER
+        results = require_nnunet_folder("nnUNet_results", "the default evaluation folder; or pass --output")
+        folder = results / dataset.name / EVALUATION_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -257,7 +255,7 @@ def downstream_settings(args):
 
 def run_downstream_command(args, dataset: RawDataset, folder: Path, settings):
     from nnunet_synth.evaluation.downstream import SUMMARY_MD, run_downstream
-    run_downstream(dataset, settings, dataset.folder.parent, os.environ.get("nnUNet_preprocessed"), folder,
+    run_downstream(dataset, settings, dataset.folder.parent, nnunet_folder("nnUNet_preprocessed"), folder,
                    args.test_images, args.test_labels)
     print((folder / SUMMARY_MD).read_text())
     print(f"downstream: {folder / DOWNSTREAM_CSV} (one row per run), {folder / SUMMARY_MD}, plot "
@@ -299,8 +297,7 @@ def main(argv=None):
                                "--inpaint-generator FOLDER")
         run_fidelity(args, dataset, folder)
     elif args.command == "downstream":
-        if not os.environ.get("nnUNet_preprocessed"):
-            raise NnsynthError("nnUNet_preprocessed is not set: export nnUNet_preprocessed=/path")
+        require_nnunet_folder("nnUNet_preprocessed", "the downstream arms are planned there")
         run_downstream_command(args, dataset, folder, settings)
     if args.command != "report":
         record_command(folder, args.command)

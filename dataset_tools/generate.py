@@ -247,10 +247,9 @@ def main(argv=None):
             launched_state().wait_for_everyone()      # every shard's cases are written
             if not launched_state().is_main_process:
                 return
-        import os
-
+        from nnunet_synth.nnunet_paths import nnunet_folder
         from nnunet_synth.writer.standalone_export import export_standalone
-        folder = export_standalone(dataset, dataset.folder.parent, os.environ.get("nnUNet_preprocessed"),
+        folder = export_standalone(dataset, dataset.folder.parent, nnunet_folder("nnUNet_preprocessed"),
                                    args.export_standalone)
         print(f"standalone dataset: {folder}")
 

@@ -273,12 +273,12 @@ class CopyPasteSettings:
         return recipe
 
 
-def num_copy_paste_cases(dataset: RawDataset, fold, ratio: float, unit=None) -> int:
-    """``ratio`` cases per real slice (unit "slice") or per real volume (unit "volume") of the fold's training
-    cases (at least 1)."""
+def num_copy_paste_cases(dataset: RawDataset, fold, amount: float, unit=None) -> int:
+    """The number of cases for an amount (``-r``): ``amount`` cases per real slice (unit "slice") or per real
+    volume (unit "volume") of the fold's training cases (at least 1)."""
     slices = open_native_slices(dataset, fold_training_cases(dataset, fold))
     units = len(slices) if resolve_unit(dataset, slice_counts(slices), unit) == "slice" else len(slices.case_rows())
-    return max(1, round(ratio * units))
+    return max(1, round(amount * units))
 
 
 def generate_copy_paste_cases(dataset: RawDataset, settings: CopyPasteSettings, fold="0", overwrite=False) -> dict:

@@ -28,13 +28,12 @@ from nnunet_synth.fold_cases import (
     write_slice_preview,
 )
 from nnunet_synth.generator.checkpoints import load_generator, read_generator_config, resolve_generator_folder
+from nnunet_synth.generator.data import MODEL_MINIMUM
 from nnunet_synth.generator.inpaint_training import sampling_defaults
 from nnunet_synth.inpainting import InpaintBlocks, write_inpaint_preview
 from nnunet_synth.masks.settings import BalancingSettings
 from nnunet_synth.sampling import sample_images
 from nnunet_synth.writer.synthetic_store import SyntheticStore
-
-MODEL_MINIMUM = -1.0
 
 
 @dataclass
@@ -78,14 +77,14 @@ def inpaint_sampling(store: SyntheticStore, fold, unit: str, sampler: str = None
     return sampler, num_inference_steps, True
 
 
-def num_cases_for_ratio(dataset: RawDataset, generator_folder, ratio: float, unit=None) -> int:
-    """``ratio`` synthetic cases per real slice of the generator's training cases, or per real volume when a case
-    is a volume (``generation_unit``; at least 1)."""
+def num_cases_for_ratio(dataset: RawDataset, generator_folder, amount: float, unit=None) -> int:
+    """The number of cases for an amount (``-r``): ``amount`` synthetic cases per real slice of the generator's
+    training cases, or per real volume when a case is a volume (``generation_unit``; at least 1)."""
     config = read_generator_config(resolve_generator_folder(generator_folder))
     slices = open_native_slices(dataset, config.training_cases)
     counts = slice_counts(slices)
     units = len(counts) if generation_unit(dataset, config.mode, counts, unit) == "volume" else len(slices)
-    return max(1, round(ratio * units))
+    return max(1, round(amount * units))
 
 
 def generation_unit(dataset: RawDataset, generator_mode: str, num_slices: dict, unit=None) -> str:

@@ -2,7 +2,6 @@
 every case of the dataset, the folds' classes, the folders it writes, the budget, the export id and the fold's
 recipe. A command calls ``check_generate_request`` first; a bad request then costs a second, not a trained
 generator (``docs/checks.md`` lists the checks)."""
-import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,9 +163,8 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
                                  seed=request.seed).resolved()
                 check_writable(generators[fold][0].parent, "the generator")
     if request.export_id is not None:
-        if not os.environ.get("nnUNet_preprocessed"):
-            raise NnsynthError("exporting a standalone dataset writes its splits_final.json into nnUNet_preprocessed: "
-                               "export nnUNet_preprocessed=/path/to/nnUNet_preprocessed")
+        from nnunet_synth.nnunet_paths import require_nnunet_folder
+        require_nnunet_folder("nnUNet_preprocessed", "a standalone dataset's splits_final.json is written there")
         check_dataset_id_free(request.export_id, dataset, export_folder_name(dataset, request.export_id))
         check_writable(dataset.folder.parent, "the standalone dataset")
     check_writable(dataset.folder, "synthetic cases")

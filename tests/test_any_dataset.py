@@ -10,8 +10,6 @@ standalone export of each (real and synthetic cases together in imagesTr) passes
 - Dataset942: the real HU CT as two channels, two CT windows (full HU range and soft tissue [-160, 240]).
 """
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +23,7 @@ from nnunet_synth.dataset.writing import write_dataset_json_atomic, write_volume
 from nnunet_synth.generator import TrainingSettings, load_generator
 from nnunet_synth.generator.checkpoints import generator_run_folder, read_generator_config
 from nnunet_synth.generator.training import train_generator
+from nnunet_synth.nnunet_paths import nnunet_folder
 from nnunet_synth.sampling import sample_images
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
@@ -84,7 +83,7 @@ def check_export_integrity(dataset):
 
     from nnunet_synth.writer.standalone_export import export_standalone
     dataset_id = int(dataset.name[len("Dataset"):len("Dataset") + 3])
-    export = export_standalone(dataset, Path(os.environ["nnUNet_raw"]), os.environ["nnUNet_preprocessed"],
+    export = export_standalone(dataset, nnunet_folder("nnUNet_raw"), nnunet_folder("nnUNet_preprocessed"),
                                EXPORT_IDS[dataset_id])
     verify_dataset_integrity(str(export), num_processes=1)      # raises on any problem
     exported = RawDataset(export)

@@ -21,6 +21,7 @@ from nnunet_synth.dataset_tools import check_dataset as check_dataset_command
 from nnunet_synth.dataset_tools import clean as clean_command
 from nnunet_synth.dataset_tools import generate as generate_command
 from nnunet_synth.dataset_tools import train_generator as train_generator_command
+from nnunet_synth.nnunet_paths import nnunet_folder
 
 
 def run_check(target, nnunet_raw):
@@ -437,7 +438,7 @@ def test_a_corrupt_case_is_refused_by_check_and_by_generate_before_training(corr
     folder, path, fragment = corrupt_copy
     real_before = real_file_hashes(folder)
     assert_refused(*run_main(check_dataset_command.main, [str(folder)], capsys), path.name, fragment)
-    results = Path(os.environ["nnUNet_results"]) / folder.name
+    results = nnunet_folder("nnUNet_results") / folder.name
     assert_refused(*run_main(generate_command.main, [str(folder), "--preset", "tiny", "-n", "2", "--device", "cpu"],
                              capsys), path.name, fragment)
     assert not results.exists()                     # refused before a generator was trained
@@ -458,7 +459,7 @@ def test_a_fold_whose_training_cases_hold_no_annotation_is_refused_before_traini
     code, stderr = run_main(generate_command.main, [str(folder), "--preset", "tiny", "-n", "2", "--device", "cpu"],
                             capsys)
     assert_refused(code, stderr, "fold 0", "hold no pixel of any pathology class")
-    assert not (Path(os.environ["nnUNet_results"]) / folder.name).exists()
+    assert not (nnunet_folder("nnUNet_results") / folder.name).exists()
     assert real_file_hashes(folder) == real_before
 
 
@@ -669,7 +670,7 @@ def test_a_passed_scan_is_remembered_until_a_file_changes(real_hu_dataset_folder
     folder = copy_dataset(real_hu_dataset_folder, nnunet_folders["nnUNet_raw"], 788, "ScanMemory")
     scan = scan_dataset(RawDataset(folder), progress=False)
     assert sum(scan.num_slices.values()) == 30
-    remembered = list((Path(os.environ["nnUNet_preprocessed"]) / folder.name / "nnsynth_slice_cache").glob(
+    remembered = list((nnunet_folder("nnUNet_preprocessed") / folder.name / "nnsynth_slice_cache").glob(
         "validated_*.json"))
     assert len(remembered) == 1
     with monkeypatch.context() as patched:                  # read back, not scanned again
@@ -797,7 +798,7 @@ def test_a_truncated_label_png_is_named_not_its_image(png_copy, capsys):
 def test_a_3d_configuration_on_2d_data_is_refused_before_the_evaluation_folder(png_dataset, tmp_path, capsys):
     from nnunet_synth.dataset_tools import evaluate as evaluate_command
     output = tmp_path / "evaluation"
-    preprocessed = Path(os.environ["nnUNet_preprocessed"]) / png_dataset.name
+    preprocessed = nnunet_folder("nnUNet_preprocessed") / png_dataset.name
     before = sorted(preprocessed.rglob("*")) if preprocessed.exists() else []
     argv = ["downstream", str(png_dataset), "--arms", "real_only", "--configuration", "3d_fullres", "-o", str(output)]
     assert_refused(*run_main(evaluate_command.main, argv, capsys), "--configuration 3d_fullres", "2D",
@@ -809,7 +810,7 @@ def test_a_3d_configuration_on_2d_data_is_refused_before_the_evaluation_folder(p
 
 def test_aligned_volume_noise_is_refused_without_an_inpainting_generator_and_on_2d_data(png_dataset, hu_copy,
                                                                                       tiny_generator, capsys):
-    results = Path(os.environ["nnUNet_results"]) / png_dataset.name
+    results = nnunet_folder("nnUNet_results") / png_dataset.name
     for argv, fragment in [
             ([str(hu_copy), "--image-source", "copy-paste", "-n", "2", "--volume-noise", "aligned"],
              "--image-source inpaint"),

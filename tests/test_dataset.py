@@ -135,3 +135,22 @@ def test_real_files_are_not_touched_by_reading(covid_dataset_folder):
     list(iter_slices(dataset, dataset.case_ids[:2]))
     after = {p: os.stat(p).st_mtime_ns for p in covid_dataset_folder.rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_nnunet_folders_are_read_at_each_call(covid_dataset_folder, nnunet_folders, monkeypatch, tmp_path):
+    """nnU-Net's folders are read when asked, not at import (the tree above is exported after import); an unset
+    or empty one stops where it is needed with the variable to export."""
+    from nnunet_synth.errors import NnsynthError
+    from nnunet_synth.nnunet_paths import nnunet_folder, require_nnunet_folder
+    assert RawDataset.from_name("501").folder == covid_dataset_folder.resolve()
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    assert nnunet_folder("nnUNet_results") == tmp_path
+    for value in ("", None):
+        if value is None:
+            monkeypatch.delenv("nnUNet_raw")
+        else:
+            monkeypatch.setenv("nnUNet_raw", value)
+        assert nnunet_folder("nnUNet_raw") is None
+        with pytest.raises(NnsynthError, match="nnUNet_raw is not set.*export nnUNet_raw="):
+            RawDataset.from_name("501")
+    assert require_nnunet_folder("nnUNet_preprocessed", "test") == nnunet_folders["nnUNet_preprocessed"]

@@ -19,6 +19,7 @@ from nnunet_synth.dataset_tools import evaluate as evaluate_command
 from nnunet_synth.evaluation.fidelity import FidelitySettings, evaluate_generator_fidelity
 from nnunet_synth.generator import TrainingSettings
 from nnunet_synth.generator.training import train_generator
+from nnunet_synth.nnunet_paths import nnunet_folder
 
 BIN = Path(sys.executable).parent
 DATASET_ID = 987
@@ -177,4 +178,4 @@ def test_downstream_refuses_a_generator_of_another_fold_before_training(evaluati
         "--first-id", "720", "--device", "cpu"], capsys)
     assert code == 2
     assert error.count("\n") == 1 and "fold 1's validation case" in error
-    assert not list(Path(os.environ["nnUNet_raw"]).glob("Dataset720_*"))      # nothing copied or trained
+    assert not list(nnunet_folder("nnUNet_raw").glob("Dataset720_*"))      # nothing copied or trained

@@ -23,6 +23,7 @@ from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator import TrainingSettings
 from nnunet_synth.generator.checkpoints import FINAL_FOLDER
 from nnunet_synth.generator.training import train_generator
+from nnunet_synth.nnunet_paths import nnunet_folder
 from nnunet_synth.provenance import case_dependencies, select_for_fold
 from nnunet_synth.quality.model_free import fit_model_free_gate, model_free_score
 from nnunet_synth.writer.synthetic_store import MANIFEST_NAME, SyntheticStore, preview_name, synthetic_case_id
@@ -74,7 +75,7 @@ def real_files(dataset_folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def generated(nnunet_folders, tiny_generator):
     """Dataset983 after one uninterrupted run; returns (folder, real checksums before the run, completed process)."""
-    folder = Path(os.environ["nnUNet_raw"]) / "Dataset983_GenerateExample"
+    folder = nnunet_folder("nnUNet_raw") / "Dataset983_GenerateExample"
     real_before = real_files(folder)
     result = subprocess.run(generate_command(983, tiny_generator), capture_output=True, text=True,
                             env=one_thread_environment(), timeout=900)
@@ -221,11 +222,11 @@ def test_the_standalone_export_passes_nnunets_integrity_check_and_gives_each_fol
     folder = generated[0]
     from nnunet_synth.writer.standalone_export import export_standalone
     dataset = RawDataset(folder)
-    export = export_standalone(dataset, Path(os.environ["nnUNet_raw"]), os.environ["nnUNet_preprocessed"], 985)
+    export = export_standalone(dataset, nnunet_folder("nnUNet_raw"), nnunet_folder("nnUNet_preprocessed"), 985)
     verify_dataset_integrity(str(export), num_processes=1)
     dataset_json = json.loads((export / "dataset.json").read_text())
     assert dataset_json["numTraining"] == 5 + NUM_CASES
-    splits = json.loads((Path(os.environ["nnUNet_preprocessed"]) / export.name / "splits_final.json").read_text())
+    splits = json.loads((nnunet_folder("nnUNet_preprocessed") / export.name / "splits_final.json").read_text())
     real_splits = real_crossval_split(dataset)[0]
     assert len(splits) == 5
     store = SyntheticStore(dataset)

@@ -29,6 +29,7 @@ from nnunet_synth.generator import (
     make_ablation_schedule,
 )
 from nnunet_synth.generator.training import draw_step_randomness, train_generator
+from nnunet_synth.nnunet_paths import nnunet_folder
 from nnunet_synth.sampling import sample_images
 
 SIZE = 32
@@ -260,7 +261,7 @@ def test_train_command_writes_final_generator_and_preview(example, nnunet_folder
                              "--preview-inference-steps", "2", "--no-progress"],
                             capture_output=True, text=True, timeout=900, env=one_thread_environment())
     assert result.returncode == 0, result.stderr[-3000:]
-    run_folder = Path(os.environ["nnUNet_results"]) / example.name / "nnsynth_generator_tiny_fold0"
+    run_folder = nnunet_folder("nnUNet_results") / example.name / "nnsynth_generator_tiny_fold0"
     config = json.loads((run_folder / "final" / "generator_config.json").read_text())
     assert config["fold"] == "0" and config["training_cases"] == fold_training_cases(example, 0)
     assert config["trained_steps"] == 3 and config["preset"] == "tiny" and config["image_size"] == SIZE

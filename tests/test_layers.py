@@ -1,8 +1,12 @@
 """The package's layers point one way, in the order its folders tell (docs/layout.md): dataset -> masks ->
 generator -> sampling -> quality -> writer -> the generate step (image sources) -> evaluation -> trainers ->
 commands. A module may import its own layer and the layers before it, never a later one; the library never
-imports ``trainers`` or ``dataset_tools``. Imports inside functions count too."""
+imports ``trainers`` or ``dataset_tools``. Imports inside functions count too. Code copied from nnU-Net or from
+another of our modules is marked ``# Copied from`` and must match its source."""
 import ast
+import importlib
+import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # installed name of each source folder (pyproject.toml maps dataset_tools/ and trainers/ into the package)
 SOURCE_FOLDERS = {"nnunet_synth": REPO_ROOT / "nnunet_synth", "nnunet_synth.dataset_tools": REPO_ROOT / "dataset_tools",
                   "nnunet_synth.trainers": REPO_ROOT / "trainers"}
-BASE = ("errors", "atomic", "preview_grid", "trainer_lookup")   # importable from every layer
+BASE = ("errors", "atomic", "preview_grid", "trainer_lookup", "nnunet_paths")   # importable from every layer
 LAYERS = [
     ("dataset",),
     ("masks",),
@@ -19,7 +23,7 @@ LAYERS = [
     ("sampling",),
     ("quality",),
     ("writer", "provenance"),
-    ("generation", "copy_paste", "inpainting", "volumes", "preflight", "image_sources", "fold_cases"),
+    ("generation", "copy_paste", "inpainting", "preflight", "fold_cases"),
     ("evaluation", "example"),
     ("trainers",),
     ("dataset_tools",),
@@ -84,7 +88,76 @@ def test_the_fold_orchestration_imports_no_image_source():
     assert not imported, imported
 
 
+def test_every_listed_module_exists():
+    """A name in ``LAYERS`` or ``BASE`` is a module or package of ours, so the lists cannot drift from the code."""
+    installed = {name.split(".")[1]: folder for name, folder in SOURCE_FOLDERS.items() if "." in name}
+    package = SOURCE_FOLDERS["nnunet_synth"]
+    missing = [name for name in [*BASE, *(n for names in LAYERS for n in names)]
+               if name not in installed and not (package / f"{name}.py").is_file()
+               and not (package / name / "__init__.py").is_file()]
+    assert not missing, f"listed in tests/test_layers.py but not in nnunet_synth/: {missing}"
+
+
 @pytest.mark.parametrize("module", ["nnunet_synth.masks.balance", "nnunet_synth.generation",
                                     "nnunet_synth.dataset_tools.generate"])
 def test_layer_of_knows_the_stages(module):
     assert layer_of(module) is not None
+
+
+# ``# Copied from <module>.<name> [with A->B,C->D]`` on the line above a copied function or method (the convention of
+# diffusers' ``make fix-copies``); the source is nnU-Net's or one of ours (a file that ships alone, e.g. in final/)
+COPIED_FROM = re.compile(r"\s*# Copied from ((?:nnunetv2|nnunet_synth)\.[\w.]+)(?: with (.*))?$")
+
+
+def resolve(dotted: str):
+    """The object a dotted name points at: the longest importable module prefix, then attributes."""
+    parts = dotted.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            value = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[split:]:
+            value = getattr(value, name)
+        return value
+    raise AssertionError(f"{dotted}: no module of it can be imported")
+
+
+def copied_functions():
+    """(line, our function, its source, replacements) for every ``# Copied from`` marker in our source folders."""
+    found = []
+    for module_name, path in source_modules():
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines):
+            match = COPIED_FROM.match(line)
+            if not match:
+                continue
+            where = f"{path.relative_to(REPO_ROOT)}:{number + 1}"
+            definition = re.match(r"(\s*)def (\w+)", lines[number + 1])
+            assert definition, f"{where}: a Copied from marker stands on the line above the def it marks"
+            module = importlib.import_module(module_name)
+            if not definition.group(1):
+                ours = vars(module)[definition.group(2)]
+            else:
+                ours = next(vars(value)[definition.group(2)] for value in vars(module).values()
+                            if inspect.isclass(value) and value.__module__ == module_name
+                            and definition.group(2) in vars(value))
+            replacements = [pair.split("->") for pair in match.group(2).split(",")] if match.group(2) else []
+            found.append((where, ours, resolve(match.group(1)), replacements))
+    return found
+
+
+def test_copied_code_matches_its_source():
+    """Each marked copy equals its source (the installed nnU-Net's, or our module's) after the declared
+    replacements, whitespace aside: a change in the source fails here instead of being silently missed."""
+    copies = copied_functions()
+    assert sorted(f"{ours.__module__}.{ours.__qualname__}" for _, ours, _, _ in copies) == [
+        "nnunet_synth.generator.inpaint_pipeline._autocast", "nnunet_synth.generator.inpaint_pipeline.initial_noise",
+        "nnunet_synth.trainers.synth_mix.nnUNetTrainerSynthMix.get_dataloaders"]
+    for where, ours, original, replacements in copies:
+        expected = inspect.getsource(original)
+        for old, new in replacements:
+            assert old in expected, f"{where}: {original.__qualname__} no longer contains {old!r}"
+            expected = expected.replace(old, new)
+        assert " ".join(inspect.getsource(ours).split()) == " ".join(expected.split()), (
+            f"{where}: {ours.__qualname__} differs from {original.__module__}.{original.__qualname__}: update the copy")

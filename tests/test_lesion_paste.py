@@ -118,7 +118,7 @@ def batches_rare_share(trainer, dataset_tr, probability: float, batches: int = 1
     transform = trainer._paste_transform(dataset_tr)
     transform.probability = probability
     patch = trainer.configuration_manager.patch_size
-    loader = SynthMixDataLoader(dataset_tr, 4, patch, patch, trainer.label_manager, synthetic_ratio=0.0,
+    loader = SynthMixDataLoader(dataset_tr, 4, patch, patch, trainer.label_manager, synthetic_share=0.0,
                                 oversample_foreground_percent=0.33, transforms=ComposeTransforms([transform]))
     np.random.seed(3)
     lung = lesion = 0

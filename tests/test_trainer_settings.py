@@ -1,6 +1,5 @@
-"""Trainer settings through the stock nnUNetv2_train entry point, continuing with changed settings, the copy of
-nnU-Net's get_dataloaders, and the verification of the synthetic pool."""
-import inspect
+"""Trainer settings through the stock nnUNetv2_train entry point, continuing with changed settings, and the
+verification of the synthetic pool (tests/test_layers.py compares the copy of nnU-Net's get_dataloaders)."""
 import re
 import subprocess
 import sys
@@ -108,47 +107,6 @@ def test_continuing_with_any_changed_setting_is_refused(planned_dataset, monkeyp
     trainer = make_trainer(planned_dataset, nnUNetTrainerSynthMix)
     trainer.current_epoch = 1
     trainer.get_tr_and_val_datasets()
-
-
-def copied_functions():
-    """(our function, nnU-Net's function, replacements) for every ``# Copied from <module>.<name> [with A->B]`` in
-    the trainer modules (the convention of diffusers' ``make fix-copies``)."""
-    import importlib
-
-    from nnunet_synth.trainers.discovery import TRAINER_MODULES
-    found = []
-    for module_name in TRAINER_MODULES:
-        module = importlib.import_module(module_name)
-        lines = inspect.getsource(module).splitlines()
-        for number, line in enumerate(lines):
-            match = re.match(r"\s*# Copied from (nnunetv2\.[\w.]+)(?: with (.*))?$", line)
-            if not match:
-                continue
-            definition = re.match(r"\s*def (\w+)", lines[number + 1])
-            owner = next(value for value in vars(module).values()
-                         if inspect.isclass(value) and definition.group(1) in vars(value)
-                         and value.__module__ == module_name)
-            path = match.group(1).split(".")
-            original = importlib.import_module(".".join(path[:-2]))
-            original = getattr(getattr(original, path[-2]), path[-1])
-            replacements = [pair.split("->") for pair in match.group(2).split(",")] if match.group(2) else []
-            found.append((vars(owner)[definition.group(1)], original, replacements))
-    return found
-
-
-def test_copied_nnunet_code_matches_the_installed_nnunet():
-    """Our copy of nnUNetTrainer.get_dataloaders equals the installed nnU-Net's after the declared replacements
-    (whitespace aside): a change in nnU-Net fails here instead of being silently missed."""
-    copies = copied_functions()
-    assert [ours.__qualname__ for ours, _, _ in copies] == ["nnUNetTrainerSynthMix.get_dataloaders"]
-    for ours, original, replacements in copies:
-        expected = inspect.getsource(original)
-        for old, new in replacements:
-            assert old in expected, f"{original.__qualname__} no longer contains {old!r}"
-            expected = expected.replace(old, new)
-        assert " ".join(inspect.getsource(ours).split()) == " ".join(expected.split()), (
-            f"{ours.__qualname__} differs from the installed {original.__module__}.{original.__qualname__}: "
-            f"update the copy")
 
 
 # ------------------------------------------------------------------------------------------- pool verification

@@ -203,7 +203,7 @@ def mixed_dataset(planned_dataset, synthetic_example_dataset):
 @pytest.mark.parametrize("ratio, batch_size", [(0.25, 2), (0.3, 5), (0.5, 2), (0.75, 3)])
 def test_empirical_synthetic_fraction_matches_the_ratio(mixed_dataset, ratio, batch_size):
     data, label_manager = mixed_dataset
-    loader = SynthMixDataLoader(data, batch_size, (256, 256), (256, 256), label_manager, synthetic_ratio=ratio,
+    loader = SynthMixDataLoader(data, batch_size, (256, 256), (256, 256), label_manager, synthetic_share=ratio,
                                 oversample_foreground_percent=0.33)
     np.random.seed(1234)
     num_batches = 4000
@@ -226,7 +226,7 @@ def test_empirical_synthetic_fraction_matches_the_ratio(mixed_dataset, ratio, ba
 
 def test_mixed_batches_load_real_and_synthetic_cases(mixed_dataset):
     data, label_manager = mixed_dataset
-    loader = SynthMixDataLoader(data, 4, (256, 256), (256, 256), label_manager, synthetic_ratio=0.5,
+    loader = SynthMixDataLoader(data, 4, (256, 256), (256, 256), label_manager, synthetic_share=0.5,
                                 oversample_foreground_percent=0.33)
     np.random.seed(0)
     batch = loader.generate_train_batch()
@@ -245,7 +245,7 @@ def test_rare_class_oversampling_draws_slices_that_contain_the_rarest_class(mixe
     locations[2] = locations[2][locations[2][:, 1] == one_slice]
 
     def drawn_slices(probability):
-        loader = SynthMixDataLoader(data, 2, (256, 256), (256, 256), label_manager, synthetic_ratio=0.0,
+        loader = SynthMixDataLoader(data, 2, (256, 256), (256, 256), label_manager, synthetic_share=0.0,
                                     oversample_foreground_percent=0.0)
         if probability:
             loader.enable_rare_oversampling(2, probability)
@@ -260,7 +260,7 @@ def test_mixing_loader_works_in_a_spawned_worker(mixed_dataset):
     """Data-augmentation workers unpickle the loader; under spawn they import it from the installed package."""
     import multiprocessing
     data, label_manager = mixed_dataset
-    loader = SynthMixDataLoader(data, 4, (256, 256), (256, 256), label_manager, synthetic_ratio=0.5)
+    loader = SynthMixDataLoader(data, 4, (256, 256), (256, 256), label_manager, synthetic_share=0.5)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         keys = pool.apply(SynthMixDataLoader.get_indices, (loader,))
     assert len(keys) == 4 and sum(data.is_synthetic(key) for key in keys) == 2

@@ -29,6 +29,7 @@ from nnunet_synth.evaluation.through_plane import (
     through_plane_consistency,
 )
 from nnunet_synth.masks.regions import find_regions
+from nnunet_synth.nnunet_paths import nnunet_folder
 from nnunet_synth.trainers.synthetic_pool import pool_folder
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
@@ -61,10 +62,10 @@ def copy_dataset(folder: Path, dataset_id: int, name: str) -> Path:
     target.mkdir()
     for part in ("imagesTr", "labelsTr", "dataset.json"):
         (shutil.copytree if (folder / part).is_dir() else shutil.copy)(folder / part, target / part)
-    splits = Path(os.environ["nnUNet_preprocessed"]) / folder.name / "splits_final.json"
+    splits = nnunet_folder("nnUNet_preprocessed") / folder.name / "splits_final.json"
     if splits.is_file():
-        (Path(os.environ["nnUNet_preprocessed"]) / target.name).mkdir(exist_ok=True)
-        shutil.copy(splits, Path(os.environ["nnUNet_preprocessed"]) / target.name / "splits_final.json")
+        (nnunet_folder("nnUNet_preprocessed") / target.name).mkdir(exist_ok=True)
+        shutil.copy(splits, nnunet_folder("nnUNet_preprocessed") / target.name / "splits_final.json")
     return target
 
 
@@ -300,7 +301,7 @@ def ms_planned_3d(ms_generated, nnunet_folders):
 def predict_validation_patient(dataset, trainer, folder, extra_environment, fold=0):
     """Stock nnUNetv2_predict (3d_fullres, CPU plans, fold ``fold``) of the fold's validation patient; its
     prediction and the reference label, each as (array, image)."""
-    validation = json.loads((Path(os.environ["nnUNet_preprocessed"]) / dataset.name / "splits_final.json")
+    validation = json.loads((nnunet_folder("nnUNet_preprocessed") / dataset.name / "splits_final.json")
                             .read_text())[fold]["val"]
     inputs, outputs = folder / "in", folder / "out"
     inputs.mkdir()
@@ -364,7 +365,7 @@ def train_resenc_3d(dataset, trainer, **extra_environment):
     result = run(["nnUNetv2_train", MS_ID, "3d_fullres", "0", "-tr", trainer, "-p", RESENC_CPU_PLANS, "-device", "cpu"],
                  timeout=1500, nnUNet_extTrainer=str(trainer_directory()), **extra_environment)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    fold = (Path(os.environ["nnUNet_results"]) / dataset.name / f"{trainer}__{RESENC_CPU_PLANS}__3d_fullres" /
+    fold = (nnunet_folder("nnUNet_results") / dataset.name / f"{trainer}__{RESENC_CPU_PLANS}__3d_fullres" /
             "fold_0")
     return fold, json.loads((fold / "synthmix.json").read_text())
 

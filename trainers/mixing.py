@@ -4,11 +4,13 @@ The pieces, in the order the trainer uses them (its settings come from ``setting
 
 - ``select_synthetic_cases``: which synthetic cases of the manifest pass the quality threshold (the leakage rule
   of ``nnunet_synth/provenance.py`` is applied before it, by the trainer).
-- ``exposure``: how often each synthetic case is drawn compared with each real slice (what the ratio means).
+- ``exposure``: how often each synthetic case is drawn compared with each real slice (what the batch share
+  ``nnsynth_ratio`` means).
 - ``SynthMixDataset``: one dataset object that serves real keys from the real preprocessed folder and
   synthetic keys from the synthetic pool.
 - ``SynthMixDataLoader``: an ``nnUNetDataLoader`` whose batches hold ``n_synth`` synthetic and
-  ``B - n_synth`` real keys, ``n_synth = floor(r*B) + Bernoulli(frac(r*B))``, shuffled within the batch
+  ``B - n_synth`` real keys, ``n_synth = floor(r*B) + Bernoulli(frac(r*B))`` for the batch share r, shuffled
+  within the batch
   (nnU-Net forces foreground by position in the batch).
 """
 import math
@@ -84,18 +86,18 @@ def select_synthetic_cases(entries: Dict[str, dict], case_ids, min_quality: Opti
     return SyntheticSelection(used, below, unscored, other_fold)
 
 
-def exposure(ratio: float, batch_size: int, num_iterations: int, num_synthetic_cases: int,
+def exposure(batch_share: float, batch_size: int, num_iterations: int, num_synthetic_cases: int,
              num_real_slices: int) -> dict:
     """How often, in expectation over a training run, each synthetic case and each real slice is drawn.
 
-    A batch holds ``ratio * batch_size`` synthetic cases on average, drawn uniformly from the used synthetic
+    A batch holds ``batch_share * batch_size`` synthetic cases on average, drawn uniformly from the used synthetic
     cases; the rest are real cases, and a 2d nnU-Net draws a slice of a real case, so a real slice is drawn about
-    ``(1 - ratio) * batch_size / num_real_slices`` times per iteration (exactly so when all cases have the same
+    ``(1 - batch_share) * batch_size / num_real_slices`` times per iteration (exactly so when all cases have the same
     number of slices). ``factor`` > 1: each synthetic case is repeated more often than a real slice; with
-    ``ratio = R / (1 + R)`` and ``R`` synthetic cases per real slice it is 1.
+    ``batch_share = R / (1 + R)`` and the amount ``R`` (synthetic cases per real slice) it is 1.
     """
-    synthetic = ratio * batch_size * num_iterations / num_synthetic_cases if num_synthetic_cases else 0.0
-    real = (1 - ratio) * batch_size * num_iterations / num_real_slices if num_real_slices else 0.0
+    synthetic = batch_share * batch_size * num_iterations / num_synthetic_cases if num_synthetic_cases else 0.0
+    real = (1 - batch_share) * batch_size * num_iterations / num_real_slices if num_real_slices else 0.0
     factor = synthetic / real if real > 0 else float("inf") if synthetic > 0 else 0.0
     return {"draws_per_synthetic_case": round(synthetic, 2), "draws_per_real_slice": round(real, 2),
             "factor": round(factor, 2) if factor != float("inf") else None,
@@ -147,9 +149,10 @@ def rarest_class(label_counts: Dict[int, int]) -> int:
     return min(present, key=lambda c: (present[c], c))
 
 
-def synthetic_count(ratio: float, batch_size: int, uniform_draw: float) -> int:
-    """``floor(r*B)`` plus one when ``uniform_draw`` falls below the fractional part (stochastic rounding)."""
-    expected = round(ratio * batch_size, 9)      # 0.3 * 10 is 3.0000000000000004 in floating point
+def synthetic_count(batch_share: float, batch_size: int, uniform_draw: float) -> int:
+    """``floor(r*B)`` (r the batch share, B the batch size) plus one when ``uniform_draw`` falls below the
+    fractional part (stochastic rounding)."""
+    expected = round(batch_share * batch_size, 9)      # 0.3 * 10 is 3.0000000000000004 in floating point
     count = math.floor(expected)
     if uniform_draw < expected - count:
         count += 1
@@ -157,22 +160,23 @@ def synthetic_count(ratio: float, batch_size: int, uniform_draw: float) -> int:
 
 
 class SynthMixDataLoader(nnUNetDataLoader):
-    """nnU-Net's training data loader, drawing a fixed expected fraction of each batch from synthetic keys."""
+    """nnU-Net's training data loader, drawing a fixed expected share of each batch (``synthetic_share``, the
+    batch share ``nnsynth_ratio``) from synthetic keys."""
 
     def __init__(self, data: SynthMixDataset, batch_size: int, patch_size, final_patch_size, label_manager,
-                 synthetic_ratio: float, **kwargs):
+                 synthetic_share: float, **kwargs):
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager, **kwargs)
         if kwargs.get("sampling_probabilities") is not None:
-            raise ValueError("SynthMixDataLoader draws by ratio; sampling_probabilities are not supported")
+            raise ValueError("SynthMixDataLoader draws by batch share; sampling_probabilities are not supported")
         self.real_keys = list(data.real_identifiers)
         self.synthetic_keys = list(data.synthetic_identifiers)
-        if not 0.0 <= synthetic_ratio <= 1.0:
-            raise ValueError(f"synthetic_ratio must lie in [0, 1], got {synthetic_ratio}")
-        if synthetic_ratio > 0 and not self.synthetic_keys:
-            raise ValueError("synthetic_ratio > 0 needs at least one synthetic key")
-        if synthetic_ratio < 1 and not self.real_keys:
-            raise ValueError("synthetic_ratio < 1 needs at least one real key")
-        self.synthetic_ratio = synthetic_ratio
+        if not 0.0 <= synthetic_share <= 1.0:
+            raise ValueError(f"synthetic_share must lie in [0, 1], got {synthetic_share}")
+        if synthetic_share > 0 and not self.synthetic_keys:
+            raise ValueError("synthetic_share > 0 needs at least one synthetic key")
+        if synthetic_share < 1 and not self.real_keys:
+            raise ValueError("synthetic_share < 1 needs at least one real key")
+        self.synthetic_share = synthetic_share
 
     def enable_rare_oversampling(self, rare_class: int, probability: float):
         """Centre ``probability`` of the real draws on a pixel of ``rare_class`` (2d: a slice that contains it),
@@ -190,7 +194,7 @@ class SynthMixDataLoader(nnUNetDataLoader):
         return super().get_bbox(data_shape, force_fg, class_locations, overwrite_class, verbose)
 
     def get_indices(self):
-        n_synthetic = synthetic_count(self.synthetic_ratio, self.batch_size, np.random.uniform())
+        n_synthetic = synthetic_count(self.synthetic_share, self.batch_size, np.random.uniform())
         n_real = self.batch_size - n_synthetic
         keys = [self.synthetic_keys[i] for i in np.random.randint(len(self.synthetic_keys) or 1, size=n_synthetic)]
         keys += [self.real_keys[i] for i in np.random.randint(len(self.real_keys) or 1, size=n_real)]

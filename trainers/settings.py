@@ -124,7 +124,7 @@ class Setting:
 
 SETTINGS = (
     Setting("ratio", "nnsynth_ratio",
-            _fraction("nnsynth_ratio", "give the synthetic fraction of each batch, e.g. nnsynth_ratio=0.25"), 0.5),
+            _fraction("nnsynth_ratio", "give the synthetic share of each batch, e.g. nnsynth_ratio=0.25"), 0.5),
     # by default only the cases that pass the model-free gate are mixed in (a score of 0.5 is its threshold)
     Setting("min_quality", "nnsynth_min_quality", _min_quality, PASS_SCORE),
     Setting("quality_key", "nnsynth_quality_key", _quality_key, "model_free"),
@@ -151,7 +151,7 @@ SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 class TrainerSettings:
     """The effective settings of one training run and where each value came from."""
 
-    ratio: float
+    ratio: float                        # the batch share (nnsynth_ratio): the synthetic share of each batch
     min_quality: Optional[float]
     quality_key: str
     rare_oversampling: float

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -37,6 +36,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunet_synth.atomic import write_json_atomic
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.errors import NnsynthError
+from nnunet_synth.nnunet_paths import require_nnunet_folder
 from nnunet_synth.provenance import select_for_fold
 from nnunet_synth.trainers.mixing import (
     EXPOSURE_WARNING_FACTOR,
@@ -128,7 +128,7 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
         summary["seed"] = settings.seed
         summary["rare_oversampling"] = self._rare_oversampling(dataset_tr)
         if settings.ratio < 1 and len(dataset_tr.identifiers) == 0:
-            raise NnsynthError(f"fold {self.fold} has no real training case; a ratio below 1 needs some")
+            raise NnsynthError(f"fold {self.fold} has no real training case; a batch share (nnsynth_ratio) below 1 needs some")
         self.synth_summary = summary
         self._report(summary)
         return SynthMixDataset(dataset_tr, synthetic_dataset), dataset_val
@@ -173,10 +173,9 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
     def _synthetic_training_dataset(self, settings, validation_cases):
         if self.is_cascaded:
             raise NnsynthError(f"{self.__class__.__name__} does not support cascaded configurations")
-        if not nnUNet_raw.is_set():
-            raise NnsynthError("nnUNet_raw is not set: the synthetic manifest is read from the raw dataset folder")
         dataset_name = self.plans_manager.dataset_name
-        raw_folder = Path(nnUNet_raw.get()) / dataset_name
+        raw_folder = require_nnunet_folder("nnUNet_raw", "the synthetic manifest is read from the raw dataset "
+                                                         "folder") / dataset_name
         store = SyntheticStore(RawDataset(raw_folder))
         available = store.complete_case_ids()
         self._refuse_incomplete_cases(store, validation_cases)
@@ -279,7 +278,7 @@ class nnUNetTrainerSynthMix(nnUNetTrainer):
         """The training data loader: nnU-Net's, drawing ``ratio`` of each batch from the synthetic cases (and
         centring ``rare_oversampling`` of the real draws on the rarest class)."""
         loader = SynthMixDataLoader(dataset_tr, batch_size, patch_size, final_patch_size, label_manager,
-                                    synthetic_ratio=self.synth_settings.ratio, **kwargs)
+                                    synthetic_share=self.synth_settings.ratio, **kwargs)
         rare = self.synth_summary["rare_oversampling"]
         if rare["probability"] > 0:
             loader.enable_rare_oversampling(rare["class"], rare["probability"])

@@ -41,6 +41,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnunet_synth.atomic import write_json_atomic
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.errors import NnsynthError
+from nnunet_synth.nnunet_paths import require_nnunet_folder
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 POOL_SUFFIX = "_synth"
@@ -298,12 +299,8 @@ def update_synthetic_pool(raw_dataset_folder, preprocessed_dataset_folder_base, 
 def update_pool_for_preprocessed_dataset(dataset_name: str, configuration_name: str, plans_identifier: str,
                                          log: Callable[[str], None] = print) -> PoolReport:
     """``update_synthetic_pool`` for a dataset by name, reading plans and dataset.json from nnUNet_preprocessed."""
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
-    for variable, value in (("nnUNet_raw", nnUNet_raw), ("nnUNet_preprocessed", nnUNet_preprocessed)):
-        if not value.is_set():
-            raise NnsynthError(f"the environment variable {variable} is not set: export it as for nnU-Net")
-    raw_folder = Path(nnUNet_raw.get()) / dataset_name
-    base = Path(nnUNet_preprocessed.get()) / dataset_name
+    raw_folder = require_nnunet_folder("nnUNet_raw", "the synthetic pool's manifest") / dataset_name
+    base = require_nnunet_folder("nnUNet_preprocessed", "the synthetic pool") / dataset_name
     plans_file = base / (plans_identifier + ".json")
     if not plans_file.is_file():
         raise NnsynthError(f"{plans_file} is missing: run nnUNetv2_plan_and_preprocess -d {dataset_name} first "

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from nnunet_synth.atomic import write_json_atomic
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.errors import NnsynthError, storage_error
+from nnunet_synth.nnunet_paths import nnunet_folder
 
 STORE_FORMAT = 1
 IMAGE_DTYPE, LABEL_DTYPE = np.float32, np.int16      # what RawDataset.read_case gives
@@ -70,8 +71,8 @@ def case_files_key(dataset: RawDataset, case_ids) -> list:
 
 def dataset_cache_root(dataset: RawDataset):
     """``$nnUNet_preprocessed/<Dataset>/nnsynth_slice_cache``, or None when nnUNet_preprocessed is not set."""
-    preprocessed = os.environ.get("nnUNet_preprocessed")
-    return Path(preprocessed) / dataset.name / CACHE_FOLDER if preprocessed else None
+    preprocessed = nnunet_folder("nnUNet_preprocessed")
+    return preprocessed / dataset.name / CACHE_FOLDER if preprocessed else None
 
 
 class PackedRows(Sequence):

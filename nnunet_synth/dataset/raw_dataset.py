@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-from nnunetv2.paths import nnUNet_raw
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
 from nnunet_synth.errors import NnsynthError, warn_once
+from nnunet_synth.nnunet_paths import require_nnunet_folder
 
 REQUIRED_KEYS = ("labels", "numTraining", "file_ending")
 # optional dataset.json key (nnU-Net ignores it): "slice" when each case is a stack of independent 2D slices
@@ -32,10 +32,7 @@ def resolve_dataset_folder(dataset: str) -> Path:
     if match is None:
         raise NnsynthError(f"'{dataset}' is neither a folder nor a dataset name: give a path, an id like 501 "
                            f"or a name like Dataset501_Covid19Lung")
-    if not nnUNet_raw.is_set():
-        raise NnsynthError(f"cannot find dataset '{dataset}': the environment variable nnUNet_raw is not set; "
-                           f"export nnUNet_raw=/path/to/nnUNet_raw")
-    raw_root = Path(nnUNet_raw.get())
+    raw_root = require_nnunet_folder("nnUNet_raw", f"finding dataset '{dataset}' by name")
     prefix = "Dataset%03d" % int(match.group(1))
     exact = raw_root / str(dataset)
     if str(dataset).startswith(prefix + "_") and exact.is_dir():

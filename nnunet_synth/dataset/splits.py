@@ -1,12 +1,12 @@
 """nnU-Net's cross-validation split of the real cases: the one training, generation and export all follow."""
 import json
-import os
 from pathlib import Path
 
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 
 from nnunet_synth.dataset.raw_dataset import RawDataset
 from nnunet_synth.errors import NnsynthError
+from nnunet_synth.nnunet_paths import nnunet_folder
 
 NNUNET_SPLIT_SEED = 12345   # the seed nnUNetTrainer.do_split uses for its default 5-fold split
 
@@ -14,7 +14,7 @@ NNUNET_SPLIT_SEED = 12345   # the seed nnUNetTrainer.do_split uses for its defau
 def real_crossval_split(dataset: RawDataset, preprocessed_root=None):
     """Return ``(splits, source)``: ``<preprocessed_root>/<dataset>/splits_final.json`` if nnU-Net made one
     (``preprocessed_root`` defaults to ``$nnUNet_preprocessed``), else the seeded 5-fold split nnU-Net would make."""
-    preprocessed_root = preprocessed_root or os.environ.get("nnUNet_preprocessed")
+    preprocessed_root = preprocessed_root or nnunet_folder("nnUNet_preprocessed")
     splits_file = Path(preprocessed_root) / dataset.name / "splits_final.json" if preprocessed_root else None
     if splits_file is not None and splits_file.is_file():
         with open(splits_file) as handle:

@@ -405,8 +405,8 @@ def run_repeat(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, 
 
 
 def _model_folder(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, plans: str) -> Path:
-    import os
-    return (Path(os.environ["nnUNet_results"]) / arm_dataset.name /
+    from nnunet_synth.nnunet_paths import require_nnunet_folder
+    return (require_nnunet_folder("nnUNet_results", "nnU-Net's trained models") / arm_dataset.name /
             f"{arm.trainer(settings.budget)}__{plans}__{settings.configuration}" / f"fold_{settings.fold}")
 
 

@@ -61,7 +61,7 @@ def downstream_section(folder: Path, raw_root: Path = None) -> str:
     with open(folder / DOWNSTREAM_CSV) as handle:
         rows = list(csv.DictReader(handle))
     dice_columns = [key for key in rows[0] if key.startswith("dice_")]
-    header = ["setting", "arm", "synthetic per real slice", "batch ratio", "rare-class oversampling", "repeat",
+    header = ["setting", "arm", "synthetic per real slice", "batch share", "rare-class oversampling", "repeat",
               "seed"] + [c.replace("dice_", "Dice ") for c in dice_columns]
     table = [[row["setting"], row["label"], row["amount"], row["ratio"], row["rare_oversampling"], row["repeat"],
               row["seed"]] + [row[c] for c in dice_columns] for row in rows]

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from nnunet_synth.atomic import copy_file_atomic, write_json_atomic
 from nnunet_synth.errors import NnsynthError, first_line
 from nnunet_synth.generator.config import GENERATOR_CONFIG_NAME, GeneratorConfig
+from nnunet_synth.nnunet_paths import require_nnunet_folder
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint_(\d+)")      # accelerate's automatic checkpoint naming
 OLD_CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")   # before accelerate state: hand-written checkpoints
@@ -38,12 +39,9 @@ TEMP_SUFFIX = ".incomplete"
 def generator_run_folder(dataset_name: str, preset: str, fold, mode: str = "slice") -> Path:
     """``$nnUNet_results/<dataset_name>/nnsynth_generator_<preset>_fold<fold>`` (inpainting generators:
     ``nnsynth_inpaint_<preset>_fold<fold>``)."""
-    results = os.environ.get("nnUNet_results")
-    if not results:
-        raise NnsynthError("the environment variable nnUNet_results is not set: export nnUNet_results=/path/to/results "
-                           "or give --output")
+    results = require_nnunet_folder("nnUNet_results", "the default generator folder; or give --output")
     kind = "inpaint" if mode == "inpaint" else "generator"
-    return Path(results) / dataset_name / f"nnsynth_{kind}_{preset}_fold{fold}"
+    return results / dataset_name / f"nnsynth_{kind}_{preset}_fold{fold}"
 
 
 def list_checkpoints(run_folder) -> list:
@@ -156,14 +154,6 @@ def load_generator(folder, dataset=None, device="cpu"):
                            f"file is truncated or damaged; copy the generator again or retrain it "
                            f"(nnsynth_train_generator)") from None
     return unet.to(device).eval(), config
-
-
-
-def load_pipeline(folder, dataset=None, device="cpu"):
-    """``(NnsynthPipeline, GeneratorConfig)`` of a trained generator (see ``load_generator``)."""
-    from nnunet_synth.generator.inference import generator_pipeline
-    unet, config = load_generator(folder, dataset, device)
-    return generator_pipeline(unet, config, device), config
 
 
 def save_pipeline_folder(pipeline, folder, pipeline_file: str = PIPELINE_FILE):

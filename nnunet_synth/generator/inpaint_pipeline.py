@@ -10,7 +10,8 @@ the real image's noising path without drawing extra noise (the known-region step
 An inpainting generator's ``final/`` folder is saved with this pipeline: ``model_index.json``, ``unet/``,
 ``scheduler/`` and a copy of this file as ``nnsynth_inpaint_pipeline.py``, so that
 ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it. This module therefore imports
-torch, numpy, tqdm and diffusers only; training and sampling both import it from here.
+torch, numpy, tqdm and diffusers only; training and sampling both import it from here. The helpers it shares with
+``pipeline.py`` are copies marked ``# Copied from`` (``tests/test_layers.py`` compares them with the source).
 """
 import contextlib
 
@@ -50,12 +51,15 @@ def make_scheduler(sampler: str, scheduler_config, clip_x0: bool = True):
     return scheduler_class.from_config(dict(scheduler_config), **options)
 
 
+# Copied from nnunet_synth.generator.pipeline.initial_noise with case->crop
 def initial_noise(seeds, image_size: int, num_channels: int = 1) -> torch.Tensor:
-    """(N, channels, S, S) Gaussian noise, each crop drawn from its own CPU generator (its seed alone decides it)."""
+    """(N, channels, S, S) Gaussian noise, each crop drawn from its own CPU generator so that a crop's noise
+    depends on its seed only, not on the batch it lands in."""
     return torch.stack([torch.randn((num_channels, image_size, image_size),
                                     generator=torch.Generator("cpu").manual_seed(int(seed))) for seed in seeds])
 
 
+# Copied from nnunet_synth.generator.pipeline._autocast
 def _autocast(device: torch.device):
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -610,8 +610,25 @@ def _check_inputs(label_maps, map_ids, host_classes, pathology_classes, num_clas
             raise NnsynthError(f"mask generation: class {c} is outside 0..{num_classes - 1}")
 
 
-def _report(real, running, goals, region, host_classes, pathology_classes, new_maps, max_new_maps, seed,
-            stopped_because, rejected, discarded, config, num_real_maps, placement) -> dict:
+@dataclass
+class _LoopEnd:
+    """Where the balancing loop ended: the counts before and after, what it made and threw away, and why it
+    stopped."""
+
+    real: _Running
+    running: _Running
+    num_real_maps: int
+    num_new_maps: int
+    max_new_maps: int
+    seed: int | None                    # None when the run cannot be replayed from it
+    stopped_because: str
+    rejected: int
+    discarded: int
+
+
+def _report(end: _LoopEnd, goals, region: BalanceRegion, placement, config) -> dict:
+    host_classes, pathology_classes = region.host_classes, region.pathology_classes
+    real, running = end.real, end.running
     region_classes = sorted(host_classes + pathology_classes)
     before, after = real.shares(), running.shares()
     rarest = min(pathology_classes, key=lambda c: (before[c], c))
@@ -626,10 +643,10 @@ def _report(real, running, goals, region, host_classes, pathology_classes, new_m
     return {
         "share_definition": SHARE_DEFINITION,
         "region": region.description,
-        "num_real_maps": num_real_maps,
-        "num_new_maps": len(new_maps),
-        "max_new_maps": int(max_new_maps),
-        "seed": seed,
+        "num_real_maps": end.num_real_maps,
+        "num_new_maps": end.num_new_maps,
+        "max_new_maps": int(end.max_new_maps),
+        "seed": end.seed,
         "host_classes": [int(c) for c in host_classes],
         "pathology_classes": [int(c) for c in pathology_classes],
         "region_classes": region_classes,
@@ -646,9 +663,9 @@ def _report(real, running, goals, region, host_classes, pathology_classes, new_m
         "pixel_counts_after": [int(n) for n in running.counts],
         "classes": classes,
         "target_reached": not goals.open(after),
-        "stopped_because": stopped_because,
-        "rejected_pastes": int(rejected),
-        "discarded_maps": int(discarded),
+        "stopped_because": end.stopped_because,
+        "rejected_pastes": int(end.rejected),
+        "discarded_maps": int(end.discarded),
         "config": asdict(config),
     }
 
@@ -760,8 +777,9 @@ def generate_label_maps(label_maps, map_ids, host_classes=None, pathology_classe
             if map_counts[c] and map_region:
                 new_loads[c].append(map_counts[c] / map_region)
         new_maps.append(new_map)
-    report = _report(real, running, goals, region, host_classes, pathology_classes, new_maps, max_new_maps, seed,
-                     stopped_because, rejected, discarded, config, len(label_maps), placement)
+    end = _LoopEnd(real, running, len(label_maps), len(new_maps), max_new_maps, seed, stopped_because, rejected,
+                   discarded)
+    report = _report(end, goals, region, placement, config)
     report.update({
         "num_lesion_free_real_maps": int(targets.num_lesion_free_maps),
         "num_new_maps_on_lesion_free_targets": int(on_lesion_free),

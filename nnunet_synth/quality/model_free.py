@@ -27,7 +27,6 @@ STATISTICS = ("p10", "p50", "p90", "laplacian", "gradient")
 MIN_CLASS_PIXELS = 64          # a class with fewer pixels in a slice is not scored in that slice
 CALIBRATION_PERCENTILE = 99.0
 MARGIN = 1.0
-TEXTURE = ("laplacian", "gradient")
 GATE_MAX_SLICES = 2000         # real slices a gate is fitted on, at most (evenly spread)
 PASS_SCORE = 0.5               # score of a slice exactly at the threshold: score >= PASS_SCORE <=> passed
 

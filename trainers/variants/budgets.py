@@ -9,9 +9,9 @@ BUDGETS = {
     "demo": TrainingBudget(epochs=10, iterations_per_epoch=25, val_iterations_per_epoch=2),
     "medium": TrainingBudget(epochs=20, iterations_per_epoch=25, val_iterations_per_epoch=2),
 }
-# budgets that skip the final prediction of the fold's validation cases (the evaluation scores its own test set,
-# nnsynth_demo predicts the demo fold's validation cases with the stock nnUNetv2_predict)
-WITHOUT_FINAL_VALIDATION = ("smoke", "short", "demo", "medium")
+# smoke, short, demo and medium skip the final prediction of the fold's validation cases (predict_validation_cases):
+# the evaluation scores its own test set, nnsynth_demo predicts the demo fold's validation cases with the stock
+# nnUNetv2_predict
 
 
 class nnUNetTrainerSynthMix_smoke(nnUNetTrainerSynthMix):
