@@ -35,12 +35,13 @@ def sampling_defaults(unit: str, sampler: str = None, num_inference_steps: int =
 
 
 def inpaint_pipeline(unet, generator_config: GeneratorConfig, sampler: str = DEFAULT_SAMPLER,
-                     device="cpu", clip_x0: bool = True) -> NnsynthInpaintPipeline:
+                     device="cpu", clip_x0: bool = True, renoise_x0: bool = True) -> NnsynthInpaintPipeline:
     """The pipeline of an inpainting generator with the scheduler ``sampler`` built from its DDPM config
-    (``clip_x0``: ``make_scheduler``'s)."""
+    (``clip_x0``: ``make_scheduler``'s; ``renoise_x0``: ``NnsynthInpaintPipeline``'s)."""
     import torch
     return NnsynthInpaintPipeline(unet=unet.to(torch.device(device)),
-                                  scheduler=make_scheduler(sampler, generator_config.scheduler_config, clip_x0))
+                                  scheduler=make_scheduler(sampler, generator_config.scheduler_config, clip_x0),
+                                  renoise_x0=renoise_x0)
 
 
 def class_roles_of(generator_config: GeneratorConfig):
