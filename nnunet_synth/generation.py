@@ -56,8 +56,8 @@ class GenerationSettings:
                                         # every step (inpaint_pipeline.make_scheduler); None: not clipped, as
                                         # stores written before the clipping was recorded
     renoise_x0: bool = None             # inpainting generators: DPM-Solver++ steps from x_t re-noised from the
-                                        # clipped estimate (inpaint_pipeline.RENOISE); None: not, as stores
-                                        # written before it was recorded
+                                        # clipped estimate, on trailing timesteps (inpaint_pipeline.RENOISE);
+                                        # None: not, as stores written before it was recorded
 
     def recipe(self, generator_folder) -> dict:
         """The fields that must agree between runs writing into one store (batch size does not matter); the unit

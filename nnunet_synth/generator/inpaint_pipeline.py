@@ -7,7 +7,8 @@ crop with the edit region blanked to 0), the edit mask and the label map as one-
 makes the scheduler's clean-image estimate the real pixel, so every solver (DDIM, DPM-Solver++, UniPC) keeps them on
 the real image's noising path without drawing extra noise (the known-region step of RePaint, made deterministic).
 With DPM-Solver++ and its estimate clipped, the sample is re-noised from the clipped estimate before each step
-(``renoise_x0``, see ``RENOISE``), so that its first-order step is DDIM's clipped step.
+(``renoise_x0``, see ``RENOISE``), so that its first-order step is DDIM's clipped step; ``make_scheduler`` gives such a
+solver trailing timesteps.
 
 An inpainting generator's ``final/`` folder is saved with this pipeline: ``model_index.json``, ``unet/``,
 ``scheduler/`` and a copy of this file as ``nnsynth_inpaint_pipeline.py``, so that
@@ -48,16 +49,23 @@ CLIP_X0_OPTIONS = {"thresholding": True, "sample_max_value": 1.0}
 # gives DPM-Solver++ the same start, its first-order step is then DDIM's (docs/inpainting.md, "Few-step samplers").
 # DDIM's own step does it already; UniPC's corrector moves x_t again after the model's call, which undoes it.
 RENOISE = (DPMSolverMultistepScheduler,)
+# The re-noised solver's timesteps: trailing (from t = 999, 999 - 1000 / n, ...) instead of the DDPM config's leading
+# spacing (from t = 900 at 10 steps); on the MS volume's large edits it halved the speckle of 10 steps.
+RENOISE_OPTIONS = {"timestep_spacing": "trailing"}
 
 
-def make_scheduler(sampler: str, scheduler_config, clip_x0: bool = True):
+def make_scheduler(sampler: str, scheduler_config, clip_x0: bool = True, renoise_x0: bool = False):
     """The scheduler named ``sampler`` (see ``SAMPLERS``) from a DDPM scheduler config; ``clip_x0``: its clean-image
-    estimate clipped to [-1, 1] at every step (DDIM always does, through the DDPM config's clip_sample)."""
+    estimate clipped to [-1, 1] at every step (DDIM always does, through the DDPM config's clip_sample);
+    ``renoise_x0``: a solver of ``RENOISE`` gets the timesteps of ``RENOISE_OPTIONS``, for a pipeline that re-noises
+    its sample from the clipped estimate (``NnsynthInpaintPipeline``)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     scheduler_class, options = SAMPLERS[sampler]
     if clip_x0 and scheduler_class is not DDIMScheduler:
         options = {**options, **CLIP_X0_OPTIONS}
+    if clip_x0 and renoise_x0 and issubclass(scheduler_class, RENOISE):
+        options = {**options, **RENOISE_OPTIONS}
     return scheduler_class.from_config(dict(scheduler_config), **options)
 
 
