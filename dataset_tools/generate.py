@@ -259,13 +259,13 @@ def generate_for_fold(dataset: RawDataset, args, fold, num_cases: int, unit: str
         return copy_paste_for_fold(dataset, args, fold, num_cases)
     generator_folder = generator_for_fold(dataset, args, fold)
     check_generator_mode(generator_folder, generator_mode(args), args.image_source)
-    sampler, steps, clip_x0 = args.sampler, args.inference_steps, None
+    sampling = {"sampler": args.sampler, "num_inference_steps": args.inference_steps}
     if args.image_source == "inpaint":     # named in the recipe, so that a later default never mixes into a fold
-        sampler, steps, clip_x0 = inpaint_sampling(SyntheticStore(dataset), fold, unit, sampler, steps)
-    settings = GenerationSettings(num_cases=num_cases, seed=args.seed, num_inference_steps=steps,
-                                  target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
-                                  batch_size=args.batch_size, balancing=balancing_from_args(args), sampler=sampler,
-                                  unit=args.unit, volume_noise=args.volume_noise, clip_x0=clip_x0)
+        sampling = inpaint_sampling(SyntheticStore(dataset), fold, unit, args.sampler, args.inference_steps)
+    settings = GenerationSettings(num_cases=num_cases, seed=args.seed, target_share=args.target_share,
+                                  noise_seeding_strength=args.noise_seeding, batch_size=args.batch_size,
+                                  balancing=balancing_from_args(args), unit=args.unit, volume_noise=args.volume_noise,
+                                  **sampling)
     summary = generate_synthetic_cases(dataset, generator_folder, settings, fold=fold, device=args.device,
                                        overwrite=args.overwrite, num_shards=args.num_shards,
                                        shard_index=args.shard_index)

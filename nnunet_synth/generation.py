@@ -54,12 +54,16 @@ class GenerationSettings:
     clip_x0: bool = None                # inpainting generators: the clean-image estimate clipped to [-1, 1] at
                                         # every step (inpaint_pipeline.make_scheduler); None: not clipped, as
                                         # stores written before the clipping was recorded
+    renoise_x0: bool = None             # inpainting generators: DPM-Solver++ steps from x_t re-noised from the
+                                        # clipped estimate, on trailing timesteps (inpaint_pipeline.RENOISE);
+                                        # None: not, as stores written before it was recorded
 
     def recipe(self, generator_folder) -> dict:
         """The fields that must agree between runs writing into one store (batch size does not matter); the unit
         and the volume noise are named when a case is a volume."""
         left_out = ("batch_size", "num_cases") + (() if self.unit == "volume" else ("unit", "volume_noise"))
-        left_out += ("clip_x0",) if self.clip_x0 is None else ()      # as stores written before it was recorded
+        left_out += tuple(name for name in ("clip_x0", "renoise_x0")    # as stores written before they were recorded
+                          if getattr(self, name) is None)
         recipe = {k: v for k, v in asdict(self).items() if k not in left_out}
         recipe["balancing"] = self.balancing.to_recipe()
         recipe["generator"] = str(Path(generator_folder).resolve())
@@ -67,14 +71,15 @@ class GenerationSettings:
 
 
 def inpaint_sampling(store: SyntheticStore, fold, unit: str, sampler: str = None, num_inference_steps: int = None):
-    """(sampler, steps, clip_x0) of an inpainting fold: those given; with neither sampler nor steps given, those of
-    the fold's recipe in ``store`` (a store resumes as it was written, whatever today's default); else
-    ``sampling_defaults`` with the estimate clipped."""
+    """The ``GenerationSettings`` fields sampler, num_inference_steps, clip_x0 and renoise_x0 of an inpainting fold:
+    the sampler and steps given; with neither given, those of the fold's recipe in ``store`` (a store resumes as it
+    was written, whatever today's default); else ``sampling_defaults``, the estimate clipped and re-noised."""
     recorded = store.manifest["folds"].get(str(fold), {}).get("settings") or {}
     if sampler is None and num_inference_steps is None and recorded.get("sampler") is not None:
-        return recorded["sampler"], recorded["num_inference_steps"], recorded.get("clip_x0")
+        return {"sampler": recorded["sampler"], "num_inference_steps": recorded["num_inference_steps"],
+                "clip_x0": recorded.get("clip_x0"), "renoise_x0": recorded.get("renoise_x0")}
     sampler, num_inference_steps = sampling_defaults(unit, sampler, num_inference_steps)
-    return sampler, num_inference_steps, True
+    return {"sampler": sampler, "num_inference_steps": num_inference_steps, "clip_x0": True, "renoise_x0": True}
 
 
 def num_cases_for_ratio(dataset: RawDataset, generator_folder, amount: float, unit=None) -> int:

@@ -34,7 +34,8 @@ class InpaintBlocks:
 
     def __init__(self, unet, config, settings, fold_maps: FoldMaps, generator_record: dict, ignore_label, device):
         self.sampler = settings.sampler or DEFAULT_SAMPLER
-        self.pipeline = inpaint_pipeline(unet, config, self.sampler, device, bool(settings.clip_x0))
+        self.pipeline = inpaint_pipeline(unet, config, self.sampler, device, bool(settings.clip_x0),
+                                         bool(settings.renoise_x0))
         self.config, self.settings, self.generator_record = config, settings, generator_record
         self.real, self.new_maps, self.image_dtypes = fold_maps.real, fold_maps.new_maps, fold_maps.image_dtypes
         self.ignore_label, self.gates = ignore_label, fold_maps.gates
@@ -43,7 +44,7 @@ class InpaintBlocks:
 
     def _sampler_record(self) -> dict:
         return {"scheduler": self.sampler, "num_inference_steps": self.settings.num_inference_steps,
-                "clip_x0": bool(self.settings.clip_x0),
+                "clip_x0": bool(self.settings.clip_x0), "renoise_x0": self.pipeline.renoises,
                 "crop_size": self.config.image_size, "edit_margin": self.margin}
 
     def __call__(self, batch, seeds) -> list:

@@ -199,15 +199,15 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
         plan.num_cases[fold] = request.num_cases if request.num_cases is not None else \
             max(1, round(request.ratio * units))
         if request.generator_mode is not None and not request.overwrite:
-            sampler, steps, clip_x0 = request.sampler, request.num_inference_steps, None
+            sampling = {"sampler": request.sampler, "num_inference_steps": request.num_inference_steps}
             if request.image_source == "inpaint":
-                sampler, steps, clip_x0 = inpaint_sampling(store, fold, plan.units[fold], sampler, steps)
+                sampling = inpaint_sampling(store, fold, plan.units[fold], request.sampler,
+                                            request.num_inference_steps)
             settings = GenerationSettings(num_cases=plan.num_cases[fold], seed=request.seed,
-                                          num_inference_steps=steps, target_share=request.target_share,
+                                          target_share=request.target_share,
                                           noise_seeding_strength=request.noise_seeding_strength,
                                           batch_size=request.batch_size, balancing=request.balancing,
-                                          sampler=sampler, unit=plan.units[fold], volume_noise=request.volume_noise,
-                                          clip_x0=clip_x0)
+                                          unit=plan.units[fold], volume_noise=request.volume_noise, **sampling)
             store.check_fold_recipe(str(fold), settings.recipe(resolve_generator_path(generators[fold][0])))
     check_case_budget(dataset, sum(plan.num_cases.values()))
     return plan

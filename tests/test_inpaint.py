@@ -366,10 +366,11 @@ def test_a_fold_written_before_the_clipped_default_resumes_with_its_recorded_sam
     store = SyntheticStore(dataset)
     before = checksums(store)
     for path in [store.manifest_file] + [store.record_file(case_id) for case_id in store.complete_case_ids("0")]:
-        record = json.loads(path.read_text())      # as the earlier code wrote them: no clip_x0 in the recipe
+        record = json.loads(path.read_text())      # as the earlier code wrote them: no clip_x0, no renoise_x0
         for recipe in [record.get("recipe")] + [fold.get("settings") for fold in record.get("folds", {}).values()]:
             if recipe is not None:
                 recipe.pop("clip_x0")
+                recipe.pop("renoise_x0")
         path.write_text(json.dumps(record))
     removed = sorted(store.complete_case_ids("0"))[2]
     store.record_file(removed).unlink()
@@ -381,7 +382,8 @@ def test_a_fold_written_before_the_clipped_default_resumes_with_its_recorded_sam
     assert "1 written now, 3 already there" in capsys.readouterr().out
     assert checksums(SyntheticStore(dataset)) == before
     settings = SyntheticStore(dataset).manifest["folds"]["0"]["settings"]
-    assert settings["sampler"] == "ddim" and settings["num_inference_steps"] == 2 and "clip_x0" not in settings
+    assert settings["sampler"] == "ddim" and settings["num_inference_steps"] == 2
+    assert "clip_x0" not in settings and "renoise_x0" not in settings
 
 
 @pytest.fixture(scope="module")
@@ -397,9 +399,9 @@ SPECKLE_TRAINING_STEPS = 300
 
 
 def test_the_default_few_step_sampler_draws_a_large_edit_without_salt_and_pepper(example, briefly_trained_run):
-    """UniPC 10 (the slices' default) on real slices' lesions grown by 6 px: the share of speckle pixels (off their
-    3 x 3 median by a quarter of the range) inside the edit stays within the real pixels' range; unclipped, as the
-    multistep solvers were built before, it does not."""
+    """UniPC 10 (the slices' default) and the volumes' default on real slices' lesions grown by 6 px: the share of
+    speckle pixels (off their 3 x 3 median by a quarter of the range) inside the edit stays within the real pixels'
+    range; unclipped, as the multistep solvers were built before, UniPC 10 does not."""
     from nnunet_synth.evaluation.lesion_fidelity import speckle_fraction
     from nnunet_synth.generator.inpaint_training import sampling_defaults
     unet, config = load_generator(briefly_trained_run.final_folder, example)
@@ -422,6 +424,42 @@ def test_the_default_few_step_sampler_draws_a_large_edit_without_salt_and_pepper
     assert sampling_defaults("slice")[0] in ("unipc", "dpmsolver++") and sampling_defaults("slice")[1] <= 20
     assert sampling_defaults("volume")[1] <= 20
     clipped, unclipped = speckle(*sampling_defaults("slice"), True), speckle("unipc", 10, False)
-    print(f"speckle: real {real:.4f}, default {clipped:.4f}, unclipped UniPC 10 {unclipped:.4f}")
+    volume_default = speckle(*sampling_defaults("volume"), True)
+    print(f"speckle: real {real:.4f}, default {clipped:.4f}, unclipped UniPC 10 {unclipped:.4f}, volumes' default "
+          f"{volume_default:.4f}")
     assert clipped <= allowed, (real, clipped)
+    assert volume_default <= allowed, (real, volume_default)
     assert unclipped > allowed, (real, unclipped)             # the unclipped estimate: salt-and-pepper
+
+
+def test_a_first_order_clipped_dpm_solver_run_draws_ddims_image(uninterrupted_run, example):
+    """Re-noised from its clipped estimate before each step, first-order DPM-Solver++ takes DDIM's clipped step on
+    the same timesteps, although this barely trained model's estimates leave [-1, 1] by far at the first steps;
+    stepping from x_t with only the estimate clipped (the solvers' own clipping) it does not: the clipped-off excess
+    stays in x_t, which is what drew salt-and-pepper into the MS volumes' large edits. The volumes' default sampler
+    is such a re-noised solver of at most 20 steps."""
+    from nnunet_synth.generator.inpaint_pipeline import NnsynthInpaintPipeline, make_scheduler
+    from nnunet_synth.generator.inpaint_training import sampling_defaults
+    unet, config = load_generator(uninterrupted_run.final_folder, example)
+    rng = np.random.default_rng(1)
+    known = rng.uniform(-1, 1, (2, 1, CROP, CROP)).astype(np.float32)
+    masks = np.zeros((2, CROP, CROP), dtype=bool)
+    masks[:, 4:28, 6:26] = True                                  # most of the crop: a large edit
+    maps = rng.integers(0, example.num_classes, (2, CROP, CROP))
+    trailing = {"timestep_spacing": "trailing"}                  # 999, 749, 499, 249 for both
+
+    def draw(sampler, renoise_x0=True, **options):
+        scheduler = make_scheduler(sampler, config.scheduler_config)
+        scheduler = type(scheduler).from_config(scheduler.config, **trailing, **options)
+        pipeline = NnsynthInpaintPipeline(unet, scheduler, renoise_x0=renoise_x0)
+        return pipeline(known, masks, maps, [7, 8], num_inference_steps=4, progress=False), pipeline.renoises
+
+    ddim, _ = draw("ddim")
+    renoised, renoises = draw("dpmsolver++", solver_order=1)
+    clipped_only, _ = draw("dpmsolver++", renoise_x0=False, solver_order=1)
+    np.testing.assert_allclose(renoised, ddim, atol=1e-4)
+    assert renoises
+    assert np.abs(clipped_only - ddim)[:, :, masks[0]].max() > 0.1
+    sampler, steps = sampling_defaults("volume")
+    assert sampler in ("dpmsolver++", "unipc") and steps <= 20
+    assert inpaint_pipeline(unet, config, sampler).renoises

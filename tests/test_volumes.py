@@ -28,6 +28,7 @@ from nnunet_synth.evaluation.through_plane import (
     format_through_plane,
     through_plane_consistency,
 )
+from nnunet_synth.generator.inpaint_training import VOLUME_SAMPLER
 from nnunet_synth.masks.regions import find_regions
 from nnunet_synth.nnunet_paths import nnunet_folder
 from nnunet_synth.trainers.synthetic_pool import pool_folder
@@ -448,8 +449,10 @@ def test_inpaint_writes_whole_four_channel_volumes_with_the_real_voxels_outside_
     assert len(case_ids) == 1
     entry = store.cases[case_ids[0]]
     assert entry["inpaint"]["unit"] == "volume" and entry["sampler"]["volume_noise"] == "per-slice"
-    assert entry["sampler"]["scheduler"] == "ddim" and entry["sampler"]["clip_x0"]   # the volumes' default sampler
+    assert entry["sampler"]["scheduler"] == VOLUME_SAMPLER and entry["sampler"]["clip_x0"]   # the volumes' default
+    assert entry["sampler"]["renoise_x0"]             # stepped from the re-noised clipped estimate, as DDIM
     assert store.manifest["folds"]["1"]["settings"]["clip_x0"] is True
+    assert store.manifest["folds"]["1"]["settings"]["renoise_x0"] is True
     assert not set(entry["source_cases"]) & {"ms_19"}                  # fold 1's validation patient
     target = dataset.cases[entry["source"]["target"]["case_id"]]
     label, label_image = read(store.label_file(case_ids[0]))

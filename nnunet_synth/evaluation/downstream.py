@@ -341,12 +341,11 @@ def make_synthetic_cases(arm: Arm, arm_dataset: RawDataset, settings: Downstream
     if config.mode == "inpaint":
         # as nnsynth_generate --image-source inpaint: the sampler is named, so the fold's recipe records it
         counts = slice_counts(open_native_slices(arm_dataset, config.training_cases))
-        sampler, steps, clip_x0 = inpaint_sampling(SyntheticStore(arm_dataset), settings.fold,
-                                                   generation_unit(arm_dataset, config.mode, counts, unit), None,
-                                                   settings.inpaint_inference_steps)
-        generation = GenerationSettings(num_cases=num_cases, seed=settings.seed, sampler=sampler,
-                                        num_inference_steps=steps, unit=unit, clip_x0=clip_x0,
-                                        balancing=arm.balancing)
+        sampling = inpaint_sampling(SyntheticStore(arm_dataset), settings.fold,
+                                    generation_unit(arm_dataset, config.mode, counts, unit), None,
+                                    settings.inpaint_inference_steps)
+        generation = GenerationSettings(num_cases=num_cases, seed=settings.seed, unit=unit,
+                                        balancing=arm.balancing, **sampling)
     else:
         generation = GenerationSettings(num_cases=num_cases, seed=settings.seed,
                                         num_inference_steps=settings.inference_steps, balancing=arm.balancing)

@@ -22,25 +22,27 @@ from nnunet_synth.preview_grid import save_preview_grid
 INPAINT_PIPELINE_FILE = "nnsynth_inpaint_pipeline.py"
 DEFAULT_SAMPLER = "unipc"         # the best sampler at <= 20 steps on lesion-region fidelity (docs/inpainting.md)
 DEFAULT_INFERENCE_STEPS = 10
-# whole volumes: on the large edit regions of the MS volumes the multistep solvers, even clipped, drew 4-10x the
-# speckle of DDIM, whose 20 steps drew it as well as its 50 in 0.4x the time (docs/inpainting.md, few-step samplers)
-VOLUME_SAMPLER, VOLUME_INFERENCE_STEPS = "ddim", 20
+# whole volumes: DPM-Solver++ re-noised from its clipped estimate (inpaint_pipeline.RENOISE) drew the large edits of
+# an MS volume with DDIM 20's speckle in 0.6x its time; UniPC's corrector undoes the re-noising (docs/inpainting.md,
+# few-step samplers)
+VOLUME_SAMPLER, VOLUME_INFERENCE_STEPS = "dpmsolver++", 12
 
 
 def sampling_defaults(unit: str, sampler: str = None, num_inference_steps: int = None):
-    """(sampler, steps) of an inpainting generator: the given ones, else UniPC 10 for slices, DDIM 20 for volumes."""
+    """(sampler, steps) of an inpainting generator: the given ones, else UniPC 10 for slices, DPM-Solver++ 12 for
+    volumes."""
     volume = unit == "volume"
     return (sampler or (VOLUME_SAMPLER if volume else DEFAULT_SAMPLER),
             num_inference_steps or (VOLUME_INFERENCE_STEPS if volume else DEFAULT_INFERENCE_STEPS))
 
 
 def inpaint_pipeline(unet, generator_config: GeneratorConfig, sampler: str = DEFAULT_SAMPLER,
-                     device="cpu", clip_x0: bool = True) -> NnsynthInpaintPipeline:
+                     device="cpu", clip_x0: bool = True, renoise_x0: bool = True) -> NnsynthInpaintPipeline:
     """The pipeline of an inpainting generator with the scheduler ``sampler`` built from its DDPM config
-    (``clip_x0``: ``make_scheduler``'s)."""
+    (``clip_x0``, ``renoise_x0``: ``make_scheduler``'s and ``NnsynthInpaintPipeline``'s)."""
     import torch
-    return NnsynthInpaintPipeline(unet=unet.to(torch.device(device)),
-                                  scheduler=make_scheduler(sampler, generator_config.scheduler_config, clip_x0))
+    scheduler = make_scheduler(sampler, generator_config.scheduler_config, clip_x0, renoise_x0)
+    return NnsynthInpaintPipeline(unet=unet.to(torch.device(device)), scheduler=scheduler, renoise_x0=renoise_x0)
 
 
 def class_roles_of(generator_config: GeneratorConfig):

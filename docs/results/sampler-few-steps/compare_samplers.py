@@ -1,6 +1,7 @@
 """Lesion-region fidelity and speckle of one inpainting generator's samplers, each with and without the clean-image
 estimate clipped to [-1, 1] (and UniPC with trailing timesteps), on the held-out lesions of its fold grown by each
 margin asked for (the generator's own edit margin first; a larger one makes the large edits of a balanced map).
+The pipeline does not re-noise from the clipped estimate here (``renoise_x0=False``; see ``renoise_probe.py``).
 
     python compare_samplers.py DATASET GENERATOR --margins 0 8 --max-slices 8 --output DIR
 
@@ -78,7 +79,8 @@ def main():
         previews = {}
         for label in args.configurations:
             sampler, steps, clip_x0, extra = CONFIGURATIONS[label]
-            pipeline = NnsynthInpaintPipeline(unet, scheduler_for(config, sampler, clip_x0, extra))
+            pipeline = NnsynthInpaintPipeline(unet, scheduler_for(config, sampler, clip_x0, extra),
+                                              renoise_x0=False)      # the solvers' own clipping only
             started = time.perf_counter()
             filled = [np.stack(r.channel_images) for r in inpaint_slices(
                 pipeline, window, base.images, base.label_maps, edits, seeds, dtypes, steps, dataset.ignore_label)]

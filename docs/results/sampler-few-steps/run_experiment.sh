@@ -47,4 +47,25 @@ volume 607 MSDpmSolver20 dpmsolver++ 20
 volume 609 MSDdim20 ddim 20   # the volumes' default
 volume 608 MSDdim50 ddim 50
 .venv/bin/python $HERE/volume_samplers.py 608 609 606 607 -o $HERE/volumes.png --table $HERE/volumes.md
+# 3. The re-noising (inpaint_pipeline.RENOISE), measured on a second training of the MS generator (the same command
+#    in exp2/; the stores above came from the first): renoise_probe.py on the held-out lesions (both margins), then
+#    one balanced volume per sampler in one process (time_volumes.py: CPU time, speckle, gate), the library's
+#    volume default ("-") beside DDIM 20.
+export nnUNet_raw=$PWD/exp2/raw nnUNet_preprocessed=$PWD/exp2/pre nnUNet_results=$PWD/exp2/res
+[ -d exp2/raw/Dataset605_MSLesions ] || .venv/bin/nnsynth_convert_ms_lesions ../shared/data/ms_lesions_3d --downsample 2 -d 605
+.venv/bin/nnsynth_train_generator 605 --mode inpaint --preset tiny --fold 0 --batch-size 4 --steps 300 \
+    --checkpoint-every 100 --preview-every 300 --preview-inference-steps 20 --no-progress
+MS=$nnUNet_results/Dataset605_MSLesions/nnsynth_inpaint_tiny_fold0
+if [ ! -f $HERE/renoise/results.jsonl ]; then
+  mkdir -p $HERE/renoise
+  for margin in 8 0; do .venv/bin/python $HERE/renoise_probe.py 605 $MS $margin 8 >> $HERE/renoise/results.jsonl; done
+fi
+copy2() {   # copy2 ID NAME: as copy, in exp2/
+  mkdir -p "exp2/raw/Dataset$1_$2" "exp2/pre/Dataset$1_$2"
+  [ -f "exp2/raw/Dataset$1_$2/dataset.json" ] || cp -r exp2/raw/Dataset605_MSLesions/{imagesTr,labelsTr,dataset.json} "exp2/raw/Dataset$1_$2/"
+  cp exp2/pre/Dataset605_MSLesions/splits_final.json "exp2/pre/Dataset$1_$2/"
+}
+copy2 617 MSVolDefault; copy2 618 MSVolDdim20c
+[ -f $HERE/renoise/volumes.md ] || .venv/bin/python $HERE/time_volumes.py $MS Dataset617_MSVolDefault:-:- \
+    Dataset618_MSVolDdim20c:ddim:20 --map-cap 0.04 --table $HERE/renoise/volumes.md > $HERE/renoise/volumes.jsonl
 # volumes_table.md: time_*.txt, volumes.md and the gate verdicts of recordsSynth/synth_f0_00000.json, put together by hand
