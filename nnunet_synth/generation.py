@@ -73,13 +73,17 @@ class GenerationSettings:
 def inpaint_sampling(store: SyntheticStore, fold, unit: str, sampler: str = None, num_inference_steps: int = None):
     """The ``GenerationSettings`` fields sampler, num_inference_steps, clip_x0 and renoise_x0 of an inpainting fold:
     the sampler and steps given; with neither given, those of the fold's recipe in ``store`` (a store resumes as it
-    was written, whatever today's default); else ``sampling_defaults``, the estimate clipped and re-noised."""
+    was written, whatever today's default); else ``sampling_defaults``, the estimate clipped and, for a solver of
+    ``inpaint_pipeline.RENOISE``, re-noised."""
     recorded = store.manifest["folds"].get(str(fold), {}).get("settings") or {}
     if sampler is None and num_inference_steps is None and recorded.get("sampler") is not None:
         return {"sampler": recorded["sampler"], "num_inference_steps": recorded["num_inference_steps"],
                 "clip_x0": recorded.get("clip_x0"), "renoise_x0": recorded.get("renoise_x0")}
+    from nnunet_synth.generator.inpaint_pipeline import renoises
     sampler, num_inference_steps = sampling_defaults(unit, sampler, num_inference_steps)
-    return {"sampler": sampler, "num_inference_steps": num_inference_steps, "clip_x0": True, "renoise_x0": True}
+    # renoise_x0 named only for a solver it changes, so a DDIM or UniPC fold's recipe is as it was before
+    return {"sampler": sampler, "num_inference_steps": num_inference_steps, "clip_x0": True,
+            "renoise_x0": True if renoises(sampler) else None}
 
 
 def num_cases_for_ratio(dataset: RawDataset, generator_folder, amount: float, unit=None) -> int:

@@ -55,6 +55,11 @@ RENOISE = (DPMSolverMultistepScheduler,)
 RENOISE_OPTIONS = {"timestep_spacing": "trailing"}
 
 
+def renoises(sampler: str) -> bool:
+    """Whether the pipeline re-noises the steps of ``sampler`` (a solver of ``RENOISE``)."""
+    return sampler in SAMPLERS and issubclass(SAMPLERS[sampler][0], RENOISE)
+
+
 def make_scheduler(sampler: str, scheduler_config, clip_x0: bool = True, renoise_x0: bool = False):
     """The scheduler named ``sampler`` (see ``SAMPLERS``) from a DDPM scheduler config; ``clip_x0``: its clean-image
     estimate clipped to [-1, 1] at every step (DDIM always does, through the DDPM config's clip_sample);
