@@ -124,7 +124,9 @@ def fit_class_free_gate(per_slice: list, calibration_percentile=CALIBRATION_PERC
     scale = np.maximum(1.4826 * np.median(np.abs(xs - median), axis=0), np.maximum(0.05 * xs.std(axis=0), 1e-6))
     limit = np.maximum(np.percentile(np.abs(xs - median) / scale, calibration_percentile, axis=0), 1.0)
     gate = ClassFreeGate({name: (median[k], scale[k], limit[k]) for k, name in enumerate(CLASS_FREE_FEATURES)}, 1.0)
-    gate.threshold = float(margin * np.percentile([gate.distance(f)[0] for f in found], calibration_percentile))
+    # floored: a single real slice (or identical ones) has distance 0 to itself
+    gate.threshold = max(float(margin * np.percentile([gate.distance(f)[0] for f in found], calibration_percentile)),
+                         1e-6)
     return gate
 
 
@@ -191,7 +193,7 @@ def fit_model_free_gate(slices, calibration_percentile=CALIBRATION_PERCENTILE, m
     gate = ModelFreeGate(reference, threshold=1.0,
                          class_free=fit_class_free_gate(per_slice_free, calibration_percentile, margin))
     distances = [gate.distance(statistics)[0] for statistics in per_slice if statistics]
-    gate.threshold = float(margin * np.percentile(distances, calibration_percentile))
+    gate.threshold = max(float(margin * np.percentile(distances, calibration_percentile)), 1e-6)
     return gate
 
 
