@@ -96,7 +96,7 @@ def child(stage: str, dataset_folder: str, args) -> dict:
         train_generator(dataset, run_folder, settings, fold="all", progress=False)
         result["train_s"] = time.perf_counter() - started
     elif stage == "generate":
-        from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases
+        from nnunet_synth.image_sources import GenerationSettings, generate_synthetic_cases
         settings = GenerationSettings(num_cases=args.cases, seed=0, num_inference_steps=args.inference_steps,
                                       batch_size=args.batch_size)
         written_before, started = bytes_written(), time.perf_counter()

@@ -40,9 +40,9 @@ def build_example_workspace(workdir: Path, covid_source: Path) -> str:
         os.environ[name] = str(workdir / name)
     from nnunet_synth.dataset import RawDataset
     from nnunet_synth.evaluation.cpu_plans import write_cpu_plans
-    from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases
     from nnunet_synth.generator import TrainingSettings, train_generator
     from nnunet_synth.generator.checkpoints import FINAL_FOLDER
+    from nnunet_synth.image_sources import GenerationSettings, generate_synthetic_cases
     subprocess.run([str(Path(sys.executable).parent / "nnsynth_convert_covid19"),
                     str(covid_source), *EXAMPLE_SELECTION, "-o", str(workdir / "nnUNet_raw"), "-d",
                     str(EXAMPLE_ID), "-n", EXAMPLE_NAME, "--overwrite"], check=True, capture_output=True)

@@ -73,8 +73,8 @@ def build_dataset(raw_root: Path, shape_zyx) -> Path:
 
 def child(folder: str) -> dict:
     """In this fresh process: the reading baseline, then one whole volume from scratch."""
-    from nnunet_synth.copy_paste import CopyPasteSettings, generate_copy_paste_cases
     from nnunet_synth.dataset import RawDataset
+    from nnunet_synth.image_sources import CopyPasteSettings, generate_copy_paste_cases
     dataset = RawDataset(folder)
     started = time.perf_counter()
     image, _, _ = dataset.read_case("hu_a")

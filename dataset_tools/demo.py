@@ -36,7 +36,9 @@ from nnunet_synth.dataset_tools.dataset_target import dataset_folder_name
 from nnunet_synth.errors import NnsynthError, command_entry_point
 from nnunet_synth.evaluation.nnunet_runs import CPU_PLANS, plan_and_preprocess, predict_and_score, train
 from nnunet_synth.example.phantom import PHANTOM_ABOUT, PhantomSettings, write_chest_phantom
-from nnunet_synth.generator.inpaint_training import DEFAULT_INFERENCE_STEPS
+from nnunet_synth.generator.config import DDIM_INFERENCE_STEPS
+from nnunet_synth.generator.inpaint_training import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER
+from nnunet_synth.image_sources import IMAGE_SOURCES
 
 PHANTOM_DATASET = (990, "ChestPhantom")
 SOURCE_DATASET = (991, "DemoSlices")
@@ -44,7 +46,6 @@ DEMO_INPUT_FILE = "demo_input.json"
 DEMO_FOLD = 0
 DEMO_TRAINER = "nnUNetTrainerSynthMix_demo"
 DEMO_INPAINT_BATCH = 4
-IMAGE_SOURCES = ("inpaint", "generator", "copy-paste")
 STEPS = ("convert", "generate", "preprocess", "train", "predict")
 
 
@@ -104,30 +105,22 @@ def generate_step(dataset: RawDataset, image_source: str, generator_steps: int, 
                   device: str) -> dict:
     """Fold 0's synthetic cases from ``image_source``: inpaint (a tiny inpainting generator draws the new lesions
     inside real slices), generator (a tiny whole-slice generator) or copy-paste (real lesion pixels, no model)."""
-    from nnunet_synth.copy_paste import CopyPasteSettings, generate_copy_paste_cases, num_copy_paste_cases
-    from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases, num_cases_for_ratio
-    from nnunet_synth.generator.checkpoints import FINAL_FOLDER, generator_run_folder
-    from nnunet_synth.generator.config import TrainingSettings
-    from nnunet_synth.generator.inpaint_training import DEFAULT_SAMPLER
-    from nnunet_synth.generator.training import train_generator
-    if image_source == "copy-paste":
-        settings = CopyPasteSettings(num_cases=num_copy_paste_cases(dataset, DEMO_FOLD, ratio), seed=0)
-        summary = generate_copy_paste_cases(dataset, settings, fold=DEMO_FOLD)
-    else:
-        mode = "inpaint" if image_source == "inpaint" else "slice"
+    from nnunet_synth.generate_step import generate
+    from nnunet_synth.generator.checkpoints import generator_run_folder
+    from nnunet_synth.image_sources import image_source as source_named
+    from nnunet_synth.preflight import GenerateRequest
+    source = source_named(image_source)
+    mode = source.generator_mode
+    training = dict(batch_size=DEMO_INPAINT_BATCH if mode == "inpaint" else None,
+                    warmup_steps=min(100, generator_steps // 4), learning_rate=1e-3,
+                    checkpoint_every=max(1, generator_steps // 2), preview_every=generator_steps,
+                    preview_inference_steps=inference_steps or source.default_inference_steps())
+    request = GenerateRequest(folds=[str(DEMO_FOLD)], image_source=image_source, preset="tiny",
+                              train_steps=generator_steps, device=device, num_inference_steps=inference_steps,
+                              ratio=ratio, training=training)
+    [summary] = generate(dataset, request, progress=False)
+    if mode is not None:
         run_folder = generator_run_folder(dataset.name, "tiny", DEMO_FOLD, mode)
-        if not (run_folder / FINAL_FOLDER).is_dir():
-            settings = TrainingSettings(preset="tiny", mode=mode, max_steps=generator_steps,
-                                        batch_size=DEMO_INPAINT_BATCH if mode == "inpaint" else None,
-                                        warmup_steps=min(100, generator_steps // 4),
-                                        learning_rate=1e-3, checkpoint_every=max(1, generator_steps // 2),
-                                        preview_every=generator_steps, preview_inference_steps=inference_steps)
-            train_generator(dataset, run_folder, settings, fold=DEMO_FOLD)
-        generator = run_folder / FINAL_FOLDER
-        settings = GenerationSettings(num_cases=num_cases_for_ratio(dataset, generator, ratio), seed=0,
-                                      num_inference_steps=inference_steps,
-                                      sampler=DEFAULT_SAMPLER if mode == "inpaint" else None)
-        summary = generate_synthetic_cases(dataset, generator, settings, device=device)
         print(f"generator training previews: {run_folder / 'previews'}")
     print(f"{summary['total']} synthetic cases ({image_source}) in {dataset.folder / 'imagesSynth'}; the model-free "
           f"quality gate passed {summary['model_free_passed']} of {summary['total']}")
@@ -170,14 +163,15 @@ def main(argv=None):
     parser.add_argument("--slices-per-patient", type=int, default=8,
                         help="with --source: every k-th slice of a patient, at most this many (0: all; default 8)")
     parser.add_argument("--stop-after", choices=STEPS, default="predict", help="end the demo after this step")
-    parser.add_argument("--image-source", choices=IMAGE_SOURCES, default="inpaint",
+    parser.add_argument("--image-source", choices=tuple(IMAGE_SOURCES), default="inpaint",
                         help="inpaint (default): new lesions drawn inside real slices by a tiny inpainting generator; "
                              "generator: whole slices from a tiny generator (Diff-Lung); copy-paste: real lesion "
                              "pixels, no model")
     parser.add_argument("--generator-steps", type=int, default=300, help="tiny-generator training steps")
     parser.add_argument("--ratio", type=float, default=0.5, help="synthetic cases per real training slice")
     parser.add_argument("--inference-steps", type=int,
-                        help="sampling steps (default: 10 UniPC steps for inpaint, 50 DDIM steps for generator)")
+                        help=f"sampling steps (default: {DEFAULT_INFERENCE_STEPS} {DEFAULT_SAMPLER} steps for inpaint, "
+                             f"{DDIM_INFERENCE_STEPS} DDIM steps for generator)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.generator_steps < 1:
@@ -203,8 +197,6 @@ def main(argv=None):
     if step_done("convert"):
         return
     dataset = RawDataset(dataset_folder)
-    if args.inference_steps is None:
-        args.inference_steps = DEFAULT_INFERENCE_STEPS if args.image_source == "inpaint" else 50
     generate_step(dataset, args.image_source, args.generator_steps, args.ratio, args.inference_steps, args.device)
     if step_done("generate"):
         return

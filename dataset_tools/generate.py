@@ -18,9 +18,8 @@ from accelerate.utils import parse_flag_from_env
 
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import NnsynthError, command_entry_point
-from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases, inpaint_sampling
-from nnunet_synth.generator.checkpoints import FINAL_FOLDER, generator_run_folder
-from nnunet_synth.generator.config import PRESETS, TrainingSettings
+from nnunet_synth.generate_step import generate
+from nnunet_synth.generator.config import DDIM_INFERENCE_STEPS, PRESETS
 from nnunet_synth.generator.inpaint_pipeline import SAMPLERS
 from nnunet_synth.generator.inpaint_training import (
     DEFAULT_INFERENCE_STEPS,
@@ -28,12 +27,11 @@ from nnunet_synth.generator.inpaint_training import (
     VOLUME_INFERENCE_STEPS,
     VOLUME_SAMPLER,
 )
-from nnunet_synth.generator.training import train_generator
+from nnunet_synth.image_sources import IMAGE_SOURCES
 from nnunet_synth.masks.balance import MAP_LOADS
 from nnunet_synth.masks.settings import BalancingSettings
-from nnunet_synth.preflight import GenerateRequest, check_generate_request
+from nnunet_synth.preflight import GenerateRequest
 from nnunet_synth.sampling.inpaint import VOLUME_NOISES
-from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     folds.add_argument("-f", "--fold", help="nnU-Net fold (0-4 or all) to make cases for: the generator and the label "
                        "maps see only its training cases (default 0, or the fold of --generator)")
     folds.add_argument("--folds", nargs="+", help="several folds, one after the other (e.g. --folds 0 1 2 3 4)")
-    parser.add_argument("--image-source", choices=("generator", "copy-paste", "inpaint"), default="generator",
+    parser.add_argument("--image-source", choices=tuple(IMAGE_SOURCES), default="generator",
                         help="generator: sample whole images with the diffusion generator; copy-paste: no generator, "
                         "each image is the target's real slice with the donors' real pixels pasted where the label "
                         "map was pasted (blended at the edge); inpaint: the target's real slice with the new lesions "
@@ -67,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the preset's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--inference-steps", type=int, help="sampling steps (default: 50 DDIM steps for the "
-                        f"generator; inpaint: {DEFAULT_INFERENCE_STEPS} for slices, {VOLUME_INFERENCE_STEPS} for "
-                        "volumes, or a fold's recorded steps when it resumes)")
+    parser.add_argument("--inference-steps", type=int, help=f"sampling steps (default: {DDIM_INFERENCE_STEPS} DDIM "
+                        f"steps for the generator; inpaint: {DEFAULT_INFERENCE_STEPS} for slices, "
+                        f"{VOLUME_INFERENCE_STEPS} for volumes, or a fold's recorded steps when it resumes)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="--image-source inpaint: the scheduler "
                         f"(default {DEFAULT_SAMPLER} for slices, {VOLUME_SAMPLER} for volumes, or a fold's recorded "
                         "one when it resumes; the whole-slice generator samples with DDIM)")
@@ -111,28 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--export-standalone", type=int, metavar="DATASET_ID", help="also write real + synthetic "
                         "as a standalone dataset with this id and a splits_final.json without synthetic validation")
     return parser
-
-
-def generator_for_fold(dataset: RawDataset, args, fold):
-    """``--generator``, or the fold's generator run folder, trained now if it has no final model."""
-    if args.generator is not None:
-        return args.generator
-    mode = generator_mode(args)
-    run_folder = generator_run_folder(dataset.name, args.preset, fold, mode)
-    if not (run_folder / FINAL_FOLDER).is_dir():
-        if args.num_shards > 1 and launched_state().num_processes == 1:
-            raise NnsynthError(f"{run_folder} holds no trained generator and shards started as separate commands "
-                               f"would each train it: train it first (nnsynth_train_generator {dataset.name} --fold "
-                               f"{fold} --preset {args.preset}), then start the shards")
-        print(f"no trained generator in {run_folder}: training one (preset {args.preset}, mode {mode}, fold {fold})")
-        settings = TrainingSettings(preset=args.preset, mode=mode, max_steps=args.train_steps, seed=args.seed)
-        train_generator(dataset, run_folder, settings, fold=fold)
-    return run_folder / FINAL_FOLDER
-
-
-def generator_mode(args) -> str:
-    """The generator an image source needs: the inpainting generator for inpaint, else the whole-slice one."""
-    return "inpaint" if args.image_source == "inpaint" else "slice"
 
 
 def balancing_from_args(args) -> BalancingSettings:
@@ -225,7 +201,8 @@ def request_from_args(args) -> GenerateRequest:
         ratio=args.ratio, target_share=args.target_share, noise_seeding_strength=args.noise_seeding,
         balancing=balancing_from_args(args), num_shards=args.num_shards, shard_index=args.shard_index,
         overwrite=args.overwrite, export_id=args.export_standalone,
-        sampler=args.sampler, unit=args.unit, volume_noise=args.volume_noise)
+        sampler=args.sampler, unit=args.unit, volume_noise=args.volume_noise,
+        launched=launched_state().num_processes > 1)
 
 
 @command_entry_point
@@ -236,12 +213,8 @@ def main(argv=None):
         raise NnsynthError("--export-standalone with --num-shards would export before the other shards are done: "
                            "export after all shards, by one more run without --num-shards")
     dataset = RawDataset.from_name(args.dataset)
-    if args.inference_steps is None and args.image_source != "inpaint":
-        args.inference_steps = 50       # inpaint: per fold, from its unit (sampling_defaults)
-    request = request_from_args(args)
-    plan = check_generate_request(dataset, request)       # everything is checked before anything is written
-    for fold in request.folds:
-        generate_for_fold(dataset, args, fold, plan.num_cases[fold], plan.units.get(fold))
+    shard = f"shard {args.shard_index} of {args.num_shards}: " if args.num_shards > 1 else ""
+    generate(dataset, request_from_args(args), report=lambda summary: print_summary(dataset, summary, shard))
     if args.export_standalone is not None:
         if launched_state().num_processes > 1:
             launched_state().wait_for_everyone()      # every shard's cases are written
@@ -252,45 +225,6 @@ def main(argv=None):
         folder = export_standalone(dataset, dataset.folder.parent, nnunet_folder("nnUNet_preprocessed"),
                                    args.export_standalone)
         print(f"standalone dataset: {folder}")
-
-
-def generate_for_fold(dataset: RawDataset, args, fold, num_cases: int, unit: str = None):
-    if args.image_source == "copy-paste":
-        return copy_paste_for_fold(dataset, args, fold, num_cases)
-    generator_folder = generator_for_fold(dataset, args, fold)
-    check_generator_mode(generator_folder, generator_mode(args), args.image_source)
-    sampling = {"sampler": args.sampler, "num_inference_steps": args.inference_steps}
-    if args.image_source == "inpaint":     # named in the recipe, so that a later default never mixes into a fold
-        sampling = inpaint_sampling(SyntheticStore(dataset), fold, unit, args.sampler, args.inference_steps)
-    settings = GenerationSettings(num_cases=num_cases, seed=args.seed, target_share=args.target_share,
-                                  noise_seeding_strength=args.noise_seeding, batch_size=args.batch_size,
-                                  balancing=balancing_from_args(args), unit=args.unit, volume_noise=args.volume_noise,
-                                  **sampling)
-    summary = generate_synthetic_cases(dataset, generator_folder, settings, fold=fold, device=args.device,
-                                       overwrite=args.overwrite, num_shards=args.num_shards,
-                                       shard_index=args.shard_index)
-    shard = f"shard {args.shard_index} of {args.num_shards}: " if args.num_shards > 1 else ""
-    print_summary(dataset, summary, shard)
-
-
-def check_generator_mode(generator_folder, mode: str, image_source: str):
-    """Refuse a whole-slice generator for --image-source inpaint and an inpainting one for generator."""
-    from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
-    folder = resolve_generator_folder(generator_folder)
-    found = read_generator_config(folder).mode
-    if found != mode:
-        other = "inpaint" if found == "inpaint" else "generator"
-        raise NnsynthError(f"{folder} holds a {found} generator, --image-source {image_source} needs a {mode} one: "
-                           f"use --image-source {other} with it, or leave out --generator to train one")
-
-
-def copy_paste_for_fold(dataset: RawDataset, args, fold, num_cases: int):
-    from nnunet_synth.copy_paste import CopyPasteSettings, generate_copy_paste_cases, num_copy_paste_cases
-    if args.num_cases is None:      # per real slice, or per real volume when a case is a whole volume
-        num_cases = num_copy_paste_cases(dataset, fold, args.ratio, args.unit)
-    settings = CopyPasteSettings(num_cases=num_cases, seed=args.seed, target_share=args.target_share,
-                                 balancing=balancing_from_args(args), unit=args.unit)
-    print_summary(dataset, generate_copy_paste_cases(dataset, settings, fold=fold, overwrite=args.overwrite))
 
 
 def print_summary(dataset: RawDataset, summary: dict, shard: str = ""):

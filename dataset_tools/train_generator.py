@@ -13,7 +13,13 @@ from nnunet_synth.dataset import RawDataset
 from nnunet_synth.errors import command_entry_point
 from nnunet_synth.generator.ablation import FREQUENCY_DEFINITIONS, PROBABILITY_READINGS
 from nnunet_synth.generator.checkpoints import generator_run_folder
-from nnunet_synth.generator.config import ABLATION_MODES, GENERATOR_MODES, PRESETS, TrainingSettings
+from nnunet_synth.generator.config import (
+    ABLATION_MODES,
+    DDIM_INFERENCE_STEPS,
+    GENERATOR_MODES,
+    PRESETS,
+    TrainingSettings,
+)
 from nnunet_synth.generator.training import train_generator
 from nnunet_synth.preflight import check_training_request
 
@@ -67,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--no-channels-last", action="store_true")
     training.add_argument("--data-workers", type=int, help="DataLoader processes reading the slice cache "
                           "(default: 4 on CUDA, else 0)")
-    training.add_argument("--preview-inference-steps", type=int, default=50)
+    training.add_argument("--preview-inference-steps", type=int, default=DDIM_INFERENCE_STEPS)
     training.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (at least 2)")
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--no-progress", action="store_true")

@@ -15,16 +15,16 @@ function of (seed, index), and a block is always made whole, so its batch never 
 makes blocks ``i, i + n, ...``. Shards may run at once on one store, so the union of the shards' cases is
 byte-identical to a one-process run with the same seed and batch size, and each shard resumes on its own.
 
-An image source is a block source, ``source(batch, seeds) -> list[MadeCase]``: the cases of the new maps with
-indices ``batch``, one ``MadeCase`` each (``generation.SliceBlocks``, ``inpainting.InpaintBlocks``,
-``copy_paste.CopyPasteBlocks``). It only makes images; the maps, resume, scores, store and summary are here.
+An image source (``image_sources/``) hands over a block source, ``blocks(batch, seeds) -> list[MadeCase]``: the
+cases of the new maps with indices ``batch``, one ``MadeCase`` each. It only makes images; the maps, resume,
+scores, store and summary are here.
 """
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
-from nnunet_synth.dataset import ImageWindows, RawDataset
+from nnunet_synth.dataset import RawDataset
 from nnunet_synth.dataset.native_slices import NativeSlices, NativeVolumes, PackedRows, derived_rows, open_native_slices
 from nnunet_synth.dataset.raw_dataset import UNITS
 from nnunet_synth.dataset.validation import scan_dataset
@@ -41,13 +41,10 @@ from nnunet_synth.masks import (
 )
 from nnunet_synth.masks.balance import Placement
 from nnunet_synth.masks.settings import BalancingSettings
-from nnunet_synth.preview_grid import save_preview_grid
 from nnunet_synth.provenance import GENERATOR_TRAINING_CASES, SOURCE_CASES, label_map_source_cases
 from nnunet_synth.quality.edit_gate import EditGate, edit_gate_score, fit_edit_gate, joined_quality
 from nnunet_synth.quality.model_free import channel_gates_to_dict, fit_channel_gates, model_free_channel_score
 from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
-
-PREVIEW_ROWS = 6
 
 
 def check_role_names(dataset: RawDataset, balancing: BalancingSettings):
@@ -265,22 +262,3 @@ def write_fold_cases(store: SyntheticStore, fold, fold_maps: FoldMaps, make_case
             "label_map_report": fold_maps.report, "model_free_passed": len(passed), "preview": str(preview),
             "store": str(store.manifest_file), "unit": unit}
 
-
-def write_slice_preview(dataset: RawDataset, store: SyntheticStore, fold, real: NativeSlices, window: ImageWindows,
-                        num_rows=PREVIEW_ROWS):
-    """Grid: target real slice with its label | new label map | synthetic image | synthetic with overlay.
-    Images are shown in model space (each channel through its own window), channels side by side."""
-    reader = dataset.reader_writer()
-    rows = []
-    for case_id in store.complete_case_ids(fold)[:num_rows]:
-        target = store.cases[case_id]["source"]["target"]
-        real_image, real_label_map = real.slice(target["case_id"], target["slice_index"])
-        synthetic_image = window.to_model(reader.read_images([str(p) for p in store.image_files(case_id)])[0][:, 0])
-        synthetic_label = reader.read_seg(str(store.label_file(case_id)))[0][0, 0].astype(int)
-        rows.append([(window.to_model(real_image), real_label_map), (None, synthetic_label),
-                     (synthetic_image, None), (synthetic_image, synthetic_label)])
-    path = store.preview_file(fold)
-    if rows:
-        save_preview_grid(rows, ["real target + labels", "new label map", "synthetic", "synthetic + labels"],
-                          path, dataset.num_classes, window=(-1.0, 1.0))
-    return path

@@ -10,7 +10,6 @@ from nnunet_synth.dataset import RawDataset
 from nnunet_synth.dataset.native_slices import dataset_cache_root
 from nnunet_synth.dataset.splits import fold_training_cases
 from nnunet_synth.dataset.validation import (
-    MAX_BATCH_SIZE,
     DatasetScan,
     check_case_budget,
     check_dataset_id_free,
@@ -26,12 +25,6 @@ from nnunet_synth.dataset.validation import (
 )
 from nnunet_synth.errors import NnsynthError, warn_once
 from nnunet_synth.fold_cases import check_role_names, check_shard, class_roles_from_counts
-from nnunet_synth.generation import (
-    GenerationSettings,
-    check_generator_for_fold,
-    generation_unit,
-    inpaint_sampling,
-)
 from nnunet_synth.generator.checkpoints import (
     FINAL_FOLDER,
     generator_run_folder,
@@ -39,6 +32,7 @@ from nnunet_synth.generator.checkpoints import (
     resolve_generator_folder,
 )
 from nnunet_synth.generator.config import TrainingSettings
+from nnunet_synth.image_sources import IMAGE_SOURCES, case_count, check_generator_for_fold, image_source
 from nnunet_synth.masks.settings import BalancingSettings
 from nnunet_synth.sampling.inpaint import VOLUME_NOISES
 from nnunet_synth.writer.standalone_export import export_folder_name
@@ -47,16 +41,16 @@ from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 @dataclass
 class GenerateRequest:
-    """What one ``nnsynth_generate`` command asks for (the parsed options)."""
+    """What one generate step asks for (``nnsynth_generate``'s options; ``generate_step.generate`` runs it)."""
 
     folds: list
-    image_source: str = "generator"        # generator | copy-paste | inpaint
+    image_source: str = "generator"        # an IMAGE_SOURCES name: generator | copy-paste | inpaint
     generator: str = None                  # a trained generator folder, else the fold's run folder (trained if needed)
     preset: str = "default"
     train_steps: int = None
     device: str = "cpu"
     seed: int = 0
-    num_inference_steps: int = 50
+    num_inference_steps: int = None        # None: the source's default (a resuming inpaint fold: its recorded steps)
     batch_size: int = 16
     num_cases: int = None
     ratio: float = 0.5
@@ -70,11 +64,18 @@ class GenerateRequest:
     sampler: str = None                    # inpaint only: the scheduler of the inpainting generator
     unit: str = None                       # copy-paste and inpaint: slice | volume (None: volume for 3D data)
     volume_noise: str = "per-slice"        # inpaint volumes: the crops' initial noise
+    training: dict = field(default_factory=dict)   # TrainingSettings fields of a generator trained here
+    launched: bool = False                 # the shards are the processes of one accelerate launch
 
     @property
     def generator_mode(self) -> str:
-        """The generator the image source needs (none for copy-paste)."""
-        return {"generator": "slice", "inpaint": "inpaint"}.get(self.image_source)
+        """The generator the image source needs (None: it needs none)."""
+        return image_source(self.image_source).generator_mode
+
+    def training_settings(self) -> TrainingSettings:
+        """The settings of a generator that a fold without one gets trained."""
+        return TrainingSettings(**{"preset": self.preset, "mode": self.generator_mode, "max_steps": self.train_steps,
+                                   "seed": self.seed, **self.training})
 
 
 @dataclass
@@ -84,7 +85,7 @@ class GeneratePlan:
     scan: DatasetScan
     training_cases: dict = field(default_factory=dict)      # fold -> the cases the generator / label maps see
     num_cases: dict = field(default_factory=dict)           # fold -> cases to make
-    units: dict = field(default_factory=dict)               # fold -> slice | volume (generators only)
+    units: dict = field(default_factory=dict)               # fold -> slice | volume
 
 
 def check_generation_options(request: GenerateRequest):
@@ -105,44 +106,20 @@ def check_generation_options(request: GenerateRequest):
     check_number_range(balancing.p_shift, "--p-shift", 0, 1)
     check_number_range(balancing.p_dilate, "--p-dilate", 0, 1)
     balancing.mask_config().validate()
-    if request.unit == "volume" and request.image_source == "generator":
-        raise NnsynthError("--unit volume needs --image-source copy-paste or inpaint: the whole-slice generator draws "
-                           "slices")
     if request.volume_noise not in VOLUME_NOISES:
         raise NnsynthError(f"--volume-noise {request.volume_noise}: choose one of {', '.join(VOLUME_NOISES)}")
-    if request.volume_noise == "aligned" and request.image_source != "inpaint":
-        raise NnsynthError("--volume-noise aligned chooses the initial noise of an inpainting generator's volumes "
-                           "(the other image sources do not sample volumes): use it with --image-source inpaint")
-    if request.image_source == "copy-paste":
-        if request.noise_seeding_strength is not None:
-            raise NnsynthError("--noise-seeding needs a generator: leave it out with --image-source copy-paste")
-        if request.generator is not None:
-            raise NnsynthError("--image-source copy-paste uses no generator: leave out --generator")
-        if request.num_shards > 1:
-            raise NnsynthError("--image-source copy-paste runs in one process (no sampling to spread): leave out "
-                               "--num-shards")
-        return
-    if request.image_source == "inpaint" and request.noise_seeding_strength is not None:
-        raise NnsynthError("--noise-seeding starts a whole slice from its real image; an inpainting generator keeps "
-                           "the real pixels anyway: leave it out with --image-source inpaint")
-    if request.sampler is not None and request.image_source != "inpaint":
-        raise NnsynthError("--sampler chooses the inpainting generator's scheduler (the whole-slice generator "
-                           "samples with DDIM): use it with --image-source inpaint")
-    check_device(request.device)
-    check_inference_steps(request.num_inference_steps)
-    check_int_range(request.batch_size, "--batch-size", 1, MAX_BATCH_SIZE)
-    check_number_range(request.noise_seeding_strength, "--noise-seeding", 0, 1, low_open=True)
-    check_int_range(request.train_steps, "--train-steps", 1)
-    if request.generator is not None and len(request.folds) > 1:
-        raise NnsynthError(f"--generator serves one fold (a generator sees one fold's training cases), got folds "
-                           f"{' '.join(request.folds)}: leave out --generator to train one per fold")
-    if request.overwrite and request.num_shards > 1:
-        raise NnsynthError("--overwrite with --num-shards would let each shard remove the others' cases: remove the "
-                           "fold's cases first (nnsynth_clean D --fold F), then start the shards without --overwrite")
+    source = image_source(request.image_source)
+    for other in IMAGE_SOURCES.values():
+        if other is not source:
+            other.refuse_foreign_options(request)
+    source.check_options(request)
 
 
-def _generator_folder(dataset: RawDataset, request: GenerateRequest, fold):
-    """(the generator folder the fold uses, whether it must be trained first)."""
+def fold_generator_folder(dataset: RawDataset, request: GenerateRequest, fold):
+    """(the generator folder the fold uses, whether it must be trained first); (None, False) for a source without
+    a generator."""
+    if request.generator_mode is None:
+        return None, False
     if request.generator is not None:
         return request.generator, False
     run_folder = generator_run_folder(dataset.name, request.preset, fold, request.generator_mode)
@@ -153,15 +130,18 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
     """Every check of ``nnsynth_generate`` (see the module docstring); returns what generation needs from them."""
     check_generation_options(request)
     check_role_names(dataset, request.balancing)
+    source = image_source(request.image_source)
     generators = {}
     for fold in request.folds:
         fold_training_cases(dataset, fold)                  # the fold exists in the split
-        if request.generator_mode is not None:
-            generators[fold] = _generator_folder(dataset, request, fold)
-            if generators[fold][1]:
-                TrainingSettings(preset=request.preset, mode=request.generator_mode, max_steps=request.train_steps,
-                                 seed=request.seed).resolved()
-                check_writable(generators[fold][0].parent, "the generator")
+        generators[fold] = fold_generator_folder(dataset, request, fold)
+        if generators[fold][1]:
+            if request.num_shards > 1 and not request.launched:
+                raise NnsynthError(f"{generators[fold][0].parent} holds no trained generator and shards started as "
+                                   f"separate commands would each train it: train it first (nnsynth_train_generator "
+                                   f"{dataset.name} --fold {fold} --preset {request.preset}), then start the shards")
+            request.training_settings().resolved()
+            check_writable(generators[fold][0].parent, "the generator")
     if request.export_id is not None:
         from nnunet_synth.nnunet_paths import require_nnunet_folder
         require_nnunet_folder("nnUNet_preprocessed", "a standalone dataset's splits_final.json is written there")
@@ -175,40 +155,28 @@ def check_generate_request(dataset: RawDataset, request: GenerateRequest, progre
     store = SyntheticStore(dataset)
     for fold in request.folds:
         training_cases = fold_training_cases(dataset, fold)
-        if request.generator_mode is not None and not generators[fold][1]:
-            folder = resolve_generator_folder(generators[fold][0])
+        generator_folder, must_train = generators[fold]
+        if generator_folder is not None and not must_train:
+            folder = resolve_generator_folder(generator_folder)
             config = read_generator_config(folder)
-            if config.mode != request.generator_mode:
-                other = "inpaint" if config.mode == "inpaint" else "generator"
-                raise NnsynthError(f"{folder} holds a {config.mode} generator, --image-source {request.image_source} "
-                                   f"needs a {request.generator_mode} one: use --image-source {other} with it, or "
-                                   f"leave out --generator to train one")
+            source.check_generator(folder, config)
             check_generator_for_fold(dataset, config, folder, str(fold))
             training_cases = list(config.training_cases)
         check_fold_pathology(dataset, plan.scan, fold, training_cases, request.balancing, request.generator_mode)
         plan.training_cases[fold] = training_cases
-        units = fold_num_slices(plan.scan, training_cases)      # per real slice, or per real volume
-        if request.generator_mode is not None:
-            plan.units[fold] = generation_unit(dataset, request.generator_mode,
-                                               {case: plan.scan.num_slices[case] for case in training_cases},
-                                               request.unit)
-            units = len(training_cases) if plan.units[fold] == "volume" else units
-            if request.volume_noise == "aligned" and plan.units[fold] != "volume":
-                raise NnsynthError(f"--volume-noise aligned aligns the noise of a volume's slices, but a case of "
-                                   f"{dataset.name} is one slice (2D data, or --unit slice): leave out --volume-noise")
-        plan.num_cases[fold] = request.num_cases if request.num_cases is not None else \
-            max(1, round(request.ratio * units))
-        if request.generator_mode is not None and not request.overwrite:
-            sampling = {"sampler": request.sampler, "num_inference_steps": request.num_inference_steps}
-            if request.image_source == "inpaint":
-                sampling = inpaint_sampling(store, fold, plan.units[fold], request.sampler,
-                                            request.num_inference_steps)
-            settings = GenerationSettings(num_cases=plan.num_cases[fold], seed=request.seed,
-                                          target_share=request.target_share,
-                                          noise_seeding_strength=request.noise_seeding_strength,
-                                          batch_size=request.batch_size, balancing=request.balancing,
-                                          unit=plan.units[fold], volume_noise=request.volume_noise, **sampling)
-            store.check_fold_recipe(str(fold), settings.recipe(resolve_generator_path(generators[fold][0])))
+        plan.units[fold] = source.unit(dataset, {case: plan.scan.num_slices[case] for case in training_cases},
+                                       request.unit)
+        if request.volume_noise == "aligned" and plan.units[fold] != "volume":
+            raise NnsynthError(f"--volume-noise aligned aligns the noise of a volume's slices, but a case of "
+                               f"{dataset.name} is one slice (2D data, or --unit slice): leave out --volume-noise")
+        # per real slice, or per real volume when a case is a volume
+        units = len(training_cases) if plan.units[fold] == "volume" else fold_num_slices(plan.scan, training_cases)
+        plan.num_cases[fold] = request.num_cases if request.num_cases is not None else case_count(request.ratio,
+                                                                                                    units)
+        if not request.overwrite:
+            settings = source.settings(request, plan.num_cases[fold], plan.units[fold], store, fold)
+            recipe_folder = None if generator_folder is None else resolve_generator_path(generator_folder)
+            store.check_fold_recipe(str(fold), source.recipe(settings, recipe_folder))
     check_case_budget(dataset, sum(plan.num_cases.values()))
     return plan
 

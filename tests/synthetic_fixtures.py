@@ -14,10 +14,10 @@ import pytest
 from sampled_fingerprint import write_sampled_fingerprint
 
 from nnunet_synth.dataset.raw_dataset import RawDataset
-from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases
 from nnunet_synth.generator import TrainingSettings
 from nnunet_synth.generator.checkpoints import FINAL_FOLDER
 from nnunet_synth.generator.training import train_generator
+from nnunet_synth.image_sources import GenerationSettings, generate_synthetic_cases
 from nnunet_synth.writer.synthetic_store import SyntheticStore, synthetic_case_id
 
 SYNTHMIX_DATASET_ID = 981

@@ -272,8 +272,8 @@ def test_the_pass_rate_is_read_from_the_arms_store(example, tmp_path):
     """Copy-paste cases written into a copy of the example: the counts are those of the manifest's records."""
     import shutil
 
-    from nnunet_synth.copy_paste import CopyPasteSettings, generate_copy_paste_cases
     from nnunet_synth.evaluation.downstream import Arm, DownstreamSettings, model_free_pass_rate, write_pass_rate
+    from nnunet_synth.image_sources import CopyPasteSettings, generate_copy_paste_cases
     folder = example.folder.parent / "Dataset969_ArmExampleCopy"
     shutil.copytree(example.folder, folder)
     copy = RawDataset(folder)

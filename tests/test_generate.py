@@ -169,8 +169,7 @@ def test_a_rerun_with_the_same_settings_writes_nothing_and_other_settings_are_re
 def test_the_recipe_records_only_the_balancing_options_given_so_stores_written_before_resume(tmp_path):
     """A fold's recipe is compared as a dict: the balancing records the options given, nothing for the others
     (None when none was given), and the mask config takes them over its defaults."""
-    from nnunet_synth.copy_paste import CopyPasteSettings
-    from nnunet_synth.generation import GenerationSettings
+    from nnunet_synth.image_sources import CopyPasteSettings, GenerationSettings
     from nnunet_synth.masks import MaskGenerationConfig
     from nnunet_synth.masks.settings import BalancingSettings
     given = BalancingSettings(host_classes=[], pathology_classes=["lesion"], target_factor=2.5, p_shift=0.0)
@@ -184,6 +183,20 @@ def test_the_recipe_records_only_the_balancing_options_given_so_stores_written_b
     config = given.mask_config()
     assert (config.target_factor, config.p_shift) == (2.5, 0.0)
     assert config.p_rotate == MaskGenerationConfig().p_rotate
+
+
+def test_each_image_source_answers_for_itself_and_the_case_count_rule_is_shared():
+    """The registry: every --image-source value has one source, each generator mode leads back to its source, and
+    -r gives ratio x units cases (rounded, at least one)."""
+    from nnunet_synth.generator.config import GENERATOR_MODES
+    from nnunet_synth.image_sources import IMAGE_SOURCES, case_count, image_source, source_of_generator
+    assert sorted(IMAGE_SOURCES) == ["copy-paste", "generator", "inpaint"]
+    assert {mode: source_of_generator(mode).name for mode in GENERATOR_MODES} == {"slice": "generator",
+                                                                                 "inpaint": "inpaint"}
+    assert image_source("copy-paste").generator_mode is None
+    assert [case_count(0.5, units) for units in (1, 3, 10)] == [1, 2, 5] and case_count(0.01, 10) == 1
+    with pytest.raises(NnsynthError, match="choose one of"):
+        image_source("paint")
 
 
 def test_no_fold_may_use_a_case_that_depends_on_its_validation_cases(generated):
@@ -390,7 +403,7 @@ def test_two_shards_one_killed_and_rerun_and_launched_processes_give_the_files_o
 
 def test_shard_options_that_would_lose_cases_are_refused(generated, tiny_generator):
     from nnunet_synth.fold_cases import shard_blocks
-    from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases
+    from nnunet_synth.image_sources import GenerationSettings, generate_synthetic_cases
     assert shard_blocks(7, 2, 2, 0) == [[0, 1], [4, 5]] and shard_blocks(7, 2, 2, 1) == [[2, 3], [6]]
     dataset = RawDataset(generated[0])
     settings = GenerationSettings(num_cases=NUM_CASES, seed=7, num_inference_steps=8, batch_size=1)

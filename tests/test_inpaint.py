@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nnunet_synth.copy_paste import replay_pastes
 from nnunet_synth.dataset import ImageWindows, RawDataset, dataset_intensity_window
 from nnunet_synth.dataset.native_slices import open_native_slices
 from nnunet_synth.dataset.writing import write_dataset_json_atomic, write_volume
@@ -26,6 +25,7 @@ from nnunet_synth.generator.inpaint_data import (
 from nnunet_synth.generator.inpaint_pipeline import SAMPLERS
 from nnunet_synth.generator.inpaint_training import class_roles_of, inpaint_pipeline
 from nnunet_synth.generator.training import train_generator
+from nnunet_synth.masks.pixel_paste import replay_pastes
 from nnunet_synth.sampling.inpaint import inpaint_slices, map_edit_region, plan_tiles
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 

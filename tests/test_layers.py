@@ -23,7 +23,7 @@ LAYERS = [
     ("sampling",),
     ("quality",),
     ("writer", "provenance"),
-    ("generation", "copy_paste", "inpainting", "preflight", "fold_cases"),
+    ("fold_cases", "image_sources", "preflight", "generate_step"),
     ("evaluation", "example"),
     ("trainers",),
     ("dataset_tools",),
@@ -80,9 +80,10 @@ def test_every_import_points_to_an_earlier_layer():
 
 
 def test_the_fold_orchestration_imports_no_image_source():
-    """``fold_cases`` serves every image source, so it may not import one (nor preflight, which checks them)."""
+    """``fold_cases`` serves every image source, so it may not import one (nor preflight, which checks them, nor
+    the entry point)."""
     path = REPO_ROOT / "nnunet_synth" / "fold_cases.py"
-    sources = {"generation", "copy_paste", "inpainting", "preflight"}
+    sources = {"image_sources", "preflight", "generate_step"}
     imported = [name for _, name in imported_modules(path, "nnunet_synth.fold_cases")
                 if name.startswith("nnunet_synth.") and name.split(".")[1] in sources]
     assert not imported, imported
@@ -98,7 +99,30 @@ def test_every_listed_module_exists():
     assert not missing, f"listed in tests/test_layers.py but not in nnunet_synth/: {missing}"
 
 
-@pytest.mark.parametrize("module", ["nnunet_synth.masks.balance", "nnunet_synth.generation",
+def test_the_image_sources_stand_side_by_side():
+    """A source module imports no other source (they share only ``base``, ``generators`` and ``previews``), and
+    no source imports the checks or the entry point built on the registry."""
+    folder = REPO_ROOT / "nnunet_synth" / "image_sources"
+    sources = {"whole_slice", "inpaint", "copy_paste"}
+    later = {"preflight", "generate_step"}
+    found = []
+    for path in sorted(folder.glob("*.py")):
+        module = f"nnunet_synth.image_sources.{path.stem}"
+        for line, name in imported_modules(path, module):
+            parts = name.split(".")
+            if len(parts) > 1 and parts[1] in later:
+                found.append(f"{path.name}:{line} imports {name}")
+            if path.stem in sources and parts[:2] == ["nnunet_synth", "image_sources"] and len(parts) > 2 and \
+                    parts[2] in sources - {path.stem}:
+                found.append(f"{path.name}:{line} imports {name}")
+    preflight = REPO_ROOT / "nnunet_synth" / "preflight.py"
+    found += [f"preflight.py:{line} imports {name}"
+              for line, name in imported_modules(preflight, "nnunet_synth.preflight")
+              if name.startswith("nnunet_synth.generate_step")]
+    assert not found, found
+
+
+@pytest.mark.parametrize("module", ["nnunet_synth.masks.balance", "nnunet_synth.image_sources.whole_slice",
                                     "nnunet_synth.dataset_tools.generate"])
 def test_layer_of_knows_the_stages(module):
     assert layer_of(module) is not None

@@ -18,7 +18,7 @@ from nnunet_synth.dataset.native_slices import (
 )
 from nnunet_synth.dataset.splits import fold_training_cases
 from nnunet_synth.fold_cases import prepare_fold_maps
-from nnunet_synth.generation import GenerationSettings
+from nnunet_synth.image_sources import GenerationSettings
 from nnunet_synth.masks import NewLabelMapsOnDisk, body_mask, generate_label_maps
 from nnunet_synth.quality.model_free import fit_channel_gates
 from nnunet_synth.writer.synthetic_store import SyntheticStore

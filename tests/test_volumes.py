@@ -20,7 +20,6 @@ from sampled_fingerprint import write_sampled_fingerprint
 from scipy import ndimage
 
 from nnunet_synth.atomic import TEMP_PREFIX
-from nnunet_synth.copy_paste import FEATHER_PIXELS, replay_pastes
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.dataset.native_slices import NativeVolumes, open_native_slices
 from nnunet_synth.evaluation.through_plane import (
@@ -29,6 +28,7 @@ from nnunet_synth.evaluation.through_plane import (
     through_plane_consistency,
 )
 from nnunet_synth.generator.inpaint_training import VOLUME_SAMPLER
+from nnunet_synth.masks.pixel_paste import FEATHER_PIXELS, replay_pastes
 from nnunet_synth.masks.regions import find_regions
 from nnunet_synth.nnunet_paths import nnunet_folder
 from nnunet_synth.trainers.synthetic_pool import pool_folder

@@ -5,7 +5,7 @@ With probability ``nnsynth_paste_probability`` per training sample, 1..``nnsynth
 components of a pathology class, taken from *other* training cases of the fold, are pasted into the sample's
 host tissue (normal lung), or, without a host class, onto background inside the body. Each component is moved as
 the disk copy-paste moves it (``MaskGenerationConfig``: rotation, dilation, then its centre moved onto a random
-pixel where it may land) and its pixels are blended over a feathered edge (``copy_paste.feather_weights``).
+pixel where it may land) and its pixels are blended over a feathered edge (``masks.pixel_paste.feather_weights``).
 
 Where: ``LesionPasteTransform`` is the first of nnU-Net's training transforms, so it runs in the data
 augmentation workers on the cropped patch (before the spatial augmentation) of the preprocessed data: images
@@ -15,7 +15,7 @@ so validation cases never reach training; they are extracted once per fold (``ex
 (image channels + mask), at most ``max_components_per_class`` per class, and every worker gets a copy.
 
 2d configurations take 2D components of single slices (``masks.find_regions`` and the transforms of
-``masks.regions``, the image moved with ``copy_paste.rotate_patch``); 3d configurations take 3D components of
+``masks.regions``, the image moved with ``masks.pixel_paste.rotate_patch``); 3d configurations take 3D components of
 the volume (``scipy.ndimage.label``), rotated in the axial plane, with the same n-dimensional placement below.
 
 Counts (samples, pastes, pixels added per class) are kept per process; each worker writes its own counts file
@@ -32,7 +32,6 @@ from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from scipy import ndimage
 
 from nnunet_synth.atomic import write_json_atomic
-from nnunet_synth.copy_paste import FEATHER_PIXELS, DonorPatch, donor_patch, feather_weights, place_patch, rotate_patch
 from nnunet_synth.errors import NnsynthError, warn_once
 from nnunet_synth.masks import (
     MaskGenerationConfig,
@@ -45,6 +44,14 @@ from nnunet_synth.masks import (
     resolve_class_roles,
     rotate_region,
     shift_region,
+)
+from nnunet_synth.masks.pixel_paste import (
+    FEATHER_PIXELS,
+    DonorPatch,
+    donor_patch,
+    feather_weights,
+    place_patch,
+    rotate_patch,
 )
 
 COUNTS_EVERY = 10

@@ -81,6 +81,7 @@ from nnunet_synth.evaluation.statistics import (
     markdown_summary,
     summarize_runs,
 )
+from nnunet_synth.generator.config import DDIM_INFERENCE_STEPS
 from nnunet_synth.masks.balance import MAP_LOADS, MaskGenerationConfig
 
 BUDGET_TRAINERS = {"smoke": "nnUNetTrainerSynthMix_smoke",   # 10 iterations: does the pipeline run
@@ -112,7 +113,7 @@ class DownstreamSettings:
     cpu_plans: bool = True
     fold: int = 0
     seed: int = 0
-    inference_steps: int = 50               # DDIM steps of the whole-slice generators
+    inference_steps: int = DDIM_INFERENCE_STEPS   # DDIM steps of the whole-slice generators
     inpaint_inference_steps: int = None     # steps of the inpainting generators (None: sampling_defaults)
     first_dataset_id: int = 700
     device: str = "cpu"
@@ -233,8 +234,8 @@ def case_unit(settings: DownstreamSettings):
 
 def check_generators_for_fold(dataset: RawDataset, settings: DownstreamSettings):
     """Refuse, before any training, a generator that saw a validation case of the evaluated fold."""
-    from nnunet_synth.generation import check_generator_for_fold
     from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
+    from nnunet_synth.image_sources import check_generator_for_fold
     for generator in settings.generators.values():
         folder = resolve_generator_folder(generator)
         check_generator_for_fold(dataset, read_generator_config(folder), folder, settings.fold)
@@ -318,39 +319,23 @@ def evaluation_cases(dataset: RawDataset, fold: int, test_images=None, test_labe
 
 
 def make_synthetic_cases(arm: Arm, arm_dataset: RawDataset, settings: DownstreamSettings, generator_folder):
-    from nnunet_synth.copy_paste import CopyPasteSettings, generate_copy_paste_cases, num_copy_paste_cases
-    from nnunet_synth.dataset.native_slices import open_native_slices
-    from nnunet_synth.fold_cases import slice_counts
-    from nnunet_synth.generation import (
-        GenerationSettings,
-        generate_synthetic_cases,
-        generation_unit,
-        inpaint_sampling,
-        num_cases_for_ratio,
-    )
-    from nnunet_synth.writer.synthetic_store import SyntheticStore
-    unit = case_unit(settings)
-    if arm.name == COPY_PASTE:
-        num_cases = num_copy_paste_cases(arm_dataset, settings.fold, arm.amount, unit)
-        return generate_copy_paste_cases(arm_dataset, CopyPasteSettings(num_cases=num_cases, seed=settings.seed,
-                                                                        balancing=arm.balancing, unit=unit),
-                                         fold=settings.fold)
+    """The arm's synthetic cases of the evaluated fold: ``arm.amount`` per real unit, by the generate step of
+    ``nnsynth_generate`` (copy-paste, or the image source of the arm's generator)."""
+    from nnunet_synth.generate_step import generate
     from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
-    num_cases = num_cases_for_ratio(arm_dataset, generator_folder, arm.amount, unit)
-    config = read_generator_config(resolve_generator_folder(generator_folder))
-    if config.mode == "inpaint":
-        # as nnsynth_generate --image-source inpaint: the sampler is named, so the fold's recipe records it
-        counts = slice_counts(open_native_slices(arm_dataset, config.training_cases))
-        sampling = inpaint_sampling(SyntheticStore(arm_dataset), settings.fold,
-                                    generation_unit(arm_dataset, config.mode, counts, unit), None,
-                                    settings.inpaint_inference_steps)
-        generation = GenerationSettings(num_cases=num_cases, seed=settings.seed, unit=unit,
-                                        balancing=arm.balancing, **sampling)
+    from nnunet_synth.image_sources import image_source, source_of_generator
+    from nnunet_synth.preflight import GenerateRequest
+    if arm.name == COPY_PASTE:
+        source, generator_folder, steps = image_source("copy-paste"), None, None
     else:
-        generation = GenerationSettings(num_cases=num_cases, seed=settings.seed,
-                                        num_inference_steps=settings.inference_steps, balancing=arm.balancing)
-    return generate_synthetic_cases(arm_dataset, generator_folder, generation, fold=settings.fold,
-                                    device=settings.device)
+        source = source_of_generator(read_generator_config(resolve_generator_folder(generator_folder)).mode)
+        steps = settings.inference_steps if source.generator_mode == "slice" else settings.inpaint_inference_steps
+    request = GenerateRequest(folds=[str(settings.fold)], image_source=source.name,
+                              generator=None if generator_folder is None else str(generator_folder),
+                              device=settings.device, seed=settings.seed, num_inference_steps=steps,
+                              ratio=arm.amount, unit=case_unit(settings), balancing=arm.balancing)
+    [summary] = generate(arm_dataset, request, progress=False)
+    return summary
 
 
 def model_free_pass_rate(arm_dataset: RawDataset, fold) -> dict:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from nnunet_synth.dataset import ImageWindows, RawDataset
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.generator.checkpoints import load_generator
+from nnunet_synth.generator.config import DDIM_INFERENCE_STEPS
 from nnunet_synth.generator.data import load_model_slices
 from nnunet_synth.sampling import sample_images
 
@@ -34,7 +35,7 @@ MODEL_DATA_RANGE = 2.0   # model space is [-1, 1]
 @dataclass
 class FidelitySettings:
     seeds: tuple = (0, 1, 2)
-    num_inference_steps: int = 50
+    num_inference_steps: int = DDIM_INFERENCE_STEPS
     max_slices: int = None            # evaluate at most this many held-out slices (evenly spread)
     batch_size: int = 16
     labelled_slices_only: bool = True  # skip slices whose label map is all background

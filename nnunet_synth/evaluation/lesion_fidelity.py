@@ -35,6 +35,7 @@ from nnunet_synth.dataset.native_slices import evenly_spread, open_native_slices
 from nnunet_synth.errors import NnsynthError
 from nnunet_synth.evaluation.fidelity import MODEL_DATA_RANGE, held_out_case_ids
 from nnunet_synth.generator.checkpoints import load_generator
+from nnunet_synth.generator.config import DDIM_INFERENCE_STEPS
 from nnunet_synth.generator.data import MODEL_MINIMUM
 from nnunet_synth.generator.inpaint_data import edit_region, pathology_components
 from nnunet_synth.generator.inpaint_training import class_roles_of, inpaint_pipeline
@@ -61,7 +62,7 @@ class LesionFidelitySettings:
     samplers: tuple = (("ddim", 50), ("dpmsolver++", 10), ("dpmsolver++", 20), ("unipc", 10), ("unipc", 20))
     seeds: tuple = (0,)
     max_slices: int = 24              # held-out slices with a lesion, evenly spread
-    slice_generator_steps: int = 50   # DDIM steps of the whole-slice generator
+    slice_generator_steps: int = DDIM_INFERENCE_STEPS   # DDIM steps of the whole-slice generator
     batch_size: int = 16
 
 

@@ -16,6 +16,7 @@ GENERATOR_CONFIG_NAME = "generator_config.json"
 ABLATION_MODES = ("cbmat", "mat", "none")
 GENERATOR_MODES = ("slice", "inpaint")   # whole slices from a label map (Diff-Lung), or lesions inside real slices
 NUM_TRAIN_TIMESTEPS = 1000
+DDIM_INFERENCE_STEPS = 50    # sampling steps of the whole-slice generator (DDIM) unless asked otherwise
 
 # Architecture and training defaults per preset. ``default`` follows the reference configuration of Konz et al.
 # (segmentation-guided diffusion, itself the diffusers unconditional-training example): six levels
@@ -118,7 +119,7 @@ class TrainingSettings:
     data_workers: int = None            # DataLoader processes reading the slice cache; None = 4 on CUDA, else 0
     seed: int = 0
     keep_checkpoints: int = 2
-    preview_inference_steps: int = 50
+    preview_inference_steps: int = DDIM_INFERENCE_STEPS
     preview_count: int = 4
     # inpaint mode: where crops are centred and how edit regions are drawn (generator/inpaint_data.py)
     edit_margin: int = 3                # pixels added around every edit region (training and sampling alike)

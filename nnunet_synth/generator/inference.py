@@ -4,7 +4,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from nnunet_synth.generator.ablation import mark_unannotated
-from nnunet_synth.generator.config import GeneratorConfig
+from nnunet_synth.generator.config import DDIM_INFERENCE_STEPS, GeneratorConfig
 from nnunet_synth.generator.pipeline import NnsynthPipeline
 
 
@@ -20,8 +20,8 @@ def generator_pipeline(unet, generator_config, device="cpu") -> NnsynthPipeline:
     return NnsynthPipeline(unet=unet.to(torch.device(device)), scheduler=scheduler)
 
 
-def sample_images(unet, generator_config, label_maps, seeds, num_inference_steps=50, batch_size=16, device="cpu",
-                  reference_images=None, strength=None, progress=True):
+def sample_images(unet, generator_config, label_maps, seeds, num_inference_steps=DDIM_INFERENCE_STEPS, batch_size=16,
+                  device="cpu", reference_images=None, strength=None, progress=True):
     """Generate one image per label map with ``NnsynthPipeline``; returns (N, channels, S, S) float32 in [-1, 1].
 
     See ``NnsynthPipeline.__call__`` for the arguments (seeded per case, noise seeding from ``reference_images``).

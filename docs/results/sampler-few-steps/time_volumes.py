@@ -18,9 +18,11 @@ import torch
 
 from nnunet_synth.dataset import ImageWindows, RawDataset
 from nnunet_synth.evaluation.lesion_fidelity import speckle_fraction
-from nnunet_synth.generation import GenerationSettings, generate_synthetic_cases, inpaint_sampling
 from nnunet_synth.generator import inpaint_pipeline
 from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
+from nnunet_synth.image_sources import generate_synthetic_cases
+from nnunet_synth.image_sources.generators import GenerationSettings
+from nnunet_synth.image_sources.inpaint import inpaint_sampling
 from nnunet_synth.masks.settings import BalancingSettings
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 

@@ -1,54 +1,18 @@
-"""Copy-paste synthetic cases: the balanced label maps with real pixels instead of a generator's.
-
-Each new label map is a real target map with donor regions pasted into it (``masks/balance.py``); its provenance
-records the donor map (a slice or a volume), the region (``bbox``, ``component_index``) and the operations. The image is
-the target's real slice with the donor's real pixels moved exactly as the region was moved (rotation about the
-region's box centre, shift, dilation) and pasted where the region landed, blended over a few pixels at the edge
-(a signed-distance feather, scipy.ndimage) so the seam is not a hard step. No generator is trained or loaded: the
-cheap baseline a generator has to beat, and a way to balance a dataset without a GPU.
-
-Volumes (unit "volume", the default for 3D data): the maps are whole real volumes, the donors 3D connected
-components, and a case is its target's whole volume, every channel, at the real case's geometry, with the
-donor's voxels moved as the component was moved (in-plane rotation of every slice with linear interpolation, 3D
-shift) and the seam feathered in 3D; outside the recorded ``edit_box`` it is the target's voxels bit for bit. The
-pastes are replayed on the label map first and the image is blended inside that box only, so memory stays about
-one volume plus the donors' patches. nnU-Net's 2d, 3d_fullres and 3d_lowres configurations all see such a case
-as a real one.
-
-The cases go through the same store, quality gate, preview and trainer as generated ones. They depend on their
-``source_cases`` (target and donors) and, recorded as the fold's ``generator_training_cases``, on the fold's
-training cases the label maps and the quality gate were built from (no generator saw anything: the list says
-which cases shaped the fold's cases, so ``provenance.select_for_fold`` applies unchanged).
-"""
-import functools
-from dataclasses import asdict, dataclass, field, replace
+"""A region's real pixels moved and pasted as its label-map region was (``masks/balance.py``): the donor's pixels
+around the region, rotated about the region's box centre, shifted, and blended over a few pixels at the edge (a
+signed-distance feather, scipy.ndimage) so the seam is not a hard step. Slices (C, H, W) or volumes (C, D, H, W);
+a volume's patch turns slice by slice in the axial plane. Used by the copy-paste image source
+(``image_sources/copy_paste.py``, every paste of a new map replayed on its target) and by the online paste of the
+trainers (``trainers/pasting.py``)."""
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from nnunet_synth.dataset import ImageWindows, RawDataset, choose_intensity_window
-from nnunet_synth.dataset.native_slices import NativeVolumes, evenly_spread, open_native_slices
-from nnunet_synth.dataset.splits import fold_training_cases
-from nnunet_synth.fold_cases import (
-    PREVIEW_ROWS,
-    FoldMaps,
-    MadeCase,
-    check_role_names,
-    prepare_fold_maps,
-    resolve_unit,
-    slice_counts,
-    write_fold_cases,
-    write_slice_preview,
-)
 from nnunet_synth.masks.paste import paste_region
 from nnunet_synth.masks.placement import mask_box
 from nnunet_synth.masks.regions import Region, dilate_region, rotate_region, shift_region
-from nnunet_synth.masks.settings import BalancingSettings
-from nnunet_synth.preview_grid import save_preview_grid
-from nnunet_synth.quality.model_free import model_free_volume_score
-from nnunet_synth.writer.synthetic_store import SyntheticStore
 
-IMAGE_SOURCE = "copy-paste"
 FEATHER_PIXELS = 2.0    # half-width of the blended seam
 DONOR_CACHE_BYTES = 2 ** 29  # donors (region and patch) kept between new maps, at most this many bytes
 
@@ -253,131 +217,3 @@ def _to_dtype(image: np.ndarray, dtype) -> np.ndarray:
     return image.astype(dtype)
 
 
-@dataclass
-class CopyPasteSettings:
-    """What decides the copy-paste cases; recorded in the manifest as the fold's settings. ``unit``: "slice" (a
-    case is one slice) or "volume" (a case is a whole real volume with lesions added); None = "volume" for 3D
-    data, "slice" for 2D data (``resolve_unit``)."""
-
-    num_cases: int
-    seed: int = 0
-    target_share: float = None
-    balancing: BalancingSettings = field(default_factory=BalancingSettings)
-    feather: float = FEATHER_PIXELS
-    unit: str = None
-
-    def recipe(self) -> dict:
-        recipe = {k: v for k, v in asdict(self).items() if k != "num_cases"}
-        recipe["balancing"] = self.balancing.to_recipe()
-        recipe["image_source"] = IMAGE_SOURCE
-        return recipe
-
-
-def num_copy_paste_cases(dataset: RawDataset, fold, amount: float, unit=None) -> int:
-    """The number of cases for an amount (``-r``): ``amount`` cases per real slice (unit "slice") or per real
-    volume (unit "volume") of the fold's training cases (at least 1)."""
-    slices = open_native_slices(dataset, fold_training_cases(dataset, fold))
-    units = len(slices) if resolve_unit(dataset, slice_counts(slices), unit) == "slice" else len(slices.case_rows())
-    return max(1, round(amount * units))
-
-
-def generate_copy_paste_cases(dataset: RawDataset, settings: CopyPasteSettings, fold="0", overwrite=False) -> dict:
-    """Make and write ``settings.num_cases`` copy-paste cases for nnU-Net fold ``fold`` from its training cases
-    only; returns the same summary as ``generation.generate_synthetic_cases``. With unit "volume" each case is its
-    target's whole volume, its geometry and every channel, with the donors' voxels pasted in."""
-    fold = str(fold)
-    training_cases = fold_training_cases(dataset, fold)
-    settings = replace(settings, unit=resolve_unit(
-        dataset, slice_counts(open_native_slices(dataset, training_cases)), settings.unit))
-    store = SyntheticStore(dataset)
-    if overwrite:
-        check_role_names(dataset, settings.balancing)      # bad names fail before anything is removed
-        with store.exclusive_writer():
-            store.remove_fold(fold)
-    # as the generators' runs: the store shared (other folds may write at the same time), this fold claimed
-    with store.shared_writer(), store.fold_writer(fold, settings.recipe(), batch_size=1):
-        # no generator: generator_training_cases lists the cases the maps and the gate came from
-        fold_maps = prepare_fold_maps(dataset, store, fold, settings.recipe(), training_cases, settings,
-                                      settings.unit)
-        write_preview = functools.partial(write_copy_paste_preview, dataset, store, fold, fold_maps.real,
-                                          settings.unit)
-        return write_fold_cases(store, fold, fold_maps, CopyPasteBlocks(settings, fold_maps), settings.seed,
-                                write_preview, f"pasting real pixels ({settings.unit}s)", unit=settings.unit)
-
-
-class CopyPasteBlocks:
-    """The cases of a block of new maps: each map's pastes replayed on its target's real pixels (a slice, or a
-    whole volume with unit "volume"); a volume is scored inside the pasted voxels (``model_free_volume_score``)."""
-
-    def __init__(self, settings: CopyPasteSettings, fold_maps: FoldMaps):
-        self.settings, self.real, self.new_maps = settings, fold_maps.real, fold_maps.new_maps
-        self.host, self.gates, self.image_dtypes = fold_maps.host, fold_maps.gates, fold_maps.image_dtypes
-        self.placement = fold_maps.placement()
-        self.donor_cache = {}
-
-    def __call__(self, batch, seeds) -> list:
-        return [self.paste(index) for index in batch]
-
-    def paste(self, index: int) -> MadeCase:
-        provenance = self.new_maps[index].provenance
-        target = (provenance["target"]["case_id"], provenance["target"]["slice_index"])
-        allowed = None if self.placement is None else functools.partial(self.placement.mask,
-                                                                         target_index=self.real.row(*target))
-        target_image, target_map = self.real.slice(*target)
-        replayed = replay_pastes(target_image, target_map, provenance, self.real.slice, self.host, allowed,
-                                 self.settings.feather, self.donor_cache)
-        label_map = replayed.label_map
-        if not np.array_equal(label_map, self.new_maps[index].label_map):
-            raise RuntimeError(f"replaying the pastes of new map {index} did not give the map (a bug)")
-        channel_images = replayed.channel_images(target_image, self.image_dtypes[target[0]])
-        copy_paste = {"feather_pixels": self.settings.feather}
-        quality = None      # a slice: the score of the whole image
-        if self.settings.unit == "volume":
-            # outside this box the volume is its target's voxels, bit for bit
-            copy_paste.update(unit="volume", edit_box=[int(v) for v in replayed.edit_box])
-            quality = model_free_volume_score(np.stack(channel_images).astype(np.float32), label_map,
-                                              label_map != target_map, self.gates)
-        return MadeCase(channel_images, label_map, {"seed": self.settings.seed, "image_source": IMAGE_SOURCE,
-                                                    "generator": None, "copy_paste": copy_paste}, quality,
-                        label_map != target_map)
-
-
-def write_copy_paste_preview(dataset: RawDataset, store: SyntheticStore, fold, real, unit: str):
-    """The preview grid of slices (``fold_cases.write_slice_preview``) or of whole volumes, in the grey scale of
-    ``display_windows``."""
-    slices = real if unit == "slice" else real.slices
-    window = display_windows(dataset, slices.images)
-    if unit == "slice":
-        return write_slice_preview(dataset, store, fold, real, window)
-    return write_volume_preview(dataset, store, fold, real, window)
-
-
-def write_volume_preview(dataset: RawDataset, store: SyntheticStore, fold, real: NativeVolumes,
-                         window: ImageWindows, num_rows: int = PREVIEW_ROWS):
-    """The preview grid of ``fold_cases.write_slice_preview`` for whole volumes: per case, the slice with
-    the most pasted voxels."""
-    reader = dataset.reader_writer()
-    rows = []
-    for case_id in store.complete_case_ids(fold)[:num_rows]:
-        target_image, target_map = real.slice(store.cases[case_id]["source"]["target"]["case_id"])
-        synthetic_image = reader.read_images([str(p) for p in store.image_files(case_id)])[0]
-        synthetic_label = reader.read_seg(str(store.label_file(case_id)))[0][0].astype(int)
-        z = int(np.argmax((synthetic_label != target_map).reshape(len(target_map), -1).sum(axis=1)))
-        rows.append([(window.to_model(target_image[:, z]), target_map[z]), (None, synthetic_label[z]),
-                     (window.to_model(synthetic_image[:, z]), None),
-                     (window.to_model(synthetic_image[:, z]), synthetic_label[z])])
-    path = store.preview_file(fold)
-    if rows:
-        save_preview_grid(rows, ["real target + labels", "new label map", "synthetic", "synthetic + labels"],
-                          path, dataset.num_classes, window=(-1.0, 1.0))
-    return path
-
-
-def display_windows(dataset: RawDataset, images, max_slices: int = 2000) -> ImageWindows:
-    """The preview grid's grey scale per channel, chosen as a generator's window would be (a sample of at most
-    ``max_slices`` real slices, evenly spread)."""
-    chosen = [images[i] for i in evenly_spread(len(images), max_slices)]
-    return ImageWindows(tuple(
-        choose_intensity_window(np.concatenate([np.asarray(image[channel], dtype=np.float32).ravel()[::97]
-                                                for image in chosen]), name)
-        for channel, name in enumerate(dataset.channel_list)))

@@ -2,8 +2,9 @@
 drawn by the inpainting generator inside its target's real slice (DiffTumor, LeFusion), at native resolution.
 
 The fold's maps, shards, resume, store and gate are ``fold_cases.py``'s and the generator's checks
-``generation.py``'s; this module adds the block source (``InpaintBlocks``: edit regions and crops,
-``sampling/inpaint.py``) and the preview grid, which sets the same edit beside copy-paste's real pixels.
+``generators.py``'s; this module adds the options only this source takes (``--sampler``, ``--volume-noise``),
+its sampling defaults, the block source (``InpaintBlocks``: edit regions and crops, ``sampling/inpaint.py``) and
+the preview grid, which sets the same edit beside copy-paste's real pixels (``masks/pixel_paste.py``).
 
 Unit "volume" (3D data): a map is a whole real volume with 3D lesion components pasted into it
 (``masks.balance``), and a case is its target's whole volume, every channel, with the edit region drawn slice by
@@ -14,11 +15,15 @@ import functools
 import numpy as np
 from scipy import ndimage
 
-from nnunet_synth.copy_paste import display_windows, replay_pastes
 from nnunet_synth.dataset import ImageWindows, RawDataset
 from nnunet_synth.dataset.native_slices import NativeSlices
-from nnunet_synth.fold_cases import PREVIEW_ROWS, FoldMaps, MadeCase
-from nnunet_synth.generator.inpaint_training import DEFAULT_SAMPLER, inpaint_pipeline
+from nnunet_synth.errors import NnsynthError
+from nnunet_synth.fold_cases import FoldMaps, MadeCase, resolve_unit
+from nnunet_synth.generator.inpaint_pipeline import renoises
+from nnunet_synth.generator.inpaint_training import DEFAULT_SAMPLER, inpaint_pipeline, sampling_defaults
+from nnunet_synth.image_sources.generators import GenerationSettings, GeneratorSource, LoadedGenerator
+from nnunet_synth.image_sources.previews import PREVIEW_ROWS, display_windows, write_volume_preview
+from nnunet_synth.masks.pixel_paste import replay_pastes
 from nnunet_synth.preview_grid import save_preview_grid
 from nnunet_synth.quality.model_free import model_free_volume_score
 from nnunet_synth.sampling.inpaint import inpaint_slices, inpaint_volume, map_edit_region, volume_edit_region
@@ -26,6 +31,71 @@ from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 IMAGE_SOURCE = "inpaint"
 ZOOM_SIZE = 64      # side of the zoomed crop around one edit in the preview
+
+
+def inpaint_sampling(store: SyntheticStore, fold, unit: str, sampler: str = None, num_inference_steps: int = None):
+    """The ``GenerationSettings`` fields sampler, num_inference_steps, clip_x0 and renoise_x0 of an inpainting fold:
+    the sampler and steps given; with neither given, those of the fold's recipe in ``store`` (a store resumes as it
+    was written, whatever today's default); else ``sampling_defaults``, the estimate clipped and, for a solver of
+    ``inpaint_pipeline.RENOISE``, re-noised."""
+    recorded = store.manifest["folds"].get(str(fold), {}).get("settings") or {}
+    if sampler is None and num_inference_steps is None and recorded.get("sampler") is not None:
+        return {"sampler": recorded["sampler"], "num_inference_steps": recorded["num_inference_steps"],
+                "clip_x0": recorded.get("clip_x0"), "renoise_x0": recorded.get("renoise_x0")}
+    sampler, num_inference_steps = sampling_defaults(unit, sampler, num_inference_steps)
+    # renoise_x0 named only for a solver it changes, so a DDIM or UniPC fold's recipe is as it was before
+    return {"sampler": sampler, "num_inference_steps": num_inference_steps, "clip_x0": True,
+            "renoise_x0": True if renoises(sampler) else None}
+
+
+class Inpaint(GeneratorSource):
+    """The new lesions (plus a margin) drawn inside the target's real slice or volume by the inpainting
+    generator (mode "inpaint"); every other pixel stays real."""
+
+    name = IMAGE_SOURCE
+    generator_mode = "inpaint"
+
+    def check_options(self, request):
+        if request.noise_seeding_strength is not None:
+            raise NnsynthError("--noise-seeding starts a whole slice from its real image; an inpainting generator "
+                               "keeps the real pixels anyway: leave it out with --image-source inpaint")
+        super().check_options(request)
+
+    def refuse_foreign_options(self, request):
+        if request.volume_noise == "aligned":
+            raise NnsynthError("--volume-noise aligned chooses the initial noise of an inpainting generator's volumes "
+                               "(the other image sources do not sample volumes): use it with --image-source inpaint")
+        if request.sampler is not None:
+            raise NnsynthError("--sampler chooses the inpainting generator's scheduler (the whole-slice generator "
+                               "samples with DDIM): use it with --image-source inpaint")
+
+    def default_inference_steps(self, unit: str = "slice") -> int:
+        return sampling_defaults(unit)[1]
+
+    def unit(self, dataset: RawDataset, num_slices: dict, unit: str = None) -> str:
+        return resolve_unit(dataset, num_slices, unit)
+
+    def settings(self, request, num_cases: int, unit: str, store: SyntheticStore, fold) -> GenerationSettings:
+        # the sampler is named in the recipe, so that a later default never mixes into a fold
+        sampling = inpaint_sampling(store, fold, unit, request.sampler, request.num_inference_steps)
+        return GenerationSettings(num_cases=num_cases, seed=request.seed, target_share=request.target_share,
+                                  batch_size=request.batch_size, balancing=request.balancing, unit=unit,
+                                  volume_noise=request.volume_noise, **sampling)
+
+    def blocks(self, dataset: RawDataset, settings, fold_maps: FoldMaps, generator: LoadedGenerator = None,
+               device="cpu"):
+        return InpaintBlocks(generator.unet, generator.config, settings, fold_maps, generator.record,
+                             dataset.ignore_label, device)
+
+    def preview(self, dataset: RawDataset, store: SyntheticStore, fold, fold_maps: FoldMaps, settings,
+                generator: LoadedGenerator = None):
+        if settings.unit == "volume":
+            return write_volume_preview(dataset, store, fold, fold_maps.real,
+                                        display_windows(dataset, fold_maps.real.slices.images))
+        return write_inpaint_preview(dataset, store, fold, fold_maps.real, fold_maps)
+
+
+INPAINT = Inpaint()
 
 
 class InpaintBlocks:
