@@ -1,11 +1,10 @@
 """Validate an nnU-Net raw dataset for nnunet-synth and print its summary (cases, slices, class shares, window)
 and, when it has synthetic cases, how many of them each nnU-Net fold may use."""
-import argparse
 
 from nnunet_synth.dataset import RawDataset, class_pixel_frequencies, dataset_intensity_window
 from nnunet_synth.dataset.splits import fold_validation_cases, real_crossval_split
 from nnunet_synth.dataset.validation import scan_dataset
-from nnunet_synth.errors import NnsynthError, command_entry_point
+from nnunet_synth.errors import CommandParser, NnsynthError, command_entry_point
 from nnunet_synth.provenance import select_for_fold
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
@@ -73,7 +72,7 @@ def print_summary(dataset_folder):
 
 @command_entry_point
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("dataset", help="dataset folder, name (Dataset501_Covid19Lung), short name or id")
     args = parser.parse_args(argv)
     print_summary(RawDataset.from_name(args.dataset).folder)

@@ -1,17 +1,16 @@
 """Remove the synthetic cases of a dataset (imagesSynth/, labelsSynth/, synthetic.json and the previews), or
 only those made for one fold (--fold). Real files are never touched."""
-import argparse
 
 from nnunet_synth.dataset import RawDataset
 from nnunet_synth.dataset.splits import fold_training_cases
 from nnunet_synth.dataset.validation import check_writable
-from nnunet_synth.errors import command_entry_point
+from nnunet_synth.errors import CommandParser, command_entry_point
 from nnunet_synth.writer import SyntheticStore
 
 
 @command_entry_point
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("dataset", help="dataset folder, name or id")
     parser.add_argument("-f", "--fold", help="remove only the cases made for this fold (0-4 or all)")
     args = parser.parse_args(argv)

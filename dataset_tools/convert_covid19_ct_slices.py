@@ -3,7 +3,6 @@
 Labels: 0 background (outside the lungs), 1 lung (normal lung tissue), 2 lesion (infection, also where the
 infection mask lies outside the lung mask). Intensities stay the source's 8-bit grey values (not HU).
 """
-import argparse
 import csv
 import math
 from collections import OrderedDict
@@ -16,7 +15,7 @@ from tqdm import tqdm
 from nnunet_synth.dataset.raw_dataset import UNIT_KEY
 from nnunet_synth.dataset.writing import write_dataset_json_atomic, write_volume
 from nnunet_synth.dataset_tools.dataset_target import add_overwrite_argument, check_target, converted_dataset
-from nnunet_synth.errors import NnsynthError, command_entry_point
+from nnunet_synth.errors import CommandParser, NnsynthError, command_entry_point
 
 LABELS = {"background": 0, "lung": 1, "lesion": 2}
 
@@ -124,7 +123,7 @@ def output_root_from_args(args) -> Path:
 
 @command_entry_point
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("source_folder", help="folder with cases.csv, ct/, lungs/, covid/")
     add_output_arguments(parser, 501, "Covid19Lung")
     parser.add_argument("--cases", nargs="+", metavar="CASE_ID", help="convert only these cases (default: all)")

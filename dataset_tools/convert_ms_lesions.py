@@ -6,7 +6,6 @@ is the block's lesion fraction >= 0.5), so image and label keep identical geomet
 for nnU-Net's default 5-fold split: a ``splits_final.json`` with one fold per patient (that patient held out)
 is written into ``$nnUNet_preprocessed/<dataset>/`` unless one exists there.
 """
-import argparse
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from nnunet_synth.dataset.writing import write_dataset_json_atomic
 from nnunet_synth.dataset_tools.check_dataset import print_summary
 from nnunet_synth.dataset_tools.convert_covid19_ct_slices import add_output_arguments, output_root_from_args
 from nnunet_synth.dataset_tools.dataset_target import converted_dataset
-from nnunet_synth.errors import NnsynthError, command_entry_point
+from nnunet_synth.errors import CommandParser, NnsynthError, command_entry_point
 from nnunet_synth.nnunet_paths import nnunet_folder
 
 CHANNELS = ("FLAIR", "T1", "T1POST", "T2")
@@ -85,7 +84,7 @@ def lesion_voxel_counts(folder) -> dict:
 
 @command_entry_point
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Convert the MS lesion MRI volumes into an nnU-Net raw dataset "
+    parser = CommandParser(description="Convert the MS lesion MRI volumes into an nnU-Net raw dataset "
                                                  "(4 channels, one fold per patient in splits_final.json)")
     parser.add_argument("source_folder", help="folder with patientNN/{FLAIR,T1,T1POST,T2,lesions}.nii.gz")
     add_output_arguments(parser, 505, "MSLesions")

@@ -3,7 +3,6 @@
 The 30-slice volume is cut along z into cases of ``slices_per_case`` slices; a handful of TotalSegmentator
 labels are remapped to consecutive values. A fast fixture for the Hounsfield-unit path.
 """
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import SimpleITK as sitk
 from nnunet_synth.dataset.writing import write_dataset_json_atomic, write_volume
 from nnunet_synth.dataset_tools.convert_covid19_ct_slices import add_output_arguments, output_root_from_args
 from nnunet_synth.dataset_tools.dataset_target import check_target, converted_dataset
-from nnunet_synth.errors import NnsynthError, command_entry_point
+from nnunet_synth.errors import CommandParser, NnsynthError, command_entry_point
 
 # our label -> TotalSegmentator ids (1 spleen, 2/3 kidneys, 5 liver, 6 stomach; the same in TS v1 and v2)
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "stomach": 4}
@@ -66,7 +65,7 @@ def convert_real_hu_ct(source_folder, output_root, dataset_id=502, dataset_name=
 
 @command_entry_point
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("source_folder", help="folder with example_ct_sm.nii.gz and example_seg.nii.gz")
     add_output_arguments(parser, 502, "RealHUCT")
     parser.add_argument("--slices-per-case", type=int, default=6)

@@ -10,7 +10,6 @@ written; the cases are written into a temporary folder beside the dataset folder
 the end, so an interrupted conversion leaves no half-written dataset (``dataset_target.converted_dataset``, shared
 by every converter: an existing dataset of that id is refused unless ``--overwrite``).
 """
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from nnunet_synth.dataset.writing import write_dataset_json_atomic, write_volume
 from nnunet_synth.dataset_tools.check_dataset import print_summary
 from nnunet_synth.dataset_tools.convert_covid19_ct_slices import add_output_arguments, output_root_from_args
 from nnunet_synth.dataset_tools.dataset_target import check_target, converted_dataset
-from nnunet_synth.errors import NnsynthError, command_entry_point
+from nnunet_synth.errors import CommandParser, NnsynthError, command_entry_point
 
 IMAGE_NAME, MASK_NAME = "CT.nii.gz", "GTV.nii.gz"
 LABELS = {"background": 0, "tumour": 1}
@@ -139,7 +138,7 @@ def tumour_voxel_counts(folder) -> dict:
 
 @command_entry_point
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Convert the soft-tissue sarcoma CT volumes (HU, tumour masks) into "
+    parser = CommandParser(description="Convert the soft-tissue sarcoma CT volumes (HU, tumour masks) into "
                                                  "an nnU-Net raw dataset (one channel CT, labels background / tumour)")
     parser.add_argument("source_folder", help="folder with STS_xxx/{CT,GTV}.nii.gz")
     add_output_arguments(parser, 508, "STSCT")

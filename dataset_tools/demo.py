@@ -33,7 +33,7 @@ from nnunet_synth.dataset_tools.convert_covid19_ct_slices import (
     select_slices,
 )
 from nnunet_synth.dataset_tools.dataset_target import dataset_folder_name
-from nnunet_synth.errors import NnsynthError, command_entry_point
+from nnunet_synth.errors import CommandParser, NnsynthError, command_entry_point
 from nnunet_synth.evaluation.nnunet_runs import CPU_PLANS, plan_and_preprocess, predict_and_score, train
 from nnunet_synth.example.phantom import PHANTOM_ABOUT, PhantomSettings, write_chest_phantom
 from nnunet_synth.generator.config import DDIM_INFERENCE_STEPS
@@ -154,7 +154,7 @@ def predict_step(dataset: RawDataset, work_folder: Path, results_root: Path, dev
 
 @command_entry_point
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-o", "--work-folder", default="nnsynth_demo", help="where the demo writes everything")
     parser.add_argument("--source", metavar="FOLDER",
                         help="real slices in the COVID-19 layout (cases.csv, ct/, lungs/, covid/) instead of the "

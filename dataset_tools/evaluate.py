@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from nnunet_synth.dataset import RawDataset
-from nnunet_synth.errors import NnsynthError, command_entry_point
+from nnunet_synth.errors import CommandParser, NnsynthError, command_entry_point
 from nnunet_synth.evaluation.downstream import BUDGET_TRAINERS, CONFIGURATIONS
 from nnunet_synth.evaluation.nnunet_runs import STOCK_PLANNER
 from nnunet_synth.evaluation.report import DOWNSTREAM_CSV, FIDELITY_JSON, FIDELITY_PREVIEW, record_command, write_report
@@ -60,8 +60,8 @@ def sampler_steps(value: str):
     return sampler, int(steps)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CommandParser:
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("fidelity", "downstream", "report"):
         sub = commands.add_parser(name)

@@ -10,14 +10,13 @@ Sharding: `--num-shards N --shard-index i` (one command per machine or GPU, at t
 folder) splits the cases; under `accelerate launch` the shards are the processes. The union is byte-identical to
 a one-process run with the same seed and --batch-size; each shard resumes on its own.
 """
-import argparse
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
 from nnunet_synth.dataset import RawDataset
-from nnunet_synth.errors import NnsynthError, command_entry_point
+from nnunet_synth.errors import CommandParser, NnsynthError, command_entry_point
 from nnunet_synth.generate_step import generate
 from nnunet_synth.generator.config import DDIM_INFERENCE_STEPS, PRESETS
 from nnunet_synth.generator.inpaint_pipeline import SAMPLERS
@@ -34,8 +33,8 @@ from nnunet_synth.preflight import GenerateRequest
 from nnunet_synth.sampling.inpaint import VOLUME_NOISES
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__)
+def build_parser() -> CommandParser:
+    parser = CommandParser(description=__doc__)
     parser.add_argument("dataset", help="dataset folder, name (Dataset501_Covid19Lung), short name or id")
     amount = parser.add_mutually_exclusive_group()
     amount.add_argument("-n", "--num-cases", type=int, help="number of synthetic cases (slices, or volumes with "

@@ -11,13 +11,13 @@ command is optional (useful to pay the cost once before starting several folds).
 import argparse
 
 from nnunet_synth.dataset.raw_dataset import resolve_dataset_folder
-from nnunet_synth.errors import command_entry_point
+from nnunet_synth.errors import CommandParser, command_entry_point
 from nnunet_synth.trainers.synthetic_pool import update_pool_for_preprocessed_dataset
 
 
 @command_entry_point
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="nnsynth_preprocess_synthetic", description=__doc__,
+    parser = CommandParser(prog="nnsynth_preprocess_synthetic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", help="dataset name (Dataset501_Covid19Lung), short name or id")
     parser.add_argument("-c", "--configuration", default="2d", help="nnU-Net configuration (default: 2d)")

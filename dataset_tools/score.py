@@ -31,14 +31,14 @@ import argparse
 import numpy as np
 
 from nnunet_synth.dataset.raw_dataset import RawDataset
-from nnunet_synth.errors import NnsynthError, command_entry_point
+from nnunet_synth.errors import CommandParser, NnsynthError, command_entry_point
 from nnunet_synth.quality.segmentation import DEFAULT_IOU_THRESHOLD, calibrate_on_real_validation, score_synthetic_cases
 from nnunet_synth.writer.synthetic_store import SyntheticStore
 
 
 @command_entry_point
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="nnsynth_score", description=__doc__,
+    parser = CommandParser(prog="nnsynth_score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", help="dataset folder, name (Dataset501_Covid19Lung), short name or id")
     parser.add_argument("-m", "--model", required=True, help="nnU-Net model folder trained on the real data")

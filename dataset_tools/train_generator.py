@@ -10,7 +10,7 @@ Multi-GPU: accelerate launch -m nnunet_synth.dataset_tools.train_generator ...
 import argparse
 
 from nnunet_synth.dataset import RawDataset
-from nnunet_synth.errors import command_entry_point
+from nnunet_synth.errors import CommandParser, command_entry_point
 from nnunet_synth.generator.ablation import FREQUENCY_DEFINITIONS, PROBABILITY_READINGS
 from nnunet_synth.generator.checkpoints import generator_run_folder
 from nnunet_synth.generator.config import (
@@ -30,8 +30,8 @@ def _fold(value: str) -> str:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CommandParser:
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", help="dataset folder, name (Dataset501_Covid19Lung), short name or id")
     parser.add_argument("--fold", type=_fold, default="0", help="nnU-Net fold whose training cases are used, or 'all'")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")

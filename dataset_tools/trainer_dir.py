@@ -6,16 +6,15 @@
 nnU-Net (>= 2.8) looks up a trainer name in its own package first and then in each directory of
 ``nnUNet_extTrainer`` (os.pathsep-separated), for training, ``--c``, ``--val`` and ``nnUNetv2_predict`` alike.
 """
-import argparse
 import os
 
-from nnunet_synth.errors import command_entry_point
+from nnunet_synth.errors import CommandParser, command_entry_point
 from nnunet_synth.trainers.discovery import ext_trainer_value, trainer_directory
 
 
 @command_entry_point
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="nnsynth_trainer_dir",
         description="Print the directory that makes the nnunet-synth trainers visible to nnU-Net: "
                     "export nnUNet_extTrainer=$(nnsynth_trainer_dir)")

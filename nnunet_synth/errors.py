@@ -1,4 +1,5 @@
 """One-line errors for bad input, and the wrapper that turns them into a clean exit for every command."""
+import argparse
 import errno
 import functools
 import os
@@ -7,6 +8,14 @@ import sys
 
 class NnsynthError(Exception):
     """An error the user can fix. The message is one line that names the file and the fix."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors (an unknown option, a value outside ``choices``) are one
+    ``nnsynth: error:`` line, as every other refusal of a command (``command_entry_point``)."""
+
+    def error(self, message):
+        raise NnsynthError(f"{message}: see {self.prog} --help")
 
 
 _WARNED = set()

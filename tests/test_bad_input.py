@@ -320,6 +320,9 @@ BAD_GENERATE_OPTIONS = [
     (["--target-factor", "inf"], "--target-factor"),
     (["--p-rotate", "2"], "--p-rotate"),
     (["--map-cap", "nan"], "--map-cap"),
+    (["--map-load", "sparse"], "--map-load: invalid choice"),
+    (["--map-load", "real", "--load-cap-percentile", "150"], "--load-cap-percentile"),
+    (["--map-load", "real", "--load-from-percentile", "95", "--load-cap-percentile", "90"], "load_from_percentile"),
     (["--fold", "7"], "fold 7"),
     (["--num-shards", "2", "--shard-index", "2"], "--shard-index"),
 ]
