@@ -185,3 +185,18 @@ def test_copied_code_matches_its_source():
             expected = expected.replace(old, new)
         assert " ".join(inspect.getsource(ours).split()) == " ".join(expected.split()), (
             f"{where}: {ours.__qualname__} differs from {original.__module__}.{original.__qualname__}: update the copy")
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists the packages it installs: a package folder missing from the list imports in an editable
+    install and is absent from a wheel."""
+    import tomllib
+    setuptools = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {Path(folder): name for name, folder in setuptools["package-dir"].items()}
+    found = set()
+    for folder, name in folders.items():
+        for init in (REPO_ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(REPO_ROOT / folder).parts
+            found.add(".".join((name, *relative)))
+    missing = sorted(found - set(setuptools["packages"]))
+    assert not missing, f"package folders not in pyproject.toml's packages: {missing}"
