@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from volume_samplers import volume_speckle  # the script's folder (sys.path[0])
 
 from nnunet_synth.dataset import ImageWindows, RawDataset
-from nnunet_synth.evaluation.lesion_fidelity import speckle_fraction
 from nnunet_synth.generator import inpaint_pipeline
 from nnunet_synth.generator.checkpoints import read_generator_config, resolve_generator_folder
 from nnunet_synth.image_sources import generate_synthetic_cases
@@ -25,13 +25,6 @@ from nnunet_synth.image_sources.generators import GenerationSettings
 from nnunet_synth.image_sources.inpaint import inpaint_sampling
 from nnunet_synth.masks.settings import BalancingSettings
 from nnunet_synth.writer.synthetic_store import SyntheticStore
-
-
-def volume_speckle(image, edit, window) -> float:
-    """Speckle share of the edit voxels, slice by slice in model space, weighted by each slice's edit voxels."""
-    pixels = [(speckle_fraction(window.to_model(image[:, z]), edit[z]), edit[z].sum()) for z in range(len(edit))
-              if edit[z].any()]
-    return float(sum(f * n for f, n in pixels) / max(1, sum(n for _, n in pixels)))
 
 
 def main():

@@ -25,6 +25,7 @@ from make_figure import synthetic_volume, zoom  # noqa: E402
 
 
 def volume_speckle(image, edit, window) -> float:
+    """Speckle share of the edit voxels, slice by slice in model space, weighted by each slice's edit voxels."""
     pixels = [(speckle_fraction(window.to_model(image[:, z]), edit[z]), edit[z].sum()) for z in range(len(edit))
               if edit[z].any()]
     return float(sum(f * n for f, n in pixels) / max(1, sum(n for _, n in pixels)))
